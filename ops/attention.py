@@ -1,0 +1,63 @@
+"""The PagedAttention custom op: one opaque op that writes this step's K/V into the paged cache
+and attends over it, for prefill, chunked prefill and decode alike.
+
+`torch.ops.engine.paged_attention(q, k, v, out, layer_idx, scale)` mutates `out` and returns
+nothing. The cache and the batch metadata come from `ops.forward_context` (see there why). The
+implementation is chosen per forward by `ForwardContext.backend`:
+
+- "torch":    `ops.torch_ref`, the reference (CPU, and the oracle for the GPU kernels)
+- "triton":   `ops.triton_attention` (GPU)
+- "xformers": `ops.xformers_attention` (GPU)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from ops import torch_ref
+from ops.forward_context import AttentionMetadata, get_forward_context
+
+# name -> module path; each module exposes write_kv_cache(...) and paged_attention(...) with the
+# signatures of ops.torch_ref.
+BACKEND_MODULES = {
+    "torch": "ops.torch_ref",
+    "triton": "ops.triton_attention",
+    "xformers": "ops.xformers_attention",
+}
+
+
+def get_backend(name: str):
+    if name not in BACKEND_MODULES:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKEND_MODULES)}")
+    return importlib.import_module(BACKEND_MODULES[name])
+
+
+@torch.library.custom_op("engine::paged_attention", mutates_args=("out",))
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,
+    out: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    layer_idx: int,
+    scale: float,
+) -> None:
+    ctx = get_forward_context()
+    meta = ctx.attn_metadata
+    if meta is None:  # no cache: the whole input is one causal sequence
+        out.copy_(torch_ref.causal_attention(query, key, value, scale))
+        return
+    backend = get_backend(ctx.backend)
+    k_cache, v_cache = ctx.kv_caches[layer_idx]
+    backend.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+    backend.paged_attention(query, k_cache, v_cache, meta, scale, out)
+
+
+@paged_attention.register_fake
+def _(query, key, value, out, layer_idx, scale) -> None:
+    return None
+
+
+__all__ = ["AttentionMetadata", "BACKEND_MODULES", "get_backend", "paged_attention"]
