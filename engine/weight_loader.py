@@ -1,0 +1,76 @@
+"""Reading safetensors checkpoints and building a model from one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from engine.models.registry import get_model_class
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def checkpoint_files(model_dir: str) -> list[str]:
+    """The safetensors files of a checkpoint: the shards its index names, or its single file."""
+    index_path = os.path.join(model_dir, INDEX_FILE)
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            shards = list(dict.fromkeys(json.load(f)["weight_map"].values()))
+        paths = [os.path.join(model_dir, shard) for shard in shards]
+        for path in paths:
+            if not os.path.exists(path):
+                raise ValueError(f"{index_path} names shard {os.path.basename(path)!r}, which does not exist")
+        return paths
+    single = os.path.join(model_dir, SINGLE_FILE)
+    if os.path.exists(single):
+        return [single]
+    raise ValueError(f"no safetensors checkpoint in {model_dir} (expected {SINGLE_FILE} or {INDEX_FILE})")
+
+
+def iterate_checkpoint(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one tensor at a time, so a model is never held twice in memory."""
+    for path in checkpoint_files(model_dir):
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read safetensors file {path} (corrupt or truncated?): {e}") from None
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_model(
+    model_dir: str,
+    hf_config: Any,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    quant_config: Any = None,
+) -> nn.Module:
+    """Build the model for `hf_config` in `dtype` on `device`, load this rank's weights, eval mode.
+
+    Parameters are created with `torch.empty` directly on the device (no random init to pay for)
+    and every one of them must be filled by the checkpoint, or this raises ValueError naming it.
+    """
+    model_cls = get_model_class(hf_config.architectures)
+    with default_dtype(dtype), torch.device(device):
+        model = model_cls(hf_config, tp_rank=tp_rank, tp_size=tp_size, quant_config=quant_config)
+    model.load_weights(iterate_checkpoint(model_dir))
+    return model.eval()
