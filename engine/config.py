@@ -1,0 +1,149 @@
+"""Engine configuration. `EngineArgs` is the one place where defaults live; the CLI and `LLM(...)`
+take the same names (vLLM's)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+logger = logging.getLogger("engine")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+ATTENTION_BACKENDS = ("auto", "triton", "xformers", "torch")
+
+
+@dataclass
+class EngineArgs:
+    """Everything a user can set when starting the engine."""
+
+    model: str = ""  # local Hugging Face checkpoint directory (or hub id when online)
+    tokenizer: str | None = None  # tokenizer directory; defaults to the model's
+    dtype: str = "auto"  # "auto" (the checkpoint's), "float32", "float16" or "bfloat16"
+    max_model_len: int | None = None  # longest prompt + output; defaults to the model's max_position_embeddings
+    gpu_memory_utilization: float = 0.9  # fraction of GPU memory the engine may use (weights, activations, KV cache)
+    max_num_seqs: int = 256  # most sequences in one batch
+    max_num_batched_tokens: int | None = None  # most tokens in one step (decodes + prompt chunks); default 8192
+    block_size: int = 16  # tokens per KV-cache block
+    seed: int = 0  # seed of the engine's random generator (unseeded requests draw from it)
+    enforce_eager: bool = False  # no torch.compile, no CUDA graphs
+    tensor_parallel_size: int = 1  # GPUs to split each layer across
+    quantization: str | None = None  # weight quantization method
+    enable_prefix_caching: bool = False  # reuse KV blocks of earlier prompts with the same prefix
+    num_gpu_blocks_override: int | None = None  # exact number of KV blocks, bypassing the memory budget
+    kv_cache_memory: int | None = None  # bytes for the KV cache on CPU (default 4 GiB), or on GPU instead of gpu_memory_utilization
+    attention_backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU), "triton", "xformers" or "torch"
+    device: str = "auto"  # "auto", "cuda" or "cpu"
+    max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for
+    cuda_graph_sizes: list[int] | None = None  # decode batch sizes to capture; default 1, 2, 4, 8, 16, ... 512
+    max_waiting_requests: int | None = None  # reject new requests while this many wait (None = no limit)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet (planned: issue 'Tensor parallelism')")
+        if self.quantization is not None:
+            raise ValueError(f"quantization={self.quantization!r} is not supported yet; only unquantized checkpoints load")
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 8192
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolve_attention_backend(self, device: torch.device) -> str:
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "triton" if device.type == "cuda" else "torch"
+
+
+@dataclass
+class ModelConfig:
+    """What the engine learned from the checkpoint."""
+
+    model: str
+    hf_config: PretrainedConfig
+    dtype: torch.dtype
+    max_model_len: int
+    eos_token_ids: set[int] = field(default_factory=set)
+    generation_defaults: dict = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    @classmethod
+    def from_args(cls, args: EngineArgs, device: torch.device) -> "ModelConfig":
+        if not args.model:
+            raise ValueError("no model given: pass a checkpoint directory (model=... / --model)")
+        hf_config = AutoConfig.from_pretrained(args.model)
+        dtype = _resolve_dtype(args.dtype, hf_config, device)
+        max_model_len = _resolve_max_model_len(args.max_model_len, hf_config)
+        generation = _read_generation_config(args.model)
+        eos = generation.get("eos_token_id", hf_config.eos_token_id)
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return cls(args.model, hf_config, dtype, max_model_len, eos_ids, generation)
+
+
+def _resolve_dtype(name: str, hf_config: PretrainedConfig, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = _DTYPES[dtype]
+        if device.type == "cpu" and dtype == torch.float16:
+            logger.info("float16 is slow on CPU; using bfloat16")
+            return torch.bfloat16
+        return dtype
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(set(_DTYPES))}, got {name!r}")
+    return _DTYPES[name]
+
+
+def _resolve_max_model_len(requested: int | None, hf_config: PretrainedConfig) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True) is not False and window < limit:
+        # Sliding-window attention is not implemented: cap the context at the window, where
+        # full attention and sliding-window attention agree.
+        logger.info("model uses a sliding window of %d tokens: max_model_len capped there", window)
+        limit = window
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"max_model_len ({requested}) is larger than the model's limit ({limit})")
+    if requested < 1:
+        raise ValueError(f"max_model_len must be at least 1, got {requested}")
+    return requested
+
+
+def _read_generation_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,50 @@
+"""Incremental detokenization and stop-string handling.
+
+Decoding one token at a time is wrong for byte-level BPE (a character can span tokens) and for
+sentencepiece (a token's leading space depends on its neighbours). So, like vLLM and TGI, each step
+decodes a short window of recent tokens twice — with and without the new ones — and emits the
+difference, holding it back while it ends in an incomplete UTF-8 character (U+FFFD).
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+from engine.sequence import Sequence
+
+
+def detokenize_incrementally(tokenizer: PreTrainedTokenizerBase, seq: Sequence) -> str:
+    """Append the text of `seq`'s newest tokens to `seq.output_text`; returns the new text."""
+    skip = seq.params.skip_special_tokens
+    prefix_text = tokenizer.decode(seq.token_ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
+    full_text = tokenizer.decode(seq.token_ids[seq.prefix_offset :], skip_special_tokens=skip)
+    if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+        new_text = full_text[len(prefix_text) :]
+        seq.prefix_offset = seq.read_offset
+        seq.read_offset = seq.num_tokens
+        seq.output_text += new_text
+        return new_text
+    return ""
+
+
+def find_stop_string(seq: Sequence, new_text_len: int) -> str | None:
+    """If a stop string appeared in the newest text, cut the output there and return it."""
+    params = seq.params
+    for stop in params.stop_strings:
+        # Only the new text, plus enough before it to catch a stop string that straddles the edge.
+        search_from = max(len(seq.output_text) - new_text_len - len(stop) + 1, 0)
+        at = seq.output_text.find(stop, search_from)
+        if at != -1:
+            end = at + len(stop) if params.include_stop_str_in_output else at
+            seq.output_text = seq.output_text[:end]
+            return stop
+    return None
+
+
+def visible_text(seq: Sequence) -> str:
+    """The output text a caller may see now: while running, hold back the tail that could still
+    turn out to be the start of a stop string (which would then be cut)."""
+    hold = max((len(s) for s in seq.params.stop_strings), default=1) - 1
+    if seq.is_finished or hold == 0:
+        return seq.output_text
+    return seq.output_text[: max(len(seq.output_text) - hold, 0)]

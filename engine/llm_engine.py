@@ -1,0 +1,273 @@
+"""LLMEngine: the step loop. `add_request` queues work, each `step()` schedules one batch, runs it,
+and returns the progress of every request it touched; `abort_request` drops a request and frees
+its blocks at once. The offline `LLM` and the server's async front both drive this class."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable, Union
+
+import torch
+from transformers import AutoTokenizer
+
+from engine.block_manager import BlockManager
+from engine.config import EngineArgs, ModelConfig
+from engine.detokenizer import detokenize_incrementally, find_stop_string, visible_text
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Request, Sequence
+
+logger = logging.getLogger("engine")
+
+# A prompt: text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
+PromptType = Union[str, list[int], dict]
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's load and lifetime counters."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use
+    num_used_blocks: int
+    num_total_blocks: int
+    num_cached_free_blocks: int  # free blocks still holding a reusable prefix
+    kv_slots_stored: int  # tokens whose K/V are in running sequences' blocks
+    kv_slots_reserved: int  # slots in those blocks
+    num_preemptions_total: int
+    prompt_tokens_total: int  # prompt tokens computed (prefix-cache hits excluded)
+    generation_tokens_total: int
+    prefix_cache_queries_total: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int  # of which found
+
+    @property
+    def kv_waste_fraction(self) -> float:
+        """Reserved-but-empty slots over reserved slots (internal fragmentation of the paged cache)."""
+        if self.kv_slots_reserved == 0:
+            return 0.0
+        return 1.0 - self.kv_slots_stored / self.kv_slots_reserved
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs):
+        self.args = args
+        device = args.resolve_device()
+        self.model_config = ModelConfig.from_args(args, device)
+        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        self.device = device
+        torch.manual_seed(args.seed)  # unseeded requests draw from the global generator
+        self.runner = ModelRunner(args, self.model_config, device)
+        self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        return cls(args)
+
+    # ---- requests in -----------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request. Bad input raises ValueError and leaves the engine untouched."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        prompt_text, token_ids = self._tokenize(prompt)
+        self._validate(token_ids, params)
+        request = Request(request_id, prompt_text, token_ids, params, arrival_time or time.time())
+        for index in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(self.device).manual_seed(params.seed + index)
+            request.seqs.append(Sequence(request, index, generator))
+        self.requests[request_id] = request
+        self.scheduler.add_request(request)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"a prompt is a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        max_len = self.model_config.max_model_len
+        vocab = self.model_config.vocab_size
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(token_ids) >= max_len:
+            raise ValueError(f"the prompt is {len(token_ids)} tokens, which leaves no room to generate within max_model_len ({max_len})")
+        if params.max_tokens is not None and len(token_ids) + params.max_tokens > max_len:
+            raise ValueError(
+                f"the prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) is "
+                f"{len(token_ids) + params.max_tokens} tokens, over max_model_len ({max_len})"
+            )
+        capacity = self.block_manager.num_blocks * self.args.block_size
+        if len(token_ids) + (params.max_tokens or max_len - len(token_ids)) > capacity:
+            raise ValueError(f"the request needs more KV-cache slots than the whole cache has ({capacity})")
+        limit = self.args.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > limit:
+                raise ValueError(f"{name} ({value}) is over the limit of {limit} (max_logprobs)")
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            request = self.requests.pop(rid, None)
+            if request is None:
+                continue
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    seq.finish_reason = "abort"
+                    self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- one step --------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        result = self.runner.execute(batch.scheduled, self.model_config.eos_token_ids)
+        now = time.time()
+        touched: dict[str, Request] = {}
+        share_blocks = self.args.enable_prefix_caching
+        for s in batch.scheduled:
+            seq, request = s.seq, s.seq.request
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self.prompt_tokens_total += min(s.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
+            if seq.seq_id in result.prompt_logprobs:
+                self._add_prompt_logprobs(request, seq.num_computed_tokens, result.prompt_logprobs[seq.seq_id])
+            seq.num_computed_tokens += s.num_new_tokens
+            if share_blocks or request.params.n > 1:
+                self.block_manager.commit_full_blocks(seq)
+            if seq.seq_id in result.sampled:
+                self._append_token(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id), now)
+            touched[request.request_id] = request
+        outputs = []
+        for request in touched.values():
+            if request.request_id not in self.requests:
+                continue
+            outputs.append(self._request_output(request))
+            if request.finished:
+                request.metrics.finished_time = now
+                del self.requests[request.request_id]
+        return outputs
+
+    def _add_prompt_logprobs(self, request: Request, chunk_start: int, chunk: list[PositionLogprobs]) -> None:
+        # After a preemption the prompt is recomputed: keep only positions not seen before.
+        if request.prompt_logprobs is not None and len(request.prompt_logprobs) == chunk_start + 1:
+            self._decode_logprob_tokens(chunk)
+            request.prompt_logprobs.extend(chunk)
+
+    def _append_token(self, seq: Sequence, token: int, logprobs: PositionLogprobs | None, now: float) -> None:
+        seq.token_ids.append(token)
+        self.generation_tokens_total += 1
+        metrics = seq.request.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
+        if logprobs is not None:
+            self._decode_logprob_tokens([logprobs])
+            seq.output_logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token].logprob
+        new_text = detokenize_incrementally(self.tokenizer, seq)
+        self._check_stop(seq, token, len(new_text))
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+
+    def _check_stop(self, seq: Sequence, token: int, new_text_len: int) -> None:
+        params = seq.params
+        max_tokens = params.max_tokens or self.model_config.max_model_len
+        if seq.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in self.model_config.eos_token_ids:
+                seq.finish_reason = "stop"
+                return
+            if token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+                return
+            stop = find_stop_string(seq, new_text_len)
+            if stop is not None:
+                seq.finish_reason, seq.stop_reason = "stop", stop
+                return
+        if seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.model_config.max_model_len:
+            seq.finish_reason = "length"
+
+    def _decode_logprob_tokens(self, positions: list[PositionLogprobs]) -> None:
+        for entry in positions:
+            for token_id, logprob in entry.items():
+                logprob.decoded_token = self.tokenizer.decode([token_id])
+
+    def _request_output(self, request: Request) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=seq.index,
+                text=visible_text(seq),
+                token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+                logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            )
+            for seq in request.seqs
+        ]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=request.prompt_logprobs,
+            outputs=completions,
+            finished=request.finished,
+            num_cached_tokens=request.num_cached_tokens,
+            metrics=request.metrics,
+        )
+
+    # ---- introspection ---------------------------------------------------------------------------
+
+    def get_stats(self) -> EngineStats:
+        bm = self.block_manager
+        stored, reserved = self.scheduler.kv_slots_stats()
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage(),
+            num_used_blocks=bm.num_blocks - bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+            num_cached_free_blocks=bm.num_cached_free_blocks,
+            kv_slots_stored=stored,
+            kv_slots_reserved=reserved,
+            num_preemptions_total=self.scheduler.num_preemptions_total,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            prefix_cache_queries_total=bm.prefix_queries_total,
+            prefix_cache_hits_total=bm.prefix_hits_total,
+        )

@@ -1,0 +1,230 @@
+"""ModelRunner: owns the model and the KV cache tensors; turns a scheduled batch into one forward
+pass and samples the next tokens.
+
+Inputs are flattened: every scheduled sequence contributes its new tokens (a prompt chunk or one
+decode token) to one [num_tokens] batch, and `AttentionMetadata` tells the attention op where each
+token's K/V go and what each sequence attends over.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.config import EngineArgs, ModelConfig
+from engine.outputs import Logprob, PositionLogprobs
+from engine.sampler import SamplingBatch, sample
+from engine.scheduler import ScheduledSequence
+from engine.weight_loader import load_model
+from ops.attention import get_backend
+from ops.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+
+logger = logging.getLogger("engine")
+
+_DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: dict[int, int] = field(default_factory=dict)  # seq id -> next token
+    logprobs: dict[int, PositionLogprobs] = field(default_factory=dict)  # seq id -> that token's logprobs
+    prompt_logprobs: dict[int, list[PositionLogprobs]] = field(default_factory=dict)  # seq id -> this chunk's
+
+
+@dataclass
+class PreparedBatch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    metadata: AttentionMetadata
+    sample_rows: list[int]  # flat index of the last token of each sequence that samples
+    prompt_logprob_rows: list[tuple[int, list[int], list[int]]]  # (scheduled index, flat rows, target tokens)
+
+
+class ModelRunner:
+    def __init__(self, args: EngineArgs, model_config: ModelConfig, device: torch.device):
+        self.args = args
+        self.model_config = model_config
+        self.device = device
+        self.block_size = args.block_size
+        self.attention_backend = args.resolve_attention_backend(device)
+        get_backend(self.attention_backend)  # fail at start, not at the first request
+        logger.info("attention backend: %s", self.attention_backend)
+        hf = model_config.hf_config
+        self.num_layers = hf.num_hidden_layers
+        self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+
+        start = time.perf_counter()
+        self.model = load_model(model_config.model, hf, model_config.dtype, device)
+        logger.info("loaded %s in %.1f s (%s, %s)", model_config.model, time.perf_counter() - start, model_config.dtype, device)
+        self.num_blocks = self._num_kv_blocks()
+        self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        max_blocks_per_seq = -(-model_config.max_model_len // self.block_size)
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len %d: %.2fx",
+            self.num_blocks, self.block_size, self.num_blocks * self.block_size,
+            model_config.max_model_len, self.num_blocks / max_blocks_per_seq,
+        )
+
+    # ---- KV cache --------------------------------------------------------------------------------
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        itemsize = torch.empty((), dtype=self.model_config.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+
+    def _num_kv_blocks(self) -> int:
+        args = self.args
+        if args.num_gpu_blocks_override is not None:
+            return args.num_gpu_blocks_override
+        if args.kv_cache_memory is not None:
+            budget = args.kv_cache_memory
+        elif self.device.type == "cuda":
+            budget = self._profile_free_gpu_memory()
+        else:
+            budget = _DEFAULT_CPU_KV_CACHE_BYTES
+        num_blocks = budget // self.kv_bytes_per_block
+        # No more than every sequence could ever use at once.
+        ceiling = args.max_num_seqs * -(-self.model_config.max_model_len // self.block_size)
+        num_blocks = min(num_blocks, ceiling)
+        if num_blocks < 1:
+            raise ValueError(f"no memory left for the KV cache (budget {budget} bytes); lower max_num_batched_tokens or raise the memory budget")
+        return int(num_blocks)
+
+    def _profile_free_gpu_memory(self) -> int:
+        """Run the largest step the scheduler can produce, then give the KV cache what is left of
+        gpu_memory_utilization."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        num_tokens = self.args.max_num_batched_tokens
+        num_rows = min(self.args.max_num_seqs, num_tokens)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        with torch.inference_mode(), set_forward_context(ForwardContext(None, [], self.attention_backend)):
+            hidden = self.model(ids, torch.arange(num_tokens, device=self.device))
+            self.model.compute_logits(hidden[:num_rows]).softmax(dim=-1)
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        peak = torch.cuda.max_memory_allocated()
+        not_torch = total - free - torch.cuda.memory_reserved()
+        return int(total * self.args.gpu_memory_utilization - peak - not_torch)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        dtype = self.model_config.dtype
+        return [
+            (torch.empty(shape, dtype=dtype, device=self.device), torch.empty(shape, dtype=dtype, device=self.device))
+            for _ in range(self.num_layers)
+        ]
+
+    # ---- one step --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSequence], eos_token_ids: set[int]) -> ModelRunnerOutput:
+        batch = self._prepare(scheduled)
+        ctx = ForwardContext(batch.metadata, self.kv_caches, self.attention_backend)
+        with set_forward_context(ctx):
+            hidden = self.model(batch.input_ids, batch.positions)
+        out = ModelRunnerOutput()
+        self._sample(hidden, batch, scheduled, eos_token_ids, out)
+        self._prompt_logprobs(hidden, batch, scheduled, out)
+        return out
+
+    def _prepare(self, scheduled: list[ScheduledSequence]) -> PreparedBatch:
+        bs = self.block_size
+        input_ids, positions, slots, seq_lens, query_lens = [], [], [], [], []
+        sample_rows, prompt_rows = [], []
+        num_tokens = 0
+        for i, s in enumerate(scheduled):
+            seq = s.seq
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens
+            pos = np.arange(start, end)
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            input_ids.extend(seq.token_ids[start:end])
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            seq_lens.append(end)
+            query_lens.append(end - start)
+            if s.samples:
+                sample_rows.append(num_tokens + end - start - 1)
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                last = min(end, seq.num_prompt_tokens - 1)  # position p predicts prompt token p + 1
+                rows = list(range(num_tokens, num_tokens + last - start))
+                prompt_rows.append((i, rows, seq.token_ids[start + 1 : last + 1]))
+            num_tokens += end - start
+
+        max_blocks = max(len(s.seq.block_table) for s in scheduled)
+        tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
+        for i, s in enumerate(scheduled):
+            tables[i, : len(s.seq.block_table)] = s.seq.block_table
+        query_start = np.zeros(len(scheduled) + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=query_start[1:])
+        query_start_cpu = torch.from_numpy(query_start)
+        seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int32)
+        dev = self.device
+        metadata = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
+            query_start_loc=query_start_cpu.to(dev, non_blocking=True),
+            seq_lens=seq_lens_cpu.to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=query_start_cpu,
+            seq_lens_cpu=seq_lens_cpu,
+        )
+        return PreparedBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True),
+            positions=torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True),
+            metadata=metadata,
+            sample_rows=sample_rows,
+            prompt_logprob_rows=prompt_rows,
+        )
+
+    def _sample(self, hidden, batch: PreparedBatch, scheduled, eos_token_ids, out: ModelRunnerOutput) -> None:
+        if not batch.sample_rows:
+            return
+        seqs = [s.seq for s in scheduled if s.samples]
+        rows = torch.tensor(batch.sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden[rows]).float()
+        sampling = SamplingBatch(
+            params=[seq.params for seq in seqs],
+            generators=[seq.generator for seq in seqs],
+            prompt_token_ids=[seq.token_ids[: seq.num_prompt_tokens] for seq in seqs],
+            output_token_ids=[seq.output_token_ids for seq in seqs],
+            eos_token_ids=eos_token_ids,
+        )
+        result = sample(logits, sampling, self.args.max_logprobs)
+        for i, seq in enumerate(seqs):
+            out.sampled[seq.seq_id] = result.token_ids[i]
+        if result.sampled_logprobs is None:
+            return
+        chosen, ranks = result.sampled_logprobs.tolist(), result.sampled_ranks.tolist()
+        top_vals, top_ids = result.top_logprobs.tolist(), result.top_token_ids.tolist()
+        for i, seq in enumerate(seqs):
+            k = seq.params.logprobs
+            if k is None:
+                continue
+            out.logprobs[seq.seq_id] = _position_logprobs(result.token_ids[i], chosen[i], ranks[i], top_vals[i][:k], top_ids[i][:k])
+
+    def _prompt_logprobs(self, hidden, batch: PreparedBatch, scheduled, out: ModelRunnerOutput) -> None:
+        for index, rows, targets in batch.prompt_logprob_rows:
+            seq = scheduled[index].seq
+            k = min(seq.params.prompt_logprobs, self.args.max_logprobs)
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]).float(), dim=-1)
+            target = torch.tensor(targets, device=self.device)[:, None]
+            chosen = logprobs.gather(1, target)
+            ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
+            top_vals, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], logprobs[:, :0].long())
+            chosen, top_vals, top_ids = chosen.squeeze(1).tolist(), top_vals.tolist(), top_ids.tolist()
+            out.prompt_logprobs[seq.seq_id] = [
+                _position_logprobs(targets[j], chosen[j], ranks[j], top_vals[j], top_ids[j]) for j in range(len(rows))
+            ]
+
+
+def _position_logprobs(token: int, logprob: float, rank: int, top_vals: list[float], top_ids: list[int]) -> PositionLogprobs:
+    entry = {tid: Logprob(val, rank=r + 1) for r, (tid, val) in enumerate(zip(top_ids, top_vals))}
+    entry[token] = Logprob(logprob, rank=rank)
+    return entry

@@ -1,0 +1,136 @@
+"""Sampler: logits of the rows that produce a token this step -> next token ids (and logprobs).
+
+Everything runs on the logits' device in a handful of batched ops; the only host sync is reading
+the sampled ids back. Random draws use gpt-fast's trick, argmax(probs / Exponential(1)), which is
+an exact sample from probs; seeded rows draw their noise from their own generator, so a seeded
+request gives the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling inputs, built by the model runner."""
+
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]
+    prompt_token_ids: list[list[int]]  # for the repetition penalty
+    output_token_ids: list[list[int]]  # for penalties and min_tokens
+    eos_token_ids: set[int]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # Present when some row asked for logprobs (computed for every row, read only where asked):
+    sampled_logprobs: torch.Tensor | None = None  # [N] logprob of the sampled token
+    sampled_ranks: torch.Tensor | None = None  # [N] rank of the sampled token (1 = most likely)
+    top_logprobs: torch.Tensor | None = None  # [N, K]
+    top_token_ids: torch.Tensor | None = None  # [N, K]
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, max_logprobs: int) -> SamplerOutput:
+    """logits: [N, vocab] float32 (one row per sampled sequence)."""
+    num_rows, vocab = logits.shape
+    device = logits.device
+    params = batch.params
+    # Logprobs are of the model's own distribution, before penalties and temperature (as vLLM).
+    want_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs is not None else None
+
+    logits = _apply_penalties(logits, batch)
+    logits = _block_eos_before_min_tokens(logits, batch)
+
+    if all(p.greedy for p in params):
+        token_ids = logits.argmax(dim=-1)
+    else:
+        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+        probs = _filter(logits / temperature[:, None], params).softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_()
+        for i, generator in enumerate(batch.generators):
+            if generator is not None:
+                noise[i].exponential_(generator=generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        greedy = torch.tensor([p.greedy for p in params], device=device)
+        token_ids = torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    out = SamplerOutput(token_ids=token_ids.tolist())
+    if raw_logprobs is not None:
+        ids = token_ids[:, None]
+        chosen = raw_logprobs.gather(1, ids)
+        out.sampled_logprobs = chosen.squeeze(1)
+        out.sampled_ranks = (raw_logprobs > chosen).sum(dim=1) + 1
+        k = min(want_logprobs, max_logprobs, vocab)
+        out.top_logprobs, out.top_token_ids = raw_logprobs.topk(k, dim=-1)
+    return out
+
+
+def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """top-k, top-p and min-p: set the logits of excluded tokens to -inf."""
+    device = logits.device
+    top_k = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
+    top_p = [p.top_p for p in params]
+    min_p = [p.min_p for p in params]
+    if all(k == logits.shape[1] for k in top_k) and all(p >= 1.0 for p in top_p) and not any(min_p):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[1], device=device)[None, :]
+    remove = ranks >= torch.tensor(top_k, device=device)[:, None]
+    probs = sorted_logits.softmax(dim=-1)
+    # Keep a token if the mass before it is still under top_p (the first token always stays).
+    mass_before = probs.cumsum(dim=-1) - probs
+    remove |= mass_before >= torch.tensor(top_p, device=device)[:, None]
+    remove |= probs < torch.tensor(min_p, device=device)[:, None] * probs[:, :1]
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    params = batch.params
+    if all(p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1 for p in params):
+        return logits
+    num_rows, vocab = logits.shape
+    device = logits.device
+    output_counts = _token_counts(batch.output_token_ids, num_rows, vocab, device)
+    prompt_seen = _token_counts(batch.prompt_token_ids, num_rows, vocab, device) > 0
+    repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+    seen = prompt_seen | (output_counts > 0)
+    penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, penalized, logits)
+    frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+    presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+    return logits - frequency * output_counts - presence * (output_counts > 0)
+
+
+def _token_counts(token_lists: list[list[int]], num_rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+    width = max((len(t) for t in token_lists), default=0)
+    if width == 0:
+        return torch.zeros(num_rows, vocab, device=device)
+    padded = torch.full((num_rows, width), vocab, dtype=torch.long)
+    for i, tokens in enumerate(token_lists):
+        padded[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    padded = padded.to(device)
+    # Column `vocab` collects the padding and is dropped.
+    ones = torch.ones_like(padded, dtype=torch.float32)
+    return torch.zeros(num_rows, vocab + 1, device=device).scatter_add_(1, padded, ones)[:, :vocab]
+
+
+def _block_eos_before_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    rows = []
+    for i, (p, out) in enumerate(zip(batch.params, batch.output_token_ids)):
+        if len(out) < p.min_tokens:
+            stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else batch.eos_token_ids)
+            rows.extend((i, t) for t in stop_ids if 0 <= t < logits.shape[1])
+    if not rows:
+        return logits
+    logits = logits.clone()
+    index = torch.tensor(rows, device=logits.device)
+    logits[index[:, 0], index[:, 1]] = float("-inf")
+    return logits

@@ -1,0 +1,145 @@
+"""Scheduler: continuous batching over one token budget per step.
+
+Each step it picks, in order: the running sequences' decodes, then the running sequences' next
+prompt chunks, then waiting sequences (FCFS) while blocks, `max_num_seqs` and the token budget
+`max_num_batched_tokens` allow. A long prompt is cut into chunks that fit the budget left after the
+decodes (chunked prefill), so it never stalls anyone's decoding. When a sequence needs a block and
+none is free, the newest running sequence is preempted: its blocks are freed and it goes back to
+the front of the queue to be recomputed later, with the tokens it already has.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.sequence import Request, Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed for it this step: 1 for a decode, a chunk for a prefill
+
+    @property
+    def samples(self) -> bool:
+        """Does this step reach the end of the sequence's known tokens, and so produce the next one?"""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions_total = 0
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.extend(request.seqs)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        # Decodes first (stable sort keeps admission order within each group).
+        for seq in sorted(self.running, key=lambda s: s.in_prefill):
+            if budget == 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.can_grow(seq, num_new):
+                victim = self.running[-1]
+                budget += self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.grow(seq, num_new)
+                out.scheduled.append(ScheduledSequence(seq, num_new))
+                budget -= num_new
+        if out.preempted:  # memory is short: admit no one new this step
+            return out
+        self._admit_waiting(out, budget)
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        held_back: list[Sequence] = []
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self._waits_for_first_sibling(seq):
+                held_back.append(self.waiting.popleft())
+                continue
+            # Siblings of an n > 1 request share the prompt blocks their first sequence computed.
+            use_cache = bm.enable_prefix_caching or seq.index > 0
+            cached = bm.find_cached_prefix(seq) if use_cache else []
+            num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
+            if not bm.can_admit(seq, cached, num_new):
+                break
+            self.waiting.popleft()
+            bm.admit(seq, cached, num_new, count_query=bm.enable_prefix_caching)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+            request = seq.request
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = time.time()
+                request.num_cached_tokens = seq.num_computed_tokens
+        self.waiting.extendleft(reversed(held_back))
+
+    @staticmethod
+    def _waits_for_first_sibling(seq: Sequence) -> bool:
+        first = seq.request.seqs[0]
+        return seq.index > 0 and not first.is_finished and first.in_prefill
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> int:
+        """Free `seq`'s blocks and queue it for recompute; returns the budget it gave back."""
+        refund = 0
+        for i, s in enumerate(out.scheduled):
+            if s.seq is seq:
+                refund = s.num_new_tokens
+                del out.scheduled[i]
+                break
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.num_preemptions_total += 1
+        out.preempted.append(seq)
+        return refund
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out and return its blocks at once."""
+        seq.status = SequenceStatus.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def kv_slots_stats(self) -> tuple[int, int]:
+        """(tokens stored, slots reserved) over running sequences' blocks."""
+        stored = sum(s.num_computed_tokens for s in self.running)
+        reserved = sum(len(s.block_table) for s in self.running) * self.block_manager.block_size
+        return stored, reserved
