@@ -13,12 +13,13 @@ from transformers import PreTrainedTokenizerBase
 from engine.sequence import Sequence
 
 
-def detokenize_incrementally(tokenizer: PreTrainedTokenizerBase, seq: Sequence) -> str:
-    """Append the text of `seq`'s newest tokens to `seq.output_text`; returns the new text."""
+def detokenize_incrementally(tokenizer: PreTrainedTokenizerBase, seq: Sequence, final: bool = False) -> str:
+    """Append the text of `seq`'s newest tokens to `seq.output_text`; returns the new text.
+    `final` flushes a trailing incomplete character too (the sequence ended on it)."""
     skip = seq.params.skip_special_tokens
     prefix_text = tokenizer.decode(seq.token_ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
     full_text = tokenizer.decode(seq.token_ids[seq.prefix_offset :], skip_special_tokens=skip)
-    if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+    if len(full_text) > len(prefix_text) and (final or not full_text.endswith("\ufffd")):
         new_text = full_text[len(prefix_text) :]
         seq.prefix_offset = seq.read_offset
         seq.read_offset = seq.num_tokens

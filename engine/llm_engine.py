@@ -105,6 +105,8 @@ class LLMEngine:
             else:
                 raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
@@ -203,6 +205,8 @@ class LLMEngine:
         new_text = detokenize_incrementally(self.tokenizer, seq)
         self._check_stop(seq, token, len(new_text))
         if seq.finish_reason is not None:
+            if not isinstance(seq.stop_reason, str):  # a stop string already cut the text
+                detokenize_incrementally(self.tokenizer, seq, final=True)
             self.scheduler.finish(seq)
 
     def _check_stop(self, seq: Sequence, token: int, new_text_len: int) -> None:

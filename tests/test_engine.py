@@ -1,0 +1,285 @@
+"""The engine core against transformers, the oracle: same checkpoint, same greedy tokens."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from engine import LLM, EngineArgs, LLMEngine, SamplingParams
+from engine.demo_model import build_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("llama")), "LlamaForCausalLM", seed=1)
+
+
+@pytest.fixture(scope="module")
+def hf_model(checkpoint):
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint) -> LLM:
+    # Block size 4 so that even short prompts span many KV blocks.
+    return LLM(checkpoint, block_size=4, max_model_len=512, seed=0)
+
+
+def hf_generate(hf_model, prompt_ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+    """transformers' own generate, EOS ignored (the engine's requests here set ignore_eos)."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+    config.eos_token_id = -1  # no token has this id: generation runs to max_new_tokens
+    out = hf_model.generate(torch.tensor([prompt_ids]), generation_config=config)
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    return hf_generate(hf_model, prompt_ids, max_new_tokens)
+
+
+def random_prompts(lengths: list[int], vocab: int = 900, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(5, vocab) for _ in range(n)] for n in lengths]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def test_greedy_batch_of_mixed_lengths_matches_transformers_alone(llm, hf_model):
+    prompts = random_prompts([1, 3, 17, 40, 130])
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        assert output.prompt_token_ids == prompt
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 24)
+        assert output.outputs[0].finish_reason == "length"
+
+
+def test_text_prompts_and_first_step_logprobs_match_transformers(llm, hf_model):
+    text = "The quick brown fox jumps over the lazy dog. Once upon a time"
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2, ignore_eos=True)
+    (output,) = llm.generate(text, params, use_tqdm=False)
+    tokenizer = llm.get_tokenizer()
+    ids = tokenizer.encode(text)
+    assert output.prompt_token_ids == ids
+    completion = output.outputs[0]
+    full = torch.tensor([ids + completion.token_ids])
+    with torch.no_grad():
+        hf_logprobs = torch.log_softmax(hf_model(full).logits[0].float(), dim=-1)
+    # Generated tokens: logprob of the chosen token and the top-3 alternatives.
+    for step, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        row = hf_logprobs[len(ids) - 1 + step]
+        assert entry[token].logprob == pytest.approx(row[token].item(), abs=1e-4)
+        assert entry[token].rank == 1  # greedy
+        top = row.topk(3)
+        assert set(entry) == set(top.indices.tolist())
+        for tid, val in zip(top.indices.tolist(), top.values.tolist()):
+            assert entry[tid].logprob == pytest.approx(val, abs=1e-4)
+            assert entry[tid].decoded_token == tokenizer.decode([tid])
+    assert completion.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(completion.token_ids, completion.logprobs)), abs=1e-4)
+    # Prompt logprobs: None for the first token, then each prompt token's logprob given the ones before.
+    assert output.prompt_logprobs[0] is None
+    assert len(output.prompt_logprobs) == len(ids)
+    for pos in range(1, len(ids)):
+        entry = output.prompt_logprobs[pos]
+        assert entry[ids[pos]].logprob == pytest.approx(hf_logprobs[pos - 1, ids[pos]].item(), abs=1e-4)
+        assert len(set(entry) - {ids[pos]}) <= 2
+
+
+def test_requests_joining_mid_generation_give_the_tokens_they_give_alone(checkpoint, hf_model):
+    engine = LLMEngine(EngineArgs(model=checkpoint, block_size=4, max_model_len=256))
+    prompts = random_prompts([9, 23, 5], seed=3)
+    finished = {}
+    engine.add_request("a", prompts[0], GREEDY)
+    for step in range(40):
+        if step == 3:
+            engine.add_request("b", prompts[1], GREEDY)
+        if step == 7:
+            engine.add_request("c", prompts[2], GREEDY)
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+    for rid, prompt in zip("abc", prompts):
+        assert finished[rid] == hf_greedy(hf_model, prompt, 24)
+
+
+def test_preemption_under_a_tiny_cache_keeps_outputs_and_returns_every_block(checkpoint, hf_model):
+    # 16 blocks of 4 tokens; each request needs up to 9 blocks, so four at once cannot fit.
+    llm = LLM(checkpoint, block_size=4, max_model_len=128, num_gpu_blocks_override=16)
+    prompts = random_prompts([12, 10, 11, 9], seed=5)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_preemptions_total > 0
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 24)
+    assert stats.num_used_blocks == 0
+    assert llm.llm_engine.block_manager.num_free_blocks == 16
+
+
+def test_chunked_prefill_gives_the_same_tokens_as_unchunked(checkpoint, hf_model):
+    llm = LLM(checkpoint, block_size=4, max_model_len=256, max_num_batched_tokens=16)
+    prompts = random_prompts([70, 33, 4], seed=7)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 24)
+
+
+def test_abort_frees_blocks_and_the_engine_goes_on(checkpoint):
+    engine = LLMEngine(EngineArgs(model=checkpoint, block_size=4, max_model_len=256))
+    total = engine.block_manager.num_free_blocks
+    engine.add_request("x", random_prompts([30])[0], GREEDY)
+    engine.add_request("y", random_prompts([20])[0], GREEDY)
+    engine.step()
+    engine.step()
+    assert engine.block_manager.num_free_blocks < total
+    engine.abort_request("x")
+    engine.abort_request(["y", "unknown"])
+    assert engine.block_manager.num_free_blocks == total
+    assert not engine.has_unfinished_requests()
+    engine.add_request("z", [5, 6, 7], SamplingParams(temperature=0, max_tokens=3))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 3
+
+
+def test_seeded_requests_reproduce_across_runs_and_batch_mixes(llm):
+    prompt = {"prompt_token_ids": random_prompts([12], seed=11)[0]}
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=20, ignore_eos=True)
+    alone = llm.generate(prompt, seeded, use_tqdm=False)[0].outputs[0].token_ids
+    noisy = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    others = [{"prompt_token_ids": p} for p in random_prompts([5, 40, 8], seed=12)]
+    mixed = llm.generate(others[:2] + [prompt] + others[2:], [noisy, noisy, seeded, noisy], use_tqdm=False)
+    assert mixed[2].outputs[0].token_ids == alone
+    again = llm.generate(prompt, seeded, use_tqdm=False)[0].outputs[0].token_ids
+    assert again == alone
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=20, ignore_eos=True)
+    assert llm.generate(prompt, other_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_top_k_1_equals_greedy(llm):
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([6, 25], seed=13)]
+    greedy = llm.generate(prompts, GREEDY, use_tqdm=False)
+    top1 = llm.generate(prompts, SamplingParams(temperature=1.5, top_k=1, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in greedy] == [o.outputs[0].token_ids for o in top1]
+
+
+def test_stop_string_ends_the_output_and_is_cut_from_the_text(llm):
+    prompt = "Hello, how are you today?"
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    text = free.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), "need a visible stop string"
+    cut = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == text[: text.index(stop)]
+    kept = llm.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=stop, include_stop_str_in_output=True), use_tqdm=False
+    )[0].outputs[0]
+    assert kept.text == text[: text.index(stop) + len(stop)]
+
+
+def test_stop_token_id_ends_the_output_with_that_token(llm):
+    prompt = {"prompt_token_ids": random_prompts([10], seed=17)[0]}
+    free = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    stop_id = free[6]
+    first = free.index(stop_id)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop_token_ids=[stop_id]), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == free[: first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_id
+
+
+def test_eos_stops_unless_ignored_and_min_tokens_blocks_it(llm):
+    engine = llm.llm_engine
+    eos = min(engine.model_config.eos_token_ids)
+    prompt = {"prompt_token_ids": random_prompts([8], seed=19)[0]}
+    # Make EOS the greedy choice at every step by asking for it as the only allowed... instead use
+    # min_tokens: EOS must not appear before min_tokens tokens, whatever the model prefers.
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, min_tokens=12), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 12 and eos not in out.token_ids[:12]
+
+
+def test_n_completions_share_one_request(llm, hf_model):
+    prompt = random_prompts([21], seed=23)[0]
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(n=3, temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    expected = hf_greedy(hf_model, prompt, 10)
+    assert all(c.token_ids == expected for c in out.outputs)
+    sampled = llm.generate({"prompt_token_ids": prompt}, SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    again = llm.generate({"prompt_token_ids": prompt}, SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    assert [c.token_ids for c in sampled.outputs] == [c.token_ids for c in again.outputs]
+    assert len({tuple(c.token_ids) for c in sampled.outputs}) > 1
+
+
+def test_incremental_text_equals_decoding_all_tokens_at_once(llm):
+    tokenizer = llm.get_tokenizer()
+    prompts = ["日本語のテキスト", "café 🙂 🚀", "Привет, мир!"]
+    outs = llm.generate(prompts, SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    for out in outs:
+        completion = out.outputs[0]
+        assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+
+
+def test_repetition_penalty_matches_transformers(llm, hf_model):
+    prompt = random_prompts([15], seed=29)[0]
+    ours = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, repetition_penalty=1.5, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    theirs = hf_generate(hf_model, prompt, 16, repetition_penalty=1.5)
+    assert ours[0].outputs[0].token_ids == theirs
+
+
+def test_chat_applies_the_chat_template(llm):
+    messages = [{"role": "user", "content": "Tell me about the weather."}]
+    (out,) = llm.chat(messages, SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    expected = llm.get_tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert out.prompt_token_ids == list(expected)
+    assert len(out.outputs[0].token_ids) <= 5
+
+
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ("x" * 3000, SamplingParams(max_tokens=1), "max_model_len"),
+        ("hello", SamplingParams(max_tokens=600), "plus max_tokens (600)"),
+        ([5, 99999], SamplingParams(), "outside the vocabulary"),
+        ("", SamplingParams(), "empty"),
+        ({"prompt_token_ids": []}, SamplingParams(), "empty"),
+        ("hi", SamplingParams(logprobs=50), "max_logprobs"),
+    ],
+)
+def test_bad_requests_get_a_clear_error_and_the_engine_stays_usable(llm, prompt, params, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        llm.generate(prompt, params, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.generate("still fine", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": -2}, "top_k"),
+        ({"n": 0}, "n"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ],
+)
+def test_sampling_params_name_the_bad_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_a_bad_prompt_in_a_batch_leaves_nothing_queued(llm):
+    with pytest.raises(ValueError):
+        llm.generate(["fine", ""], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.llm_engine.get_stats().num_used_blocks == 0
