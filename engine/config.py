@@ -50,6 +50,7 @@ class EngineArgs:
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for
     cuda_graph_sizes: list[int] | None = None  # decode batch sizes to capture; default 1, 2, 4, 8, 16, ... 512
     max_waiting_requests: int | None = None  # reject new requests while this many wait (None = no limit)
+    load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights (benchmarks)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

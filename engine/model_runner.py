@@ -20,6 +20,8 @@ from engine.outputs import Logprob, PositionLogprobs
 from engine.sampler import SamplingBatch, sample
 from engine.scheduler import ScheduledSequence
 from engine.weight_loader import load_model
+from graphs.compile import compile_model, num_compiled_graphs
+from graphs.cuda_graph import CudaGraphRunner, default_batch_sizes
 from ops.attention import get_backend
 from ops.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 
@@ -59,7 +61,7 @@ class ModelRunner:
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
 
         start = time.perf_counter()
-        self.model = load_model(model_config.model, hf, model_config.dtype, device)
+        self.model = load_model(model_config.model, hf, model_config.dtype, device, load_format=args.load_format)
         logger.info("loaded %s in %.1f s (%s, %s)", model_config.model, time.perf_counter() - start, model_config.dtype, device)
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
@@ -69,6 +71,31 @@ class ModelRunner:
             self.num_blocks, self.block_size, self.num_blocks * self.block_size,
             model_config.max_model_len, self.num_blocks / max_blocks_per_seq,
         )
+        self.forward = self.model
+        self.graph_runner: CudaGraphRunner | None = None
+        if device.type == "cuda" and not args.enforce_eager:
+            self._compile_and_capture()
+
+    def _compile_and_capture(self) -> None:
+        """torch.compile the forward, then capture decode CUDA graphs per batch-size bucket."""
+        start = time.perf_counter()
+        self.forward = compile_model(self.model)
+        sizes = self.args.cuda_graph_sizes or default_batch_sizes(self.args.max_num_seqs)
+        self.graph_runner = CudaGraphRunner(
+            self.forward, self.kv_caches, self.attention_backend, sizes,
+            self.model_config.max_model_len, self.block_size, self.device,
+        )
+        self.graph_runner.capture()
+        self.compiled_graphs_after_warmup = num_compiled_graphs()
+        logger.info(
+            "compiled the model and captured %d CUDA graphs (batch sizes %d..%d) in %.1f s; %d compiled graphs",
+            len(sizes), min(sizes), max(sizes), time.perf_counter() - start, self.compiled_graphs_after_warmup,
+        )
+
+    def recompiles_since_warmup(self) -> int:
+        if self.graph_runner is None:
+            return 0
+        return num_compiled_graphs() - self.compiled_graphs_after_warmup
 
     # ---- KV cache --------------------------------------------------------------------------------
 
@@ -125,9 +152,13 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence], eos_token_ids: set[int]) -> ModelRunnerOutput:
         batch = self._prepare(scheduled)
-        ctx = ForwardContext(batch.metadata, self.kv_caches, self.attention_backend)
-        with set_forward_context(ctx):
-            hidden = self.model(batch.input_ids, batch.positions)
+        meta = batch.metadata
+        graphs = self.graph_runner
+        if graphs is not None and meta.max_query_len == 1 and meta.num_seqs <= graphs.max_batch_size:
+            hidden = graphs.run(batch.input_ids, batch.positions, meta)
+        else:
+            with set_forward_context(ForwardContext(meta, self.kv_caches, self.attention_backend)):
+                hidden = self.forward(batch.input_ids, batch.positions)
         out = ModelRunnerOutput()
         self._sample(hidden, batch, scheduled, eos_token_ids, out)
         self._prompt_logprobs(hidden, batch, scheduled, out)

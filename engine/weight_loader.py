@@ -63,14 +63,24 @@ def load_model(
     tp_rank: int = 0,
     tp_size: int = 1,
     quant_config: Any = None,
+    load_format: str = "auto",
 ) -> nn.Module:
     """Build the model for `hf_config` in `dtype` on `device`, load this rank's weights, eval mode.
 
     Parameters are created with `torch.empty` directly on the device (no random init to pay for)
     and every one of them must be filled by the checkpoint, or this raises ValueError naming it.
+    `load_format="dummy"` reads nothing and fills the weights with small random values instead
+    (benchmarks of published configs: weights do not change the cost).
     """
     model_cls = get_model_class(hf_config.architectures)
     with default_dtype(dtype), torch.device(device):
         model = model_cls(hf_config, tp_rank=tp_rank, tp_size=tp_size, quant_config=quant_config)
-    model.load_weights(iterate_checkpoint(model_dir))
+    if load_format == "dummy":
+        with torch.no_grad():
+            for param in model.parameters():
+                param.uniform_(-1e-3, 1e-3)
+    elif load_format == "auto":
+        model.load_weights(iterate_checkpoint(model_dir))
+    else:
+        raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     return model.eval()

@@ -1,0 +1,229 @@
+"""Offline throughput benchmark: one `LLM.generate` call over a fixed workload, timed.
+
+Workloads:
+  nano    nano-vllm's bench.py exactly: random.seed(0); 256 prompts of random.randint(100, 1024)
+          random token ids in [0, 10000], then 256 max_tokens = random.randint(100, 1024);
+          temperature 0.6, ignore_eos, max_model_len 4096 (142,827 prompt / 133,966 output tokens).
+  fixed   --num-requests prompts of --input-len random token ids, --output-len tokens each, ignore_eos.
+
+Models: `qwen3-0.6b`, `llama-3.1-8b`, `llama-3.1-70b` (random-weight instances of the published
+configs in perf/configs, bf16, weights made on the device: weights do not change the cost) or a
+local checkpoint directory. `--compare-hf` runs the same workload through transformers' continuous
+batching in the same process and prints the ratio.
+
+    python perf/throughput.py --model qwen3-0.6b --workload nano
+    python perf/throughput.py --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine import LLM, SamplingParams  # noqa: E402
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def nano_workload() -> tuple[list[list[int]], list[int]]:
+    random.seed(0)
+    num_seqs, max_input_len, max_output_len = 256, 1024, 1024
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, max_input_len))] for _ in range(num_seqs)]
+    max_tokens = [random.randint(100, max_output_len) for _ in range(num_seqs)]
+    return prompts, max_tokens
+
+
+def fixed_workload(num: int, input_len: int, output_len: int, vocab: int = 10000) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(vocab) for _ in range(input_len)] for _ in range(num)], [output_len] * num
+
+
+def synthetic_model_dir(name: str) -> str:
+    """A checkpoint directory with a published config and a word-level tokenizer covering its whole
+    vocabulary (so every id decodes, at the cost of a real Rust tokenizer); no weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    with open(os.path.join(CONFIGS, f"{name}.json")) as f:
+        config = json.load(f)
+    path = tempfile.mkdtemp(prefix=f"bench-{name}-")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    vocab = {f"t{i}": i for i in range(config["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    eos = config["eos_token_id"]
+    eos = eos[0] if isinstance(eos, list) else eos
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{eos}").save_pretrained(path)
+    return path
+
+
+def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> dict:
+    start = time.perf_counter()
+    llm = LLM(
+        model_dir,
+        dtype="bfloat16",
+        load_format=load_format,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enforce_eager=args.enforce_eager,
+        attention_backend=args.attention_backend,
+        enable_prefix_caching=args.enable_prefix_caching,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
+    startup = time.perf_counter() - start
+    params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=m) for m in max_tokens]
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    # Warm-up outside the timer: a short generate exercising prefill and decode.
+    llm.generate(inputs[:2], SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=8), use_tqdm=False)
+    runner = llm.llm_engine.runner
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    outputs = llm.generate(inputs, params, use_tqdm=not args.no_tqdm)
+    elapsed = time.perf_counter() - start
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    in_tokens = sum(len(p) for p in prompts)
+    decode_rates = []
+    for o in outputs:
+        m, n = o.metrics, len(o.outputs[0].token_ids)
+        if n > 1 and m.last_token_time > m.first_token_time:
+            decode_rates.append((n - 1) / (m.last_token_time - m.first_token_time))
+    decode_rates.sort()
+    stats = llm.llm_engine.get_stats()
+    return {
+        "system": "engine",
+        "elapsed_s": elapsed,
+        "requests": len(prompts),
+        "prompt_tokens": in_tokens,
+        "output_tokens": out_tokens,
+        "output_tok_s": out_tokens / elapsed,
+        "total_tok_s": (in_tokens + out_tokens) / elapsed,
+        "req_s": len(prompts) / elapsed,
+        "median_decode_tok_s_per_request": decode_rates[len(decode_rates) // 2] if decode_rates else None,
+        "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "kv_blocks": runner.num_blocks,
+        "startup_s": startup,
+        "cuda_graphs": len(runner.graph_runner.graphs) if runner.graph_runner else 0,
+        "recompiles_after_warmup": runner.recompiles_since_warmup(),
+        "preemptions": stats.num_preemptions_total,
+        "attention_backend": runner.attention_backend,
+    }
+
+
+def run_transformers(args, model_dir: str, dummy: bool, prompts, max_tokens) -> dict:
+    """The same workload through transformers' continuous batching (paged|sdpa attention)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if dummy:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="paged|sdpa")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="paged|sdpa").cuda()
+    model.eval()
+    gen = GenerationConfig(do_sample=True, temperature=args.temperature, max_new_tokens=max(max_tokens), eos_token_id=-1)
+    with model.continuous_batching_context_manager(generation_config=gen) as manager:
+        def run(batch_prompts, batch_max):
+            for i, (p, m) in enumerate(zip(batch_prompts, batch_max)):
+                manager.add_request(p, request_id=f"r{run.calls}-{i}", max_new_tokens=m, eos_token_id=-1)
+            done, tokens = 0, 0
+            while done < len(batch_prompts):
+                result = manager.get_result(timeout=1)
+                if result is not None and result.is_finished():
+                    done += 1
+                    tokens += len(result.generated_tokens)
+            run.calls += 1
+            return tokens
+
+        run.calls = 0
+        run(prompts[:2], [8, 8])  # warm-up
+        start = time.perf_counter()
+        out_tokens = run(prompts, max_tokens)
+        elapsed = time.perf_counter() - start
+    in_tokens = sum(len(p) for p in prompts)
+    return {
+        "system": "transformers",
+        "elapsed_s": elapsed,
+        "requests": len(prompts),
+        "prompt_tokens": in_tokens,
+        "output_tokens": out_tokens,
+        "output_tok_s": out_tokens / elapsed,
+        "total_tok_s": (in_tokens + out_tokens) / elapsed,
+        "req_s": len(prompts) / elapsed,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen3-0.6b", help="qwen3-0.6b | llama-3.1-8b | llama-3.1-70b | checkpoint dir")
+    p.add_argument("--workload", choices=["nano", "fixed"], default="nano")
+    p.add_argument("--num-requests", type=int, default=1000, help="fixed: number of requests")
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--limit", type=int, default=None, help="run only the first N requests of the workload")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--enable-prefix-caching", action="store_true")
+    p.add_argument("--compare-hf", action="store_true", help="also run transformers' continuous batching on the same workload")
+    p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--no-tqdm", action="store_true")
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args()
+
+    if args.workload == "nano":
+        prompts, max_tokens = nano_workload()
+    else:
+        prompts, max_tokens = fixed_workload(args.num_requests, args.input_len, args.output_len)
+    if args.limit:
+        prompts, max_tokens = prompts[: args.limit], max_tokens[: args.limit]
+
+    dummy = not os.path.isdir(args.model)
+    model_dir = synthetic_model_dir(args.model) if dummy else args.model
+    results = []
+    try:
+        if not args.skip_engine:
+            results.append(run_engine(args, model_dir, "dummy" if dummy else "auto", prompts, max_tokens))
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if args.compare_hf:
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+            results.append(run_transformers(args, model_dir, dummy, prompts, max_tokens))
+    finally:
+        if dummy:
+            shutil.rmtree(model_dir, ignore_errors=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    header = {"model": args.model, "workload": args.workload, "device": device, "args": vars(args)}
+    for r in results:
+        print(json.dumps(r))
+    print(f"\n{args.model} / {args.workload} on {device}: {len(prompts)} requests")
+    for r in results:
+        print(f"  {r['system']:>12}: {r['output_tok_s']:10.1f} output tok/s  {r['total_tok_s']:10.1f} total tok/s  {r['req_s']:8.2f} req/s  ({r['elapsed_s']:.1f} s)")
+    if len(results) == 2:
+        print(f"  ratio engine / transformers (output tok/s): {results[0]['output_tok_s'] / results[1]['output_tok_s']:.1f}x")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({**header, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
