@@ -1,0 +1,352 @@
+"""Triton PagedAttention: the primary GPU backend (same two functions as `ops.torch_ref`).
+
+Three kernels share one inner loop, `_attend_kv_range`, which walks a range of context positions
+of one sequence through its block table (K/V are read straight from the paged cache, never
+gathered into a contiguous copy) and folds them into an fp32 online softmax:
+
+- `_write_kv_kernel`: one program per token, stores its K/V row at `slot_mapping[t]`; slot -1
+  (padding rows of a CUDA-graph batch) stores nothing.
+- `_decode_kernel` + `_decode_reduce_kernel` (every query length is 1, i.e. `meta.max_query_len ==
+  1`): flash-decoding. Grid (seq, kv_head, partition): each program takes ALL query heads of one
+  KV head (the GQA group, padded to >= 16 rows for the tensor cores), so each KV block is read
+  once per KV head, over one partition of `PARTITION_SIZE` context positions; a second kernel
+  merges the partitions' fp32 (max, sum, acc) triples. With a single partition the first kernel
+  writes the output itself.
+- `_prefill_kernel` (anything else: prefill, chunked prefill, prefix-cache hits, mixed
+  prefill+decode batches): a tile packs BLOCK_Q query tokens x the GQA group's heads into the
+  rows of one tl.dot, causal over the query tokens' positions at the tail of the context.
+  Tiles are numbered over the whole flattened batch (a tile finds its sequence by binary search
+  in query_start_loc), so the grid depends on host ints only.
+
+Any head_dim is padded to a power of two with masks; any power-of-two block size >= 8 works.
+
+CUDA graphs: no function here syncs with the host or reads a device value on the host; every
+grid size and compile-time constant comes from tensor shapes and the host ints
+`meta.max_query_len` / `meta.max_seq_len`. A graph is captured once per batch size and replayed
+with other seq_lens, so at capture `meta.max_seq_len` must be an UPPER BOUND of every context the
+graph will see (e.g. max_model_len): it fixes the number of decode partitions. At replay, a
+partition that starts past its sequence's length does no work and writes nothing, and the reduce
+kernel reads only the partitions that cover `seq_lens[i]` (computed on the device), so unused
+partitions cost a program launch each and nothing else. Padding rows (seq_len 0) get zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ops.forward_context import AttentionMetadata
+
+PARTITION_SIZE = 512  # context positions per decode program (flash-decoding split)
+_DECODE_BLOCK_N = 64  # context positions per inner-loop step in decode
+_DECODE_NUM_WARPS = 4
+_DECODE_NUM_STAGES = 2
+_MASKED = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max, so empty rows never make NaN
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_cs, stride_ch,
+    num_kv_heads, head_dim,
+    BLOCK_SIZE: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
+):
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    heads = tl.arange(0, H_PAD)[:, None]
+    dims = tl.arange(0, D_PAD)[None, :]
+    # (Scalar conditions enter masks through tl.where: the Triton interpreter mistypes `vector & scalar`.)
+    mask = (heads < tl.where(slot >= 0, num_kv_heads, 0)) & (dims < head_dim)
+    cache_off = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + heads * stride_ch + dims
+    k = tl.load(key_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
+    v = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
+    tl.store(k_cache_ptr + cache_off, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + cache_off, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attend_kv_range(
+    acc, m_i, l_i, q, row_pos, kv_lo, kv_hi,
+    k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
+    stride_cb, stride_cs, stride_ch, head_dim, qk_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """Fold context positions [kv_lo, kv_hi) into the online softmax of the rows of `q`.
+
+    Row r may see positions <= row_pos[r] (causality). Scores are in log2 units (qk_scale
+    includes log2(e)); m_i is the running max, l_i the running sum, acc the unnormalized output.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, D_PAD)
+    dim_mask = dims < head_dim
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        pos = start + offs_n
+        in_range = pos < kv_hi
+        block = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+        kv_off = (block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch)[:, None] + dims[None, :]
+        kv_mask = in_range[:, None] & dim_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        visible = (pos[None, :] <= row_pos[:, None]) & in_range[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _decode_kernel(
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    stride_cb, stride_cs, stride_ch,
+    head_dim, qk_scale,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
+    PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    part = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    token = tl.load(query_start_loc_ptr + seq)
+    has_query = tl.load(query_start_loc_ptr + seq + 1) > token
+    kv_lo = part * PARTITION
+    kv_hi = tl.minimum(seq_len, kv_lo + PARTITION)
+
+    rows = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + rows
+    dims = tl.arange(0, D_PAD)
+    row_mask = rows < tl.where(has_query, GROUP, 0)
+    io_mask = row_mask[:, None] & (dims < head_dim)[None, :]
+    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=io_mask, other=0.0)
+
+    acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
+    m_i = tl.full([GROUP_PAD], _MASKED, dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    row_pos = tl.zeros([GROUP_PAD], dtype=tl.int32) + seq_len - 1
+    acc, m_i, l_i = _attend_kv_range(
+        acc, m_i, l_i, q, row_pos, kv_lo, kv_hi, k_cache_ptr, v_cache_ptr,
+        block_tables_ptr + seq.to(tl.int64) * stride_bt, kv_head, stride_cb, stride_cs, stride_ch,
+        head_dim, qk_scale, BLOCK_SIZE, BLOCK_N, D_PAD,
+    )
+    if NUM_PARTITIONS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (padding row): zeros
+        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        # Partials are [num_seqs, num_heads, NUM_PARTITIONS, (D_PAD)], contiguous.
+        part_idx = (seq * tl.num_programs(1) * GROUP + heads).to(tl.int64) * NUM_PARTITIONS + part
+        live = rows < tl.where(has_query & (kv_lo < seq_len), GROUP, 0)
+        tl.store(part_max_ptr + part_idx, m_i, mask=live)
+        tl.store(part_sum_ptr + part_idx, l_i, mask=live)
+        tl.store(part_acc_ptr + part_idx[:, None] * D_PAD + dims[None, :], acc, mask=live[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, seq_lens_ptr, query_start_loc_ptr,
+    stride_ot, stride_oh, head_dim,
+    NUM_PARTITIONS: tl.constexpr, P_PAD: tl.constexpr, PARTITION: tl.constexpr, D_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    token = tl.load(query_start_loc_ptr + seq)
+    has_query = tl.load(query_start_loc_ptr + seq + 1) > token
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Only partitions that cover the context were written (clamped so that a context longer than
+    # the bound the grid was built for can never read out of bounds).
+    num_live = tl.minimum(tl.cdiv(seq_len, PARTITION), NUM_PARTITIONS)
+    parts = tl.arange(0, P_PAD)
+    dims = tl.arange(0, D_PAD)
+    live = parts < num_live
+    base = (seq * tl.num_programs(1) + head).to(tl.int64) * NUM_PARTITIONS
+    m = tl.load(part_max_ptr + base + parts, mask=live, other=_MASKED)
+    s = tl.load(part_sum_ptr + base + parts, mask=live, other=0.0)
+    acc = tl.load(part_acc_ptr + (base + parts)[:, None] * D_PAD + dims[None, :], mask=live[:, None], other=0.0)
+    weight = tl.where(live, tl.exp2(m - tl.max(m, 0)), 0.0)
+    total = tl.sum(weight * s, 0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < tl.where(has_query, head_dim, 0))
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """Sequence of a global query tile: sequence i owns tiles [qsl[i] // BLOCK_Q + i, ...)."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_tile <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _prefill_kernel(
+    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    num_seqs, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    stride_cb, stride_cs, stride_ch,
+    head_dim, qk_scale,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    q_tile = tile - (q_start // BLOCK_Q + seq)
+    ctx_len = seq_len - q_len  # cached positions before this step's query tokens
+
+    # Row r of the tile is query token q_tile * BLOCK_Q + r // GROUP_PAD of head r % GROUP_PAD
+    # of this KV head's group: the whole group shares every K/V tile it loads.
+    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    tok = q_tile * BLOCK_Q + rows // GROUP_PAD
+    heads = kv_head * GROUP + rows % GROUP_PAD
+    dims = tl.arange(0, D_PAD)
+    row_mask = (tok < q_len) & (rows % GROUP_PAD < GROUP)
+    io_mask = row_mask[:, None] & (dims < head_dim)[None, :]
+    q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+                mask=io_mask, other=0.0)
+
+    tile_live = q_tile * BLOCK_Q < q_len
+    kv_hi = tl.where(tile_live, tl.minimum(seq_len, ctx_len + (q_tile + 1) * BLOCK_Q), 0)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, D_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], _MASKED, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+    acc, m_i, l_i = _attend_kv_range(
+        acc, m_i, l_i, q, ctx_len + tok, 0, kv_hi, k_cache_ptr, v_cache_ptr,
+        block_tables_ptr + seq.to(tl.int64) * stride_bt, kv_head, stride_cb, stride_cs, stride_ch,
+        head_dim, qk_scale, BLOCK_SIZE, BLOCK_N, D_PAD,
+    )
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (padding row): zeros
+    tl.store(out_ptr + (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def write_kv_cache(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
+) -> None:
+    """Store each token's key and value in its cache slot; tokens with slot -1 are padding."""
+    _check_cache(k_cache, v_cache)
+    key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
+    num_tokens = slot_mapping.shape[0]
+    if num_tokens == 0:
+        return
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    _write_kv_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        num_kv_heads, head_dim,
+        BLOCK_SIZE=block_size, H_PAD=triton.next_power_of_2(num_kv_heads), D_PAD=triton.next_power_of_2(head_dim),
+    )
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,  # [num_tokens, num_heads, head_dim], written in place
+) -> None:
+    """Causal attention of each sequence's query tokens over its cached context (see module doc)."""
+    _check_cache(k_cache, v_cache)
+    query = _last_dim_contiguous(query)
+    if out.stride(-1) != 1:
+        raise ValueError("out must be contiguous in its last dimension")
+    if meta.num_seqs == 0:
+        return
+    if meta.max_query_len == 1:
+        _decode(query, k_cache, v_cache, meta, scale, out)
+    else:
+        _prefill(query, k_cache, v_cache, meta, scale, out)
+
+
+def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_seqs, num_heads = meta.num_seqs, query.shape[1]
+    group = num_heads // num_kv_heads
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    num_partitions = max(1, triton.cdiv(meta.max_seq_len, PARTITION_SIZE))
+    if num_partitions == 1:
+        part_acc = part_max = part_sum = out  # unused: the kernel writes `out` directly
+    else:
+        part_max = torch.empty((num_seqs, num_heads, num_partitions), dtype=torch.float32, device=query.device)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty((num_seqs, num_heads, num_partitions, d_pad), dtype=torch.float32, device=query.device)
+    _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
+        out, part_acc, part_max, part_sum,
+        query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        head_dim, scale * _LOG2E,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_PARTITIONS=num_partitions,
+        PARTITION=PARTITION_SIZE, BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, D_PAD=d_pad,
+        num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
+    )
+    if num_partitions > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            out, part_acc, part_max, part_sum, meta.seq_lens, meta.query_start_loc,
+            out.stride(0), out.stride(1), head_dim,
+            NUM_PARTITIONS=num_partitions, P_PAD=triton.next_power_of_2(num_partitions),
+            PARTITION=PARTITION_SIZE, D_PAD=d_pad, num_warps=4,
+        )
+
+
+def _prefill(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_tokens, num_heads = query.shape[0], query.shape[1]
+    num_seqs = meta.num_seqs
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    # Rows per tile: enough for the longest query (short queries waste fewer rows), at least 16
+    # for tl.dot, at most what the registers hold for this head_dim.
+    max_rows = 64 if d_pad > 128 else 128
+    rows = min(max_rows, max(16, triton.next_power_of_2(meta.max_query_len * group_pad)))
+    rows = max(rows, group_pad)
+    block_q = rows // group_pad
+    block_n = 32 if d_pad > 128 else 64
+    num_tiles = num_tokens // block_q + num_seqs  # upper bound of sum(cdiv(q_len, block_q))
+    _prefill_kernel[(num_tiles, num_kv_heads)](
+        out, query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        num_seqs, query.stride(0), query.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        head_dim, scale * _LOG2E,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, D_PAD=d_pad,
+        num_warps=8 if rows >= 64 else 4, num_stages=2,
+    )
+
+
+_LOG2E = 1.4426950408889634
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must have one shape and layout, contiguous in head_dim")
+    block_size = k_cache.shape[1]
+    if block_size < 8 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 8, got {block_size}")
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()

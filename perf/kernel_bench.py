@@ -1,0 +1,154 @@
+"""Decode-attention kernel benchmark: the Triton backend vs xformers vs SDPA on pre-gathered K/V.
+
+    python perf/kernel_bench.py --out perf/kernel_bench.json
+
+One decode step of one layer (every sequence has one query token and the same context length),
+timed with `triton.testing.do_bench` (median; it flushes L2 before every run). Bandwidth counts
+the bytes a decode step must move at least: the K and V of every context position, read once
+(the query and output are negligible), against the 3.0 TB/s device copy measured on the lent
+H100 (DESIGN.md).
+
+- triton:   `ops.triton_attention` with block size 16, the engine's default.
+- xformers: `ops.xformers_attention` with block size 64, where it runs xformers' paged split-K
+            kernel (with smaller blocks it gathers K/V first; see its docstring). The time includes
+            building xformers' mask from host lists, which that backend pays every call.
+- sdpa:     `torch.nn.functional.scaled_dot_product_attention` on K/V already gathered into
+            contiguous [batch, kv_heads, context, head_dim] tensors (gather not timed): a dense
+            peer reading the same bytes, for a sanity check of the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere, no install needed
+
+from ops.attention import get_backend  # noqa: E402
+from ops.forward_context import AttentionMetadata  # noqa: E402
+
+COPY_BANDWIDTH = 3.0e12  # bytes/s, device-to-device copy (read + write) measured on the lent H100
+MODELS = {  # name: (query heads, kv heads, head_dim)
+    "qwen3-0.6b": (16, 8, 128),
+    "llama-3.1-8b": (32, 8, 128),
+}
+SHAPES = [(1, 512), (1, 4096), (1, 32768), (16, 4096), (64, 8192), (256, 512), (256, 2048), (256, 8192)]  # (batch, context)
+BLOCK_SIZES = {"triton": 16, "xformers": 64, "sdpa": 16}
+# --sweep: Triton decode settings (partition size, positions per loop step, warps, pipeline stages)
+# tried on a long single sequence and a large batch of Llama-8B-like shapes.
+SWEEP_SHAPES = [(1, 32768), (256, 2048)]
+SWEEP = [(p, n, w, s) for p in (512,) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)] + [
+    (256, 64, 4, 2), (1024, 64, 4, 2), (2048, 64, 4, 2)]
+
+
+def decode_inputs(batch, context, num_heads, num_kv_heads, head_dim, block_size, dtype=torch.bfloat16):
+    """A decode step over a shuffled paged cache holding exactly the batch's contexts."""
+    blocks_per_seq = triton.cdiv(context, block_size)
+    num_blocks = batch * blocks_per_seq
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    block_tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32)
+    query_start_loc = torch.arange(batch + 1, dtype=torch.int32)
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device="cuda"),
+        query_start_loc=query_start_loc.cuda(),
+        seq_lens=seq_lens.cuda(),
+        block_tables=block_tables,
+        max_query_len=1,
+        max_seq_len=context,
+        query_start_loc_cpu=query_start_loc,
+        seq_lens_cpu=seq_lens,
+    )
+    query = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=dtype)
+    return query, k_cache, v_cache, meta
+
+
+def decode_step(impl, query, k_cache, v_cache, meta, scale):
+    """A zero-argument callable that runs one decode step with `impl`."""
+    out = torch.empty_like(query)
+    if impl != "sdpa":
+        backend = get_backend(impl)
+        return lambda: backend.paged_attention(query, k_cache, v_cache, meta, scale, out)
+    batch, context = meta.block_tables.shape[0], meta.max_seq_len
+    slots = (meta.block_tables.long()[:, :, None] * k_cache.shape[1] + torch.arange(k_cache.shape[1], device="cuda")).flatten(1)
+    k = k_cache.flatten(0, 1)[slots[:, :context]].transpose(1, 2).contiguous()  # [batch, kv_heads, context, head_dim]
+    v = v_cache.flatten(0, 1)[slots[:, :context]].transpose(1, 2).contiguous()
+    q = query[:, :, None, :]  # [batch, heads, 1, head_dim]
+    return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+
+def time_decode(impl, batch, context, num_heads, num_kv_heads, head_dim) -> dict:
+    kv_bytes = 2 * batch * context * num_kv_heads * head_dim * 2  # K and V, bf16
+    inputs = decode_inputs(batch, context, num_heads, num_kv_heads, head_dim, BLOCK_SIZES[impl])
+    step = decode_step(impl, *inputs, head_dim**-0.5)
+    step()  # compile
+    ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+    del inputs, step
+    torch.cuda.empty_cache()
+    gbps = kv_bytes / (ms * 1e-3) / 1e9
+    return dict(batch=batch, context=context, impl=impl, block_size=BLOCK_SIZES[impl], time_us=ms * 1e3,
+                kv_bytes=kv_bytes, gb_per_s=gbps, fraction_of_copy_bandwidth=gbps * 1e9 / COPY_BANDWIDTH)
+
+
+def sweep_triton_decode() -> list[dict]:
+    from ops import triton_attention as ta
+
+    defaults = (ta.PARTITION_SIZE, ta._DECODE_BLOCK_N, ta._DECODE_NUM_WARPS, ta._DECODE_NUM_STAGES)
+    num_heads, num_kv_heads, head_dim = MODELS["llama-3.1-8b"]
+    rows = []
+    print("\nTriton decode sweep (llama-3.1-8b shapes): partition, block_n, warps, stages -> GB/s per shape")
+    for config in SWEEP:
+        ta.PARTITION_SIZE, ta._DECODE_BLOCK_N, ta._DECODE_NUM_WARPS, ta._DECODE_NUM_STAGES = config
+        results = [time_decode("triton", b, c, num_heads, num_kv_heads, head_dim) for b, c in SWEEP_SHAPES]
+        rows += [dict(r, partition=config[0], block_n=config[1], num_warps=config[2], num_stages=config[3]) for r in results]
+        print(f"  {config}: " + "  ".join(f"{r['batch']}x{r['context']}: {r['gb_per_s']:.0f}" for r in results), flush=True)
+    ta.PARTITION_SIZE, ta._DECODE_BLOCK_N, ta._DECODE_NUM_WARPS, ta._DECODE_NUM_STAGES = defaults
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
+    parser.add_argument("--impls", default="triton,xformers,sdpa", help="comma-separated subset of triton,xformers,sdpa")
+    parser.add_argument("--sweep", action="store_true", help="also time Triton decode settings (SWEEP)")
+    args = parser.parse_args()
+    impls = args.impls.split(",")
+    if "xformers" in impls:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            print("xformers not importable: skipping it")
+            impls.remove("xformers")
+
+    results = []
+    header = f"{'model':<14}{'batch':>6}{'context':>8}  {'impl':<9}{'time us':>10}{'GB/s':>8}{'% copy':>8}"
+    print(header)
+    print("-" * len(header))
+    for model, (num_heads, num_kv_heads, head_dim) in MODELS.items():
+        for batch, context in SHAPES:
+            for impl in impls:
+                try:
+                    r = dict(model=model, **time_decode(impl, batch, context, num_heads, num_kv_heads, head_dim))
+                except Exception as exc:  # one failing implementation must not cost the others' numbers
+                    print(f"{model:<14}{batch:>6}{context:>8}  {impl:<9} FAILED: {type(exc).__name__}: {exc}"[:400])
+                    results.append(dict(model=model, batch=batch, context=context, impl=impl, error=repr(exc)[:400]))
+                    continue
+                results.append(r)
+                print(f"{model:<14}{batch:>6}{context:>8}  {impl:<9}{r['time_us']:>10.1f}{r['gb_per_s']:>8.0f}"
+                      f"{100 * r['fraction_of_copy_bandwidth']:>7.0f}%", flush=True)
+    sweep = sweep_triton_decode() if args.sweep else []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                        triton=triton.__version__, copy_bandwidth_bytes_per_s=COPY_BANDWIDTH,
+                                        results=results, triton_decode_sweep=sweep), indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
