@@ -13,19 +13,34 @@ from transformers import PreTrainedTokenizerBase
 from engine.sequence import Sequence
 
 
-def detokenize_incrementally(tokenizer: PreTrainedTokenizerBase, seq: Sequence, final: bool = False) -> str:
-    """Append the text of `seq`'s newest tokens to `seq.output_text`; returns the new text.
-    `final` flushes a trailing incomplete character too (the sequence ended on it)."""
-    skip = seq.params.skip_special_tokens
-    prefix_text = tokenizer.decode(seq.token_ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
-    full_text = tokenizer.decode(seq.token_ids[seq.prefix_offset :], skip_special_tokens=skip)
-    if len(full_text) > len(prefix_text) and (final or not full_text.endswith("\ufffd")):
-        new_text = full_text[len(prefix_text) :]
-        seq.prefix_offset = seq.read_offset
-        seq.read_offset = seq.num_tokens
-        seq.output_text += new_text
-        return new_text
-    return ""
+class IncrementalDetokenizer:
+    """Turns each sequence's newest tokens into text, one step at a time."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            # The Rust tokenizer directly: the same text as tokenizer.decode without its Python
+            # overhead, which costs more than the model step at large batch sizes.
+            self._decode = lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
+        else:
+            self._decode = lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
+
+    def decode_token(self, token_id: int) -> str:
+        return self._decode([token_id], False)
+
+    def step(self, seq: Sequence, final: bool = False) -> str:
+        """Append the text of `seq`'s newest tokens to `seq.output_text`; returns the new text.
+        `final` flushes a trailing incomplete character too (the sequence ended on it)."""
+        skip = seq.params.skip_special_tokens
+        prefix_text = self._decode(seq.token_ids[seq.prefix_offset : seq.read_offset], skip)
+        full_text = self._decode(seq.token_ids[seq.prefix_offset :], skip)
+        if len(full_text) > len(prefix_text) and (final or not full_text.endswith("\ufffd")):
+            new_text = full_text[len(prefix_text) :]
+            seq.prefix_offset = seq.read_offset
+            seq.read_offset = seq.num_tokens
+            seq.output_text += new_text
+            return new_text
+        return ""
 
 
 def find_stop_string(seq: Sequence, new_text_len: int) -> str | None:

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from engine.block_manager import BlockManager
 from engine.config import EngineArgs, ModelConfig
-from engine.detokenizer import detokenize_incrementally, find_stop_string, visible_text
+from engine.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -59,6 +59,7 @@ class LLMEngine:
         device = args.resolve_device()
         self.model_config = ModelConfig.from_args(args, device)
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        self.detokenizer = IncrementalDetokenizer(self.tokenizer)
         self.device = device
         torch.manual_seed(args.seed)  # unseeded requests draw from the global generator
         self.runner = ModelRunner(args, self.model_config, device)
@@ -202,11 +203,11 @@ class LLMEngine:
             self._decode_logprob_tokens([logprobs])
             seq.output_logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs[token].logprob
-        new_text = detokenize_incrementally(self.tokenizer, seq)
+        new_text = self.detokenizer.step(seq)
         self._check_stop(seq, token, len(new_text))
         if seq.finish_reason is not None:
             if not isinstance(seq.stop_reason, str):  # a stop string already cut the text
-                detokenize_incrementally(self.tokenizer, seq, final=True)
+                self.detokenizer.step(seq, final=True)
             self.scheduler.finish(seq)
 
     def _check_stop(self, seq: Sequence, token: int, new_text_len: int) -> None:
@@ -229,7 +230,7 @@ class LLMEngine:
     def _decode_logprob_tokens(self, positions: list[PositionLogprobs]) -> None:
         for entry in positions:
             for token_id, logprob in entry.items():
-                logprob.decoded_token = self.tokenizer.decode([token_id])
+                logprob.decoded_token = self.detokenizer.decode_token(token_id)
 
     def _request_output(self, request: Request) -> RequestOutput:
         completions = [
