@@ -47,7 +47,7 @@ L2_DEFEAT_BYTES = 256 << 20
 # --sweep: Triton decode settings (partition size, positions per loop step, warps, pipeline stages)
 # tried on a long single sequence and a large batch of Llama-8B-like shapes.
 SWEEP_SHAPES = [(1, 32768), (4, 8192), (16, 4096), (256, 2048)]
-SWEEP = [(p, n, 4, 2) for p in (256, 512, 1024) for n in (32, 64, 128)] + [(512, 64, 8, 2), (512, 64, 4, 3), (256, 32, 4, 3)]
+SWEEP = [(p, n, 4, 2) for p in (256, 512, 1024) for n in (32, 64, 128)] + [(512, 64, 8, 2)]
 
 
 def decode_inputs(batch, context, num_heads, num_kv_heads, head_dim, block_size, dtype=torch.bfloat16):
