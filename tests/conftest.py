@@ -18,10 +18,12 @@ LLAMA3_ROPE = {
 # name -> (architecture, config overrides). Between them they cover every option the models read.
 TINY_CHECKPOINTS = {
     "llama": ("LlamaForCausalLM", {}),
-    # Llama 3.1 style rope scaling, tied embeddings, head_dim (32) != hidden_size / heads (16), biases.
+    # Llama 3.1 style rope scaling, tied embeddings, head_dim (32) != hidden_size / heads (16), biases,
+    # and a vocabulary larger than the tokenizer's (as real checkpoints pad it) that no tp size divides.
     "llama3-tied": (
         "LlamaForCausalLM",
-        dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True, head_dim=32, attention_bias=True, mlp_bias=True),
+        dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True, head_dim=32, attention_bias=True, mlp_bias=True,
+             vocab_size=1001),
     ),
     "mistral": ("MistralForCausalLM", {}),
     "qwen2": ("Qwen2ForCausalLM", {}),
