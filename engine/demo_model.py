@@ -168,6 +168,7 @@ def demo_model_path() -> str:
     os.makedirs(cache_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{DEMO_NAME}-", dir=cache_dir)
     try:
+        os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the cache from other users
         build_tiny_checkpoint(staging, "LlamaForCausalLM", seed=0, **DEMO_CONFIG)
         with open(os.path.join(staging, "README.md"), "w") as f:
             f.write("Random-weight demo model built by engine.demo_model; its words mean nothing.\n")

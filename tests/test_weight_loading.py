@@ -160,3 +160,36 @@ def test_tensor_parallel_forward_over_two_processes_matches_one(tiny_checkpoints
         expected = model.compute_logits(model(torch.tensor(TP_PROMPT), torch.arange(len(TP_PROMPT))))
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected, atol=1e-5, rtol=0)
+
+
+def test_tokenizer_is_deterministic_and_round_trips_multibyte_text(tmp_path):
+    from engine.demo_model import build_tokenizer
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    tokenizer = build_tokenizer(str(first))
+    build_tokenizer(str(second))
+    for name in os.listdir(first):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    text = "A naïve café in 日本語 🙂 ❤️!"
+    ids = tokenizer(text).input_ids
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert prompt == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>" \
+                     "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def test_demo_model_is_built_once_into_the_cache_dir(tmp_path, monkeypatch):
+    import engine.demo_model as demo
+
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(demo, "DEMO_CONFIG", dict(hidden_size=32, num_hidden_layers=1))  # the mechanism, small
+    path = demo.demo_model_path()
+    assert path == str(tmp_path / demo.DEMO_NAME)
+    assert os.listdir(tmp_path) == [demo.DEMO_NAME]  # no staging directory left behind
+    built_at = os.path.getmtime(os.path.join(path, "model.safetensors"))
+    assert demo.demo_model_path() == path
+    assert os.path.getmtime(os.path.join(path, "model.safetensors")) == built_at
+    with open(os.path.join(path, "generation_config.json")) as f:
+        assert json.load(f)["eos_token_id"] == [1, 2]
+    assert load(path).config.architectures == ["LlamaForCausalLM"]
