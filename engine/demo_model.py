@@ -11,8 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 HEADER_START, HEADER_END = "<|start_header_id|>", "<|end_header_id|>"
@@ -50,7 +54,7 @@ small branches down to the lake, where the birds were singing and the wind moved
 """
 
 
-def build_tokenizer(save_dir: str) -> "transformers.PreTrainedTokenizerFast":  # noqa: F821
+def build_tokenizer(save_dir: str) -> PreTrainedTokenizerFast:
     """Train a ~1000-token byte-level BPE tokenizer on CORPUS and save it in HF format to save_dir.
 
     Every byte is in the initial alphabet, so any text encodes; training is deterministic, so the
