@@ -1,0 +1,361 @@
+"""The async front of the engine: one background step loop serves every request.
+
+`LLMEngine` is not thread-safe and its `step()` blocks for a whole model forward, so it lives on one
+dedicated thread and nothing else touches it. The asyncio side posts adds and aborts to an inbox that
+the step thread drains before each step; each request gets its outputs back through its own
+`asyncio.Queue`, fed with `loop.call_soon_threadsafe`. torch releases the GIL inside its kernels, so
+the event loop keeps serving HTTP while a step runs, and every HTTP client's request joins the same
+continuously batched step loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from engine.config import EngineArgs
+from engine.llm_engine import EngineStats, LLMEngine, PromptType
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("engine")
+
+
+class EngineNotRunningError(RuntimeError):
+    """The step loop is not running (shut down, or it died): no request can be served."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is at its limit (EngineArgs.max_waiting_requests)."""
+
+
+class RequestAbortedError(RuntimeError):
+    """The request was aborted by someone other than its consumer (an abort call, shutdown)."""
+
+
+class RequestStream:
+    """The outputs of one request, in order; the last has `finished=True`.
+
+    Outputs are cumulative, so a consumer that falls behind skips to the newest one instead of
+    working through a backlog.
+    """
+
+    def __init__(self, request_id: str, engine: "AsyncLLMEngine"):
+        self.request_id = request_id
+        self.finished = False
+        self._engine = engine
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._accepted: asyncio.Future[None] = self._loop.create_future()
+
+    async def accepted(self) -> None:
+        """Wait until the step thread added the request; raises what the engine raised if it did not."""
+        try:
+            await self._accepted
+        except Exception:
+            self.finished = True
+            raise
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        while isinstance(item, RequestOutput) and not self._queue.empty():
+            item = self._queue.get_nowait()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    def abort(self) -> None:
+        """Stop the request and free its KV blocks (a no-op once it finished). Safe in `finally`."""
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            self._engine._post(_Abort([self.request_id], error=None))
+        except EngineNotRunningError:
+            pass  # the stopped loop aborted everything on its way out
+
+    # ---- called from the step thread ----------------------------------------------------------
+
+    def _deliver(self, item: RequestOutput | BaseException) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _settle_add(self, error: BaseException | None) -> None:
+        self._loop.call_soon_threadsafe(_settle, self._accepted, error)
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():  # the caller stopped waiting (cancelled)
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: PromptType
+    params: SamplingParams
+    arrival_time: float
+    stream: RequestStream
+
+
+@dataclass
+class _Abort:
+    request_ids: list[str] | None  # None: every request in flight
+    error: BaseException | None  # delivered to each aborted stream; None when its consumer asked
+
+
+class AsyncLLMEngine:
+    """Wraps an `LLMEngine` in a step-loop thread and gives each request an async output stream."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        max_waiting_requests: int | None = None,
+        log_stats_interval_s: float = 5.0,
+    ):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.model_config
+        self.max_model_len: int = engine.model_config.max_model_len
+        self.max_waiting_requests = max_waiting_requests
+        self.log_stats_interval_s = log_stats_interval_s
+        self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        # Guards the check-then-post in `_post` against the step thread closing the inbox, so no add
+        # can slip in after the final drain and wait forever.
+        self._inbox_lock = threading.Lock()
+        self._inbox_closed = False
+        self._stopping = False
+        self._adds_posted = 0  # written by the event loop thread only
+        self._adds_drained = 0  # written by the step thread only
+        self._streams: dict[str, RequestStream] = {}  # step thread only
+        self._stats = engine.get_stats()  # the step thread's latest snapshot, safe to read anywhere
+        self._logged_stats = self._stats
+        self._logged_at = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, log_stats_interval_s: float = 5.0) -> "AsyncLLMEngine":
+        return cls(LLMEngine.from_engine_args(args), args.max_waiting_requests, log_stats_interval_s)
+
+    # ---- the event loop's side ---------------------------------------------------------------------
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def get_stats(self) -> EngineStats:
+        """The engine's load and counters as of the end of the latest step (or inbox drain)."""
+        return self._stats
+
+    def num_waiting(self) -> int:
+        return self._stats.num_waiting + (self._adds_posted - self._adds_drained)
+
+    def submit(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        sampling_params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> RequestStream:
+        """Queue a request without waiting for the step thread; `await stream.accepted()` raises
+        the engine's ValueError if it refuses it. Overload and shutdown raise here."""
+        if self.max_waiting_requests is not None and self.num_waiting() >= self.max_waiting_requests:
+            raise EngineOverloadedError(
+                f"the engine is overloaded: {self.num_waiting()} requests are waiting "
+                f"(max_waiting_requests={self.max_waiting_requests}); retry later"
+            )
+        stream = RequestStream(request_id, self)
+        self._adds_posted += 1  # before posting, so the step thread never counts it drained first
+        try:
+            self._post(_Add(request_id, prompt, sampling_params, arrival_time or time.time(), stream))
+        except EngineNotRunningError:
+            self._adds_posted -= 1
+            raise
+        return stream
+
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        sampling_params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> RequestStream:
+        """Queue a request; returns once the engine accepted it. Bad input raises ValueError here."""
+        stream = self.submit(request_id, prompt, sampling_params, arrival_time)
+        try:
+            await stream.accepted()
+        except asyncio.CancelledError:
+            stream.abort()  # queued behind the add, so it finds the request
+            raise
+        return stream
+
+    async def generate(
+        self, prompt: PromptType, sampling_params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's cumulative outputs until it finishes. Closing or cancelling the
+        consumer aborts the request and frees its KV blocks at once."""
+        stream = await self.add_request(request_id, prompt, sampling_params)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.abort()
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; its stream ends with RequestAbortedError."""
+        self._post(_Abort([request_id], RequestAbortedError(f"request {request_id!r} was aborted")))
+
+    def abort_all(self, reason: str) -> None:
+        """Abort every request in flight; each stream ends with RequestAbortedError(reason)."""
+        self._post(_Abort(None, RequestAbortedError(reason)))
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Abort what is in flight and stop the step loop thread (waits for the current step)."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    def _post(self, item: _Add | _Abort) -> None:
+        with self._inbox_lock:
+            if self._inbox_closed:
+                raise EngineNotRunningError("the engine's step loop is not running")
+            self._inbox.put(item)
+        self._wakeup.set()
+
+    # ---- the step thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._wakeup.clear()  # before draining: a post after the drain sets it again
+                self._drain_inbox()
+                if not self.engine.has_unfinished_requests():
+                    self._stats = self.engine.get_stats()
+                    self._log_stats(going_idle=True)
+                    self._wakeup.wait()
+                    self._logged_at = time.monotonic()  # throughput is measured over busy time only
+                    continue
+                self._step()
+                self._stats = self.engine.get_stats()
+                self._log_stats(going_idle=False)
+        except Exception:
+            logger.exception("the engine step loop crashed; the server answers 503 from now on")
+        finally:
+            with self._inbox_lock:
+                self._inbox_closed = True
+            self._drain_inbox()  # fail adds that raced the shutdown
+            self._abort(_Abort(None, EngineNotRunningError("the engine is shutting down")))
+            self._stats = self.engine.get_stats()
+            logger.info("engine step loop stopped")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Add):
+                self._add(item)
+            else:
+                self._abort(item)
+
+    def _add(self, item: _Add) -> None:
+        self._adds_drained += 1
+        if self._inbox_closed:
+            item.stream._settle_add(EngineNotRunningError("the engine is shutting down"))
+            return
+        try:
+            self.engine.add_request(item.request_id, item.prompt, item.params, arrival_time=item.arrival_time)
+        except Exception as error:  # ValueError for bad input; anything else fails this request only
+            if not isinstance(error, ValueError):
+                logger.exception("adding request %s failed", item.request_id)
+            item.stream._settle_add(error)
+            return
+        self._streams[item.request_id] = item.stream
+        item.stream._settle_add(None)
+
+    def _abort(self, item: _Abort) -> None:
+        ids = list(self._streams) if item.request_ids is None else [r for r in item.request_ids if r in self._streams]
+        if not ids:
+            return
+        try:
+            self.engine.abort_request(ids)
+        except Exception:
+            logger.exception("aborting requests %s failed", ids)
+        for request_id in ids:
+            stream = self._streams.pop(request_id)
+            if item.error is not None:
+                self._deliver(stream, item.error)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as error:
+            # The engine cannot say which request broke the step, so every request in it fails
+            # (each client gets a 500) and the loop goes on serving new ones.
+            logger.exception("engine step failed; failing the %d requests in flight", len(self._streams))
+            self._abort(_Abort(None, error))
+            return
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            self._deliver(stream, output)
+
+    def _deliver(self, stream: RequestStream, item: RequestOutput | BaseException) -> None:
+        try:
+            stream._deliver(item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody will read this request
+            if self._streams.pop(stream.request_id, None) is not None:
+                self.engine.abort_request(stream.request_id)
+
+    def _log_stats(self, going_idle: bool) -> None:
+        now = time.monotonic()
+        before, after = self._logged_stats, self._stats
+        progressed = after.generation_tokens_total != before.generation_tokens_total or (
+            after.prompt_tokens_total != before.prompt_tokens_total
+        )
+        if going_idle:
+            if progressed:  # a last line for the busy stretch that just ended
+                self._write_stats_line(now)
+            self._logged_at, self._logged_stats = now, after
+        elif now - self._logged_at >= self.log_stats_interval_s:
+            self._write_stats_line(now)
+
+    def _write_stats_line(self, now: float) -> None:
+        before, after = self._logged_stats, self._stats
+        elapsed = max(now - self._logged_at, 1e-9)
+        line = (
+            f"prompt {(after.prompt_tokens_total - before.prompt_tokens_total) / elapsed:.1f} tok/s, "
+            f"generation {(after.generation_tokens_total - before.generation_tokens_total) / elapsed:.1f} tok/s, "
+            f"running {after.num_running}, waiting {after.num_waiting}, "
+            f"KV cache {after.kv_cache_usage * 100:.1f}% of {after.num_total_blocks} blocks"
+        )
+        queries = after.prefix_cache_queries_total - before.prefix_cache_queries_total
+        if queries:
+            hits = after.prefix_cache_hits_total - before.prefix_cache_hits_total
+            line += f", prefix cache hit rate {hits / queries * 100:.1f}%"
+        if after.num_preemptions_total != before.num_preemptions_total:
+            line += f", {after.num_preemptions_total - before.num_preemptions_total} preemptions"
+        logger.info(line)
+        self._logged_at, self._logged_stats = now, after

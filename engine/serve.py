@@ -1,0 +1,167 @@
+"""`python -m engine.serve`: the OpenAI-compatible server on uvicorn.
+
+Engine flags are made from the `EngineArgs` fields (`max_model_len` -> `--max-model-len`, vLLM's
+names), so defaults live in one place; the server adds its own (--host, --port, --api-key, ...).
+With no --model it serves the built-in demo model, so the bare command works on a fresh machine.
+SIGINT / SIGTERM drain the server: it stops accepting, ends in-flight requests (503 / an error event)
+and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import types
+import typing
+from typing import Iterator
+
+import uvicorn
+from starlette.applications import Starlette
+
+from api.app import DEFAULT_MAX_BODY_BYTES, begin_shutdown, build_app
+from engine.async_engine import AsyncLLMEngine
+from engine.config import EngineArgs
+from engine.demo_model import DEMO_NAME, demo_model_path
+
+logger = logging.getLogger("engine.serve")
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The one-line comment after each dataclass field, which is its documentation."""
+    pattern = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
+    return {m.group(1): m.group(2).strip() for m in map(pattern.match, inspect.getsource(cls).splitlines()) if m}
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineArgs field. Flags left out are not passed, so EngineArgs' defaults apply."""
+    hints = typing.get_type_hints(EngineArgs)
+    comments = _field_comments(EngineArgs)
+    group = parser.add_argument_group("engine")
+    for f in dataclasses.fields(EngineArgs):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        default = "the demo model" if f.name == "model" else f.default
+        help_text = comments.get(f.name, "") + ("" if default is None else f" (default: {default})")
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif typing.get_origin(kind) is list:
+            (item,) = typing.get_args(kind)
+            group.add_argument(flag, type=item, nargs="+", default=argparse.SUPPRESS, help=help_text)
+        elif kind in (str, int, float):
+            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+        else:
+            raise TypeError(f"EngineArgs.{f.name} has type {kind}, which engine.serve cannot make a flag of")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.serve",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...).",
+    )
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    server.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: %(default)s)")
+    server.add_argument("--served-model-name", default=None,
+                        help="the model name clients use (default: the --model value, or the demo's name)")
+    server.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="Jinja chat template file, used instead of the tokenizer's")
+    server.add_argument("--api-key", default=os.environ.get("ENGINE_API_KEY"),
+                        help="require `Authorization: Bearer KEY` (default: $ENGINE_API_KEY; unset = open)")
+    server.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="larger request bodies get 413 (default: %(default)s)")
+    server.add_argument("--log-stats-interval", type=float, default=5.0, metavar="SECONDS",
+                        help="seconds between throughput log lines while busy (default: %(default)s)")
+    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="(default: %(default)s)")
+    _add_engine_flags(parser)
+    return parser
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, draining on SIGINT/SIGTERM and exiting 0 after a clean drain."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette, model_name: str):
+        super().__init__(config)
+        self.app = app
+        self.model_name = model_name
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        for server in self.servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                logger.info("serving %s at http://%s:%d/v1 (Ctrl+C to stop)", self.model_name, host, port)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if not self.should_exit and self.loop is not None:
+            logger.info("got %s: no new requests; ending those in flight", signal.Signals(sig).name)
+            # A signal handler must not take locks the interrupted code may hold: hand over to the loop.
+            self.loop.call_soon_threadsafe(begin_shutdown, self.app)
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn's own version re-raises the signal after shutting down, which makes the exit
+        # status 128 + N; a server that drained cleanly exits 0.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine_kwargs = {name: value for name, value in vars(args).items() if name in EngineArgs.field_names()}
+    served_model_name = args.served_model_name or engine_kwargs.get("model") or DEMO_NAME
+    if not engine_kwargs.get("model"):
+        logger.info("no --model given: serving the built-in demo model (random weights; its words mean nothing)")
+        engine_kwargs["model"] = demo_model_path()
+    chat_template = None
+    if args.chat_template is not None:
+        try:
+            with open(args.chat_template) as f:
+                chat_template = f.read()
+        except OSError as exc:
+            parser.error(f"--chat-template: {exc}")
+    try:
+        engine_args = EngineArgs(**engine_kwargs)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        engine = AsyncLLMEngine.from_engine_args(engine_args, log_stats_interval_s=args.log_stats_interval)
+    except (ValueError, OSError) as exc:
+        logger.error("cannot load %s: %s", engine_args.model, exc)
+        return 1
+    app = build_app(engine, served_model_name=served_model_name, api_key=args.api_key,
+                    chat_template=chat_template, max_body_bytes=args.max_body_bytes)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=10)
+    _Server(config, app, served_model_name).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,484 @@
+"""The OpenAI-compatible server, end to end: `python -m engine.serve` started as users start it,
+driven by the official `openai` client (and raw httpx for the error cases)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from api.app import build_app
+from engine import EngineArgs
+from engine.async_engine import AsyncLLMEngine
+from engine.serve import build_parser
+
+MODEL = "tiny-llama"
+MAX_MODEL_LEN = 2048
+MAX_BODY_BYTES = 64 * 1024
+GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
+
+
+class ServerProcess:
+    """`python -m engine.serve ... --port 0`, its URL read from its own log line."""
+
+    def __init__(self, log_path: Path, *args: str):
+        self.log_path = log_path
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "engine.serve", "--port", "0", *args],
+                                         stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while (found := re.search(r"at (http://[\d.:]+)/v1", self.log())) is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"the server did not start:\n{self.log()}")
+            time.sleep(0.05)
+        self.url = found.group(1)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+
+class ThreadedServer:
+    """An app on uvicorn in a background thread of the test process (to reach into its engine)."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            assert self.thread.is_alive(), "the in-process server failed to start"
+            time.sleep(0.02)
+        self.url = "http://127.0.0.1:%d" % self.server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(llama_checkpoint, tmp_path_factory):
+    proc = ServerProcess(
+        tmp_path_factory.mktemp("server") / "server.log", "--model", llama_checkpoint, "--served-model-name", MODEL,
+        "--max-model-len", str(MAX_MODEL_LEN), "--num-gpu-blocks-override", "1024", "--max-body-bytes",
+        str(MAX_BODY_BYTES), "--seed", "0",
+    )
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def small_engine(llama_checkpoint):
+    """One sequence at a time and a waiting queue of one: queueing behaviour is deterministic."""
+    args = EngineArgs(model=llama_checkpoint, max_model_len=256, max_num_seqs=1, max_waiting_requests=1,
+                      num_gpu_blocks_override=64)
+    return AsyncLLMEngine.from_engine_args(args)
+
+
+@pytest.fixture(scope="module")
+def keyed_server(small_engine):
+    threaded = ThreadedServer(build_app(small_engine, served_model_name=MODEL, api_key="sekret"))
+    yield threaded
+    threaded.stop()
+
+
+def metrics(http: httpx.Client) -> dict[str, float]:
+    """Every sample of /metrics by name (and labels), parsed with prometheus-client's own parser."""
+    text = http.get("/metrics").text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return samples
+
+
+def sse_events(lines) -> list:
+    return [line[len("data: "):] for line in lines if line.startswith("data: ")]
+
+
+# ---- the happy paths, through the official client ----------------------------------------------------
+
+
+def test_completion_stream_joins_to_the_non_streamed_text(client):
+    full = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=12, **GREEDY)
+    chunks = list(client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert full.usage.completion_tokens == 12
+    assert full.usage.total_tokens == full.usage.prompt_tokens + 12
+    assert full.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_chat_stream_starts_with_the_role_and_joins_to_the_non_streamed_message(client, http):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about Paris."}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, **GREEDY)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, stream=True,
+                                                 stream_options={"include_usage": True}, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
+    assert full.choices[0].message.role == "assistant" and full.choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens == 10
+    # The prompt is the chat template's rendering, exactly as /tokenize renders it.
+    rendered = http.post("/tokenize", json={"messages": messages}).json()
+    assert full.usage.prompt_tokens == rendered["count"]
+
+
+def test_n_choices_are_reproducible_with_a_seed(client):
+    def sample() -> list[str]:
+        out = client.completions.create(model=MODEL, prompt="Once upon a time", n=3, max_tokens=8, temperature=1.0,
+                                        seed=1234, extra_body={"ignore_eos": True})
+        assert [c.index for c in out.choices] == [0, 1, 2]
+        assert out.usage.completion_tokens == 24
+        return [c.text for c in out.choices]
+
+    first = sample()
+    assert sample() == first
+    assert len(set(first)) > 1  # n samples, not one sample n times
+
+
+def test_stop_string_ends_the_text_before_it(client):
+    text = client.completions.create(model=MODEL, prompt="Hello, how are you", max_tokens=16, **GREEDY).choices[0].text
+    assert len(text) > 9
+    stop = text[6:9]
+    stopped = client.completions.create(model=MODEL, prompt="Hello, how are you", max_tokens=16, stop=[stop], **GREEDY)
+    choice = stopped.choices[0]
+    assert choice.text == text[: text.index(stop)]
+    assert choice.finish_reason == "stop" and choice.stop_reason == stop
+
+
+def test_logprobs_in_openai_shapes(client):
+    out = client.completions.create(model=MODEL, prompt="Numbers like 42", max_tokens=6, logprobs=3, **GREEDY)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert all(x <= 0 for x in lp.token_logprobs)
+    assert all(3 <= len(top) <= 4 for top in lp.top_logprobs)  # top 3, plus the sampled token if not among them
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    # Greedy: the chosen token is the most likely one.
+    assert all(max(top.values()) == pytest.approx(x) for top, x in zip(lp.top_logprobs, lp.token_logprobs))
+
+    streamed = client.completions.create(model=MODEL, prompt="Numbers like 42", max_tokens=6, logprobs=3,
+                                         stream=True, **GREEDY)
+    assert [t for c in streamed for t in c.choices[0].logprobs.tokens] == lp.tokens
+
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                          logprobs=True, top_logprobs=2, **GREEDY)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert entry.bytes == list(entry.token.encode())
+
+
+def test_echo_puts_the_prompt_in_front(client):
+    prompt = "Rain fell on the green hills"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, echo=True, logprobs=1, **GREEDY)
+    choice = out.choices[0]
+    assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
+    assert len(choice.logprobs.tokens) == out.usage.prompt_tokens + 4
+    assert choice.logprobs.token_logprobs[0] is None  # nothing comes before the first prompt token
+
+
+def test_several_prompts_give_a_choice_each(client):
+    prompts = ["One, two, three", "Paris is the capital of"]
+    together = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, n=2, **GREEDY)
+    assert [c.index for c in together.choices] == [0, 1, 2, 3]
+    for i, prompt in enumerate(prompts):
+        alone = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, **GREEDY).choices[0].text
+        assert together.choices[2 * i].text == together.choices[2 * i + 1].text == alone
+
+
+def test_models_lists_the_served_model(client):
+    [card] = client.models.list().data
+    assert card.id == MODEL and card.owned_by == "engine"
+    assert card.max_model_len == MAX_MODEL_LEN
+
+
+def test_tokenize_and_detokenize_round_trip(http):
+    text = "Hello, world! Größe 🙂"
+    plain = http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert plain["count"] == len(plain["tokens"]) and plain["max_model_len"] == MAX_MODEL_LEN
+    assert http.post("/detokenize", json={"tokens": plain["tokens"]}).json() == {"prompt": text}
+    with_bos = http.post("/tokenize", json={"prompt": text}).json()
+    assert with_bos["tokens"][1:] == plain["tokens"]
+
+
+def test_health_and_version(http):
+    assert http.get("/health").status_code == 200
+    assert http.get("/version").json()["version"]
+
+
+# ---- errors, through raw HTTP -----------------------------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+ERROR_CASES = {
+    "malformed json": (COMPLETIONS, b'{"prompt": "hi", ', 400, "not valid JSON", None),
+    "wrong type": (COMPLETIONS, {"prompt": "hi", "max_tokens": "ten"}, 400, "Expected `int", "max_tokens"),
+    "missing field": (COMPLETIONS, {"max_tokens": 5}, 400, "missing required field `prompt`", None),
+    "over max_model_len": (COMPLETIONS, {"prompt": "hi", "max_tokens": 3000}, 400, "max_tokens (3000)", None),
+    "n < 1": (COMPLETIONS, {"prompt": "hi", "n": 0}, 400, "n must be at least 1", None),
+    "temperature < 0": (COMPLETIONS, {"prompt": "hi", "temperature": -0.5}, 400, "temperature", None),
+    "top_p 0": (COMPLETIONS, {"prompt": "hi", "top_p": 0}, 400, "top_p must be in (0, 1]", None),
+    "top_p over 1": (CHAT, {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400, "top_p", None),
+    "logprobs over the limit": (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, 400, "limit of 20", None),
+    "empty messages": (CHAT, {"messages": []}, 400, "messages must not be empty", "messages"),
+    "stream_options without stream": (COMPLETIONS, {"prompt": "hi", "stream_options": {"include_usage": True}},
+                                      400, "stream_options", "stream_options"),
+    "empty prompt list": (COMPLETIONS, {"prompt": []}, 400, "prompt must be", "prompt"),
+    "unknown model": (COMPLETIONS, {"prompt": "hi", "model": "gpt-9"}, 404, "gpt-9", "model"),
+    "body over the limit": (COMPLETIONS, {"prompt": "x" * MAX_BODY_BYTES}, 413, "over the limit", None),
+    "unknown path": ("/v1/embeddings", {"input": "hi"}, 404, "Not Found", None),
+}
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=list(ERROR_CASES))
+def test_bad_requests_get_openai_error_bodies(http, case):
+    path, body, status, message, param = ERROR_CASES[case]
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = http.post(path, content=content, headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert message in error["message"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+def test_streamed_bad_request_is_an_error_response_not_a_stream(http):
+    response = http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 3000, "stream": True})
+    assert response.status_code == 400 and "max_model_len (2048)" in response.json()["error"]["message"]
+
+
+def test_server_is_healthy_after_the_errors(http, client):
+    assert http.get("/health").status_code == 200
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+    assert metrics(http)["engine_num_requests_running"] == 0
+
+
+def test_api_key_is_required_except_for_health(keyed_server):
+    with httpx.Client(base_url=keyed_server.url) as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            response = http.get("/v1/models", headers=headers)
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        assert http.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+        assert http.get("/health").status_code == 200
+    keyed = openai.OpenAI(base_url=keyed_server.url + "/v1", api_key="sekret", max_retries=0)
+    assert keyed.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text is not None
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=keyed_server.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+async def _first_event(client: httpx.AsyncClient, stack: contextlib.AsyncExitStack, body: dict):
+    """Open a streaming request and read its first event; returns the line iterator, which the
+    caller must keep (dropping it closes the connection, which is a disconnect)."""
+    response = await stack.enter_async_context(client.stream("POST", COMPLETIONS, json=body))
+    assert response.status_code == 200
+    lines = response.aiter_lines()
+    while not (await anext(lines)).startswith("data: "):
+        pass
+    return lines
+
+
+def test_full_waiting_queue_gets_503(keyed_server, small_engine, monkeypatch):
+    step = small_engine.engine.step
+
+    def slow_step():  # so the running request is still running when the others arrive
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(small_engine.engine, "step", slow_step)
+    long = {"prompt": "hi", "max_tokens": 200, "ignore_eos": True}
+
+    async def scenario():
+        headers = {"Authorization": "Bearer sekret"}
+        async with httpx.AsyncClient(base_url=keyed_server.url, headers=headers, timeout=30) as http:
+            async with contextlib.AsyncExitStack() as stack:
+                running = await _first_event(http, stack, {**long, "stream": True})  # the engine's one sequence
+                assert small_engine.get_stats().num_running == 1
+                waiting = asyncio.ensure_future(http.post(COMPLETIONS, json=long))
+                async with asyncio.timeout(10):
+                    while small_engine.get_stats().num_waiting < 1:
+                        await asyncio.sleep(0.01)
+                refused = await http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 2})
+                waiting.cancel()
+                await running.aclose()
+            return refused
+
+    refused = asyncio.run(scenario())
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "overloaded"
+
+
+def test_a_failing_request_gets_500_and_the_others_go_on(keyed_server, small_engine, monkeypatch):
+    engine = small_engine.engine
+    add_request, step = engine.add_request, engine.step
+
+    def add_or_fail(request_id, prompt, *args, **kwargs):
+        if prompt == "boom":
+            raise RuntimeError("the tokenizer exploded")
+        return add_request(request_id, prompt, *args, **kwargs)
+
+    steps = {"n": 0}
+
+    def step_failing_on_the_third():
+        steps["n"] += 1
+        if steps["n"] == 3:
+            raise RuntimeError("a kernel failed")
+        return step()
+
+    monkeypatch.setattr(engine, "add_request", add_or_fail)
+    headers = {"Authorization": "Bearer sekret"}
+    with httpx.Client(base_url=keyed_server.url, headers=headers, timeout=30) as http:
+        failed = http.post(COMPLETIONS, json={"prompt": "boom", "max_tokens": 2})
+        assert failed.status_code == 500
+        assert failed.json()["error"]["type"] == "server_error" and "exploded" in failed.json()["error"]["message"]
+        assert http.post(COMPLETIONS, json={"prompt": "fine", "max_tokens": 2}).status_code == 200
+
+        # A step that raises fails the request in it, after its stream started, and only it.
+        monkeypatch.setattr(engine, "step", step_failing_on_the_third)
+        with http.stream("POST", COMPLETIONS, json={"prompt": "hi", "max_tokens": 20, "stream": True}) as response:
+            assert response.status_code == 200
+            events = sse_events(response.iter_lines())
+        assert "a kernel failed" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
+        assert all("choices" in json.loads(e) for e in events[:-2])
+        assert http.post(COMPLETIONS, json={"prompt": "fine", "max_tokens": 2}).status_code == 200
+        assert http.get("/health").status_code == 200
+    assert small_engine.get_stats().num_used_blocks == 0
+
+
+def test_not_ready_server_answers_503(llama_checkpoint):
+    # Without the ASGI lifespan the background load never starts: the app stays "loading".
+    app = build_app(EngineArgs(model=llama_checkpoint))
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as http:
+            return await http.get("/health"), await http.post(COMPLETIONS, json={"prompt": "hi"})
+
+    for response in asyncio.run(scenario()):
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "not_ready"
+
+
+# ---- many clients -----------------------------------------------------------------------------------
+
+
+def test_32_concurrent_streams_get_the_sequential_greedy_text(server, client):
+    prompts = [f"Request {i}: " + "the river carried leaves " * (i % 5) for i in range(32)]
+    sequential = [client.completions.create(model=MODEL, prompt=p, max_tokens=8, **GREEDY).choices[0].text
+                  for p in prompts]
+
+    async def stream(aclient: openai.AsyncOpenAI, prompt: str) -> str:
+        chunks = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=8, stream=True, **GREEDY)
+        return "".join([c.choices[0].text async for c in chunks])
+
+    async def concurrently() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as aclient:
+            return await asyncio.gather(*(stream(aclient, p) for p in prompts))
+
+    assert asyncio.run(concurrently()) == sequential
+
+
+def test_clients_that_disconnect_leave_no_kv_blocks_in_use(server, http):
+    before = metrics(http)
+    long = {"prompt": "Tell me a long story", "max_tokens": 2000, "ignore_eos": True}
+
+    async def disconnect_early():
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as aclient:
+            async with contextlib.AsyncExitStack() as stack:
+                streams = [await _first_event(aclient, stack, {**long, "stream": True}) for _ in range(4)]
+                assert len(streams) == 4  # kept open until the stack closes them: four disconnects
+            # Non-streaming: the client gives up waiting.
+            with pytest.raises(httpx.ReadTimeout):
+                await aclient.post(COMPLETIONS, json=long, timeout=0.5)
+
+    asyncio.run(disconnect_early())
+    deadline = time.monotonic() + 10
+    while (after := metrics(http))["engine_kv_cache_used_blocks"] > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert after["engine_kv_cache_used_blocks"] == 0 and after["engine_num_requests_running"] == 0
+    aborted = "engine_request_success_total{finished_reason=abort}"
+    assert after[aborted] - before.get(aborted, 0) == 5
+    # Aborted at once, not run to the end.
+    assert after["engine_generation_tokens_total"] - before["engine_generation_tokens_total"] < 5 * 2000 / 2
+
+
+def test_metrics_count_the_requests_served(client, http):
+    before = metrics(http)
+    for _ in range(3):
+        client.completions.create(model=MODEL, prompt="Count me", max_tokens=3, **GREEDY)
+    after = metrics(http)
+    served = "engine_request_success_total{finished_reason=length}"
+    assert after[served] - before.get(served, 0) == 3
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
+        assert after[f"engine_{histogram}_count"] - before[f"engine_{histogram}_count"] == 3
+    assert after["engine_inter_token_latency_seconds_count"] - before["engine_inter_token_latency_seconds_count"] == 6
+    assert after["engine_generation_tokens_total"] - before["engine_generation_tokens_total"] == 9
+    assert after["engine_prompt_tokens_total"] > before["engine_prompt_tokens_total"]
+    assert 0 <= after["engine_kv_cache_usage_perc"] <= 1
+
+
+# ---- the command line -------------------------------------------------------------------------------
+
+
+def test_every_engine_arg_is_a_flag_with_vllm_names():
+    args = build_parser().parse_args(["--max-model-len", "128", "--enable-prefix-caching", "--enforce-eager",
+                                      "--cuda-graph-sizes", "1", "2", "--gpu-memory-utilization", "0.5"])
+    assert (args.max_model_len, args.enable_prefix_caching, args.enforce_eager) == (128, True, True)
+    assert args.cuda_graph_sizes == [1, 2] and args.gpu_memory_utilization == 0.5
+    assert not hasattr(args, "block_size")  # unset flags are left to EngineArgs' defaults
+    help_text = build_parser().format_help()
+    for name in EngineArgs.field_names():
+        assert "--" + name.replace("_", "-") in help_text
+
+
+def test_sigterm_ends_in_flight_streams_and_exits_zero(llama_checkpoint, tmp_path):
+    proc = ServerProcess(tmp_path / "server.log", "--model", llama_checkpoint, "--max-model-len", "512",
+                         "--num-gpu-blocks-override", "64")
+    try:
+        with httpx.Client(base_url=proc.url, timeout=30) as http:
+            with http.stream("POST", COMPLETIONS, json={"prompt": "hi", "max_tokens": 500, "ignore_eos": True,
+                                                        "stream": True}) as response:
+                lines = response.iter_lines()
+                while not next(lines).startswith("data: "):
+                    pass
+                proc.proc.send_signal(signal.SIGTERM)
+                rest = sse_events(lines)
+        assert json.loads(rest[-2])["error"]["message"] == "the server is shutting down" and rest[-1] == "[DONE]"
+        assert proc.proc.wait(timeout=30) == 0, proc.log()
+        assert "got SIGTERM" in proc.log()
+    finally:
+        proc.stop()
