@@ -393,6 +393,21 @@ def test_not_ready_server_answers_503(llama_checkpoint):
         assert response.json()["error"]["code"] == "not_ready"
 
 
+def test_chat_template_comes_from_the_flag_or_a_clear_400(small_engine, monkeypatch):
+    async def chat(app) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as http:
+            return await http.post(CHAT, json={"messages": [{"role": "user", "content": "Paris"}], "max_tokens": 1})
+
+    plain = build_app(small_engine, chat_template="{{ messages[0]['content'] }}")
+    response = asyncio.run(chat(plain))
+    assert response.status_code == 200
+    assert response.json()["usage"]["prompt_tokens"] == len(small_engine.tokenizer.encode("Paris", add_special_tokens=False))
+
+    monkeypatch.setattr(small_engine.tokenizer, "chat_template", None)
+    response = asyncio.run(chat(build_app(small_engine)))
+    assert response.status_code == 400 and "--chat-template" in response.json()["error"]["message"]
+
+
 # ---- many clients -----------------------------------------------------------------------------------
 
 
@@ -466,10 +481,14 @@ def test_every_engine_arg_is_a_flag_with_vllm_names():
 
 
 def test_sigterm_ends_in_flight_streams_and_exits_zero(llama_checkpoint, tmp_path):
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
     proc = ServerProcess(tmp_path / "server.log", "--model", llama_checkpoint, "--max-model-len", "512",
-                         "--num-gpu-blocks-override", "64")
+                         "--num-gpu-blocks-override", "64", "--chat-template", str(template))
     try:
         with httpx.Client(base_url=proc.url, timeout=30) as http:
+            rendered = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+            assert http.post("/detokenize", json={"tokens": rendered["tokens"]}).json()["prompt"] == "user: hi\n"
             with http.stream("POST", COMPLETIONS, json={"prompt": "hi", "max_tokens": 500, "ignore_eos": True,
                                                         "stream": True}) as response:
                 lines = response.iter_lines()
