@@ -88,11 +88,13 @@ class RequestStream:
 
     # ---- called from the step thread ----------------------------------------------------------
 
-    def _deliver(self, item: RequestOutput | BaseException) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-
     def _settle_add(self, error: BaseException | None) -> None:
         self._loop.call_soon_threadsafe(_settle, self._accepted, error)
+
+
+def _put_all(batch: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+    for stream, item in batch:
+        stream._queue.put_nowait(item)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:
@@ -300,10 +302,9 @@ class AsyncLLMEngine:
             self.engine.abort_request(ids)
         except Exception:
             logger.exception("aborting requests %s failed", ids)
-        for request_id in ids:
-            stream = self._streams.pop(request_id)
-            if item.error is not None:
-                self._deliver(stream, item.error)
+        streams = [self._streams.pop(request_id) for request_id in ids]
+        if item.error is not None:
+            self._deliver([(stream, item.error) for stream in streams])
 
     def _step(self) -> None:
         try:
@@ -314,20 +315,27 @@ class AsyncLLMEngine:
             logger.exception("engine step failed; failing the %d requests in flight", len(self._streams))
             self._abort(_Abort(None, error))
             return
+        deliveries = []
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
-            self._deliver(stream, output)
+            deliveries.append((stream, output))
+        self._deliver(deliveries)
 
-    def _deliver(self, stream: RequestStream, item: RequestOutput | BaseException) -> None:
-        try:
-            stream._deliver(item)
-        except RuntimeError:  # the consumer's event loop is closed: nobody will read this request
-            if self._streams.pop(stream.request_id, None) is not None:
-                self.engine.abort_request(stream.request_id)
+    def _deliver(self, deliveries: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+        """Hand items to their streams, with one wakeup per event loop rather than one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, item in deliveries:
+            by_loop.setdefault(stream._loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # that event loop is closed: nobody will read these requests
+                ids = [stream.request_id for stream, _ in batch if self._streams.pop(stream.request_id, None)]
+                self.engine.abort_request(ids)
 
     def _log_stats(self, going_idle: bool) -> None:
         now = time.monotonic()
