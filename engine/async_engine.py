@@ -256,7 +256,6 @@ class AsyncLLMEngine:
                     self._logged_at = time.monotonic()  # throughput is measured over busy time only
                     continue
                 self._step()
-                self._stats = self.engine.get_stats()
                 self._log_stats(going_idle=False)
         except Exception:
             logger.exception("the engine step loop crashed; the server answers 503 from now on")
@@ -314,7 +313,10 @@ class AsyncLLMEngine:
             # (each client gets a 500) and the loop goes on serving new ones.
             logger.exception("engine step failed; failing the %d requests in flight", len(self._streams))
             self._abort(_Abort(None, error))
+            self._stats = self.engine.get_stats()
             return
+        # Stats first: whoever sees an output then sees load figures at least as fresh.
+        self._stats = self.engine.get_stats()
         deliveries = []
         for output in outputs:
             stream = self._streams.get(output.request_id)
