@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from typing import Sequence as Seq
@@ -11,7 +12,7 @@ from tqdm.auto import tqdm
 from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine, PromptType
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 Message = dict  # {"role": ..., "content": ...}
 
@@ -53,10 +54,13 @@ class LLM:
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
         engine = self.llm_engine
         ids = []
+        final_only: dict[int, SamplingParams] = {}  # the caller's params stay untouched
         try:
             for prompt, params in zip(prompts, sampling_params):
+                if id(params) not in final_only:
+                    final_only[id(params)] = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
                 ids.append(str(next(self._ids)))
-                engine.add_request(ids[-1], prompt, params)
+                engine.add_request(ids[-1], prompt, final_only[id(params)])
         except ValueError:
             engine.abort_request(ids)  # leave the engine as it was
             raise

@@ -17,7 +17,7 @@ from engine.config import EngineArgs, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence
 
@@ -180,7 +180,8 @@ class LLMEngine:
         for request in touched.values():
             if request.request_id not in self.requests:
                 continue
-            outputs.append(self._request_output(request))
+            if request.finished or request.params.output_kind is RequestOutputKind.CUMULATIVE:
+                outputs.append(self._request_output(request))
             if request.finished:
                 request.metrics.finished_time = now
                 del self.requests[request.request_id]

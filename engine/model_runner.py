@@ -52,13 +52,12 @@ class ModelRunner:
         self.model_config = model_config
         self.device = device
         self.block_size = args.block_size
-        self.attention_backend = args.resolve_attention_backend(device)
-        get_backend(self.attention_backend)  # fail at start, not at the first request
-        logger.info("attention backend: %s", self.attention_backend)
         hf = model_config.hf_config
         self.num_layers = hf.num_hidden_layers
         self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        self.attention_backend = args.resolve_attention_backend(device)
+        self._check_attention_backend()
 
         start = time.perf_counter()
         self.model = load_model(model_config.model, hf, model_config.dtype, device, load_format=args.load_format)
@@ -80,6 +79,9 @@ class ModelRunner:
         """torch.compile the forward, then capture decode CUDA graphs per batch-size bucket."""
         start = time.perf_counter()
         self.forward = compile_model(self.model)
+        if not getattr(get_backend(self.attention_backend), "CUDA_GRAPH_SAFE", True):
+            logger.info("attention backend %s cannot run inside CUDA graphs: compiled, no graphs", self.attention_backend)
+            return
         sizes = self.args.cuda_graph_sizes or default_batch_sizes(self.args.max_num_seqs)
         self.graph_runner = CudaGraphRunner(
             self.forward, self.kv_caches, self.attention_backend, sizes,
@@ -93,9 +95,20 @@ class ModelRunner:
         )
 
     def recompiles_since_warmup(self) -> int:
+        """Graphs compiled since capture (which compiled every shape a step can have)."""
         if self.graph_runner is None:
             return 0
         return num_compiled_graphs() - self.compiled_graphs_after_warmup
+
+    def _check_attention_backend(self) -> None:
+        """Fail at start, not at the first request, when the backend cannot serve this model."""
+        name = self.attention_backend
+        if name != "torch" and self.device.type != "cuda":
+            raise ValueError(f"attention backend {name!r} needs a CUDA device; use 'torch' (or 'auto') on {self.device.type}")
+        backend = get_backend(name)
+        if hasattr(backend, "check_supported"):
+            backend.check_supported(self.block_size, self.head_dim, self.model_config.dtype)
+        logger.info("attention backend: %s", name)
 
     # ---- KV cache --------------------------------------------------------------------------------
 
@@ -172,11 +185,16 @@ class ModelRunner:
         for i, s in enumerate(scheduled):
             seq = s.seq
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens
-            pos = np.arange(start, end)
-            table = np.asarray(seq.block_table, dtype=np.int64)
-            input_ids.extend(seq.token_ids[start:end])
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
+            table = seq.block_table
+            if end - start == 1:  # decode: plain Python beats numpy for one token
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                pos = np.arange(start, end)
+                input_ids.extend(seq.token_ids[start:end])
+                positions.extend(pos.tolist())
+                slots.extend((np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist())
             seq_lens.append(end)
             query_lens.append(end - start)
             if s.samples:
@@ -197,7 +215,7 @@ class ModelRunner:
         seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int32)
         dev = self.device
         metadata = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
             query_start_loc=query_start_cpu.to(dev, non_blocking=True),
             seq_lens=seq_lens_cpu.to(dev, non_blocking=True),
             block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
@@ -208,7 +226,7 @@ class ModelRunner:
         )
         return PreparedBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True),
-            positions=torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True),
+            positions=torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True),
             metadata=metadata,
             sample_rows=sample_rows,
             prompt_logprob_rows=prompt_rows,
@@ -223,8 +241,8 @@ class ModelRunner:
         sampling = SamplingBatch(
             params=[seq.params for seq in seqs],
             generators=[seq.generator for seq in seqs],
-            prompt_token_ids=[seq.token_ids[: seq.num_prompt_tokens] for seq in seqs],
-            output_token_ids=[seq.output_token_ids for seq in seqs],
+            token_ids=[seq.token_ids for seq in seqs],
+            num_prompt_tokens=[seq.num_prompt_tokens for seq in seqs],
             eos_token_ids=eos_token_ids,
         )
         result = sample(logits, sampling, self.args.max_logprobs)

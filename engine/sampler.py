@@ -21,9 +21,15 @@ class SamplingBatch:
 
     params: list[SamplingParams]
     generators: list[torch.Generator | None]
-    prompt_token_ids: list[list[int]]  # for the repetition penalty
-    output_token_ids: list[list[int]]  # for penalties and min_tokens
+    token_ids: list[list[int]]  # each row's prompt + output so far (the sequence's own list: not copied)
+    num_prompt_tokens: list[int]
     eos_token_ids: set[int]
+
+    def prompt_token_ids(self) -> list[list[int]]:
+        return [t[:n] for t, n in zip(self.token_ids, self.num_prompt_tokens)]
+
+    def output_token_ids(self) -> list[list[int]]:
+        return [t[n:] for t, n in zip(self.token_ids, self.num_prompt_tokens)]
 
 
 @dataclass
@@ -98,8 +104,8 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
         return logits
     num_rows, vocab = logits.shape
     device = logits.device
-    output_counts = _token_counts(batch.output_token_ids, num_rows, vocab, device)
-    prompt_seen = _token_counts(batch.prompt_token_ids, num_rows, vocab, device) > 0
+    output_counts = _token_counts(batch.output_token_ids(), num_rows, vocab, device)
+    prompt_seen = _token_counts(batch.prompt_token_ids(), num_rows, vocab, device) > 0
     repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
     seen = prompt_seen | (output_counts > 0)
     penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
@@ -124,8 +130,8 @@ def _token_counts(token_lists: list[list[int]], num_rows: int, vocab: int, devic
 
 def _block_eos_before_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     rows = []
-    for i, (p, out) in enumerate(zip(batch.params, batch.output_token_ids)):
-        if len(out) < p.min_tokens:
+    for i, (p, tokens, num_prompt) in enumerate(zip(batch.params, batch.token_ids, batch.num_prompt_tokens)):
+        if len(tokens) - num_prompt < p.min_tokens:
             stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else batch.eos_token_ids)
             rows.extend((i, t) for t in stop_ids if 0 <= t < logits.shape[1])
     if not rows:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    """When `LLMEngine.step` reports a request's progress."""
+
+    CUMULATIVE = "cumulative"  # every step it progressed, with everything generated so far
+    FINAL_ONLY = "final_only"  # once, when it finishes (the offline LLM.generate)
 
 
 @dataclass
@@ -29,6 +37,7 @@ class SamplingParams:
     logprobs: int | None = None  # return this many top log-probabilities per generated token (plus the sampled one)
     prompt_logprobs: int | None = None  # same, for every prompt token
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # when step() reports this request
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

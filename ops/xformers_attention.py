@@ -41,6 +41,10 @@ _SPLITK_HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
+# Its masks are built from host lists each call: decode steps cannot be captured in CUDA graphs.
+CUDA_GRAPH_SAFE = False
+
+
 def check_supported(block_size: int, head_dim: int, dtype: torch.dtype) -> None:
     """Raise ValueError saying why this backend cannot serve a model with these settings."""
     if dtype not in _DTYPES:

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, then the throughput benchmarks. Logs and JSON land in $OUT.
-# Usage (on the lent GPU, from the repo root): bash perf/gpu_check.sh [tests|bench|all]
+# One device call: GPU tests and/or benchmarks. Logs and JSON land in $OUT.
+# Usage (on the lent GPU, from the repo root): bash perf/gpu_check.sh STAGE...
+#   tests   pytest -m gpu
+#   nano    Qwen3-0.6B, nano workload
+#   llama1  Llama-3.1-8B, batch 1, 128 in / 512 out
+#   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out
+#   hf      nano (first 64 requests) through the engine and transformers, same run
 set -uo pipefail
-what=${1:-all}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -10,10 +14,14 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/device.txt"
-if [[ $what == tests || $what == all ]]; then
-  python3 -m pytest -m gpu -q -x tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-fi
-if [[ $what == bench || $what == all ]]; then
-  python3 perf/throughput.py --model qwen3-0.6b --workload nano --no-tqdm --json-out "$OUT/nano_qwen3.json" 2>&1 | tail -4
-fi
+bench() { local name=$1; shift; timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log" | grep -vE "^\{" | tail -6; }
+for stage in "$@"; do
+  echo "=== $stage"
+  case $stage in
+    tests) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    nano) bench nano_qwen3 --model qwen3-0.6b --workload nano ;;
+    llama1) bench llama8b_bs1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
+    llama) bench llama8b_fixed --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 ;;
+    hf) bench nano64_vs_hf --model qwen3-0.6b --workload nano --limit 64 --compare-hf ;;
+  esac
+done
