@@ -40,6 +40,7 @@ class EngineArgs:
     block_size: int = 16  # tokens per KV-cache block
     seed: int = 0  # seed of the engine's random generator (unseeded requests draw from it)
     enforce_eager: bool = False  # no torch.compile, no CUDA graphs
+    compile_model: bool = True  # torch.compile the forward (CUDA graphs need not: they capture the eager model when off)
     tensor_parallel_size: int = 1  # GPUs to split each layer across
     quantization: str | None = None  # weight quantization method
     enable_prefix_caching: bool = False  # reuse KV blocks of earlier prompts with the same prefix

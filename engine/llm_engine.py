@@ -28,6 +28,20 @@ PromptType = Union[str, list[int], dict]
 
 
 @dataclass
+class StepTimings:
+    """Seconds spent in each phase of `step()`, summed over the engine's life (logged at debug level
+    per step). `execute` includes the GPU work, since reading the sampled ids waits for it."""
+
+    steps: int = 0
+    schedule: float = 0.0
+    execute: float = 0.0
+    update: float = 0.0  # detokenize, stop checks, outputs
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "schedule_s": self.schedule, "execute_s": self.execute, "update_s": self.update}
+
+
+@dataclass
 class EngineStats:
     """A snapshot of the engine's load and lifetime counters."""
 
@@ -68,6 +82,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.timings = StepTimings()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -157,10 +172,30 @@ class LLMEngine:
     # ---- one step --------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
+        t1 = time.perf_counter()
         result = self.runner.execute(batch.scheduled, self.model_config.eos_token_ids)
+        t2 = time.perf_counter()
+        outputs = self._update(batch, result)
+        t3 = time.perf_counter()
+        timings = self.timings
+        timings.steps += 1
+        timings.schedule += t1 - t0
+        timings.execute += t2 - t1
+        timings.update += t3 - t2
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "step %d: %d seqs, %d tokens; schedule %.2f ms, execute %.2f ms, update %.2f ms",
+                timings.steps, len(batch.scheduled), batch.num_batched_tokens,
+                1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (t3 - t2),
+            )
+        return outputs
+
+    def _update(self, batch, result) -> list[RequestOutput]:
+        """Book the step's results: computed tokens, new tokens, stops, finished requests."""
         now = time.time()
         touched: dict[str, Request] = {}
         share_blocks = self.args.enable_prefix_caching

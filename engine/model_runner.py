@@ -78,7 +78,8 @@ class ModelRunner:
     def _compile_and_capture(self) -> None:
         """torch.compile the forward, then capture decode CUDA graphs per batch-size bucket."""
         start = time.perf_counter()
-        self.forward = compile_model(self.model)
+        if self.args.compile_model:
+            self.forward = compile_model(self.model)
         if not getattr(get_backend(self.attention_backend), "CUDA_GRAPH_SAFE", True):
             logger.info("attention backend %s cannot run inside CUDA graphs: compiled, no graphs", self.attention_backend)
             return

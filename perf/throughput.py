@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import shutil
@@ -78,6 +79,7 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager,
+        compile_model=not args.no_compile,
         attention_backend=args.attention_backend,
         enable_prefix_caching=args.enable_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -91,6 +93,7 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    timings_before = llm.llm_engine.timings.as_dict()
     start = time.perf_counter()
     outputs = llm.generate(inputs, params, use_tqdm=not args.no_tqdm)
     elapsed = time.perf_counter() - start
@@ -120,6 +123,8 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         "recompiles_after_warmup": runner.recompiles_since_warmup(),
         "preemptions": stats.num_preemptions_total,
         "attention_backend": runner.attention_backend,
+        "compiled": runner.forward is not runner.model,
+        "step_timings": {k: v - timings_before[k] for k, v in llm.llm_engine.timings.as_dict().items()},
     }
 
 
@@ -181,12 +186,14 @@ def main() -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="CUDA graphs around the eager model, no torch.compile")
     p.add_argument("--enable-prefix-caching", action="store_true")
     p.add_argument("--compare-hf", action="store_true", help="also run transformers' continuous batching on the same workload")
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--no-tqdm", action="store_true")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     if args.workload == "nano":
         prompts, max_tokens = nano_workload()
@@ -218,6 +225,9 @@ def main() -> None:
     print(f"\n{args.model} / {args.workload} on {device}: {len(prompts)} requests")
     for r in results:
         print(f"  {r['system']:>12}: {r['output_tok_s']:10.1f} output tok/s  {r['total_tok_s']:10.1f} total tok/s  {r['req_s']:8.2f} req/s  ({r['elapsed_s']:.1f} s)")
+        if "step_timings" in r:
+            t = r["step_timings"]
+            print(f"  {'':>12}  {t['steps']} steps: schedule {t['schedule_s']:.2f} s, execute {t['execute_s']:.2f} s, update {t['update_s']:.2f} s; startup {r['startup_s']:.1f} s")
     if len(results) == 2:
         print(f"  ratio engine / transformers (output tok/s): {results[0]['output_tok_s'] / results[1]['output_tok_s']:.1f}x")
     if args.json_out:
