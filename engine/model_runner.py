@@ -145,7 +145,8 @@ class ModelRunner:
         num_rows = min(self.args.max_num_seqs, num_tokens)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         with torch.inference_mode(), set_forward_context(ForwardContext(None, [], self.attention_backend)):
-            hidden = self.model(ids, torch.arange(num_tokens, device=self.device))
+            positions = torch.arange(num_tokens, device=self.device) % self.model_config.max_model_len
+            hidden = self.model(ids, positions)
             self.model.compute_logits(hidden[:num_rows]).softmax(dim=-1)
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info()

@@ -14,12 +14,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-bench() { local name=$1; shift; timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log" | grep -vE "^\{" | tail -6; }
+bench() { local name=$1; shift; timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log" | grep -vE "^\{|Capturing" | tail -12; }
 for stage in "$@"; do
   echo "=== $stage"
   case $stage in
     tests) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_attention_kernels.py tests/test_gpu_engine.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
-    nano) bench nano_qwen3 --model qwen3-0.6b --workload nano ;;
+    nano) TORCH_LOGS=recompiles bench nano_qwen3 --model qwen3-0.6b --workload nano ;;
     nano-nc) bench nano_qwen3_nocompile --model qwen3-0.6b --workload nano --no-compile ;;
     llama1) bench llama8b_bs1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
     llama) bench llama8b_fixed --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 ;;
