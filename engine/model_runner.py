@@ -172,8 +172,10 @@ class ModelRunner:
         if graphs is not None and meta.max_query_len == 1 and meta.num_seqs <= graphs.max_batch_size:
             hidden = graphs.run(batch.input_ids, batch.positions, meta)
         else:
+            # A one-token batch runs uncompiled: dynamo would specialize size 1 and compile again.
+            forward = self.model if batch.input_ids.shape[0] == 1 else self.forward
             with set_forward_context(ForwardContext(meta, self.kv_caches, self.attention_backend)):
-                hidden = self.forward(batch.input_ids, batch.positions)
+                hidden = forward(batch.input_ids, batch.positions)
         out = ModelRunnerOutput()
         self._sample(hidden, batch, scheduled, eos_token_ids, out)
         self._prompt_logprobs(hidden, batch, scheduled, out)

@@ -26,10 +26,13 @@ logger = logging.getLogger("engine")
 
 
 def default_batch_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, then every 8 up to 256, then every 16 up to 512 — capped at max_num_seqs."""
-    sizes = [1, 2, 4, 8] + list(range(16, 257, 8)) + list(range(272, 513, 16))
+    """2, 4, 8, then every 8 up to 256, then every 16 up to 512 — capped at max_num_seqs.
+
+    No bucket of 1: dynamo specializes a dimension of size 1 and would compile the model a second
+    time for it (seen on the H100: +70 s of start-up); one sequence pads to 2 at no real cost."""
+    sizes = [2, 4, 8] + list(range(16, 257, 8)) + list(range(272, 513, 16))
     capped = [s for s in sizes if s < max_num_seqs]
-    return capped + [max_num_seqs] if max_num_seqs <= 512 else sizes
+    return capped + [max(max_num_seqs, 2)] if max_num_seqs <= 512 else sizes
 
 
 class CudaGraphRunner:
@@ -50,12 +53,16 @@ class CudaGraphRunner:
         self.max_model_len = max_model_len
         max_bs = self.batch_sizes[-1]
         max_blocks = -(-max_model_len // block_size)
-        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
+        # Inference tensors, like every input the engine passes (a different dispatch key set would
+        # fail dynamo's guards and recompile). The model's inputs get their own tensor per bucket,
+        # not views of one buffer: dynamo guards on a view's base size, which would recompile too.
+        with torch.inference_mode():
+            self.input_ids = {bs: torch.zeros(bs, dtype=torch.long, device=device) for bs in self.batch_sizes}
+            self.positions = {bs: torch.zeros(bs, dtype=torch.long, device=device) for bs in self.batch_sizes}
+            self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long, device=device)
+            self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
+            self.block_tables = torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=device)
+            self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -79,11 +86,11 @@ class CudaGraphRunner:
         pool = None
         for bs in tqdm(sorted(self.batch_sizes, reverse=True), desc="Capturing CUDA graphs", leave=False):
             with set_forward_context(ForwardContext(self._metadata(bs), self.kv_caches, self.backend)):
-                self.forward(self.input_ids[:bs], self.positions[:bs])  # warm-up: compile, autotune
+                self.forward(self.input_ids[bs], self.positions[bs])  # warm-up: compile, autotune
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[bs] = self.forward(self.input_ids[:bs], self.positions[:bs])
+                    self.outputs[bs] = self.forward(self.input_ids[bs], self.positions[bs])
             pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize()
@@ -99,8 +106,8 @@ class CudaGraphRunner:
         """Replay the graph of the smallest bucket that fits this decode batch."""
         n = meta.num_seqs
         bs = self.bucket_for(n)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
+        self.input_ids[bs][:n].copy_(input_ids)
+        self.positions[bs][:n].copy_(positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)
         self.slot_mapping[n:bs].fill_(-1)
         self.seq_lens[:n].copy_(meta.seq_lens)
