@@ -38,6 +38,13 @@ class _EngineStatsCollector(Collector):
                                 s.kv_cache_usage)
         yield GaugeMetricFamily(PREFIX + "kv_cache_used_blocks", "KV-cache blocks in use.", s.num_used_blocks)
         yield GaugeMetricFamily(PREFIX + "kv_cache_total_blocks", "KV-cache blocks in the pool.", s.num_total_blocks)
+        yield GaugeMetricFamily(PREFIX + "kv_cache_cached_free_blocks", "Free KV-cache blocks still holding a reusable prefix.",
+                                s.num_cached_free_blocks)
+        yield GaugeMetricFamily(PREFIX + "kv_cache_waste_perc", "Reserved-but-empty KV slots over reserved slots, now (0 to 1).",
+                                s.kv_waste_fraction)
+        yield GaugeMetricFamily(PREFIX + "kv_cache_waste_mean_perc",
+                                "Reserved-but-empty KV slots over reserved slots, averaged over all steps (0 to 1).",
+                                s.kv_waste_fraction_mean)
         yield CounterMetricFamily(PREFIX + "prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).",
                                   s.prompt_tokens_total)
         yield CounterMetricFamily(PREFIX + "generation_tokens", "Tokens generated.", s.generation_tokens_total)

@@ -359,7 +359,8 @@ class AsyncLLMEngine:
             f"prompt {(after.prompt_tokens_total - before.prompt_tokens_total) / elapsed:.1f} tok/s, "
             f"generation {(after.generation_tokens_total - before.generation_tokens_total) / elapsed:.1f} tok/s, "
             f"running {after.num_running}, waiting {after.num_waiting}, "
-            f"KV cache {after.kv_cache_usage * 100:.1f}% of {after.num_total_blocks} blocks"
+            f"KV cache {after.kv_cache_usage * 100:.1f}% of {after.num_total_blocks} blocks "
+            f"({after.kv_waste_fraction * 100:.1f}% of reserved slots empty)"
         )
         queries = after.prefix_cache_queries_total - before.prefix_cache_queries_total
         if queries:

@@ -53,6 +53,8 @@ class EngineStats:
     num_cached_free_blocks: int  # free blocks still holding a reusable prefix
     kv_slots_stored: int  # tokens whose K/V are in running sequences' blocks
     kv_slots_reserved: int  # slots in those blocks
+    kv_slots_stored_sum: int  # the two above summed over every step so far (for the mean waste)
+    kv_slots_reserved_sum: int
     num_preemptions_total: int
     prompt_tokens_total: int  # prompt tokens computed (prefix-cache hits excluded)
     generation_tokens_total: int
@@ -65,6 +67,13 @@ class EngineStats:
         if self.kv_slots_reserved == 0:
             return 0.0
         return 1.0 - self.kv_slots_stored / self.kv_slots_reserved
+
+    @property
+    def kv_waste_fraction_mean(self) -> float:
+        """The same, averaged over every step so far (weighted by slots reserved)."""
+        if self.kv_slots_reserved_sum == 0:
+            return 0.0
+        return 1.0 - self.kv_slots_stored_sum / self.kv_slots_reserved_sum
 
 
 class LLMEngine:
@@ -83,6 +92,8 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.timings = StepTimings()
+        self.kv_slots_stored_sum = 0
+        self.kv_slots_reserved_sum = 0
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -180,6 +191,9 @@ class LLMEngine:
         result = self.runner.execute(batch.scheduled, self.model_config.eos_token_ids)
         t2 = time.perf_counter()
         outputs = self._update(batch, result)
+        stored, reserved = self.scheduler.kv_slots_stats()
+        self.kv_slots_stored_sum += stored
+        self.kv_slots_reserved_sum += reserved
         t3 = time.perf_counter()
         timings = self.timings
         timings.steps += 1
@@ -306,6 +320,8 @@ class LLMEngine:
             num_cached_free_blocks=bm.num_cached_free_blocks,
             kv_slots_stored=stored,
             kv_slots_reserved=reserved,
+            kv_slots_stored_sum=self.kv_slots_stored_sum,
+            kv_slots_reserved_sum=self.kv_slots_reserved_sum,
             num_preemptions_total=self.scheduler.num_preemptions_total,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,

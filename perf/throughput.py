@@ -5,6 +5,11 @@ Workloads:
           random token ids in [0, 10000], then 256 max_tokens = random.randint(100, 1024);
           temperature 0.6, ignore_eos, max_model_len 4096 (142,827 prompt / 133,966 output tokens).
   fixed   --num-requests prompts of --input-len random token ids, --output-len tokens each, ignore_eos.
+  prefix  --num-requests prompts sharing one --prefix-len system prompt, each with its own
+          --suffix-len tokens, --output-len tokens each, greedy; run with prefix caching off, then
+          on, in the same process: prints both, the speed-up, the hit rate, and whether outputs match.
+          The warm-up request primes the cache with the system prompt: the timed run is the steady
+          state of a server whose system prompt was seen before.
 
 Models: `qwen3-0.6b`, `llama-3.1-8b`, `llama-3.1-70b` (random-weight instances of the published
 configs in perf/configs, bf16, weights made on the device: weights do not change the cost) or a
@@ -49,6 +54,12 @@ def fixed_workload(num: int, input_len: int, output_len: int, vocab: int = 10000
     return [[rng.randrange(vocab) for _ in range(input_len)] for _ in range(num)], [output_len] * num
 
 
+def prefix_workload(num: int, prefix_len: int, suffix_len: int, output_len: int, vocab: int = 10000):
+    rng = random.Random(0)
+    system = [rng.randrange(vocab) for _ in range(prefix_len)]
+    return [system + [rng.randrange(vocab) for _ in range(suffix_len)] for _ in range(num)], [output_len] * num
+
+
 def synthetic_model_dir(name: str) -> str:
     """A checkpoint directory with a published config and a word-level tokenizer covering its whole
     vocabulary (so every id decodes, at the cost of a real Rust tokenizer); no weights."""
@@ -70,6 +81,11 @@ def synthetic_model_dir(name: str) -> str:
 
 
 def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> dict:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # a previous engine of this process has been dropped
     start = time.perf_counter()
     llm = LLM(
         model_dir,
@@ -94,6 +110,8 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     timings_before = llm.llm_engine.timings.as_dict()
+    before = llm.llm_engine.get_stats()
+    llm_stats_before = (before.prefix_cache_hits_total, before.prefix_cache_queries_total)
     start = time.perf_counter()
     outputs = llm.generate(inputs, params, use_tqdm=not args.no_tqdm)
     elapsed = time.perf_counter() - start
@@ -106,6 +124,7 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
             decode_rates.append((n - 1) / (m.last_token_time - m.first_token_time))
     decode_rates.sort()
     stats = llm.llm_engine.get_stats()
+    hits_before, queries_before = llm_stats_before
     return {
         "system": "engine",
         "elapsed_s": elapsed,
@@ -122,6 +141,10 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         "cuda_graphs": len(runner.graph_runner.graphs) if runner.graph_runner else 0,
         "recompiles_after_warmup": runner.recompiles_since_warmup(),
         "preemptions": stats.num_preemptions_total,
+        "prefix_caching": args.enable_prefix_caching,
+        "prefix_cache_hit_rate": (stats.prefix_cache_hits_total - hits_before) / max(stats.prefix_cache_queries_total - queries_before, 1),
+        "kv_waste_fraction_mean": stats.kv_waste_fraction_mean,
+        "output_token_ids": [o.outputs[0].token_ids for o in outputs] if args.workload == "prefix" else None,
         "attention_backend": runner.attention_backend,
         "compiled": runner.forward is not runner.model,
         "step_timings": {k: v - timings_before[k] for k, v in llm.llm_engine.timings.as_dict().items()},
@@ -174,7 +197,9 @@ def run_transformers(args, model_dir: str, dummy: bool, prompts, max_tokens) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-0.6b", help="qwen3-0.6b | llama-3.1-8b | llama-3.1-70b | checkpoint dir")
-    p.add_argument("--workload", choices=["nano", "fixed"], default="nano")
+    p.add_argument("--workload", choices=["nano", "fixed", "prefix"], default="nano")
+    p.add_argument("--prefix-len", type=int, default=2000, help="prefix: shared system prompt length")
+    p.add_argument("--suffix-len", type=int, default=32, help="prefix: each request's own tokens")
     p.add_argument("--num-requests", type=int, default=1000, help="fixed: number of requests")
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=256)
@@ -197,6 +222,9 @@ def main() -> None:
 
     if args.workload == "nano":
         prompts, max_tokens = nano_workload()
+    elif args.workload == "prefix":
+        prompts, max_tokens = prefix_workload(args.num_requests, args.prefix_len, args.suffix_len, args.output_len)
+        args.temperature = 0.0  # greedy, so outputs with and without caching can be compared
     else:
         prompts, max_tokens = fixed_workload(args.num_requests, args.input_len, args.output_len)
     if args.limit:
@@ -207,8 +235,13 @@ def main() -> None:
     results = []
     try:
         if not args.skip_engine:
-            results.append(run_engine(args, model_dir, "dummy" if dummy else "auto", prompts, max_tokens))
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            load_format = "dummy" if dummy else "auto"
+            if args.workload == "prefix":
+                for caching in (False, True):
+                    args.enable_prefix_caching = caching
+                    results.append(run_engine(args, model_dir, load_format, prompts, max_tokens))
+            else:
+                results.append(run_engine(args, model_dir, load_format, prompts, max_tokens))
         if args.compare_hf:
             import gc
 
@@ -221,18 +254,23 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     header = {"model": args.model, "workload": args.workload, "device": device, "args": vars(args)}
     for r in results:
-        print(json.dumps(r))
+        print(json.dumps({k: v for k, v in r.items() if k != "output_token_ids"}))
     print(f"\n{args.model} / {args.workload} on {device}: {len(prompts)} requests")
     for r in results:
-        print(f"  {r['system']:>12}: {r['output_tok_s']:10.1f} output tok/s  {r['total_tok_s']:10.1f} total tok/s  {r['req_s']:8.2f} req/s  ({r['elapsed_s']:.1f} s)")
+        label = r["system"] + (" +cache" if r.get("prefix_caching") else "")
+        print(f"  {label:>14}: {r['output_tok_s']:10.1f} output tok/s  {r['total_tok_s']:10.1f} total tok/s  {r['req_s']:8.2f} req/s  ({r['elapsed_s']:.1f} s)")
         if "step_timings" in r:
             t = r["step_timings"]
-            print(f"  {'':>12}  {t['steps']} steps: schedule {t['schedule_s']:.2f} s, execute {t['execute_s']:.2f} s, update {t['update_s']:.2f} s; startup {r['startup_s']:.1f} s")
-    if len(results) == 2:
+            print(f"  {'':>14}  {t['steps']} steps: schedule {t['schedule_s']:.2f} s, execute {t['execute_s']:.2f} s, update {t['update_s']:.2f} s; startup {r['startup_s']:.1f} s")
+    if args.workload == "prefix" and len(results) == 2:
+        off, on = results
+        print(f"  prefix caching on / off: {on['total_tok_s'] / off['total_tok_s']:.2f}x total tok/s, "
+              f"hit rate {on['prefix_cache_hit_rate'] * 100:.1f}%, outputs equal: {on['output_token_ids'] == off['output_token_ids']}")
+    elif len(results) == 2:
         print(f"  ratio engine / transformers (output tok/s): {results[0]['output_tok_s'] / results[1]['output_tok_s']:.1f}x")
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({**header, "results": results}, f, indent=2)
+            json.dump({**header, "results": [{k: v for k, v in r.items() if k != "output_token_ids"} for r in results]}, f, indent=2)
 
 
 if __name__ == "__main__":
