@@ -1,0 +1,120 @@
+"""/v1/completions: one engine request per prompt (a string, strings, token ids or token-id lists),
+n choices each, with the prompt echoed in front on request and logprobs in completions' shape."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api.encoding import SSE_DONE, json_response, sse
+from api.errors import APIError
+from api.generation import Cursor, Generation, include_usage, new_parts, sampling_params, usage
+from api.logprobs import completion_logprobs
+from api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from api.server import Server, read_json
+from api.streaming import EventStream, unless_disconnected
+from engine.async_engine import AsyncLLMEngine
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+def _completion_prompts(prompt: str | list) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    if prompt and all(isinstance(p, list) for p in prompt):
+        return list(prompt)
+    raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of "
+                        "token-id lists, and not empty", param="prompt")
+
+
+@dataclass
+class _CompletionContext:
+    req: CompletionRequest
+    id: str
+    model: str
+    created: int
+    tokenizer: object
+    echo_texts: list[str]  # per prompt; empty strings without echo
+
+    def choice(self, prompt_index: int, output: RequestOutput, completion: CompletionOutput,
+               text: str, tokens: slice, first: bool, text_offset: int = 0) -> CompletionChoice:
+        """A choice carrying `text` and the logprobs of `tokens` (their text_offset counted from
+        `text_offset`), with the echoed prompt in front of the choice's first part."""
+        echo = first and self.req.echo
+        logprobs = None
+        if self.req.logprobs is not None:
+            entries = list(zip(completion.token_ids[tokens], completion.logprobs[tokens]))
+            if echo:
+                prompt_positions = output.prompt_logprobs or [None] * len(output.prompt_token_ids)
+                entries = list(zip(output.prompt_token_ids, prompt_positions)) + entries
+            logprobs = completion_logprobs(entries, text_offset, self.tokenizer)
+        if echo:
+            text = self.echo_texts[prompt_index] + text
+        return CompletionChoice(prompt_index * self.req.n + completion.index, text, logprobs,
+                                completion.finish_reason, completion.stop_reason)
+
+
+async def create_completion(request: Request, server: Server) -> Response:
+    req = await read_json(request, CompletionRequest, server.max_body_bytes)
+    engine = server.ready_engine()
+    server.check_model(req.model)
+    prompts = _completion_prompts(req.prompt)
+    echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+    params = sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs=echo_logprobs)
+    tokenizer = engine.tokenizer
+    echo_texts = [(p if isinstance(p, str) else tokenizer.decode(p)) if req.echo else "" for p in prompts]
+    ctx = _CompletionContext(req, f"cmpl-{uuid.uuid4().hex}", server.served_model_name, int(time.time()),
+                             tokenizer, echo_texts)
+    if req.stream:
+        return EventStream(_completion_events(server, engine, ctx, prompts, params))
+    return await unless_disconnected(request, lambda: _completion_response(server, engine, ctx, prompts, params))
+
+
+async def _completion_response(server: Server, engine: AsyncLLMEngine, ctx: _CompletionContext,
+                               prompts: list, params: SamplingParams) -> Response:
+    generation = await Generation.start(server, engine, ctx.id, prompts, params)
+    try:
+        finals = await generation.final_outputs()
+    finally:
+        generation.close()
+    choices = [
+        ctx.choice(i, final, completion, completion.text, slice(0, len(completion.token_ids)), first=True)
+        for i, final in enumerate(finals)
+        for completion in final.outputs
+    ]
+    choices.sort(key=lambda c: c.index)
+    return json_response(CompletionResponse(ctx.id, ctx.created, ctx.model, choices, usage(finals)))
+
+
+async def _completion_events(server: Server, engine: AsyncLLMEngine, ctx: _CompletionContext,
+                             prompts: list, params: SamplingParams) -> AsyncIterator[bytes]:
+    generation = await Generation.start(server, engine, ctx.id, prompts, params)
+    try:
+        cursors = [Cursor() for _ in range(len(prompts) * params.n)]
+        sent_text = [0] * len(cursors)  # characters sent per choice, for logprobs' text_offset
+        finals: list[RequestOutput | None] = [None] * len(prompts)
+        async for i, output in generation.outputs():
+            finals[i] = output
+            for completion in output.outputs:
+                index = i * params.n + completion.index
+                first = cursors[index].text_len == 0 and cursors[index].num_tokens == 0
+                parts = new_parts(cursors[index], completion, with_tokens=ctx.req.logprobs is not None)
+                if parts is None:
+                    continue
+                choice = ctx.choice(i, output, completion, *parts, first=first, text_offset=sent_text[index])
+                sent_text[index] += len(choice.text)
+                yield sse(CompletionResponse(ctx.id, ctx.created, ctx.model, [choice]))
+        if include_usage(ctx.req):
+            yield sse(CompletionResponse(ctx.id, ctx.created, ctx.model, [], usage(finals)))
+        yield SSE_DONE
+    finally:
+        generation.close()

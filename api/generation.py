@@ -1,0 +1,139 @@
+"""What completions and chat share between an HTTP request and the engine: the sampling parameters
+a request asks for, its engine requests (one per prompt) merged into one stream, the cursor of what
+each choice has been sent so far, and the usage they add up to."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterable
+
+from api.errors import APIError
+from api.metrics import ServerMetrics
+from api.protocol import PromptTokensDetails, SamplingRequest, Usage
+from api.server import Server
+from engine.async_engine import AsyncLLMEngine, RequestStream
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+
+# ---- sampling parameters ----------------------------------------------------------------------------
+
+_OPTIONAL_SAMPLING_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                             "repetition_penalty")
+
+
+def sampling_params(req: SamplingRequest, max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    kwargs = {name: getattr(req, name) for name in _OPTIONAL_SAMPLING_FIELDS if getattr(req, name) is not None}
+    if req.top_k is not None:
+        kwargs["top_k"] = -1 if req.top_k == 0 else req.top_k  # vLLM's API takes 0 or -1 for "disabled"
+    return SamplingParams(
+        n=req.n, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+        min_tokens=req.min_tokens, skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output, max_tokens=max_tokens, logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs, **kwargs,
+    )
+
+
+def include_usage(req: SamplingRequest) -> bool:
+    return req.stream_options is not None and req.stream_options.include_usage
+
+
+# ---- engine requests behind one HTTP request ----------------------------------------------------------
+
+
+class Generation:
+    """The engine requests of one HTTP request (one per prompt); their outputs merged into one
+    stream of (prompt index, output). `close()` (sync, so safe under cancellation) aborts the
+    unfinished ones and records how each ended."""
+
+    def __init__(self, streams: list[RequestStream], metrics: ServerMetrics):
+        self.streams = streams
+        self.trackers = [metrics.tracker() for _ in streams]
+
+    @classmethod
+    async def start(cls, server: Server, engine: AsyncLLMEngine, request_id: str,
+                    prompts: list, params: SamplingParams) -> "Generation":
+        """Add every prompt; if the engine refuses any, abort the others and raise its error."""
+        ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        now = time.time()
+        streams: list[RequestStream] = []
+        try:
+            for rid, prompt in zip(ids, prompts):
+                streams.append(engine.submit(rid, prompt, params, arrival_time=now))
+            for stream in streams:
+                await stream.accepted()
+        except BaseException:
+            for stream in streams:
+                stream.abort()
+            raise
+        return cls(streams, server.metrics)
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        pending = {asyncio.ensure_future(anext(stream)): i for i, stream in enumerate(self.streams)}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    i = pending.pop(task)
+                    try:
+                        output = task.result()
+                    except StopAsyncIteration:
+                        continue
+                    self.trackers[i].observe(output)
+                    pending[asyncio.ensure_future(anext(self.streams[i]))] = i
+                    yield i, output
+        finally:
+            for task in pending:
+                task.cancel()
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: no "exception never retrieved" warning
+
+    async def final_outputs(self) -> list[RequestOutput]:
+        finals: list[RequestOutput | None] = [None] * len(self.streams)
+        async for i, output in self.outputs():
+            finals[i] = output
+        return finals  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for stream, tracker in zip(self.streams, self.trackers):
+            stream.abort()
+            tracker.end()
+
+
+def usage(finals: Iterable[RequestOutput | None]) -> Usage:
+    finals = [f for f in finals if f is not None]
+    prompt_tokens = sum(len(f.prompt_token_ids) for f in finals)
+    completion_tokens = sum(len(c.token_ids) for f in finals for c in f.outputs)
+    cached = sum(f.num_cached_tokens for f in finals)
+    return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, PromptTokensDetails(cached))
+
+
+# ---- what each streamed choice has been sent ----------------------------------------------------------
+
+
+@dataclass
+class Cursor:
+    """How much of one choice the client has been sent."""
+
+    text_len: int = 0
+    num_tokens: int = 0
+    done: bool = False
+
+
+def new_parts(cursor: Cursor, completion: CompletionOutput, with_tokens: bool) -> tuple[str, slice] | None:
+    """What changed in `completion` since the last event: (new text, new tokens' slice), or None if
+    nothing worth an event did (new tokens without text count only when logprobs are streamed)."""
+    if cursor.done:
+        return None
+    text = completion.text[cursor.text_len :]
+    tokens = slice(cursor.num_tokens, len(completion.token_ids))
+    finished = completion.finish_reason is not None
+    if not (text or finished or (with_tokens and tokens.stop > tokens.start)):
+        return None
+    cursor.text_len = max(cursor.text_len, len(completion.text))
+    cursor.num_tokens, cursor.done = tokens.stop, finished
+    return text, tokens
