@@ -1,0 +1,418 @@
+"""Serving benchmark: load on any OpenAI-compatible server, measured on the client.
+
+Sends exactly --num-prompts streamed requests to --base-url + --endpoint and stops. Prompts are
+token ids (the completions API takes a list of ints), so input lengths are exact whatever the
+tokenizer; output tokens are counted from the server's usage (stream_options.include_usage).
+TTFT, TPOT, ITL and E2EL are measured as vLLM's benchmark_serving measures them (see
+perf/bench_metrics.py); the summary table has its layout and the JSON its key names.
+
+Datasets:
+  random  --input-len / --output-len per request, each drawn uniformly from [L(1-r), L(1+r)] with
+          r = --range-ratio; token ids uniform in [0, --vocab-size), seeded by --seed
+  fixed   perf/throughput.py's `fixed` workload: the same token ids, every request exactly
+          --input-len in / --output-len out, so the server's figures compare with the offline ones
+  nano    perf/throughput.py's `nano` workload (nano-vllm's bench.py); --num-prompts caps it
+
+    python -m engine.serve --model qwen3-ckpt &
+    python perf/serve_bench.py --dataset random --input-len 1024 --output-len 128 --num-prompts 200 \\
+        --request-rate 4 --ignore-eos --goodput ttft:200 tpot:20 --result-json results/rate4.json
+    python perf/serve_bench.py --endpoint /v1/chat/completions --max-concurrency 1 --num-prompts 20
+
+Chat prompts are text: the token ids are turned into text with --tokenizer, or the server's
+/detokenize, before the clock starts; the chat template then adds a few tokens (prompt lengths come
+from the server's usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import httpx
+import msgspec
+import numpy as np
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from perf.bench_metrics import (  # noqa: E402
+    METRIC_NAMES,
+    METRICS,
+    PERCENTILES,
+    ChunkClock,
+    RequestResult,
+    arrival_offsets,
+    parse_goodput,
+    summarize,
+)
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+
+
+class SetupError(RuntimeError):
+    """A call made before the clock starts (/v1/models, /detokenize) failed."""
+
+
+@dataclass
+class BenchRequest:
+    prompt: list[int] | str
+    prompt_len: int
+    output_len: int
+
+
+# ---- datasets ---------------------------------------------------------------------------------------
+
+
+def random_requests(num: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int,
+                    seed: int) -> list[BenchRequest]:
+    """vLLM's random dataset: lengths uniform in [L(1-r), L(1+r)], token ids uniform in the vocabulary."""
+    if not 0 <= range_ratio < 1:
+        raise ValueError(f"--range-ratio must be in [0, 1), got {range_ratio}")
+    rng = np.random.default_rng(seed)
+
+    def lengths(mean: int) -> np.ndarray:
+        low, high = max(1, int(mean * (1 - range_ratio))), max(1, int(mean * (1 + range_ratio)))
+        return rng.integers(low, high + 1, size=num)
+
+    input_lens, output_lens = lengths(input_len), lengths(output_len)
+    return [
+        BenchRequest(rng.integers(0, vocab_size, size=int(n_in)).tolist(), int(n_in), int(n_out))
+        for n_in, n_out in zip(input_lens, output_lens)
+    ]
+
+
+def make_requests(args: argparse.Namespace) -> list[BenchRequest]:
+    if args.dataset == "random":
+        return random_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
+                               args.vocab_size, args.seed)
+    from perf.throughput import fixed_workload, nano_workload  # imports torch: only for these two
+
+    if args.dataset == "fixed":
+        prompts, max_tokens = fixed_workload(args.num_prompts, args.input_len, args.output_len, vocab=args.vocab_size)
+    else:
+        prompts, max_tokens = nano_workload()
+        if max(max(p) for p in prompts) >= args.vocab_size:
+            raise ValueError(f"the nano workload has token ids up to 10000, over --vocab-size {args.vocab_size}")
+    return [BenchRequest(p, len(p), m) for p, m in zip(prompts[: args.num_prompts], max_tokens[: args.num_prompts])]
+
+
+async def prompts_as_text(client: httpx.AsyncClient, requests: list[BenchRequest], tokenizer: str | None) -> None:
+    """Chat takes text: decode each prompt with the local tokenizer, or ask the server's /detokenize."""
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+        for r in requests:
+            r.prompt = tok.decode(r.prompt)
+        return
+    for r in requests:
+        response = await client.post("/detokenize", json={"tokens": r.prompt})
+        if response.status_code != 200:
+            raise SetupError(f"/detokenize answered {response.status_code}: {response.text[:300]} (pass --tokenizer)")
+        r.prompt = response.json()["prompt"]
+
+
+# ---- one streamed request ---------------------------------------------------------------------------
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    text: str | None = None  # completions
+    delta: _Delta | None = None  # chat
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Chunk(msgspec.Struct):
+    """The fields of a streamed chunk the benchmark reads; the rest is skipped unparsed."""
+
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    error: dict | str | None = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+
+
+def _carries_content(choice: _Choice) -> bool:
+    # A chat stream opens with a role-only delta sent before any token exists: not a token.
+    text = choice.text if choice.delta is None else choice.delta.content
+    return bool(text) or choice.finish_reason is not None
+
+
+def request_body(args: argparse.Namespace, request: BenchRequest) -> dict:
+    body = {"model": args.model, "stream": True, "stream_options": {"include_usage": True}}
+    if args.endpoint == CHAT_ENDPOINT:
+        body["messages"] = [{"role": "user", "content": request.prompt}]
+        body["max_completion_tokens"] = request.output_len
+    else:
+        body["prompt"] = request.prompt
+        body["max_tokens"] = request.output_len
+    body["temperature"] = args.temperature
+    if args.ignore_eos:
+        body["ignore_eos"] = True  # vLLM's extension; only sent when asked for
+    return body
+
+
+async def send_request(client: httpx.AsyncClient, endpoint: str, body: dict, prompt_len: int) -> RequestResult:
+    """Stream one request; the result's times are from the moment it was sent."""
+    result = RequestResult(prompt_len=prompt_len)
+    sent_at = time.perf_counter()
+    clock = ChunkClock(result, sent_at)
+    chunks_with_content = 0
+    usage = None
+    try:
+        async with client.stream("POST", endpoint, json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                result.error = f"HTTP {response.status_code}: {response.text[:300]}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                now = time.perf_counter()
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = _decode_chunk(data)
+                if chunk.error is not None:
+                    result.error = f"error event: {json.dumps(chunk.error)[:300]}"
+                    return result
+                if any(_carries_content(c) for c in chunk.choices):
+                    clock.chunk(now)
+                    chunks_with_content += 1
+                if chunk.usage is not None:
+                    usage = chunk.usage
+    except (httpx.HTTPError, msgspec.DecodeError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    if not clock.started:
+        result.error = "the stream ended without any content"
+        return result
+    if usage is not None:
+        result.output_tokens, result.prompt_len = usage.completion_tokens, usage.prompt_tokens or prompt_len
+    else:
+        result.output_tokens = chunks_with_content  # a server without include_usage: one token per chunk
+    result.success = True
+    return result
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+
+
+def _raise_open_file_limit() -> None:
+    """One socket per request in flight: lift the soft limit on open files to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def http_client(args: argparse.Namespace) -> httpx.AsyncClient:
+    # No connection cap beyond --max-concurrency: a client-side queue would count as server latency.
+    limits = httpx.Limits(max_connections=args.max_concurrency, max_keepalive_connections=args.max_concurrency)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    timeout = httpx.Timeout(args.timeout, connect=30.0)
+    return httpx.AsyncClient(base_url=args.base_url, limits=limits, headers=headers, timeout=timeout)
+
+
+async def resolve_model(client: httpx.AsyncClient) -> str:
+    response = await client.get("/v1/models")
+    response.raise_for_status()
+    return response.json()["data"][0]["id"]
+
+
+async def run_benchmark(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[list[RequestResult], float]:
+    """Send every request on the arrival schedule (at most --max-concurrency at once); returns the
+    results in request order and the run's duration in seconds."""
+    offsets = arrival_offsets(len(requests), args.request_rate, args.burstiness, args.seed)
+    limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+    bar = tqdm(total=len(requests), desc="requests", disable=args.disable_tqdm, dynamic_ncols=True)
+    async with http_client(args) as client:
+        if args.model is None:
+            args.model = await resolve_model(client)
+        if args.endpoint == CHAT_ENDPOINT:
+            await prompts_as_text(client, requests, args.tokenizer)
+        bodies = [request_body(args, r) for r in requests]
+        start = time.perf_counter()
+
+        async def one(i: int) -> RequestResult:
+            await asyncio.sleep(max(0.0, start + offsets[i] - time.perf_counter()))
+            if limit is None:
+                result = await send_one(i)
+            else:
+                async with limit:
+                    result = await send_one(i)
+            bar.update(1)
+            return result
+
+        async def send_one(i: int) -> RequestResult:
+            sent = time.perf_counter() - start
+            result = await send_request(client, args.endpoint, bodies[i], requests[i].prompt_len)
+            result.start = sent
+            return result
+
+        results = await asyncio.gather(*(one(i) for i in range(len(requests))))
+        duration = time.perf_counter() - start
+    bar.close()
+    return list(results), duration
+
+
+# ---- reporting --------------------------------------------------------------------------------------
+
+
+def _rate_label(rate: float) -> str | float:
+    return "inf" if math.isinf(rate) else rate
+
+
+def result_record(args: argparse.Namespace, results: list[RequestResult], duration: float, slos: dict) -> dict:
+    """The JSON for machines: the setup, the summary under vLLM's names, and per-request arrays."""
+    errors = [r.error for r in results]
+    return {
+        "tool": "serve_bench",
+        "date": datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+        "label": args.label,
+        "base_url": args.base_url,
+        "endpoint": args.endpoint,
+        "model": args.model,
+        "dataset": args.dataset,
+        "num_prompts": len(results),
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "range_ratio": args.range_ratio,
+        "request_rate": _rate_label(args.request_rate),
+        "burstiness": args.burstiness,
+        "max_concurrency": args.max_concurrency,
+        "ignore_eos": args.ignore_eos,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "goodput_slos_ms": slos or None,
+        **summarize(results, duration, slos),
+        "input_lens": [r.prompt_len for r in results],
+        "output_lens": [r.output_tokens for r in results],
+        "start_times": [r.start for r in results],
+        "ttfts": [r.ttft for r in results],
+        "e2els": [r.latency for r in results],
+        "itls": [r.itl for r in results],
+        "errors": errors if any(errors) else [],
+    }
+
+
+def format_table(record: dict) -> str:
+    def row(name: str, value) -> str:
+        if value is None:
+            text = "-"
+        elif isinstance(value, float):
+            text = f"{value:.2f}"
+        else:
+            text = str(value)
+        return f"{name:<40} {text:<10}"
+
+    lines = [
+        "{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=50, c="="),
+        row("Successful requests:", record["completed"]),
+        row("Failed requests:", record["failed"]),
+        row("Request rate (req/s):", record["request_rate"]),
+        row("Maximum request concurrency:", record["max_concurrency"]),
+        row("Benchmark duration (s):", record["duration"]),
+        row("Total input tokens:", record["total_input_tokens"]),
+        row("Total generated tokens:", record["total_output_tokens"]),
+        row("Request throughput (req/s):", record["request_throughput"]),
+    ]
+    if record["goodput_slos_ms"]:
+        lines.append(row("Request goodput (req/s):", record["request_goodput"]))
+    lines += [
+        row("Output token throughput (tok/s):", record["output_throughput"]),
+        row("Total Token throughput (tok/s):", record["total_token_throughput"]),
+    ]
+    for metric in METRICS:
+        lines.append("{s:{c}^{n}}".format(s=METRIC_NAMES[metric], n=50, c="-"))
+        short = metric.upper()
+        lines.append(row(f"Mean {short} (ms):", record[f"mean_{metric}_ms"]))
+        lines.append(row(f"Median {short} (ms):", record[f"median_{metric}_ms"]))
+        lines.append(row(f"Std {short} (ms):", record[f"std_{metric}_ms"]))
+        for p in PERCENTILES:
+            lines.append(row(f"P{p} {short} (ms):", record[f"p{p}_{metric}_ms"]))
+    lines.append("=" * 50)
+    distinct = list(dict.fromkeys(e for e in record["errors"] if e))
+    lines += [f"error: {error}" for error in distinct[:3]]
+    if len(distinct) > 3:
+        lines.append(f"... and {len(distinct) - 3} more distinct errors")
+    return "\n".join(lines)
+
+
+# ---- command line -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, without /v1 (default: %(default)s)")
+    p.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", CHAT_ENDPOINT])
+    p.add_argument("--model", default=None, help="the served model name (default: the first of /v1/models)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key (default: $OPENAI_API_KEY)")
+    p.add_argument("--dataset", choices=["random", "fixed", "nano"], default="random")
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--range-ratio", type=float, default=0.0, help="random: lengths vary by this fraction either way")
+    p.add_argument("--vocab-size", type=int, default=10000,
+                   help="token ids are drawn from [0, this); the default fits every real tokenizer (default: %(default)s)")
+    p.add_argument("--tokenizer", default=None, help="chat only: decode prompts locally instead of via /detokenize")
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests per second, or inf to send all at once (default: inf)")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the gaps between arrivals: 1 is Poisson, lower is burstier")
+    p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
+    p.add_argument("--ignore-eos", action="store_true", help="generate exactly the output length (vLLM's ignore_eos)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sent with every request (default: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random dataset and the arrival times")
+    p.add_argument("--goodput", nargs="+", default=[], metavar="NAME:MS",
+                   help="SLOs for goodput, e.g. ttft:200 tpot:20 e2el:5000 (milliseconds)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for any one read (default: %(default)s)")
+    p.add_argument("--label", default=None, help="a name for this run in plots")
+    p.add_argument("--result-json", default=None, help="write the results here")
+    p.add_argument("--disable-tqdm", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        slos = parse_goodput(args.goodput)
+        requests = make_requests(args)
+        arrival_offsets(0, args.request_rate, args.burstiness)  # validates both
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        parser.error("--max-concurrency must be at least 1")
+    _raise_open_file_limit()
+    try:
+        results, duration = asyncio.run(run_benchmark(args, requests))
+    except (httpx.HTTPError, SetupError) as exc:  # the calls before the clock starts
+        sys.exit(f"serve_bench: {args.base_url}: {type(exc).__name__}: {exc}")
+    record = result_record(args, results, duration, slos)
+    print(format_table(record))
+    if args.result_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.result_json)), exist_ok=True)
+        with open(args.result_json, "w") as f:
+            json.dump(record, f, indent=1)
+    return record
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main()["completed"] else 1)
