@@ -22,6 +22,7 @@ from engine.config import EngineArgs
 from engine.llm_engine import EngineStats, LLMEngine, PromptType
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.tensor_parallel import TensorParallelError
 
 logger = logging.getLogger("engine")
 
@@ -229,11 +230,13 @@ class AsyncLLMEngine:
         self._post(_Abort(None, RequestAbortedError(reason)))
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Abort what is in flight and stop the step loop thread (waits for the current step)."""
+        """Abort what is in flight, stop the step loop thread (waits for the current step), then the
+        engine's worker processes."""
         self._stopping = True
         self._wakeup.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
+        self.engine.shutdown()
 
     def _post(self, item: _Add | _Abort) -> None:
         with self._inbox_lock:
@@ -314,6 +317,8 @@ class AsyncLLMEngine:
             logger.exception("engine step failed; failing the %d requests in flight", len(self._streams))
             self._abort(_Abort(None, error))
             self._stats = self.engine.get_stats()
+            if isinstance(error, TensorParallelError):  # no step can run again: stop, and answer 503
+                self._stopping = True
             return
         # Stats first: whoever sees an output then sees load figures at least as fresh.
         self._stats = self.engine.get_stats()

@@ -41,11 +41,11 @@ class EngineArgs:
     seed: int = 0  # seed of the engine's random generator (unseeded requests draw from it)
     enforce_eager: bool = False  # no torch.compile, no CUDA graphs
     compile_model: bool = True  # torch.compile the forward (CUDA graphs need not: they capture the eager model when off)
-    tensor_parallel_size: int = 1  # GPUs to split each layer across
+    tensor_parallel_size: int = 1  # devices (one process each) to split each layer across; on CPU, processes
     quantization: str | None = None  # weight quantization method
     enable_prefix_caching: bool = False  # reuse KV blocks of earlier prompts with the same prefix
     num_gpu_blocks_override: int | None = None  # exact number of KV blocks, bypassing the memory budget
-    kv_cache_memory: int | None = None  # bytes for the KV cache on CPU (default 4 GiB), or on GPU instead of gpu_memory_utilization
+    kv_cache_memory: int | None = None  # bytes for the KV cache per rank on CPU (default 4 GiB), or on GPU instead of gpu_memory_utilization
     attention_backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU), "triton", "xformers" or "torch"
     device: str = "auto"  # "auto", "cuda" or "cpu"
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for
@@ -62,8 +62,8 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet (planned: issue 'Tensor parallelism')")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if self.quantization is not None:
             raise ValueError(f"quantization={self.quantization!r} is not supported yet; only unquantized checkpoints load")
         if self.max_num_batched_tokens is None:
@@ -104,12 +104,37 @@ class ModelConfig:
         if not args.model:
             raise ValueError("no model given: pass a checkpoint directory (model=... / --model)")
         hf_config = AutoConfig.from_pretrained(args.model)
+        check_tensor_parallel_sizes(hf_config, args.tensor_parallel_size)
         dtype = _resolve_dtype(args.dtype, hf_config, device)
         max_model_len = _resolve_max_model_len(args.max_model_len, hf_config)
         generation = _read_generation_config(args.model)
         eos = generation.get("eos_token_id", hf_config.eos_token_id)
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         return cls(args.model, hf_config, dtype, max_model_len, eos_ids, generation)
+
+
+def check_tensor_parallel_sizes(hf_config: PretrainedConfig, tp_size: int) -> None:
+    """Fail before any worker starts when the model cannot be split `tp_size` ways: query heads and
+    the MLP's intermediate size must divide; KV heads must divide, or (fewer KV heads than ranks)
+    divide tp_size so that each is replicated on the same number of ranks. The vocabulary needs no
+    check: its last shard is zero-padded."""
+    if tp_size == 1:
+        return
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads % tp_size:
+        raise ValueError(f"the model's {heads} attention heads cannot be split over tensor_parallel_size={tp_size} ranks "
+                         f"({heads} is not divisible by {tp_size})")
+    if kv_heads >= tp_size and kv_heads % tp_size:
+        raise ValueError(f"the model's {kv_heads} KV heads cannot be split over tensor_parallel_size={tp_size} ranks "
+                         f"({kv_heads} is not divisible by {tp_size})")
+    if kv_heads < tp_size and tp_size % kv_heads:
+        raise ValueError(f"the model's {kv_heads} KV heads cannot be replicated over tensor_parallel_size={tp_size} ranks "
+                         f"({tp_size} is not a multiple of {kv_heads})")
+    intermediate = hf_config.intermediate_size
+    if intermediate % tp_size:
+        raise ValueError(f"the model's intermediate_size {intermediate} cannot be split over tensor_parallel_size={tp_size} "
+                         f"ranks ({intermediate} is not divisible by {tp_size})")
 
 
 def _resolve_dtype(name: str, hf_config: PretrainedConfig, device: torch.device) -> torch.dtype:

@@ -99,6 +99,11 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
         return cls(args)
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to do with one rank); a tensor-parallel
+        engine runs no more steps after this. Process exit does it too."""
+        self.runner.shutdown()
+
     # ---- requests in -----------------------------------------------------------------------------
 
     def add_request(

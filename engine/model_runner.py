@@ -8,17 +8,20 @@ token's K/V go and what each sequence attends over.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from engine.config import EngineArgs, ModelConfig
 from engine.outputs import Logprob, PositionLogprobs
 from engine.sampler import SamplingBatch, sample
 from engine.scheduler import ScheduledSequence
+from engine.tensor_parallel import TensorParallelWorkers
 from engine.weight_loader import load_model
 from graphs.compile import compile_model, num_compiled_graphs
 from graphs.cuda_graph import CudaGraphRunner, default_batch_sizes
@@ -44,25 +47,44 @@ class PreparedBatch:
     metadata: AttentionMetadata
     sample_rows: list[int]  # flat index of the last token of each sequence that samples
     prompt_logprob_rows: list[tuple[int, list[int], list[int]]]  # (scheduled index, flat rows, target tokens)
+    logits_rows: torch.Tensor | None  # sample_rows then every prompt-logprob row; None when no row needs logits
 
 
 class ModelRunner:
-    def __init__(self, args: EngineArgs, model_config: ModelConfig, device: torch.device):
+    """One rank's model shard and KV cache. With tensor parallelism every rank has one; rank 0's also
+    prepares each step, starts the other ranks (`TensorParallelWorkers`) and samples."""
+
+    def __init__(self, args: EngineArgs, model_config: ModelConfig, device: torch.device, tp_rank: int = 0):
         self.args = args
         self.model_config = model_config
         self.device = device
         self.block_size = args.block_size
+        self.tp_rank, self.tp_size = tp_rank, args.tensor_parallel_size
         hf = model_config.hf_config
         self.num_layers = hf.num_hidden_layers
-        self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        total_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        self.num_kv_heads = max(1, total_kv_heads // self.tp_size)  # this rank's: its share, or one replicated head
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.attention_backend = args.resolve_attention_backend(device)
         self._check_attention_backend()
+        self.workers: TensorParallelWorkers | None = None
+        if self.tp_size > 1 and tp_rank == 0:
+            self.workers = TensorParallelWorkers(args, model_config, device)
+        with self.workers.lockstep() if self.workers is not None else contextlib.nullcontext():
+            self._load_and_allocate()
 
+    def _load_and_allocate(self) -> None:
+        """Load this rank's weights, size and allocate the KV cache, compile and capture graphs."""
+        args, model_config, device = self.args, self.model_config, self.device
         start = time.perf_counter()
-        self.model = load_model(model_config.model, hf, model_config.dtype, device, load_format=args.load_format)
+        self.model = load_model(model_config.model, model_config.hf_config, model_config.dtype, device,
+                                self.tp_rank, self.tp_size, load_format=args.load_format)
         logger.info("loaded %s in %.1f s (%s, %s)", model_config.model, time.perf_counter() - start, model_config.dtype, device)
         self.num_blocks = self._num_kv_blocks()
+        if self.tp_size > 1:  # every rank must hold every block the scheduler hands out
+            fewest = torch.tensor([self.num_blocks], device=device)
+            dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+            self.num_blocks = int(fewest.item())
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         max_blocks_per_seq = -(-model_config.max_model_len // self.block_size)
         logger.info(
@@ -162,24 +184,44 @@ class ModelRunner:
             for _ in range(self.num_layers)
         ]
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers and leave the process group (nothing to do with one rank)."""
+        if self.workers is not None:
+            self.graph_runner = None  # the graphs hold collectives of the group about to go
+            self.workers.shutdown()
+
     # ---- one step --------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence], eos_token_ids: set[int]) -> ModelRunnerOutput:
         batch = self._prepare(scheduled)
-        meta = batch.metadata
+        inputs = (batch.input_ids, batch.positions, batch.metadata, batch.logits_rows)
+        if self.workers is None:
+            logits = self.execute_model(*inputs)
+        else:
+            with self.workers.step(*inputs):  # the workers run the same, in lockstep
+                logits = self.execute_model(*inputs)
+        out = ModelRunnerOutput()
+        if logits is not None:
+            num_sampled = len(batch.sample_rows)
+            self._sample(logits[:num_sampled], batch, scheduled, eos_token_ids, out)
+            self._prompt_logprobs(logits[num_sampled:], batch, scheduled, out)
+        return out
+
+    @torch.inference_mode()
+    def execute_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                      logits_rows: torch.Tensor | None) -> torch.Tensor | None:
+        """What every tensor-parallel rank runs in lockstep, the same way (its collectives inside):
+        the forward, then the float32 logits of `logits_rows` (None: no row needs them)."""
         graphs = self.graph_runner
         if graphs is not None and meta.max_query_len == 1 and meta.num_seqs <= graphs.max_batch_size:
-            hidden = graphs.run(batch.input_ids, batch.positions, meta)
+            hidden = graphs.run(input_ids, positions, meta)
         else:
             # A one-token batch runs uncompiled: dynamo would specialize size 1 and compile again.
-            forward = self.model if batch.input_ids.shape[0] == 1 else self.forward
+            forward = self.model if input_ids.shape[0] == 1 else self.forward
             with set_forward_context(ForwardContext(meta, self.kv_caches, self.attention_backend)):
-                hidden = forward(batch.input_ids, batch.positions)
-        out = ModelRunnerOutput()
-        self._sample(hidden, batch, scheduled, eos_token_ids, out)
-        self._prompt_logprobs(hidden, batch, scheduled, out)
-        return out
+                hidden = forward(input_ids, positions)
+        return None if logits_rows is None else self.model.compute_logits(hidden[logits_rows])
 
     def _prepare(self, scheduled: list[ScheduledSequence]) -> PreparedBatch:
         bs = self.block_size
@@ -228,20 +270,20 @@ class ModelRunner:
             query_start_loc_cpu=query_start_cpu,
             seq_lens_cpu=seq_lens_cpu,
         )
+        logits_rows = sample_rows + [row for _, rows, _ in prompt_rows for row in rows]
         return PreparedBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True),
             positions=torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True),
             metadata=metadata,
             sample_rows=sample_rows,
             prompt_logprob_rows=prompt_rows,
+            logits_rows=torch.tensor(logits_rows, device=dev) if logits_rows else None,
         )
 
-    def _sample(self, hidden, batch: PreparedBatch, scheduled, eos_token_ids, out: ModelRunnerOutput) -> None:
+    def _sample(self, logits, batch: PreparedBatch, scheduled, eos_token_ids, out: ModelRunnerOutput) -> None:
         if not batch.sample_rows:
             return
         seqs = [s.seq for s in scheduled if s.samples]
-        rows = torch.tensor(batch.sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden[rows]).float()
         sampling = SamplingBatch(
             params=[seq.params for seq in seqs],
             generators=[seq.generator for seq in seqs],
@@ -262,11 +304,13 @@ class ModelRunner:
                 continue
             out.logprobs[seq.seq_id] = _position_logprobs(result.token_ids[i], chosen[i], ranks[i], top_vals[i][:k], top_ids[i][:k])
 
-    def _prompt_logprobs(self, hidden, batch: PreparedBatch, scheduled, out: ModelRunnerOutput) -> None:
+    def _prompt_logprobs(self, logits, batch: PreparedBatch, scheduled, out: ModelRunnerOutput) -> None:
+        start = 0
         for index, rows, targets in batch.prompt_logprob_rows:
             seq = scheduled[index].seq
             k = min(seq.params.prompt_logprobs, self.args.max_logprobs)
-            logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]).float(), dim=-1)
+            logprobs = torch.log_softmax(logits[start : start + len(rows)], dim=-1)
+            start += len(rows)
             target = torch.tensor(targets, device=self.device)[:, None]
             chosen = logprobs.gather(1, target)
             ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()

@@ -1,0 +1,255 @@
+"""Tensor parallelism over worker processes (gloo on CPU, the same code as NCCL on GPUs): TP=2 and
+TP=4 give the tokens TP=1 and transformers give, on every architecture; the server runs it; sizes
+that cannot be split are refused by name; and no worker outlives its engine, however it ends."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import openai
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+from engine import LLM, EngineArgs, SamplingParams
+from engine import tensor_parallel
+from engine.config import check_tensor_parallel_sizes
+from engine.demo_model import build_tiny_checkpoint
+from engine.tensor_parallel import TensorParallelError
+from tests.test_engine import hf_greedy, random_prompts
+from tests.test_server import ServerProcess
+
+# Block size 4 and a 24-token budget per step: prompts span many blocks, long ones are prefilled in
+# chunks, and decodes share steps with prompt chunks.
+ENGINE = dict(block_size=4, max_model_len=256, max_num_batched_tokens=24, num_gpu_blocks_override=512, seed=0)
+PROMPTS = random_prompts([1, 6, 19, 45], seed=7)
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_checkpoints, tmp_path_factory) -> dict[str, str]:
+    """One tiny model per architecture, between them every way a layer is split:
+    llama3-tied: a vocabulary (1001) no rank count divides, so the last embedding shard is padded;
+    tied embeddings; biases on q/k/v/o and the MLP (row-parallel biases added once).
+    qwen2: q/k/v biases, 4 query heads and 2 KV heads: one KV head per rank.
+    qwen3-one-kv-head: q/k norms and a single KV head, replicated on both ranks."""
+    qwen3 = build_tiny_checkpoint(str(tmp_path_factory.mktemp("qwen3-1kv")), "Qwen3ForCausalLM", seed=2,
+                                  head_dim=32, num_key_value_heads=1)
+    return {"llama3-tied": tiny_checkpoints["llama3-tied"], "qwen2": tiny_checkpoints["qwen2"], "qwen3-one-kv-head": qwen3}
+
+
+def running(pid: int) -> bool:
+    """Whether a process still runs (a zombie has ended: only its exit status waits to be read)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def assert_gone(pids: list[int], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while alive := [pid for pid in pids if running(pid)]:
+        assert time.monotonic() < deadline, f"worker processes {alive} still run {timeout_s} s after their engine ended"
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def tensor_parallel_llm(path: str, tp_size: int, **kwargs):
+    llm = LLM(path, tensor_parallel_size=tp_size, **{**ENGINE, **kwargs})
+    pids = llm.llm_engine.runner.workers.pids
+    assert len(pids) == tp_size - 1 and all(running(pid) for pid in pids)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.shutdown()
+    assert_gone(pids)
+    assert not dist.is_initialized()
+
+
+def generate(llm: LLM, params: SamplingParams = GREEDY):
+    return llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+
+
+def assert_same_logprobs(want: dict, got: dict) -> None:
+    assert want.keys() == got.keys()
+    for token in want:
+        assert got[token].logprob == pytest.approx(want[token].logprob, abs=1e-4)
+
+
+def assert_same_outputs(want, got) -> None:
+    """Same greedy tokens, and the same logprobs of them and of the prompts."""
+    for a, b in zip(want, got):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert_same_logprobs(x, y)
+        assert a.prompt_logprobs[0] is None and b.prompt_logprobs[0] is None
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert_same_logprobs(x, y)
+
+
+@pytest.mark.parametrize("name", ["llama3-tied", "qwen2", "qwen3-one-kv-head"])
+def test_two_ranks_give_the_tokens_of_one_rank_and_of_transformers(checkpoints, name):
+    path = checkpoints[name]
+    single = LLM(path, **ENGINE)
+    assert single.llm_engine.runner.workers is None and not dist.is_initialized()  # TP=1: no process, no group
+    want = generate(single)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt, output in zip(PROMPTS, want):
+        assert output.outputs[0].token_ids == hf_greedy(hf, prompt, GREEDY.max_tokens)
+
+    with tensor_parallel_llm(path, 2) as llm:
+        runner = llm.llm_engine.runner
+        assert runner.kv_caches[0][0].shape[2] == 1  # this rank's KV heads: half of 2, or the one replicated
+        assert runner.num_blocks == single.llm_engine.runner.num_blocks
+        whole = sum(p.numel() for p in single.llm_engine.runner.model.parameters())
+        assert sum(p.numel() for p in runner.model.parameters()) < 0.6 * whole  # rank 0 holds its shard only
+        assert_same_outputs(want, generate(llm))
+
+
+def test_four_ranks_on_eight_heads_and_four_kv_heads(tmp_path):
+    path = build_tiny_checkpoint(str(tmp_path / "llama-8h"), "LlamaForCausalLM", seed=4, num_attention_heads=8,
+                                 num_key_value_heads=4, intermediate_size=256)
+    want = generate(LLM(path, **ENGINE))
+    with tensor_parallel_llm(path, 4) as llm:
+        assert llm.llm_engine.runner.kv_caches[0][0].shape[2] == 1
+        assert_same_outputs(want, generate(llm))
+
+
+def test_sizes_that_cannot_be_split_are_refused_by_name_before_any_worker_starts(checkpoints):
+    with pytest.raises(ValueError, match=r"4 attention heads cannot be split over tensor_parallel_size=3 ranks "
+                                         r"\(4 is not divisible by 3\)"):
+        LLM(checkpoints["qwen2"], tensor_parallel_size=3)
+    assert not dist.is_initialized()
+
+    def config(heads=8, kv_heads=8, intermediate=512):
+        return SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate)
+
+    with pytest.raises(ValueError, match=r"6 KV heads cannot be split over tensor_parallel_size=4 ranks \(6 is not divisible by 4\)"):
+        check_tensor_parallel_sizes(config(kv_heads=6), 4)
+    with pytest.raises(ValueError, match=r"3 KV heads cannot be replicated over tensor_parallel_size=4 ranks "
+                                         r"\(4 is not a multiple of 3\)"):
+        check_tensor_parallel_sizes(config(kv_heads=3), 4)
+    with pytest.raises(ValueError, match=r"intermediate_size 500 cannot be split over tensor_parallel_size=8 ranks"):
+        check_tensor_parallel_sizes(config(intermediate=500), 8)
+    check_tensor_parallel_sizes(config(kv_heads=2), 8)  # 2 KV heads, each on 4 of the 8 ranks
+    with pytest.raises(ValueError, match="tensor_parallel_size must be at least 1, got 0"):
+        EngineArgs(model="x", tensor_parallel_size=0)
+
+
+def _failing_worker(method: str, failing_call: int, *args) -> None:
+    """A worker (spawned: it runs in its own process) whose ModelRunner `method` raises the
+    `failing_call`-th time it is called."""
+    from engine.model_runner import ModelRunner
+
+    original, calls = getattr(ModelRunner, method), []
+
+    def failing(self, *inputs):
+        calls.append(None)
+        if len(calls) == failing_call:
+            raise RuntimeError(f"injected failure in {method}")
+        return original(self, *inputs)
+
+    setattr(ModelRunner, method, failing)
+    tensor_parallel.run_worker(*args)
+
+
+def _worker_failing_at_start(*args) -> None:
+    _failing_worker("_load_and_allocate", 1, *args)
+
+
+def _worker_failing_on_its_third_step(*args) -> None:
+    _failing_worker("execute_model", 3, *args)
+
+
+def test_a_worker_exception_at_start_fails_the_engine_with_its_error(checkpoints, monkeypatch):
+    monkeypatch.setattr(tensor_parallel, "run_worker", _worker_failing_at_start)
+    with pytest.raises(TensorParallelError, match=r"tensor-parallel worker rank 1 failed: RuntimeError: injected "
+                                                  r"failure in _load_and_allocate; every worker was stopped"):
+        LLM(checkpoints["qwen2"], tensor_parallel_size=2, **ENGINE)
+    assert not multiprocessing.active_children()
+    assert not dist.is_initialized()
+
+
+def test_a_worker_exception_in_a_step_fails_it_with_its_error_and_ends_every_worker(checkpoints, monkeypatch):
+    monkeypatch.setattr(tensor_parallel, "run_worker", _worker_failing_on_its_third_step)
+    llm = LLM(checkpoints["qwen2"], tensor_parallel_size=2, **ENGINE)
+    pids = llm.llm_engine.runner.workers.pids
+    with pytest.raises(TensorParallelError, match=r"tensor-parallel worker rank 1 failed: RuntimeError: injected "
+                                                  r"failure in execute_model; every worker was stopped"):
+        generate(llm)
+    assert_gone(pids)
+    assert not dist.is_initialized()
+    with pytest.raises(TensorParallelError, match="worker rank 1 failed"):  # at once, not a hang
+        generate(llm)
+    llm.llm_engine.shutdown()
+
+
+def test_a_process_whose_default_group_is_taken_gets_a_clear_error(checkpoints):
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="one such engine per process"):
+            LLM(checkpoints["qwen2"], tensor_parallel_size=2, **ENGINE)
+    finally:
+        dist.destroy_process_group()
+
+
+# A script that keeps a TP=2 engine busy; it prints its workers' pids first.
+BUSY_SCRIPT = """
+import sys
+from engine import LLM, SamplingParams
+llm = LLM(sys.argv[1], tensor_parallel_size=2, max_model_len=256, num_gpu_blocks_override=256)
+print("workers", *llm.llm_engine.runner.workers.pids, flush=True)
+while True:
+    llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=64, ignore_eos=True), use_tqdm=False)
+"""
+
+
+def busy_engine_process(path: str) -> tuple[subprocess.Popen, list[int]]:
+    proc = subprocess.Popen([sys.executable, "-c", BUSY_SCRIPT, path], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    line = proc.stdout.readline()
+    assert line.startswith("workers"), f"the engine did not start: {line!r}"
+    time.sleep(0.5)  # generating now
+    return proc, [int(pid) for pid in line.split()[1:]]
+
+
+@pytest.mark.parametrize("how", ["SIGKILL to the engine's process", "Ctrl-C to its process group"])
+def test_no_worker_outlives_an_engine_process_that_ends(checkpoints, how):
+    proc, pids = busy_engine_process(checkpoints["qwen2"])
+    if how.startswith("SIGKILL"):
+        proc.kill()  # no atexit, no finally: the workers notice their parent is gone
+    else:
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: every process of the group gets it
+    assert proc.wait(timeout=30) != 0
+    assert_gone(pids)
+
+
+def test_the_server_with_tensor_parallel_size_2_answers_the_openai_client(checkpoints, tmp_path):
+    path = checkpoints["llama3-tied"]
+    prompt = PROMPTS[2]
+    want = LLM(path, **ENGINE).generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)[0].outputs[0]
+    server = ServerProcess(tmp_path / "server.log", "--model", path, "--served-model-name", "tiny",
+                           "--tensor-parallel-size", "2", "--max-model-len", "256", "--block-size", "4",
+                           "--num-gpu-blocks-override", "512")
+    try:
+        pids = [int(pid) for pid in re.search(r"worker pids \[([\d, ]+)\]", server.log()).group(1).split(",")]
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        completion = client.completions.create(model="tiny", prompt=prompt, max_tokens=GREEDY.max_tokens,
+                                               temperature=0, extra_body={"ignore_eos": True})
+        assert completion.choices[0].text == want.text
+        assert completion.usage.completion_tokens == len(want.token_ids)
+    finally:
+        exit_code = server.stop()
+    assert exit_code == 0, server.log()
+    assert_gone(pids)
