@@ -196,16 +196,15 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledSequence], eos_token_ids: set[int]) -> ModelRunnerOutput:
         batch = self._prepare(scheduled)
         inputs = (batch.input_ids, batch.positions, batch.metadata, batch.logits_rows)
-        if self.workers is None:
+        # With tensor parallelism the workers run the same step in lockstep; sampling is inside, as
+        # its wait for the device is where a worker's failure in an asynchronous (NCCL) step shows.
+        with self.workers.step(*inputs) if self.workers is not None else contextlib.nullcontext():
             logits = self.execute_model(*inputs)
-        else:
-            with self.workers.step(*inputs):  # the workers run the same, in lockstep
-                logits = self.execute_model(*inputs)
-        out = ModelRunnerOutput()
-        if logits is not None:
-            num_sampled = len(batch.sample_rows)
-            self._sample(logits[:num_sampled], batch, scheduled, eos_token_ids, out)
-            self._prompt_logprobs(logits[num_sampled:], batch, scheduled, out)
+            out = ModelRunnerOutput()
+            if logits is not None:
+                num_sampled = len(batch.sample_rows)
+                self._sample(logits[:num_sampled], batch, scheduled, eos_token_ids, out)
+                self._prompt_logprobs(logits[num_sampled:], batch, scheduled, out)
         return out
 
     @torch.inference_mode()

@@ -208,6 +208,10 @@ class TensorParallelWorkers:
                 conn.send_bytes(header)
             dist.broadcast(payload, src=0)
             yield
+            if self.failure is not None:
+                # On NCCL a dead worker's collectives were aborted, not failed: this step's results
+                # are garbage even though nothing raised.
+                raise TensorParallelError(self.failure)
 
     @contextlib.contextmanager
     def lockstep(self) -> Iterator[None]:

@@ -99,6 +99,7 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         attention_backend=args.attention_backend,
         enable_prefix_caching=args.enable_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     startup = time.perf_counter() - start
     params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=m) for m in max_tokens]
@@ -125,8 +126,9 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
     decode_rates.sort()
     stats = llm.llm_engine.get_stats()
     hits_before, queries_before = llm_stats_before
-    return {
+    result = {
         "system": "engine",
+        "tensor_parallel_size": args.tensor_parallel_size,
         "elapsed_s": elapsed,
         "requests": len(prompts),
         "prompt_tokens": in_tokens,
@@ -149,6 +151,8 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         "compiled": runner.forward is not runner.model,
         "step_timings": {k: v - timings_before[k] for k, v in llm.llm_engine.timings.as_dict().items()},
     }
+    llm.llm_engine.shutdown()  # tensor-parallel workers: the next engine of this process needs the group
+    return result
 
 
 def run_transformers(args, model_dir: str, dummy: bool, prompts, max_tokens) -> dict:
@@ -209,6 +213,7 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs 0..N-1, one worker process each")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="CUDA graphs around the eager model, no torch.compile")

@@ -253,3 +253,67 @@ def test_the_server_with_tensor_parallel_size_2_answers_the_openai_client(checkp
         exit_code = server.stop()
     assert exit_code == 0, server.log()
     assert_gone(pids)
+
+
+# ---- GPUs: NCCL, torch.compile with the collectives, CUDA graphs with the all-reduce inside ----------
+# (`python -m pytest -m gpu tests/test_tensor_parallel.py` on a machine with 2 GPUs)
+
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+GPU_ENGINE = dict(dtype="float32", max_model_len=512, max_num_seqs=32, cuda_graph_sizes=[2, 4, 8, 16],
+                  num_gpu_blocks_override=2048)
+GPU_GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+GPU_BATCH_SIZES = [1, 3, 17]  # graph buckets 2 and 4, and past the largest bucket (compiled, no graph)
+
+
+@pytest.fixture(scope="module")
+def gpu_checkpoint(tmp_path_factory) -> str:
+    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("gpu-llama")), "LlamaForCausalLM", seed=3,
+                                 hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
+                                 head_dim=64)
+
+
+def gpu_generate(llm: LLM, batch_size: int) -> list[list[int]]:
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([1 + 7 * i % 90 for i in range(batch_size)], seed=batch_size)]
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GPU_GREEDY, use_tqdm=False)]
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+@pytest.mark.parametrize("compile_model", [True, False], ids=["compiled", "graphs-of-eager"])
+def test_gpu_two_ranks_with_graphs_give_the_tokens_of_one_rank(gpu_checkpoint, compile_model):
+    one = LLM(gpu_checkpoint, compile_model=compile_model, **GPU_ENGINE)
+    want = {n: gpu_generate(one, n) for n in GPU_BATCH_SIZES}
+    del one
+    torch.cuda.empty_cache()
+    llm = LLM(gpu_checkpoint, tensor_parallel_size=2, compile_model=compile_model, **GPU_ENGINE)
+    pids = llm.llm_engine.runner.workers.pids
+    try:
+        runner = llm.llm_engine.runner
+        assert sorted(runner.graph_runner.graphs) == GPU_ENGINE["cuda_graph_sizes"]
+        for n in GPU_BATCH_SIZES:
+            assert gpu_generate(llm, n) == want[n], f"batch of {n}"
+        assert runner.recompiles_since_warmup() == 0
+    finally:
+        start = time.monotonic()
+        llm.llm_engine.shutdown()  # NCCL teardown after graphs that captured its collectives
+        stop_s = time.monotonic() - start
+    assert stop_s < 30
+    assert_gone(pids)
+    assert not dist.is_initialized()
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+def test_gpu_a_worker_exception_in_a_step_fails_it_without_a_hang(gpu_checkpoint, monkeypatch):
+    """On NCCL rank 0 would wait forever on the dead worker's all-reduce: its monitor aborts the
+    group. (Last in the file: if the NCCL watchdog took the process down instead, nothing after it
+    would run.)"""
+    monkeypatch.setattr(tensor_parallel, "run_worker", _worker_failing_on_its_third_step)
+    llm = LLM(gpu_checkpoint, tensor_parallel_size=2, **GPU_ENGINE)
+    pids = llm.llm_engine.runner.workers.pids
+    start = time.monotonic()
+    with pytest.raises(TensorParallelError, match=r"worker rank 1 failed: RuntimeError: injected failure in execute_model"):
+        gpu_generate(llm, 3)
+    assert time.monotonic() - start < 60
+    assert_gone(pids)
+    llm.llm_engine.shutdown()
