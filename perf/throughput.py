@@ -127,15 +127,8 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
     stats = llm.llm_engine.get_stats()
     hits_before, queries_before = llm_stats_before
     result = {
-        "system": "engine",
+        **throughput_figures("engine", elapsed, len(prompts), in_tokens, out_tokens),
         "tensor_parallel_size": args.tensor_parallel_size,
-        "elapsed_s": elapsed,
-        "requests": len(prompts),
-        "prompt_tokens": in_tokens,
-        "output_tokens": out_tokens,
-        "output_tok_s": out_tokens / elapsed,
-        "total_tok_s": (in_tokens + out_tokens) / elapsed,
-        "req_s": len(prompts) / elapsed,
         "median_decode_tok_s_per_request": decode_rates[len(decode_rates) // 2] if decode_rates else None,
         "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "kv_blocks": runner.num_blocks,
@@ -185,16 +178,20 @@ def run_transformers(args, model_dir: str, dummy: bool, prompts, max_tokens) -> 
         start = time.perf_counter()
         out_tokens = run(prompts, max_tokens)
         elapsed = time.perf_counter() - start
-    in_tokens = sum(len(p) for p in prompts)
+    return throughput_figures("transformers", elapsed, len(prompts), sum(len(p) for p in prompts), out_tokens)
+
+
+def throughput_figures(system: str, elapsed: float, requests: int, in_tokens: int, out_tokens: int) -> dict:
+    """The figures every system compared reports, from one timed run."""
     return {
-        "system": "transformers",
+        "system": system,
         "elapsed_s": elapsed,
-        "requests": len(prompts),
+        "requests": requests,
         "prompt_tokens": in_tokens,
         "output_tokens": out_tokens,
         "output_tok_s": out_tokens / elapsed,
         "total_tok_s": (in_tokens + out_tokens) / elapsed,
-        "req_s": len(prompts) / elapsed,
+        "req_s": requests / elapsed,
     }
 
 
