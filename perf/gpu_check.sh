@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One device call: GPU tests and/or benchmarks. Logs and JSON land in $OUT.
+# First, here: bash perf/fetch_wheels.sh (wheels the device lacks; the call carries ".whl").
 # Usage (on the lent GPU, from the repo root): bash perf/gpu_check.sh STAGE...
 #   tests   pytest -m gpu
 #   nano    Qwen3-0.6B, nano workload (nano-nc: CUDA graphs without torch.compile)
 #   llama1  Llama-3.1-8B, batch 1, 128 in / 512 out
 #   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out
 #   hf      nano (first 64 requests) through the engine and transformers, same run
+#   prefix  Qwen3-0.6B, 256 requests sharing a 2,000-token prefix, caching off then on
 #   tp      (2 GPUs) tensor-parallel GPU tests, then Llama-3.1-8B batch-1 decode and fixed 1000 x 256 x 256 at TP=2
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -24,6 +26,7 @@ for stage in "$@"; do
     nano-nc) bench nano_qwen3_nocompile --model qwen3-0.6b --workload nano --no-compile ;;
     llama1) bench llama8b_bs1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
     llama) bench llama8b_fixed --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 ;;
+    prefix) bench prefix_qwen3 --model qwen3-0.6b --workload prefix --num-requests 256 --prefix-len 2000 --suffix-len 32 --output-len 32 ;;
     hf) bench nano64_vs_hf --model qwen3-0.6b --workload nano --limit 64 --compare-hf ;;
     tp) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -15
         bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Fetch, on this (networked) machine, the wheels the lent GPU lacks, into .whl/ (git-ignored);
+# perf/gpu_check.sh installs them there when the device call carries ".whl".
+# The device has Python 3.12 on x86-64, torch 2.11+cu130, transformers, httpx; no xformers,
+# starlette, uvicorn, msgspec, prometheus-client or openai (DESIGN.md, KINDS.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+fetch() {
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl "$@"
+}
+fetch xformers==0.0.35
+fetch starlette uvicorn h11 msgspec prometheus-client openai jiter distro
+ls -la .whl
