@@ -104,11 +104,15 @@ class RequestTracker:
         m = output.metrics
         if m is None or tokens <= self._seen_tokens or m.last_token_time is None:
             return
-        if self._last_token_time is not None:
-            # Several steps arrive as one output when the consumer lags: spread the gap over them.
-            gap = (m.last_token_time - self._last_token_time) / (tokens - self._seen_tokens)
-            for _ in range(tokens - self._seen_tokens):
-                self._metrics.inter_token_latency.observe(gap)
+        # Several steps arrive as one output when the consumer lags (the first output may already
+        # hold several tokens): spread the time since the last token seen over the new gaps.
+        if self._last_token_time is None:
+            since, gaps = m.first_token_time, tokens - 1
+        else:
+            since, gaps = self._last_token_time, tokens - self._seen_tokens
+        if gaps > 0 and since is not None:
+            for _ in range(gaps):
+                self._metrics.inter_token_latency.observe((m.last_token_time - since) / gaps)
         self._seen_tokens, self._last_token_time = tokens, m.last_token_time
 
     def end(self) -> None:

@@ -501,3 +501,25 @@ def test_sigterm_ends_in_flight_streams_and_exits_zero(llama_checkpoint, tmp_pat
         assert "got SIGTERM" in proc.log()
     finally:
         proc.stop()
+
+
+def test_inter_token_latency_counts_every_gap_even_when_outputs_arrive_merged():
+    import dataclasses
+
+    from api.metrics import RequestTracker, ServerMetrics
+    from engine import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+
+    stats = EngineStats(**{f.name: 0 for f in dataclasses.fields(EngineStats)})
+    metrics = ServerMetrics(lambda: stats)
+    tracker = RequestTracker(metrics)
+
+    def output(num_tokens: int, last_token_time: float) -> RequestOutput:
+        timing = RequestMetrics(arrival_time=0.0, first_scheduled_time=0.0, first_token_time=1.0, last_token_time=last_token_time)
+        completion = CompletionOutput(0, "", list(range(num_tokens)), None, None)
+        return RequestOutput("r", "p", [1], None, [completion], False, metrics=timing)
+
+    tracker.observe(output(3, 1.5))  # a lagging consumer: the first output already holds three tokens
+    tracker.observe(output(4, 1.75))
+    count = metrics.registry.get_sample_value("engine_inter_token_latency_seconds_count")
+    total = metrics.registry.get_sample_value("engine_inter_token_latency_seconds_sum")
+    assert count == 3 and total == pytest.approx(0.75)
