@@ -143,6 +143,7 @@ def _tensor_parallel_worker(rank: int, world_size: int, path: str, rendezvous: s
         with torch.no_grad(), set_forward_context(ForwardContext(None, [])):
             logits = model.compute_logits(model(torch.tensor(TP_PROMPT), torch.arange(len(TP_PROMPT))))
         torch.save(logits, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears its gloo pairs down while the other still uses them
     finally:
         dist.destroy_process_group()
 
