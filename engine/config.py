@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from engine.quantization import QUANTIZATION_METHODS, QuantizationConfig, resolve_quant_config
+
 logger = logging.getLogger("engine")
 
 _DTYPES = {
@@ -42,7 +44,7 @@ class EngineArgs:
     enforce_eager: bool = False  # no torch.compile, no CUDA graphs
     compile_model: bool = True  # torch.compile the forward (CUDA graphs need not: they capture the eager model when off)
     tensor_parallel_size: int = 1  # devices (one process each) to split each layer across; on CPU, processes
-    quantization: str | None = None  # weight quantization method
+    quantization: str | None = None  # "awq" or "gptq"; None: the checkpoint's (config.json quantization_config)
     enable_prefix_caching: bool = False  # reuse KV blocks of earlier prompts with the same prefix
     num_gpu_blocks_override: int | None = None  # exact number of KV blocks, bypassing the memory budget
     kv_cache_memory: int | None = None  # bytes for the KV cache per rank on CPU (default 4 GiB), or on GPU instead of gpu_memory_utilization
@@ -64,8 +66,9 @@ class EngineArgs:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
-        if self.quantization is not None:
-            raise ValueError(f"quantization={self.quantization!r} is not supported yet; only unquantized checkpoints load")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization={self.quantization!r} is not supported; supported: "
+                             f"{', '.join(QUANTIZATION_METHODS)} (or None: detected from the checkpoint)")
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 8192
 
@@ -94,6 +97,7 @@ class ModelConfig:
     max_model_len: int
     eos_token_ids: set[int] = field(default_factory=set)
     generation_defaults: dict = field(default_factory=dict)
+    quant_config: QuantizationConfig | None = None  # the checkpoint's weight quantization, if any
 
     @property
     def vocab_size(self) -> int:
@@ -106,11 +110,14 @@ class ModelConfig:
         hf_config = AutoConfig.from_pretrained(args.model)
         check_tensor_parallel_sizes(hf_config, args.tensor_parallel_size)
         dtype = _resolve_dtype(args.dtype, hf_config, device)
+        quant_config = resolve_quant_config(hf_config, args.quantization)
+        if quant_config is not None:
+            logger.info("quantized checkpoint: %s", quant_config)
         max_model_len = _resolve_max_model_len(args.max_model_len, hf_config)
         generation = _read_generation_config(args.model)
         eos = generation.get("eos_token_id", hf_config.eos_token_id)
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        return cls(args.model, hf_config, dtype, max_model_len, eos_ids, generation)
+        return cls(args.model, hf_config, dtype, max_model_len, eos_ids, generation, quant_config)
 
 
 def check_tensor_parallel_sizes(hf_config: PretrainedConfig, tp_size: int) -> None:

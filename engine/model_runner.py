@@ -78,7 +78,7 @@ class ModelRunner:
         args, model_config, device = self.args, self.model_config, self.device
         start = time.perf_counter()
         self.model = load_model(model_config.model, model_config.hf_config, model_config.dtype, device,
-                                self.tp_rank, self.tp_size, load_format=args.load_format)
+                                self.tp_rank, self.tp_size, model_config.quant_config, load_format=args.load_format)
         logger.info("loaded %s in %.1f s (%s, %s)", model_config.model, time.perf_counter() - start, model_config.dtype, device)
         self.num_blocks = self._num_kv_blocks()
         if self.tp_size > 1:  # every rank must hold every block the scheduler hands out

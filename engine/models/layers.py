@@ -248,6 +248,8 @@ class ColumnParallelLinear(LinearBase):
         if dim is None:
             return default_weight_loader(param, loaded_weight)
         offset, rows, ckpt_start, ckpt_rows = self.shard_layout(shard_id)
+        if getattr(param, "packed_dim", None) == dim:  # several outputs per stored element (int4 in int32)
+            offset, rows, ckpt_start, ckpt_rows = (n // param.pack_factor for n in (offset, rows, ckpt_start, ckpt_rows))
         expected = list(param.shape)
         expected[dim] = ckpt_rows
         _check_shape(expected, loaded_weight)
@@ -325,7 +327,7 @@ class RowParallelLinear(LinearBase):
             return default_weight_loader(param, loaded_weight)
         cols = param.shape[dim]
         expected = list(param.shape)
-        expected[dim] = self.input_size
+        expected[dim] = cols * self.tp_size  # the input size, or its packed / grouped length
         _check_shape(expected, loaded_weight)
         param.data.copy_(loaded_weight.narrow(dim, self.tp_rank * cols, cols))
 

@@ -1,0 +1,91 @@
+"""GPTQ (AutoGPTQ / GPTQModel checkpoints): 4-bit weights, per-group scales and zeros, act-order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.models.layers import RowParallelLinear
+from engine.quantization.base import QuantizationConfig, check_bits, check_divisible, config_value, quant_param
+from ops.quant_ref import PACK_FACTOR, gptq_matmul_ref
+
+GPTQ_GROUP_SIZES = (32, 64, 128, -1)  # -1: one group over the whole input
+GPTQ_FORMATS = ("gptq", "gptq_v2")  # v1 stores zero - 1 (AutoGPTQ's historical off-by-one), v2 the zero
+
+
+@dataclass
+class GPTQConfig(QuantizationConfig):
+    """qweight int32 [in/8, out], qzeros int32 [groups, out/8], scales fp16 [groups, out], g_idx int32 [in]."""
+
+    group_size: int  # inputs sharing one scale and zero; -1 for one group per output
+    desc_act: bool  # act-order: inputs were quantized in a permuted order, g_idx says each one's group
+    sym: bool  # symmetric (every zero is 8) or asymmetric; both store qzeros, which is all we read
+    checkpoint_format: str = "gptq"
+    name = "gptq"
+
+    @classmethod
+    def from_config(cls, config: dict) -> "GPTQConfig":
+        check_bits("gptq", config_value(config, ("bits",)))
+        group_size = config_value(config, ("group_size",))
+        if group_size not in GPTQ_GROUP_SIZES:
+            raise ValueError(f"gptq group_size {group_size} is not supported; supported: "
+                             f"{', '.join(map(str, GPTQ_GROUP_SIZES))}")
+        checkpoint_format = str(config.get("checkpoint_format", "gptq")).lower()
+        if checkpoint_format not in GPTQ_FORMATS:
+            raise ValueError(f"gptq checkpoint_format {checkpoint_format!r} is not supported; supported: "
+                             f"{', '.join(GPTQ_FORMATS)}")
+        return cls(group_size, bool(config.get("desc_act", False)), bool(config.get("sym", True)), checkpoint_format)
+
+    def get_linear_method(self, layer: nn.Module, prefix: str) -> "GPTQLinearMethod":
+        return GPTQLinearMethod(self)
+
+
+class GPTQLinearMethod:
+    """Creates a layer's GPTQ tensors (this rank's share) and multiplies by them.
+
+    Column-parallel layers split the output dim. Row-parallel ones split qweight and g_idx along the
+    input dim; scales and zeros go with them when each rank's inputs are whole groups in order, and
+    are kept whole on every rank when they are not (act-order, or one group over all inputs).
+    Fused q/k/v (gate/up) parts share their input, hence one act-order g_idx: it is checked.
+    """
+
+    def __init__(self, config: GPTQConfig):
+        self.config = config
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], weight_loader) -> None:
+        config = self.config
+        row_parallel = isinstance(layer, RowParallelLinear) and layer.tp_size > 1
+        full_input = layer.input_size if row_parallel else input_size
+        group_size = config.group_size if config.group_size != -1 else full_input
+        check_divisible(input_size, PACK_FACTOR, "input size per rank", "gptq packs 8 inputs per int32")
+        check_divisible(full_input, group_size, "input size", "the gptq group size")
+        for size in output_sizes:
+            check_divisible(size, PACK_FACTOR, "output size per rank", "gptq packs 8 zeros per int32")
+        shard_groups = row_parallel and not config.desc_act and config.group_size != -1
+        if shard_groups:
+            check_divisible(input_size, group_size, "input size per rank", "the gptq group size")
+        groups = (input_size if shard_groups else full_input) // group_size
+        groups_dim = 0 if shard_groups else None
+        out = sum(output_sizes)
+        quant_param(layer, "qweight", (input_size // PACK_FACTOR, out), torch.int32, 0, 1, weight_loader,
+                    packed_dim=0, pack_factor=PACK_FACTOR)
+        quant_param(layer, "qzeros", (groups, out // PACK_FACTOR), torch.int32, groups_dim, 1, weight_loader,
+                    packed_dim=1, pack_factor=PACK_FACTOR)
+        quant_param(layer, "scales", (groups, out), torch.float16, groups_dim, 1, weight_loader)
+        first_group = layer.tp_rank * groups if shard_groups else 0
+
+        def load_g_idx(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+            previous = param.data.clone() if getattr(param, "loaded", False) else None
+            weight_loader(param, loaded_weight, shard_id)
+            param.data -= first_group  # this rank's scales and zeros start at its first group
+            if previous is not None and not torch.equal(previous, param.data):
+                raise ValueError("the fused parts of this layer have different g_idx (act-order); they must share one")
+            param.loaded = True
+
+        quant_param(layer, "g_idx", (input_size,), torch.int32, 0 if row_parallel else None, None, load_g_idx)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return gptq_matmul_ref(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
+                               zeros_minus_one=self.config.checkpoint_format == "gptq", bias=bias)

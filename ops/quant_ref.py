@@ -1,0 +1,73 @@
+"""Pure-torch reference for 4-bit weight-only quantized matmuls (AWQ and GPTQ on-disk layouts).
+
+It unpacks the int32 words into integers, dequantizes to a float weight and multiplies: slow, but
+it is the CPU path and the oracle the fused GPU kernels are checked against.
+
+Both formats store 8 nibbles per int32, least significant nibble first, and dequantize as
+``w = (q - zero) * scale`` with one scale and one zero per (group of inputs, output):
+
+- AWQ (AutoAWQ "GEMM"): ``qweight`` [in, out/8] and ``qzeros`` [in/group, out/8] pack along the
+  output dim in AutoAWQ's interleaved order: nibble i of word c holds output ``8c + AWQ_ORDER[i]``.
+  ``scales`` [in/group, out]. Zeros are stored as they are.
+- GPTQ (AutoGPTQ / GPTQModel): ``qweight`` [in/8, out] packs 8 consecutive inputs per word,
+  ``qzeros`` [groups, out/8] 8 consecutive outputs per word, ``scales`` [groups, out], and ``g_idx``
+  [in] names each input's group (arbitrary with act-order). The "gptq" (v1) format stores
+  ``zero - 1``: add 1 when unpacking; "gptq_v2" stores the zero itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a packed word holds output AWQ_ORDER[i]
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # output j sits in nibble AWQ_REVERSE_ORDER[j]
+PACK_FACTOR = 8  # 4-bit values per int32
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """int32 words -> int32 values in [0, 15], nibbles laid out sequentially along `dim` (8x longer)."""
+    nibbles = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 0xF  # [..., 8] on a new last dim
+    dim = dim % packed.ndim
+    nibbles = nibbles.movedim(-1, dim + 1)  # each word's 8 values right after that word's index
+    return nibbles.flatten(dim, dim + 1)
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """AWQ qweight [in, out/8] or qzeros [groups, out/8] -> int32 [in or groups, out] in output order."""
+    values = unpack_int4(packed, dim=-1)
+    rows, cols = values.shape
+    return values.view(rows, cols // PACK_FACTOR, PACK_FACTOR)[:, :, list(AWQ_REVERSE_ORDER)].reshape(rows, cols)
+
+
+def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The float32 weight [in, out] of an AWQ GEMM layer."""
+    q, zeros = unpack_awq(qweight), unpack_awq(qzeros)
+    groups = torch.arange(q.shape[0], device=q.device) // group_size
+    return (q - zeros[groups]).float() * scales[groups].float()
+
+
+def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                    zeros_minus_one: bool = True) -> torch.Tensor:
+    """The float32 weight [in, out] of a GPTQ layer; `zeros_minus_one` for the v1 ("gptq") format."""
+    q = unpack_int4(qweight, dim=0)
+    zeros = unpack_int4(qzeros, dim=-1) + int(zeros_minus_one)
+    groups = g_idx.long()
+    return (q - zeros[groups]).float() * scales[groups].float()
+
+
+def _matmul(x: torch.Tensor, weight_in_out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = x @ weight_in_out.to(x.dtype)
+    return out if bias is None else out + bias
+
+
+def awq_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                   group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ dequantized AWQ weight -> [..., out] in x's dtype."""
+    return _matmul(x, dequantize_awq(qweight, qzeros, scales, group_size), bias)
+
+
+def gptq_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                    g_idx: torch.Tensor, zeros_minus_one: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ dequantized GPTQ weight -> [..., out] in x's dtype."""
+    return _matmul(x, dequantize_gptq(qweight, qzeros, scales, g_idx, zeros_minus_one), bias)

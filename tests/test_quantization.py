@@ -1,0 +1,190 @@
+"""Quantized checkpoints (AWQ, GPTQ 4-bit) on the CPU reference path: the packer writes each on-disk
+layout from fake-quantized weights, loading gives those weights back bit-exactly (whole, or split
+over tensor-parallel ranks), the engine then generates what transformers generates on the same
+dequantized weights, and flags or settings that do not fit are refused by name."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from engine import LLM, EngineArgs, SamplingParams
+from engine.models.registry import get_model_class
+from engine.quantization import AWQConfig, GPTQConfig, resolve_quant_config
+from engine.quantization.pack import pack_awq, pack_int4, quantize_int4, write_quantized_checkpoint
+from engine.weight_loader import iterate_checkpoint
+from ops.quant_ref import dequantize_awq, dequantize_gptq, unpack_awq, unpack_int4
+from tests.test_engine import hf_greedy, random_prompts
+
+AWQ = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True, "checkpoint_format": "gptq"}
+FORMATS = {
+    "awq-g32": AWQ,
+    "awq-g64": {**AWQ, "group_size": 64},
+    "gptq-sym-g32": GPTQ,
+    "gptq-asym-act-order": {**GPTQ, "sym": False, "desc_act": True},
+    "gptq-v2-per-channel": {**GPTQ, "sym": False, "group_size": -1, "checkpoint_format": "gptq_v2"},
+}
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_checkpoints, tmp_path_factory):
+    """(format, model) -> (packed dir, dequantized float dir, dequantized weights by name), built on demand."""
+
+    @functools.cache
+    def build(fmt: str, model: str = "llama"):
+        root = tmp_path_factory.mktemp(f"{model}-{fmt}")
+        packed, dequantized = str(root / "packed"), str(root / "dequantized")
+        weights = write_quantized_checkpoint(tiny_checkpoints[model], packed, FORMATS[fmt], dequantized_dir=dequantized)
+        return packed, dequantized, weights
+
+    return build
+
+
+def layer_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """A quantized linear layer's (local) weight [out, in], dequantized from its packed tensors."""
+    config = layer.quant_method.config
+    if isinstance(config, AWQConfig):
+        weight = dequantize_awq(layer.qweight, layer.qzeros, layer.scales, config.group_size)
+    else:
+        weight = dequantize_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
+                                 zeros_minus_one=config.checkpoint_format == "gptq")
+    return weight.T
+
+
+def load_ranks(path: str, tp_size: int) -> list[torch.nn.Module]:
+    config = AutoConfig.from_pretrained(path)
+    quant_config = resolve_quant_config(config, None)
+    ranks = []
+    for rank in range(tp_size):
+        model = get_model_class(config.architectures)(config, tp_rank=rank, tp_size=tp_size, quant_config=quant_config)
+        model.load_weights(iterate_checkpoint(path))
+        ranks.append(model)
+    return ranks
+
+
+def test_awq_packs_outputs_in_autoawqs_interleaved_nibble_order():
+    # AutoAWQ's WQLinear_GEMM.from_linear: nibble i of word c holds output 8c + [0, 2, 4, 6, 1, 3, 5, 7][i].
+    values = torch.arange(8, dtype=torch.int32)[None, :]
+    assert pack_awq(values).item() == 0x75316420
+    torch.manual_seed(0)
+    values = torch.randint(0, 16, (5, 24), dtype=torch.int32)
+    order_map = [0, 2, 4, 6, 1, 3, 5, 7]
+    loop_packed = torch.zeros(5, 3, dtype=torch.int64)
+    for col in range(3):  # the loop as AutoAWQ writes it
+        for i in range(8):
+            loop_packed[:, col] |= values[:, col * 8 + order_map[i]].long() << (i * 4)
+    assert torch.equal(pack_awq(values), loop_packed.to(torch.uint32).view(torch.int32))
+    assert torch.equal(unpack_awq(pack_awq(values)), values)
+
+
+def test_gptq_packs_inputs_and_zeros_sequentially_with_v1s_minus_one():
+    inputs = torch.arange(8, dtype=torch.int32)[:, None]  # 8 inputs of one output -> one word
+    assert pack_int4(inputs, dim=0).item() == 0x76543210
+    assert pack_int4(torch.full((1, 8), 15, dtype=torch.int32), dim=-1).item() == -1  # 0xFFFFFFFF
+    weight = quantize_int4(torch.randn(16, 64), 32, symmetric=True)
+    assert torch.equal(weight.zeros, torch.full_like(weight.zeros, 8))
+    stored = pack_int4(weight.zeros - 1, dim=-1)  # v1: zero - 1 = 7 in every nibble
+    assert (stored == 0x77777777).all()
+    torch.manual_seed(1)
+    values = torch.randint(0, 16, (24, 16), dtype=torch.int32)
+    assert torch.equal(unpack_int4(pack_int4(values, dim=0), dim=0), values)
+    assert torch.equal(unpack_int4(pack_int4(values, dim=1), dim=1), values)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_loading_gives_back_the_fake_quantized_weights_bit_exactly(quantized, fmt):
+    packed, _, weights = quantized(fmt)
+    (model,) = load_ranks(packed, 1)
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}."
+        parts = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",),
+                 "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",)}
+        for fused, names in parts.items():
+            module = layer.get_submodule(fused)
+            group = fused.split(".")[0]
+            want = torch.cat([weights[f"{prefix}{group}.{name}.weight"] for name in names])
+            assert torch.equal(layer_weight(module), want), f"{prefix}{fused}"
+
+
+@pytest.mark.parametrize("fmt,model", [("awq-g32", "llama"), ("awq-g64", "qwen2"), ("gptq-sym-g32", "qwen2"),
+                                       ("gptq-asym-act-order", "llama"), ("gptq-v2-per-channel", "llama")])
+def test_greedy_tokens_equal_transformers_on_the_dequantized_weights(quantized, fmt, model):
+    packed, dequantized, _ = quantized(fmt, model)
+    llm = LLM(packed, block_size=4, max_model_len=128, seed=0)
+    assert llm.llm_engine.model_config.quant_config.name == FORMATS[fmt]["quant_method"]
+    hf = AutoModelForCausalLM.from_pretrained(dequantized, dtype=torch.float32).eval()
+    prompts = random_prompts([3, 17], seed=5)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf, prompt, GREEDY.max_tokens)
+
+
+@pytest.mark.parametrize("fmt,tp_size", [("awq-g32", 2), ("gptq-sym-g32", 2), ("gptq-asym-act-order", 4),
+                                         ("gptq-v2-per-channel", 4)])
+def test_tensor_parallel_shards_put_together_give_the_full_weights(quantized, fmt, tp_size):
+    packed, _, weights = quantized(fmt)
+    ranks = load_ranks(packed, tp_size)
+    config = AutoConfig.from_pretrained(packed)
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv_replicas = max(1, tp_size // config.num_key_value_heads)
+    q_rows = config.num_attention_heads * head_dim // tp_size
+    kv_rows = max(1, config.num_key_value_heads // tp_size) * head_dim
+    prefix = "model.layers.1."
+    layers = [r.model.layers[1] for r in ranks]
+    qkv = [layer_weight(layer.self_attn.qkv_proj) for layer in layers]
+    assert torch.equal(torch.cat([w[:q_rows] for w in qkv]), weights[prefix + "self_attn.q_proj.weight"])
+    k = torch.cat([w[q_rows : q_rows + kv_rows] for w in qkv][::kv_replicas])
+    assert torch.equal(k, weights[prefix + "self_attn.k_proj.weight"])
+    up = torch.cat([layer_weight(layer.mlp.gate_up_proj).chunk(2)[1] for layer in layers])
+    assert torch.equal(up, weights[prefix + "mlp.up_proj.weight"])
+    for name in ("self_attn.o_proj", "mlp.down_proj"):  # row-parallel: the input dim is split
+        full = torch.cat([layer_weight(layer.get_submodule(name)) for layer in layers], dim=1)
+        assert torch.equal(full, weights[f"{prefix}{name}.weight"]), name
+    # The packed tensors themselves: column-parallel splits output words, row-parallel input rows.
+    tensors = dict(iterate_checkpoint(packed))
+    down = [layer.mlp.down_proj for layer in layers]
+    assert torch.equal(torch.cat([d.qweight for d in down], dim=0), tensors[prefix + "mlp.down_proj.qweight"])
+    gate_words = [layer.mlp.gate_up_proj.qweight.chunk(2, dim=1)[0] for layer in layers]
+    assert torch.equal(torch.cat(gate_words, dim=1), tensors[prefix + "mlp.gate_proj.qweight"])
+
+
+def test_quantization_flag_that_contradicts_the_checkpoint_is_refused(quantized, llama_checkpoint):
+    awq, _, _ = quantized("awq-g32")
+    with pytest.raises(ValueError, match="quantization='gptq' contradicts the checkpoint, which is quantized with 'awq'"):
+        LLM(awq, quantization="gptq")
+    with pytest.raises(ValueError, match="quantization='awq' was asked for, but the checkpoint is not quantized"):
+        LLM(llama_checkpoint, quantization="awq")
+    with pytest.raises(ValueError, match="quantization='int8' is not supported; supported: awq, gptq"):
+        EngineArgs(model=llama_checkpoint, quantization="int8")
+    llm = LLM(awq, quantization="awq", max_model_len=64)  # agreeing with the checkpoint is fine
+    assert llm.llm_engine.model_config.quant_config == AWQConfig(group_size=32)
+
+
+@pytest.mark.parametrize("config,message", [
+    ({**AWQ, "bits": 3}, "awq with 3 bits is not supported; supported: 4 bits"),
+    ({**AWQ, "version": "gemv"}, "awq version 'gemv' is not supported; supported: 'gemm'"),
+    ({**AWQ, "group_size": 16}, "awq group_size 16 is not supported; supported: 32, 64, 128"),
+    ({**AWQ, "group_size": -1}, "awq group_size -1 is not supported; supported: 32, 64, 128"),
+    ({**AWQ, "zero_point": False}, "zero_point: false.* is not supported; supported: zero_point true"),
+    ({**GPTQ, "bits": 8}, "gptq with 8 bits is not supported; supported: 4 bits"),
+    ({**GPTQ, "group_size": 256}, "gptq group_size 256 is not supported; supported: 32, 64, 128, -1"),
+    ({**GPTQ, "checkpoint_format": "marlin"}, "gptq checkpoint_format 'marlin' is not supported; supported: gptq, gptq_v2"),
+    ({"quant_method": "fp8"}, "quantized with 'fp8', which is not supported; supported: awq, gptq"),
+])
+def test_unsupported_quantization_settings_name_what_is_supported(config, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_quant_config(type("HFConfig", (), {"quantization_config": config}), None)
+
+
+def test_autoawq_key_names_and_an_input_size_that_splits_groups_are_handled(quantized):
+    assert AWQConfig.from_config({"quant_method": "awq", "w_bit": 4, "q_group_size": 128, "zero_point": True}) == \
+        AWQConfig(group_size=128)
+    assert GPTQConfig.from_config(GPTQ) == GPTQConfig(group_size=32, desc_act=False, sym=True)
+    packed, _, _ = quantized("awq-g32")
+    with pytest.raises(ValueError, match=r"input size per rank \(16\) is not divisible by 32 \(the awq group size\)"):
+        load_ranks(packed, 4)  # o_proj's 64 inputs over 4 ranks: 16 each, half a group
