@@ -110,7 +110,7 @@ class ModelConfig:
         hf_config = AutoConfig.from_pretrained(args.model)
         check_tensor_parallel_sizes(hf_config, args.tensor_parallel_size)
         dtype = _resolve_dtype(args.dtype, hf_config, device)
-        quant_config = resolve_quant_config(hf_config, args.quantization)
+        quant_config = resolve_quant_config(hf_config, args.quantization, args.model)
         if quant_config is not None:
             logger.info("quantized checkpoint: %s", quant_config)
         max_model_len = _resolve_max_model_len(args.max_model_len, hf_config)

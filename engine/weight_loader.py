@@ -78,7 +78,11 @@ def load_model(
     if load_format == "dummy":
         with torch.no_grad():
             for param in model.parameters():
-                param.uniform_(-1e-3, 1e-3)
+                if param.is_floating_point():
+                    param.uniform_(-1e-3, 1e-3)
+                elif getattr(param, "packed_dim", None) is not None:
+                    param.random_()  # packed int4 words: any bits are valid weights
+                # other integer tensors (GPTQ's g_idx) keep the valid values they were created with
     elif load_format == "auto":
         model.load_weights(iterate_checkpoint(model_dir))
     else:

@@ -6,6 +6,8 @@ dequantized weights, and flags or settings that do not fit are refused by name."
 from __future__ import annotations
 
 import functools
+import json
+import shutil
 
 import pytest
 import torch
@@ -188,3 +190,40 @@ def test_autoawq_key_names_and_an_input_size_that_splits_groups_are_handled(quan
     packed, _, _ = quantized("awq-g32")
     with pytest.raises(ValueError, match=r"input size per rank \(16\) is not divisible by 32 \(the awq group size\)"):
         load_ranks(packed, 4)  # o_proj's 64 inputs over 4 ranks: 16 each, half a group
+
+
+def test_named_method_reads_the_older_tools_own_config_file(quantized, tmp_path):
+    packed, _, _ = quantized("awq-g32")
+    old_style = shutil.copytree(packed, tmp_path / "autoawq-style")
+    with open(old_style / "config.json") as f:
+        config = json.load(f)
+    del config["quantization_config"]
+    (old_style / "config.json").write_text(json.dumps(config))
+    (old_style / "quant_config.json").write_text(json.dumps({"zero_point": True, "q_group_size": 32, "w_bit": 4,
+                                                              "version": "GEMM"}))
+    prompt = [{"prompt_token_ids": random_prompts([9], seed=3)[0]}]
+    want = LLM(packed, max_model_len=64).generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    llm = LLM(str(old_style), quantization="awq", max_model_len=64)
+    assert llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == want
+
+
+@pytest.mark.parametrize("fmt", ["awq-g32", "gptq-asym-act-order"])
+def test_dummy_weights_fill_quantized_layers_with_valid_values(quantized, fmt):
+    packed, _, _ = quantized(fmt)
+    llm = LLM(packed, load_format="dummy", max_model_len=64)
+    output = llm.generate([{"prompt_token_ids": [5, 6, 7]}], GREEDY, use_tqdm=False)[0]
+    assert len(output.outputs[0].token_ids) == GREEDY.max_tokens
+
+
+@pytest.mark.parametrize("fmt", ["awq-g32", "gptq-asym-act-order"])
+def test_tensor_parallel_engine_gives_the_tokens_of_one_process(quantized, fmt):
+    packed, _, _ = quantized(fmt)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([4, 21], seed=11)]
+    engine = dict(block_size=4, max_model_len=64, seed=0)
+    want = [o.outputs[0].token_ids for o in LLM(packed, **engine).generate(prompts, GREEDY, use_tqdm=False)]
+    llm = LLM(packed, tensor_parallel_size=2, **engine)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    finally:
+        llm.llm_engine.shutdown()
+    assert got == want

@@ -3,6 +3,8 @@ auto-detected as vLLM does) and the linear methods that load and multiply its pa
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 from engine.quantization.awq import AWQConfig, AWQLinearMethod
@@ -15,15 +17,26 @@ __all__ = ["AWQConfig", "AWQLinearMethod", "GPTQConfig", "GPTQLinearMethod", "QU
            "QuantizationConfig", "resolve_quant_config"]
 
 
-def resolve_quant_config(hf_config: Any, requested: str | None) -> QuantizationConfig | None:
-    """The checkpoint's quantization, checked against what the user asked for (None: auto-detect)."""
+# Where AutoAWQ / AutoGPTQ wrote their settings before transformers put them in config.json.
+QUANT_CONFIG_FILES = {"awq": ("quant_config.json", "quantize_config.json"), "gptq": ("quantize_config.json",)}
+
+
+def resolve_quant_config(hf_config: Any, requested: str | None, model_dir: str | None = None) -> QuantizationConfig | None:
+    """The checkpoint's quantization, checked against what the user asked for (None: auto-detect).
+
+    Like vLLM, auto-detection reads config.json's `quantization_config`; an explicit `requested`
+    method also finds its settings in the older tools' own files in `model_dir`.
+    """
     checkpoint = getattr(hf_config, "quantization_config", None)
     if checkpoint is not None and not isinstance(checkpoint, dict):
         checkpoint = checkpoint.to_dict()
+    if not checkpoint and requested is not None and model_dir is not None:
+        checkpoint = _read_quant_config_file(model_dir, requested)
     if not checkpoint:
         if requested is not None:
+            files = ", ".join(QUANT_CONFIG_FILES.get(requested, ()))
             raise ValueError(f"quantization={requested!r} was asked for, but the checkpoint is not quantized "
-                             f"(its config.json has no quantization_config)")
+                             f"(its config.json has no quantization_config, and there is no {files})")
         return None
     method = str(checkpoint.get("quant_method", "")).lower()
     if method not in QUANTIZATION_METHODS:
@@ -32,3 +45,12 @@ def resolve_quant_config(hf_config: Any, requested: str | None) -> QuantizationC
     if requested is not None and requested != method:
         raise ValueError(f"quantization={requested!r} contradicts the checkpoint, which is quantized with {method!r}")
     return QUANTIZATION_METHODS[method].from_config(checkpoint)
+
+
+def _read_quant_config_file(model_dir: str, method: str) -> dict | None:
+    for name in QUANT_CONFIG_FILES.get(method, ()):
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return {"quant_method": method, **json.load(f)}
+    return None

@@ -84,7 +84,10 @@ class GPTQLinearMethod:
                 raise ValueError("the fused parts of this layer have different g_idx (act-order); they must share one")
             param.loaded = True
 
-        quant_param(layer, "g_idx", (input_size,), torch.int32, 0 if row_parallel else None, None, load_g_idx)
+        g_idx = quant_param(layer, "g_idx", (input_size,), torch.int32, 0 if row_parallel else None, None, load_g_idx)
+        first_input = layer.tp_rank * input_size if row_parallel else 0
+        with torch.no_grad():  # inputs in order, for dummy weights (a checkpoint overwrites it)
+            g_idx.copy_(torch.arange(first_input, first_input + input_size) // group_size - first_group)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return gptq_matmul_ref(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
