@@ -44,7 +44,7 @@ class EngineArgs:
     enforce_eager: bool = False  # no torch.compile, no CUDA graphs
     compile_model: bool = True  # torch.compile the forward (CUDA graphs need not: they capture the eager model when off)
     tensor_parallel_size: int = 1  # devices (one process each) to split each layer across; on CPU, processes
-    quantization: str | None = None  # "awq" or "gptq"; None: the checkpoint's (config.json quantization_config)
+    quantization: str | None = None  # "awq"/"gptq" (must match the checkpoint), "int8" (quantized at load); None: the checkpoint's
     enable_prefix_caching: bool = False  # reuse KV blocks of earlier prompts with the same prefix
     num_gpu_blocks_override: int | None = None  # exact number of KV blocks, bypassing the memory budget
     kv_cache_memory: int | None = None  # bytes for the KV cache per rank on CPU (default 4 GiB), or on GPU instead of gpu_memory_utilization
@@ -97,7 +97,7 @@ class ModelConfig:
     max_model_len: int
     eos_token_ids: set[int] = field(default_factory=set)
     generation_defaults: dict = field(default_factory=dict)
-    quant_config: QuantizationConfig | None = None  # the checkpoint's weight quantization, if any
+    quant_config: QuantizationConfig | None = None  # the weights' quantization (the checkpoint's, or int8 at load), if any
 
     @property
     def vocab_size(self) -> int:
@@ -112,7 +112,7 @@ class ModelConfig:
         dtype = _resolve_dtype(args.dtype, hf_config, device)
         quant_config = resolve_quant_config(hf_config, args.quantization, args.model)
         if quant_config is not None:
-            logger.info("quantized checkpoint: %s", quant_config)
+            logger.info("weight quantization: %s", quant_config)
         max_model_len = _resolve_max_model_len(args.max_model_len, hf_config)
         generation = _read_generation_config(args.model)
         eos = generation.get("eos_token_id", hf_config.eos_token_id)

@@ -1,4 +1,5 @@
-"""Pure-torch reference for 4-bit weight-only quantized matmuls (AWQ and GPTQ on-disk layouts).
+"""Pure-torch reference for weight-only quantized matmuls: 4-bit (AWQ and GPTQ on-disk layouts) and
+int8 with per-output-channel scales (quantized at load).
 
 It unpacks the int32 words into integers, dequantizes to a float weight and multiplies: slow, but
 it is the CPU path and the oracle the fused GPU kernels are checked against.
@@ -71,3 +72,29 @@ def gptq_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
                     g_idx: torch.Tensor, zeros_minus_one: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ dequantized GPTQ weight -> [..., out] in x's dtype."""
     return _matmul(x, dequantize_gptq(qweight, qzeros, scales, g_idx, zeros_minus_one), bias)
+
+
+INT8_MAX = 127  # symmetric: -127..127, so that w and -w quantize alike
+
+
+def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> (int8 [out, in], scale [out] in `scale_dtype`), symmetric per output channel.
+
+    The scale is max|w| / 127 over the inputs; weights are divided by the scale as stored (rounded to
+    `scale_dtype`), so dequantizing gives the nearest representable weight.
+    """
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / INT8_MAX).to(scale_dtype)
+    divisor = scale.float().clamp(min=torch.finfo(torch.float32).tiny)[:, None]  # an all-zero row stays zero
+    return torch.round(w / divisor).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 weight [out, in] and per-output scale [out] -> the weight [out, in] in the scale's dtype."""
+    return weight.to(scale.dtype) * scale[:, None]
+
+
+def int8_matmul_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ (int8 weight [out, in] * scale [out]).T -> [..., out] in x's dtype."""
+    return torch.nn.functional.linear(x, dequantize_int8(weight, scale).to(x.dtype), bias)

@@ -1,7 +1,7 @@
-"""Quantized checkpoints (AWQ, GPTQ 4-bit) on the CPU reference path: the packer writes each on-disk
-layout from fake-quantized weights, loading gives those weights back bit-exactly (whole, or split
-over tensor-parallel ranks), the engine then generates what transformers generates on the same
-dequantized weights, and flags or settings that do not fit are refused by name."""
+"""Quantized checkpoints (AWQ, GPTQ 4-bit) and int8 quantized at load, on the CPU reference path: the
+packer writes each on-disk layout from fake-quantized weights, loading gives those weights back
+bit-exactly (whole, or split over tensor-parallel ranks), the engine then generates what transformers
+generates on the same dequantized weights, and flags or settings that do not fit are refused by name."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine import LLM, EngineArgs, SamplingParams
+from engine.models.layers import ColumnParallelLinear, LinearBase
 from engine.models.registry import get_model_class
-from engine.quantization import AWQConfig, GPTQConfig, resolve_quant_config
-from engine.quantization.pack import pack_awq, pack_int4, quantize_int4, write_quantized_checkpoint
-from engine.weight_loader import iterate_checkpoint
+from engine.quantization import AWQConfig, GPTQConfig, Int8Config, resolve_quant_config
+from engine.quantization.pack import (pack_awq, pack_int4, quantize_int4, write_int8_dequantized_checkpoint,
+                                      write_quantized_checkpoint)
+from engine.weight_loader import iterate_checkpoint, load_model
 from ops.quant_ref import dequantize_awq, dequantize_gptq, unpack_awq, unpack_int4
 from tests.test_engine import hf_greedy, random_prompts
 
@@ -58,9 +60,9 @@ def layer_weight(layer: torch.nn.Module) -> torch.Tensor:
     return weight.T
 
 
-def load_ranks(path: str, tp_size: int) -> list[torch.nn.Module]:
+def load_ranks(path: str, tp_size: int, quantization: str | None = None) -> list[torch.nn.Module]:
     config = AutoConfig.from_pretrained(path)
-    quant_config = resolve_quant_config(config, None)
+    quant_config = resolve_quant_config(config, quantization)
     ranks = []
     for rank in range(tp_size):
         model = get_model_class(config.architectures)(config, tp_rank=rank, tp_size=tp_size, quant_config=quant_config)
@@ -161,8 +163,8 @@ def test_quantization_flag_that_contradicts_the_checkpoint_is_refused(quantized,
         LLM(awq, quantization="gptq")
     with pytest.raises(ValueError, match="quantization='awq' was asked for, but the checkpoint is not quantized"):
         LLM(llama_checkpoint, quantization="awq")
-    with pytest.raises(ValueError, match="quantization='int8' is not supported; supported: awq, gptq"):
-        EngineArgs(model=llama_checkpoint, quantization="int8")
+    with pytest.raises(ValueError, match="quantization='fp8' is not supported; supported: awq, gptq, int8"):
+        EngineArgs(model=llama_checkpoint, quantization="fp8")
     llm = LLM(awq, quantization="awq", max_model_len=64)  # agreeing with the checkpoint is fine
     assert llm.llm_engine.model_config.quant_config == AWQConfig(group_size=32)
 
@@ -227,3 +229,99 @@ def test_tensor_parallel_engine_gives_the_tokens_of_one_process(quantized, fmt):
     finally:
         llm.llm_engine.shutdown()
     assert got == want
+
+
+# ---------------------------------------------------------------------------------------------
+# int8: weight-only, quantized at load
+
+FUSED_PARTS = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",),
+               "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",)}
+
+
+def per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8, one scale per output row (max |w| / 127), written out independently of ops/."""
+    scale = weight.abs().max(dim=1).values / 127
+    return (weight / scale[:, None]).round().to(torch.int8), scale
+
+
+def test_int8_weights_and_scales_equal_an_independent_per_channel_quantization(llama_checkpoint):
+    (model,) = load_ranks(llama_checkpoint, 1, "int8")
+    tensors = dict(iterate_checkpoint(llama_checkpoint))
+    for i, layer in enumerate(model.model.layers):
+        for fused, names in FUSED_PARTS.items():
+            module = layer.get_submodule(fused)
+            group = fused.split(".")[0]
+            parts = [per_channel_int8(tensors[f"model.layers.{i}.{group}.{name}.weight"]) for name in names]
+            assert module.weight.dtype == torch.int8 and module.weight_scale.dtype == torch.float32
+            assert torch.equal(module.weight, torch.cat([q for q, _ in parts])), fused
+            assert torch.equal(module.weight_scale, torch.cat([s for _, s in parts])), fused
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2", "llama3-tied"])
+def test_int8_greedy_tokens_equal_transformers_on_the_dequantized_weights(tiny_checkpoints, tmp_path, model):
+    dequantized = str(tmp_path / "dequantized")
+    write_int8_dequantized_checkpoint(tiny_checkpoints[model], dequantized, torch.float32)
+    llm = LLM(tiny_checkpoints[model], quantization="int8", block_size=4, max_model_len=128, seed=0)
+    assert llm.llm_engine.model_config.quant_config == Int8Config()
+    hf = AutoModelForCausalLM.from_pretrained(dequantized, dtype=torch.float32).eval()
+    prompts = random_prompts([3, 17], seed=5)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf, prompt, GREEDY.max_tokens)
+
+
+def test_int8_linear_weights_take_about_half_the_memory_of_bf16(llama_checkpoint):
+    config = AutoConfig.from_pretrained(llama_checkpoint)
+
+    def linear_bytes(quant_config) -> int:
+        model = load_model(llama_checkpoint, config, torch.bfloat16, "cpu", quant_config=quant_config)
+        layers = [m for m in model.modules() if isinstance(m, LinearBase)]
+        assert all(m.weight_scale.dtype == torch.bfloat16 for m in layers if quant_config is not None)
+        return sum(t.numel() * t.element_size() for m in layers for t in [*m.parameters(), *m.buffers()])
+
+    ratio = linear_bytes(Int8Config()) / linear_bytes(None)
+    # Half, plus one bf16 scale per output row: 1/in of the bf16 weight (in >= 64 here).
+    assert 0.5 < ratio <= 0.5 + 1 / 64
+
+
+@pytest.mark.parametrize("tp_size", [2, 4])
+def test_int8_tensor_parallel_shards_put_together_give_the_full_int8_weights(llama_checkpoint, tp_size):
+    (full,) = load_ranks(llama_checkpoint, 1, "int8")
+    layers = [r.model.layers[1] for r in load_ranks(llama_checkpoint, tp_size, "int8")]
+    want = full.model.layers[1]
+    config = AutoConfig.from_pretrained(llama_checkpoint)
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv_replicas = max(1, tp_size // config.num_key_value_heads)
+    q_rows = config.num_attention_heads * head_dim // tp_size
+    kv_rows = max(1, config.num_key_value_heads // tp_size) * head_dim
+    for attr in ("weight", "weight_scale"):  # column-parallel: output rows and their scales are split
+        qkv = [getattr(layer.self_attn.qkv_proj, attr) for layer in layers]
+        full_qkv = getattr(want.self_attn.qkv_proj, attr)
+        q_total = q_rows * tp_size
+        assert torch.equal(torch.cat([t[:q_rows] for t in qkv]), full_qkv[:q_total])
+        k = torch.cat([t[q_rows : q_rows + kv_rows] for t in qkv][::kv_replicas])
+        assert torch.equal(k, full_qkv[q_total : q_total + config.num_key_value_heads * head_dim])
+        gate_up = [getattr(layer.mlp.gate_up_proj, attr).chunk(2) for layer in layers]
+        for part in (0, 1):
+            assert torch.equal(torch.cat([t[part] for t in gate_up]), getattr(want.mlp.gate_up_proj, attr).chunk(2)[part])
+    for name in ("self_attn.o_proj", "mlp.down_proj"):  # row-parallel: input columns split, scales whole
+        full_layer = want.get_submodule(name)
+        shards = [layer.get_submodule(name) for layer in layers]
+        assert torch.equal(torch.cat([s.weight for s in shards], dim=1), full_layer.weight), name
+        assert all(torch.equal(s.weight_scale, full_layer.weight_scale) for s in shards), name
+
+
+def test_int8_refuses_a_checkpoint_that_is_already_quantized_and_non_float_weights(quantized):
+    awq, _, _ = quantized("awq-g32")
+    with pytest.raises(ValueError, match="quantization='int8' contradicts the checkpoint, which is already quantized "
+                                         "with 'awq'"):
+        LLM(awq, quantization="int8")
+    layer = ColumnParallelLinear(8, 16, quant_config=Int8Config())
+    with pytest.raises(ValueError, match="int8 quantizes float weights at load, got torch.int32"):
+        layer.weight.weight_loader(layer.weight, torch.zeros(16, 8, dtype=torch.int32))
+
+
+def test_int8_dummy_weights_generate(llama_checkpoint):
+    llm = LLM(llama_checkpoint, quantization="int8", load_format="dummy", max_model_len=64)
+    output = llm.generate([{"prompt_token_ids": [5, 6, 7]}], GREEDY, use_tqdm=False)[0]
+    assert len(output.outputs[0].token_ids) == GREEDY.max_tokens

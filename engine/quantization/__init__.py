@@ -1,5 +1,6 @@
-"""Quantized checkpoints: which method a checkpoint uses (its config.json's `quantization_config`,
-auto-detected as vLLM does) and the linear methods that load and multiply its packed weights."""
+"""Weight quantization: which method a checkpoint uses (its config.json's `quantization_config`,
+auto-detected as vLLM does) or that quantizes a float checkpoint at load (int8), and the linear
+methods that load and multiply the quantized weights."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from typing import Any
 from engine.quantization.awq import AWQConfig, AWQLinearMethod
 from engine.quantization.base import QuantizationConfig
 from engine.quantization.gptq import GPTQConfig, GPTQLinearMethod
+from engine.quantization.int8 import Int8Config, Int8LinearMethod
 
-QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {"awq": AWQConfig, "gptq": GPTQConfig}
+# Formats a checkpoint's quantization_config names, and every method `quantization=` accepts.
+CHECKPOINT_METHODS: dict[str, type[QuantizationConfig]] = {"awq": AWQConfig, "gptq": GPTQConfig}
+QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {**CHECKPOINT_METHODS, "int8": Int8Config}
 
-__all__ = ["AWQConfig", "AWQLinearMethod", "GPTQConfig", "GPTQLinearMethod", "QUANTIZATION_METHODS",
-           "QuantizationConfig", "resolve_quant_config"]
+__all__ = ["AWQConfig", "AWQLinearMethod", "CHECKPOINT_METHODS", "GPTQConfig", "GPTQLinearMethod", "Int8Config",
+           "Int8LinearMethod", "QUANTIZATION_METHODS", "QuantizationConfig", "resolve_quant_config"]
 
 
 # Where AutoAWQ / AutoGPTQ wrote their settings before transformers put them in config.json.
@@ -25,11 +29,17 @@ def resolve_quant_config(hf_config: Any, requested: str | None, model_dir: str |
     """The checkpoint's quantization, checked against what the user asked for (None: auto-detect).
 
     Like vLLM, auto-detection reads config.json's `quantization_config`; an explicit `requested`
-    method also finds its settings in the older tools' own files in `model_dir`.
+    method also finds its settings in the older tools' own files in `model_dir`. "int8" quantizes a
+    float checkpoint at load, so it refuses one that is already quantized.
     """
     checkpoint = getattr(hf_config, "quantization_config", None)
     if checkpoint is not None and not isinstance(checkpoint, dict):
         checkpoint = checkpoint.to_dict()
+    if requested == "int8":
+        if checkpoint:
+            raise ValueError(f"quantization='int8' contradicts the checkpoint, which is already quantized with "
+                             f"{checkpoint.get('quant_method')!r} (int8 quantizes a float checkpoint at load)")
+        return Int8Config()
     if not checkpoint and requested is not None and model_dir is not None:
         checkpoint = _read_quant_config_file(model_dir, requested)
     if not checkpoint:
@@ -39,12 +49,12 @@ def resolve_quant_config(hf_config: Any, requested: str | None, model_dir: str |
                              f"(its config.json has no quantization_config, and there is no {files})")
         return None
     method = str(checkpoint.get("quant_method", "")).lower()
-    if method not in QUANTIZATION_METHODS:
+    if method not in CHECKPOINT_METHODS:
         raise ValueError(f"the checkpoint is quantized with {method!r}, which is not supported; "
-                         f"supported: {', '.join(QUANTIZATION_METHODS)}")
+                         f"supported: {', '.join(CHECKPOINT_METHODS)}")
     if requested is not None and requested != method:
         raise ValueError(f"quantization={requested!r} contradicts the checkpoint, which is quantized with {method!r}")
-    return QUANTIZATION_METHODS[method].from_config(checkpoint)
+    return CHECKPOINT_METHODS[method].from_config(checkpoint)
 
 
 def _read_quant_config_file(model_dir: str, method: str) -> dict | None:

@@ -4,6 +4,7 @@
 on-disk layout is what is tested, not the quantization quality); `pack_awq` / `pack_gptq` write its
 integers in each format's documented layout (see `ops.quant_ref`, which reads them back), and
 `write_quantized_checkpoint` turns every decoder linear weight of a float checkpoint into them.
+`write_int8_dequantized_checkpoint` writes the float weights that int8 (quantized at load) stands for.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
-from ops.quant_ref import AWQ_ORDER, PACK_FACTOR
+from ops.quant_ref import AWQ_ORDER, PACK_FACTOR, dequantize_int8, quantize_int8
 
 MAX_Q = 15
 
@@ -132,6 +133,17 @@ def write_quantized_checkpoint(src_dir: str, dst_dir: str, quantization_config: 
     if dequantized_dir is not None:
         _write_checkpoint(src_dir, dequantized_dir, dequantized, None)
     return {name: dequantized[name] for name, t in tensors.items() if is_quantized_linear(name, t)}
+
+
+def write_int8_dequantized_checkpoint(src_dir: str, dst_dir: str, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Write `src_dir` with every decoder linear weight replaced by its int8 round trip (scales in
+    `scale_dtype`, the engine's dtype): the float checkpoint that int8 at load is equivalent to.
+    Returns those weights by checkpoint name."""
+    tensors = {name: t for path in _safetensors_files(src_dir) for name, t in load_file(path).items()}
+    dequantized = {name: dequantize_int8(*quantize_int8(t, scale_dtype)).to(t.dtype)
+                   for name, t in tensors.items() if is_quantized_linear(name, t)}
+    _write_checkpoint(src_dir, dst_dir, {**tensors, **dequantized}, None)
+    return dequantized
 
 
 def _input_of(name: str) -> str:
