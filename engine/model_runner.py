@@ -22,7 +22,7 @@ from engine.outputs import Logprob, PositionLogprobs
 from engine.sampler import SamplingBatch, sample
 from engine.scheduler import ScheduledSequence
 from engine.tensor_parallel import TensorParallelWorkers
-from engine.weight_loader import load_model
+from engine.weight_loader import load_model, weight_memory
 from graphs.compile import compile_model, num_compiled_graphs
 from graphs.cuda_graph import CudaGraphRunner, default_batch_sizes
 from ops.attention import get_backend
@@ -80,6 +80,13 @@ class ModelRunner:
         self.model = load_model(model_config.model, model_config.hf_config, model_config.dtype, device,
                                 self.tp_rank, self.tp_size, model_config.quant_config, load_format=args.load_format)
         logger.info("loaded %s in %.1f s (%s, %s)", model_config.model, time.perf_counter() - start, model_config.dtype, device)
+        weights, dense = weight_memory(self.model, model_config.dtype)
+        if model_config.quant_config is not None:
+            # The KV cache is sized from what is left after the weights, so it gets what they free.
+            logger.info("weights: %.2f GiB, %.2f GiB less than unquantized (%.2f GiB): that much more for the KV cache",
+                        weights / 2**30, (dense - weights) / 2**30, dense / 2**30)
+        else:
+            logger.info("weights: %.2f GiB", weights / 2**30)
         self.num_blocks = self._num_kv_blocks()
         if self.tp_size > 1:  # every rank must hold every block the scheduler hands out
             fewest = torch.tensor([self.num_blocks], device=device)

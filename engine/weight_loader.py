@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from engine.models.layers import LinearBase, UnquantizedLinearMethod
 from engine.models.registry import get_model_class
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -88,3 +89,19 @@ def load_model(
     else:
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     return model.eval()
+
+
+def weight_memory(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes the model's parameters and buffers take, bytes they would take with every quantized
+    linear layer's weight stored unquantized in `dtype`)."""
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    actual = nbytes(model.parameters()) + nbytes(model.buffers())
+    dense = actual
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for module in model.modules():
+        if isinstance(module, LinearBase) and not isinstance(module.quant_method, UnquantizedLinearMethod):
+            own = [t for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)) if t is not module.bias]
+            dense += module.dense_weight_numel * itemsize - nbytes(own)
+    return actual, dense

@@ -6,6 +6,7 @@ generates on the same dequantized weights, and flags or settings that do not fit
 from __future__ import annotations
 
 import functools
+import logging
 import json
 import shutil
 
@@ -325,3 +326,20 @@ def test_int8_dummy_weights_generate(llama_checkpoint):
     llm = LLM(llama_checkpoint, quantization="int8", load_format="dummy", max_model_len=64)
     output = llm.generate([{"prompt_token_ids": [5, 6, 7]}], GREEDY, use_tqdm=False)[0]
     assert len(output.outputs[0].token_ids) == GREEDY.max_tokens
+
+
+def test_weight_memory_counts_what_quantization_frees_for_the_kv_cache(llama_checkpoint, caplog):
+    from engine.weight_loader import weight_memory
+
+    config = AutoConfig.from_pretrained(llama_checkpoint)
+    dense_model = load_model(llama_checkpoint, config, torch.bfloat16, "cpu")
+    int8_model = load_model(llama_checkpoint, config, torch.bfloat16, "cpu", quant_config=Int8Config())
+    dense_bytes, dense_unquantized = weight_memory(dense_model, torch.bfloat16)
+    int8_bytes, int8_unquantized = weight_memory(int8_model, torch.bfloat16)
+    assert dense_bytes == dense_unquantized
+    assert int8_unquantized == dense_bytes  # the same model, had it stayed in bf16
+    assert int8_bytes < dense_bytes
+    with caplog.at_level(logging.INFO, logger="engine"):
+        LLM(llama_checkpoint, quantization="int8", dtype="bfloat16", max_model_len=128)
+    freed = (dense_bytes - int8_bytes) / 2**30
+    assert f"{freed:.2f} GiB less than unquantized" in caplog.text

@@ -206,6 +206,7 @@ class LinearBase(nn.Module):
         self.tp_rank, self.tp_size = tp_rank, tp_size
         method = quant_config.get_linear_method(self, prefix) if quant_config is not None else None
         self.quant_method: LinearMethod = method or UnquantizedLinearMethod()
+        self.dense_weight_numel = input_size * sum(output_sizes)  # this rank's weight, unquantized
         self.quant_method.create_weights(self, input_size, output_sizes, self.weight_loader)
         if bias:
             self.bias = nn.Parameter(torch.empty(sum(output_sizes)), requires_grad=False)
