@@ -218,13 +218,16 @@ def test_dummy_weights_fill_quantized_layers_with_valid_values(quantized, fmt):
     assert len(output.outputs[0].token_ids) == GREEDY.max_tokens
 
 
-@pytest.mark.parametrize("fmt", ["awq-g32", "gptq-asym-act-order"])
-def test_tensor_parallel_engine_gives_the_tokens_of_one_process(quantized, fmt):
-    packed, _, _ = quantized(fmt)
+@pytest.mark.parametrize("fmt", ["awq-g32", "gptq-asym-act-order", "int8"])
+def test_tensor_parallel_engine_gives_the_tokens_of_one_process(quantized, llama_checkpoint, fmt):
+    if fmt == "int8":  # quantized at load, from the float checkpoint
+        checkpoint, engine = llama_checkpoint, dict(quantization="int8")
+    else:
+        checkpoint, engine = quantized(fmt)[0], {}
     prompts = [{"prompt_token_ids": p} for p in random_prompts([4, 21], seed=11)]
-    engine = dict(block_size=4, max_model_len=64, seed=0)
-    want = [o.outputs[0].token_ids for o in LLM(packed, **engine).generate(prompts, GREEDY, use_tqdm=False)]
-    llm = LLM(packed, tensor_parallel_size=2, **engine)
+    engine.update(block_size=4, max_model_len=64, seed=0)
+    want = [o.outputs[0].token_ids for o in LLM(checkpoint, **engine).generate(prompts, GREEDY, use_tqdm=False)]
+    llm = LLM(checkpoint, tensor_parallel_size=2, **engine)
     try:
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     finally:
