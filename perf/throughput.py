@@ -152,12 +152,13 @@ def run_transformers(args, model_dir: str, dummy: bool, prompts, max_tokens) -> 
     """The same workload through transformers' continuous batching (paged|sdpa attention)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if dummy:
         config = AutoConfig.from_pretrained(model_dir)
-        with torch.device("cuda"):
+        with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="paged|sdpa")
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="paged|sdpa").cuda()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="paged|sdpa").to(device)
     model.eval()
     gen = GenerationConfig(do_sample=True, temperature=args.temperature, max_new_tokens=max(max_tokens), eos_token_id=-1)
     with model.continuous_batching_context_manager(generation_config=gen) as manager:
@@ -222,18 +223,20 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
+    dummy = not os.path.isdir(args.model)
+    model_dir = synthetic_model_dir(args.model) if dummy else args.model
+    # Random ids below 10,000 (nano-vllm's range), or below the vocabulary of a smaller model.
+    with open(os.path.join(model_dir, "config.json")) as f:
+        vocab = min(10000, json.load(f)["vocab_size"])
     if args.workload == "nano":
         prompts, max_tokens = nano_workload()
     elif args.workload == "prefix":
-        prompts, max_tokens = prefix_workload(args.num_requests, args.prefix_len, args.suffix_len, args.output_len)
+        prompts, max_tokens = prefix_workload(args.num_requests, args.prefix_len, args.suffix_len, args.output_len, vocab)
         args.temperature = 0.0  # greedy, so outputs with and without caching can be compared
     else:
-        prompts, max_tokens = fixed_workload(args.num_requests, args.input_len, args.output_len)
+        prompts, max_tokens = fixed_workload(args.num_requests, args.input_len, args.output_len, vocab)
     if args.limit:
         prompts, max_tokens = prompts[: args.limit], max_tokens[: args.limit]
-
-    dummy = not os.path.isdir(args.model)
-    model_dir = synthetic_model_dir(args.model) if dummy else args.model
     results = []
     try:
         if not args.skip_engine:
