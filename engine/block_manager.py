@@ -126,7 +126,7 @@ class BlockManager:
         """Name the blocks the last step filled, so later prompts with the same prefix find them."""
         hashes = self.seq_hashes.setdefault(seq.seq_id, [])
         bs = self.block_size
-        num_full = seq.num_computed_tokens // bs
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // bs  # a pending token is not known yet
         for i in range(len(hashes), num_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             block_hash = hash((hashes[-1] if hashes else None, tokens))

@@ -37,7 +37,7 @@ class IncrementalDetokenizer:
         if len(full_text) > len(prefix_text) and (final or not full_text.endswith("\ufffd")):
             new_text = full_text[len(prefix_text) :]
             seq.prefix_offset = seq.read_offset
-            seq.read_offset = seq.num_tokens
+            seq.read_offset = len(seq.token_ids)
             seq.output_text += new_text
             return new_text
         return ""

@@ -15,16 +15,29 @@ from transformers import AutoTokenizer
 from engine.block_manager import BlockManager
 from engine.config import EngineArgs, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, SampledRows
 from engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Request, Sequence
+from engine.scheduler import ScheduledSequence, Scheduler
+from engine.sequence import Request, Sequence, SequenceStatus
 
 logger = logging.getLogger("engine")
 
 # A prompt: text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
 PromptType = Union[str, list[int], dict]
+
+
+def _reads_token_history(params: SamplingParams) -> bool:
+    penalized = params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
+    return bool(penalized or params.min_tokens or params.prompt_logprobs is not None)
+
+
+@dataclass
+class LaunchedStep:
+    """A step launched with async scheduling whose tokens have not been read back."""
+
+    scheduled: list[ScheduledSequence]
+    sampled: SampledRows | None
 
 
 @dataclass
@@ -87,13 +100,15 @@ class LLMEngine:
         torch.manual_seed(args.seed)  # unseeded requests draw from the global generator
         self.runner = ModelRunner(args, self.model_config, device)
         self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
+                                   self.model_config.max_model_len)
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.timings = StepTimings()
         self.kv_slots_stored_sum = 0
         self.kv_slots_reserved_sum = 0
+        self._in_flight: LaunchedStep | None = None  # async scheduling: the step whose tokens come next
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -188,14 +203,30 @@ class LLMEngine:
     # ---- one step --------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One scheduler step. With async scheduling the step launched here returns its tokens at
+        the next call, so the outputs returned are those of the previous step."""
         t0 = time.perf_counter()
-        batch = self.scheduler.schedule()
-        if batch.is_empty:
-            return []
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and self._needs_sync():
+            batch = None  # drain: launch nothing until the step in flight is read back
+        else:
+            batch = self.scheduler.schedule()
         t1 = time.perf_counter()
-        result = self.runner.execute(batch.scheduled, self.model_config.eos_token_ids)
+        if batch is None or batch.is_empty:
+            if in_flight is None:
+                return []
+            outputs = self._apply_tokens(in_flight.scheduled, self.runner.collect(in_flight.sampled))
+        elif self.args.async_scheduling and not self._needs_sync():
+            previous = in_flight.sampled if in_flight is not None else None
+            self._in_flight = LaunchedStep(batch.scheduled, self.runner.launch(batch.scheduled, self.model_config.eos_token_ids, previous))
+            self._advance(batch.scheduled, {})
+            # The device runs the new step while the host reads back and books the previous one.
+            outputs = self._apply_tokens(in_flight.scheduled, self.runner.collect(in_flight.sampled)) if in_flight else []
+        else:
+            result = self.runner.execute(batch.scheduled, self.model_config.eos_token_ids)
+            self._advance(batch.scheduled, result.prompt_logprobs)
+            outputs = self._apply_tokens(batch.scheduled, result)
         t2 = time.perf_counter()
-        outputs = self._update(batch, result)
         stored, reserved = self.scheduler.kv_slots_stats()
         self.kv_slots_stored_sum += stored
         self.kv_slots_reserved_sum += reserved
@@ -207,28 +238,45 @@ class LLMEngine:
         timings.update += t3 - t2
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
-                "step %d: %d seqs, %d tokens; schedule %.2f ms, execute %.2f ms, update %.2f ms",
-                timings.steps, len(batch.scheduled), batch.num_batched_tokens,
-                1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (t3 - t2),
+                "step %d: %d seqs, %d tokens; schedule %.2f ms, execute + update %.2f ms",
+                timings.steps, len(batch.scheduled) if batch else 0, batch.num_batched_tokens if batch else 0,
+                1e3 * (t1 - t0), 1e3 * (t2 - t1),
             )
         return outputs
 
-    def _update(self, batch, result) -> list[RequestOutput]:
-        """Book the step's results: computed tokens, new tokens, stops, finished requests."""
-        now = time.time()
-        touched: dict[str, Request] = {}
+    def _needs_sync(self) -> bool:
+        """Do some requests need each token before the next step is built (penalties and min_tokens
+        read the token history; prompt logprobs are read per chunk)? Then steps run one at a time."""
+        return any(_reads_token_history(r.params) for r in self.requests.values())
+
+    def _advance(self, scheduled: list[ScheduledSequence], prompt_logprobs: dict) -> None:
+        """Book a launched step: its tokens' K/V are (being) written; sampling sequences await a token."""
         share_blocks = self.args.enable_prefix_caching
-        for s in batch.scheduled:
+        for s in scheduled:
             seq, request = s.seq, s.seq.request
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.prompt_tokens_total += min(s.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
-            if seq.seq_id in result.prompt_logprobs:
-                self._add_prompt_logprobs(request, seq.num_computed_tokens, result.prompt_logprobs[seq.seq_id])
+            if seq.seq_id in prompt_logprobs:
+                self._add_prompt_logprobs(request, seq.num_computed_tokens, prompt_logprobs[seq.seq_id])
             seq.num_computed_tokens += s.num_new_tokens
+            if s.samples:
+                seq.num_pending_tokens += 1
             if share_blocks or request.params.n > 1:
                 self.block_manager.commit_full_blocks(seq)
-            if seq.seq_id in result.sampled:
+
+    def _apply_tokens(self, scheduled: list[ScheduledSequence], result) -> list[RequestOutput]:
+        """Book a step's sampled tokens: append, detokenize, stop checks, finished requests."""
+        now = time.time()
+        touched: dict[str, Request] = {}
+        share_blocks = self.args.enable_prefix_caching
+        for s in scheduled:
+            seq, request = s.seq, s.seq.request
+            if s.samples:
+                seq.num_pending_tokens -= 1
+            if seq.seq_id in result.sampled and not seq.is_finished:  # not finished or aborted meanwhile
                 self._append_token(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id), now)
+                if (share_blocks or request.params.n > 1) and seq.status == SequenceStatus.RUNNING:
+                    self.block_manager.commit_full_blocks(seq)  # a full block may have waited for this token
             touched[request.request_id] = request
         outputs = []
         for request in touched.values():
@@ -279,7 +327,7 @@ class LLMEngine:
             if stop is not None:
                 seq.finish_reason, seq.stop_reason = "stop", stop
                 return
-        if seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.model_config.max_model_len:
+        if seq.num_output_tokens >= max_tokens or len(seq.token_ids) >= self.model_config.max_model_len:
             seq.finish_reason = "length"
 
     def _decode_logprob_tokens(self, positions: list[PositionLogprobs]) -> None:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from engine.config import EngineArgs, ModelConfig
 from engine.outputs import Logprob, PositionLogprobs
-from engine.sampler import SamplingBatch, sample
+from engine.sampler import SamplerOutput, SamplingBatch, sample
 from engine.scheduler import ScheduledSequence
 from engine.tensor_parallel import TensorParallelWorkers
 from engine.weight_loader import load_model, weight_memory
@@ -48,6 +48,7 @@ class PreparedBatch:
     sample_rows: list[int]  # flat index of the last token of each sequence that samples
     prompt_logprob_rows: list[tuple[int, list[int], list[int]]]  # (scheduled index, flat rows, target tokens)
     logits_rows: torch.Tensor | None  # sample_rows then every prompt-logprob row; None when no row needs logits
+    pending_rows: list[tuple[int, int]]  # (flat row, seq id) of inputs the step in flight is sampling
 
 
 class ModelRunner:
@@ -232,14 +233,18 @@ class ModelRunner:
     def _prepare(self, scheduled: list[ScheduledSequence]) -> PreparedBatch:
         bs = self.block_size
         input_ids, positions, slots, seq_lens, query_lens = [], [], [], [], []
-        sample_rows, prompt_rows = [], []
+        sample_rows, prompt_rows, pending_rows = [], [], []
         num_tokens = 0
         for i, s in enumerate(scheduled):
             seq = s.seq
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens
             table = seq.block_table
             if end - start == 1:  # decode: plain Python beats numpy for one token
-                input_ids.append(seq.token_ids[start])
+                if start < len(seq.token_ids):
+                    input_ids.append(seq.token_ids[start])
+                else:  # async scheduling: the token is still being sampled by the step in flight
+                    input_ids.append(0)
+                    pending_rows.append((num_tokens, seq.seq_id))
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
@@ -284,11 +289,18 @@ class ModelRunner:
             sample_rows=sample_rows,
             prompt_logprob_rows=prompt_rows,
             logits_rows=torch.tensor(logits_rows, device=dev) if logits_rows else None,
+            pending_rows=pending_rows,
         )
 
     def _sample(self, logits, batch: PreparedBatch, scheduled, eos_token_ids, out: ModelRunnerOutput) -> None:
+        sampled = self._launch_sampling(logits, batch, scheduled, eos_token_ids)
+        if sampled is not None:
+            _collect_sampling(sampled, out)
+
+    def _launch_sampling(self, logits, batch: PreparedBatch, scheduled, eos_token_ids) -> SampledRows | None:
+        """Queue the sampler on the device; nothing is read back."""
         if not batch.sample_rows:
-            return
+            return None
         seqs = [s.seq for s in scheduled if s.samples]
         sampling = SamplingBatch(
             params=[seq.params for seq in seqs],
@@ -297,18 +309,30 @@ class ModelRunner:
             num_prompt_tokens=[seq.num_prompt_tokens for seq in seqs],
             eos_token_ids=eos_token_ids,
         )
-        result = sample(logits, sampling, self.args.max_logprobs)
-        for i, seq in enumerate(seqs):
-            out.sampled[seq.seq_id] = result.token_ids[i]
-        if result.sampled_logprobs is None:
-            return
-        chosen, ranks = result.sampled_logprobs.tolist(), result.sampled_ranks.tolist()
-        top_vals, top_ids = result.top_logprobs.tolist(), result.top_token_ids.tolist()
-        for i, seq in enumerate(seqs):
-            k = seq.params.logprobs
-            if k is None:
-                continue
-            out.logprobs[seq.seq_id] = _position_logprobs(result.token_ids[i], chosen[i], ranks[i], top_vals[i][:k], top_ids[i][:k])
+        return SampledRows(seqs, sample(logits, sampling, self.args.max_logprobs))
+
+    # ---- async scheduling: launch a step now, read its tokens back one step later ----------------
+
+    @torch.inference_mode()
+    def launch(self, scheduled: list[ScheduledSequence], eos_token_ids: set[int], previous: SampledRows | None) -> SampledRows | None:
+        """Queue a step's forward and sampling without waiting for them. A decode whose input is the
+        token `previous` (the step still in flight) is sampling takes it from the device directly.
+        One rank only; requests that need prompt logprobs or the token history run synchronously."""
+        batch = self._prepare(scheduled)
+        if batch.pending_rows:
+            rows = torch.tensor([row for row, _ in batch.pending_rows], device=self.device)
+            sources = torch.tensor([previous.row_of[seq_id] for _, seq_id in batch.pending_rows], device=self.device)
+            batch.input_ids[rows] = previous.result.token_ids[sources]
+        logits = self.execute_model(batch.input_ids, batch.positions, batch.metadata, batch.logits_rows)
+        return None if logits is None else self._launch_sampling(logits[: len(batch.sample_rows)], batch, scheduled, eos_token_ids)
+
+    @staticmethod
+    def collect(sampled: SampledRows | None) -> ModelRunnerOutput:
+        """Read a launched step's tokens back (waits for its device work)."""
+        out = ModelRunnerOutput()
+        if sampled is not None:
+            _collect_sampling(sampled, out)
+        return out
 
     def _prompt_logprobs(self, logits, batch: PreparedBatch, scheduled, out: ModelRunnerOutput) -> None:
         start = 0
@@ -325,6 +349,33 @@ class ModelRunner:
             out.prompt_logprobs[seq.seq_id] = [
                 _position_logprobs(targets[j], chosen[j], ranks[j], top_vals[j], top_ids[j]) for j in range(len(rows))
             ]
+
+
+@dataclass
+class SampledRows:
+    """The sequences a step sampled for, in row order, and the sampler's device tensors."""
+
+    seqs: list
+    result: SamplerOutput
+    row_of: dict[int, int] = field(init=False)  # seq id -> row
+
+    def __post_init__(self) -> None:
+        self.row_of = {seq.seq_id: i for i, seq in enumerate(self.seqs)}
+
+
+def _collect_sampling(sampled: SampledRows, out: ModelRunnerOutput) -> None:
+    result = sampled.result
+    token_ids = result.token_ids.tolist()
+    for seq, token in zip(sampled.seqs, token_ids):
+        out.sampled[seq.seq_id] = token
+    if result.sampled_logprobs is None:
+        return
+    chosen, ranks = result.sampled_logprobs.tolist(), result.sampled_ranks.tolist()
+    top_vals, top_ids = result.top_logprobs.tolist(), result.top_token_ids.tolist()
+    for i, seq in enumerate(sampled.seqs):
+        k = seq.params.logprobs
+        if k is not None:
+            out.logprobs[seq.seq_id] = _position_logprobs(token_ids[i], chosen[i], ranks[i], top_vals[i][:k], top_ids[i][:k])
 
 
 def _position_logprobs(token: int, logprob: float, rank: int, top_vals: list[float], top_ids: list[int]) -> PositionLogprobs:

@@ -34,7 +34,7 @@ class SamplingBatch:
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
+    token_ids: torch.Tensor  # [N] on the logits' device (reading it back is the step's host sync)
     # Present when some row asked for logprobs (computed for every row, read only where asked):
     sampled_logprobs: torch.Tensor | None = None  # [N] logprob of the sampled token
     sampled_ranks: torch.Tensor | None = None  # [N] rank of the sampled token (1 = most likely)
@@ -67,7 +67,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, max_logprobs: int) -> Sam
         greedy = torch.tensor([p.greedy for p in params], device=device)
         token_ids = torch.where(greedy, logits.argmax(dim=-1), sampled)
 
-    out = SamplerOutput(token_ids=token_ids.tolist())
+    out = SamplerOutput(token_ids=token_ids)
     if raw_logprobs is not None:
         ids = token_ids[:, None]
         chosen = raw_logprobs.gather(1, ids)

@@ -22,11 +22,10 @@ from engine.sequence import Request, Sequence, SequenceStatus
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int  # tokens computed for it this step: 1 for a decode, a chunk for a prefill
+    samples: bool = field(init=False)  # does the step reach the end of its tokens, and so produce the next?
 
-    @property
-    def samples(self) -> bool:
-        """Does this step reach the end of the sequence's known tokens, and so produce the next one?"""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -44,8 +43,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
         self.block_manager = block_manager
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -67,6 +67,8 @@ class Scheduler:
                 break
             if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
+            if seq.num_pending_tokens and seq.reached_length_limit(self.max_model_len):
+                continue  # async scheduling: its last token is in flight; it finishes when that arrives
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.can_grow(seq, num_new):
                 victim = self.running[-1]
@@ -87,7 +89,7 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self._waits_for_first_sibling(seq):
+            if self._waits_for_first_sibling(seq) or seq.num_pending_tokens:  # preempted with a token in flight
                 held_back.append(self.waiting.popleft())
                 continue
             # Siblings of an n > 1 request share the prompt blocks their first sequence computed.

@@ -55,7 +55,8 @@ class Sequence:
         self.index = index  # which of the request's n completions
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(request.prompt_token_ids)
-        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache (or being written by a launched step)
+        self.num_pending_tokens = 0  # sampled by a launched step, not yet read back (async scheduling)
         self.block_table: list[int] = []
         self.status = SequenceStatus.WAITING
         self.generator = generator  # seeded requests sample from their own generator
@@ -74,7 +75,13 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens the sequence has, counting those a launched step is still sampling."""
+        return len(self.token_ids) + self.num_pending_tokens
+
+    def reached_length_limit(self, max_model_len: int) -> bool:
+        """Will it be finished by length once its pending tokens arrive? Then no step should extend it."""
+        max_tokens = self.params.max_tokens or max_model_len
+        return self.num_tokens - self.num_prompt_tokens >= max_tokens or self.num_tokens >= max_model_len
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -3,7 +3,7 @@
 # First, here: bash perf/fetch_wheels.sh (wheels the device lacks; the call carries ".whl").
 # Usage (on the lent GPU, from the repo root): bash perf/gpu_check.sh STAGE...
 #   tests   pytest -m gpu
-#   nano    Qwen3-0.6B, nano workload (nano-nc: CUDA graphs without torch.compile)
+#   nano    Qwen3-0.6B, nano workload (nano-async: with async scheduling; nano-nc: graphs without torch.compile)
 #   llama1  Llama-3.1-8B, batch 1, 128 in / 512 out
 #   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out
 #   hf      nano (first 64 requests) through the engine and transformers, same run
@@ -23,6 +23,7 @@ for stage in "$@"; do
   case $stage in
     tests) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_attention_kernels.py tests/test_gpu_engine.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     nano) TORCH_LOGS=recompiles bench nano_qwen3 --model qwen3-0.6b --workload nano ;;
+    nano-async) bench nano_qwen3_async --model qwen3-0.6b --workload nano --async-scheduling ;;
     nano-nc) bench nano_qwen3_nocompile --model qwen3-0.6b --workload nano --no-compile ;;
     llama1) bench llama8b_bs1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
     llama) bench llama8b_fixed --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 ;;

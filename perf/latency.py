@@ -88,7 +88,8 @@ class PhaseTimer:
         self._wrap(runner.model, "compute_logits", "lm_head", sync_before=True, sync_after=True)
         self._wrap(runner, "_sample", "sample", sync_before=True)
         self._wrap(runner, "_prompt_logprobs", "sample")
-        self._wrap(engine, "_update", "update_other")
+        self._wrap(engine, "_advance", "update_other")
+        self._wrap(engine, "_apply_tokens", "update_other")
         self._wrap(engine.detokenizer, "step", "detokenize")
         self._wrap(engine, "_request_output", "outputs")
         return self

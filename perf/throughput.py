@@ -96,6 +96,7 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager,
         compile_model=not args.no_compile,
+        async_scheduling=args.async_scheduling,
         attention_backend=args.attention_backend,
         enable_prefix_caching=args.enable_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -215,6 +216,7 @@ def main() -> None:
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="CUDA graphs around the eager model, no torch.compile")
+    p.add_argument("--async-scheduling", action="store_true", help="launch step N+1 before reading step N's tokens")
     p.add_argument("--enable-prefix-caching", action="store_true")
     p.add_argument("--compare-hf", action="store_true", help="also run transformers' continuous batching on the same workload")
     p.add_argument("--skip-engine", action="store_true")
