@@ -5,10 +5,13 @@
 #   tests   pytest -m gpu
 #   nano    Qwen3-0.6B, nano workload (nano-async: with async scheduling; nano-nc: graphs without torch.compile)
 #   llama1  Llama-3.1-8B, batch 1, 128 in / 512 out
+#           (llama1-async: with async scheduling)
 #   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out
 #   hf      nano (first 64 requests) through the engine and transformers, same run
 #   prefix  Qwen3-0.6B, 256 requests sharing a 2,000-token prefix, caching off then on
 #   latency Qwen3-0.6B per-phase decode step times at batch 1/64/256, context 1024 (perf/latency.py)
+#   profile torch-profiler tables (top kernels) of a Qwen3-0.6B prefill of 1024 and decode at 256 x 1024,
+#           and a Llama-3.1-8B batch-1 decode step, in $OUT/trace/*.txt
 #   tp      (2 GPUs) tensor-parallel GPU tests, then Llama-3.1-8B batch-1 decode and fixed 1000 x 256 x 256 at TP=2
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -27,11 +30,18 @@ for stage in "$@"; do
     nano-async) bench nano_qwen3_async --model qwen3-0.6b --workload nano --async-scheduling ;;
     nano-nc) bench nano_qwen3_nocompile --model qwen3-0.6b --workload nano --no-compile ;;
     llama1) bench llama8b_bs1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
+    llama1-async) bench llama8b_bs1_async --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --async-scheduling ;;
     llama) bench llama8b_fixed --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 ;;
     prefix) bench prefix_qwen3 --model qwen3-0.6b --workload prefix --num-requests 256 --prefix-len 2000 --suffix-len 32 --output-len 32 ;;
     hf) bench nano64_vs_hf --model qwen3-0.6b --workload nano --limit 64 --compare-hf ;;
     latency) timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model qwen3-0.6b --prefill-lens 1024 --batch-sizes 1 64 256 \
                --context-lens 1024 --out "$OUT/latency_qwen3.json" 2>&1 | tee "$OUT/latency_qwen3.log" | tail -25 ;;
+    profile) for args in "qwen3-0.6b --prefill-lens 1024 --batch-sizes 256 --context-lens 1024" \
+                         "llama-3.1-8b --prefill-lens 128 --batch-sizes 1 --context-lens 128"; do
+               timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --max-model-len 4096 --decode-steps 5 --iters 2 \
+                 --trace "$OUT/trace" --trace-steps 2 --model $args 2>&1 | tail -8
+             done
+             for f in "$OUT"/trace/*.txt; do echo "--- $f"; head -30 "$f"; done ;;
     tp) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -15
         bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
         bench llama8b_fixed_tp2 --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 --tensor-parallel-size 2 ;;

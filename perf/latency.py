@@ -168,7 +168,11 @@ class Tracer:
             self.timer.annotate = False
         path = os.path.join(self.trace_dir, f"{name}.json")
         prof.export_chrome_trace(path)
-        logging.getLogger("perf").info("wrote %s", path)
+        # The same run as a table: the ops and kernels that took the most device time.
+        sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        with open(os.path.join(self.trace_dir, f"{name}.txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90))
+        logging.getLogger("perf").info("wrote %s (and the table in .txt)", path)
 
 
 # ---- the sweeps -------------------------------------------------------------------------------------

@@ -61,10 +61,25 @@ def test_graphs_were_captured_for_every_bucket(graphed):
 
 @pytest.mark.parametrize("batch_size", EDGE_BATCH_SIZES)
 def test_compiled_and_graphed_greedy_equals_eager_at_bucket_edges(eager, graphed, batch_size):
+    """Same greedy tokens, except where eager's top two candidates tie within float32 rounding:
+    there the graphed path may take the other one (seen once in 220 rows on the H100, at batch 24,
+    step 14), and that row is compared no further since the two continuations differ."""
     prompts = prompts_for(batch_size, seed=batch_size)
-    want = [o.outputs[0].token_ids for o in eager.generate(prompts, GREEDY, use_tqdm=False)]
-    got = [o.outputs[0].token_ids for o in graphed.generate(prompts, GREEDY, use_tqdm=False)]
-    assert got == want
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2)
+    want = [o.outputs[0] for o in eager.generate(prompts, params, use_tqdm=False)]
+    got = [o.outputs[0] for o in graphed.generate(prompts, params, use_tqdm=False)]
+    ties = 0
+    for row, (w, g) in enumerate(zip(want, got)):
+        assert len(g.token_ids) == len(w.token_ids) == 20
+        for step, (wt, gt) in enumerate(zip(w.token_ids, g.token_ids)):
+            if wt == gt:
+                continue
+            top = sorted(w.logprobs[step].values(), key=lambda lp: -lp.logprob)[:2]
+            assert gt in w.logprobs[step], f"row {row} step {step}: graphed {gt} outside eager's top 2"
+            assert top[0].logprob - top[1].logprob < 1e-4, f"row {row} step {step}: {wt} -> {gt}, not a tie"
+            ties += 1
+            break
+    assert ties <= max(1, batch_size // 8), f"{ties} rows diverged: more than float32 ties explain"
 
 
 def test_no_recompiles_after_warmup(graphed):
@@ -73,23 +88,30 @@ def test_no_recompiles_after_warmup(graphed):
 
 
 def test_greedy_equals_transformers_in_bf16_where_margins_allow(checkpoint, graphed_bf16):
-    """bf16 rounding differs between implementations, so a token may flip where the top two logits
-    nearly tie. Teacher-force transformers along our tokens: every step must pick transformers'
-    argmax, or a token in its top 3 whose logit is within bf16 noise (5% of the top logit; the
-    two bf16 implementations were seen 0.19 apart at a logit of 8.4 on the H100)."""
+    """bf16 rounding differs between implementations, so a token may flip where the top logits
+    nearly tie. Teacher-force transformers along our tokens in float32 (the oracle) and in bf16
+    (to measure how far bf16 rounding alone moves this model's logits): at every step our token
+    must be float32's argmax, or within twice that bf16 noise of it."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
+    hf32 = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).cuda().eval()
+    hf16 = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
     prompts = prompts_for(8, seed=7)
     outputs = graphed_bf16.generate(prompts, GREEDY, use_tqdm=False)
+    exact = total = 0
     for prompt, out in zip(prompts, outputs):
         ids = prompt["prompt_token_ids"] + out.outputs[0].token_ids
         with torch.no_grad():
-            logits = hf(torch.tensor([ids], device="cuda")).logits[0].float()
+            ref = hf32(torch.tensor([ids], device="cuda")).logits[0].float()
+            noisy = hf16(torch.tensor([ids], device="cuda")).logits[0].float()
         n = len(prompt["prompt_token_ids"])
         for step, token in enumerate(out.outputs[0].token_ids):
-            row = logits[n - 1 + step]
+            row = ref[n - 1 + step]
+            noise = (noisy[n - 1 + step] - row).abs().max()
             best = int(row.argmax())
-            if token != best:
-                assert token in row.topk(3).indices.tolist(), f"step {step}: ours {token}, transformers {best}"
-                assert row[best] - row[token] < 0.05 * row[best].abs(), f"step {step}: ours {token}, transformers {best}"
+            exact += token == best
+            total += 1
+            assert row[best] - row[token] <= 2 * noise, (
+                f"step {step}: ours {token} is {float(row[best] - row[token]):.3f} below transformers' "
+                f"{best}; bf16 noise here is {float(noise):.3f}")
+    assert exact >= 0.8 * total, f"only {exact}/{total} tokens are float32's argmax"

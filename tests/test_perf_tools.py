@@ -246,11 +246,13 @@ def test_latency_server_compares_the_same_requests_through_each_layer(latency_ru
 
 def test_latency_trace_is_a_chrome_trace_with_the_phases(latency_run):
     trace_dir = Path(latency_run[1]).parent / "traces"
-    assert sorted(p.name for p in trace_dir.iterdir()) == [
-        "decode_b1_c16.json", "decode_b3_c16.json", "prefill_40.json", "prefill_8.json"]
+    names = ["decode_b1_c16", "decode_b3_c16", "prefill_40", "prefill_8"]
+    assert sorted(p.name for p in trace_dir.iterdir()) == sorted([f"{n}.json" for n in names] + [f"{n}.txt" for n in names])
     with open(trace_dir / "decode_b3_c16.json") as f:
         names = {event.get("name") for event in json.load(f)["traceEvents"]}
     assert {"schedule", "forward", "sample", "detokenize"} <= names
+    table = (trace_dir / "decode_b3_c16.txt").read_text()
+    assert "Self CPU" in table and "forward" in table
 
 
 # ---- plot.py --------------------------------------------------------------------------------------
