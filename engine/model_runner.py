@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import EngineArgs, ModelConfig
+from engine.device_io import host_to_device
 from engine.outputs import Logprob, PositionLogprobs
 from engine.sampler import SamplerOutput, SamplingBatch, sample
 from engine.scheduler import ScheduledSequence
@@ -272,10 +273,10 @@ class ModelRunner:
         seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int32)
         dev = self.device
         metadata = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
-            query_start_loc=query_start_cpu.to(dev, non_blocking=True),
-            seq_lens=seq_lens_cpu.to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
+            slot_mapping=host_to_device(slots, torch.long, dev),
+            query_start_loc=host_to_device(query_start_cpu, torch.int32, dev),
+            seq_lens=host_to_device(seq_lens_cpu, torch.int32, dev),
+            block_tables=host_to_device(tables, torch.int32, dev),
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=query_start_cpu,
@@ -283,12 +284,12 @@ class ModelRunner:
         )
         logits_rows = sample_rows + [row for _, rows, _ in prompt_rows for row in rows]
         return PreparedBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True),
-            positions=torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True),
+            input_ids=host_to_device(input_ids, torch.long, dev),
+            positions=host_to_device(positions, torch.long, dev),
             metadata=metadata,
             sample_rows=sample_rows,
             prompt_logprob_rows=prompt_rows,
-            logits_rows=torch.tensor(logits_rows, device=dev) if logits_rows else None,
+            logits_rows=host_to_device(logits_rows, torch.long, dev) if logits_rows else None,
             pending_rows=pending_rows,
         )
 
@@ -320,8 +321,8 @@ class ModelRunner:
         One rank only; requests that need prompt logprobs or the token history run synchronously."""
         batch = self._prepare(scheduled)
         if batch.pending_rows:
-            rows = torch.tensor([row for row, _ in batch.pending_rows], device=self.device)
-            sources = torch.tensor([previous.row_of[seq_id] for _, seq_id in batch.pending_rows], device=self.device)
+            rows = host_to_device([row for row, _ in batch.pending_rows], torch.long, self.device)
+            sources = host_to_device([previous.row_of[seq_id] for _, seq_id in batch.pending_rows], torch.long, self.device)
             batch.input_ids[rows] = previous.result.token_ids[sources]
         logits = self.execute_model(batch.input_ids, batch.positions, batch.metadata, batch.logits_rows)
         return None if logits is None else self._launch_sampling(logits[: len(batch.sample_rows)], batch, scheduled, eos_token_ids)
@@ -341,7 +342,7 @@ class ModelRunner:
             k = min(seq.params.prompt_logprobs, self.args.max_logprobs)
             logprobs = torch.log_softmax(logits[start : start + len(rows)], dim=-1)
             start += len(rows)
-            target = torch.tensor(targets, device=self.device)[:, None]
+            target = host_to_device(targets, torch.long, self.device)[:, None]
             chosen = logprobs.gather(1, target)
             ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
             top_vals, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], logprobs[:, :0].long())

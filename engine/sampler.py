@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.device_io import host_to_device
 from engine.sampling_params import SamplingParams
 
 
@@ -57,14 +58,14 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, max_logprobs: int) -> Sam
     if all(p.greedy for p in params):
         token_ids = logits.argmax(dim=-1)
     else:
-        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+        temperature = host_to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
         probs = _filter(logits / temperature[:, None], params).softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_()
         for i, generator in enumerate(batch.generators):
             if generator is not None:
                 noise[i].exponential_(generator=generator)
         sampled = (probs / noise).argmax(dim=-1)
-        greedy = torch.tensor([p.greedy for p in params], device=device)
+        greedy = host_to_device([p.greedy for p in params], torch.bool, device)
         token_ids = torch.where(greedy, logits.argmax(dim=-1), sampled)
 
     out = SamplerOutput(token_ids=token_ids)
@@ -88,12 +89,12 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[1], device=device)[None, :]
-    remove = ranks >= torch.tensor(top_k, device=device)[:, None]
+    remove = ranks >= host_to_device(top_k, torch.long, device)[:, None]
     probs = sorted_logits.softmax(dim=-1)
     # Keep a token if the mass before it is still under top_p (the first token always stays).
     mass_before = probs.cumsum(dim=-1) - probs
-    remove |= mass_before >= torch.tensor(top_p, device=device)[:, None]
-    remove |= probs < torch.tensor(min_p, device=device)[:, None] * probs[:, :1]
+    remove |= mass_before >= host_to_device(top_p, torch.float32, device)[:, None]
+    remove |= probs < host_to_device(min_p, torch.float32, device)[:, None] * probs[:, :1]
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
@@ -106,12 +107,12 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
     device = logits.device
     output_counts = _token_counts(batch.output_token_ids(), num_rows, vocab, device)
     prompt_seen = _token_counts(batch.prompt_token_ids(), num_rows, vocab, device) > 0
-    repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+    repetition = host_to_device([p.repetition_penalty for p in params], torch.float32, device)[:, None]
     seen = prompt_seen | (output_counts > 0)
     penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
     logits = torch.where(seen, penalized, logits)
-    frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-    presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+    frequency = host_to_device([p.frequency_penalty for p in params], torch.float32, device)[:, None]
+    presence = host_to_device([p.presence_penalty for p in params], torch.float32, device)[:, None]
     return logits - frequency * output_counts - presence * (output_counts > 0)
 
 
@@ -122,7 +123,7 @@ def _token_counts(token_lists: list[list[int]], num_rows: int, vocab: int, devic
     padded = torch.full((num_rows, width), vocab, dtype=torch.long)
     for i, tokens in enumerate(token_lists):
         padded[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    padded = padded.to(device)
+    padded = host_to_device(padded, torch.long, device)
     # Column `vocab` collects the padding and is dropped.
     ones = torch.ones_like(padded, dtype=torch.float32)
     return torch.zeros(num_rows, vocab + 1, device=device).scatter_add_(1, padded, ones)[:, :vocab]
@@ -137,6 +138,6 @@ def _block_eos_before_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> 
     if not rows:
         return logits
     logits = logits.clone()
-    index = torch.tensor(rows, device=logits.device)
+    index = host_to_device(rows, torch.long, logits.device)
     logits[index[:, 0], index[:, 1]] = float("-inf")
     return logits

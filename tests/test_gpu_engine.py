@@ -115,3 +115,26 @@ def test_greedy_equals_transformers_in_bf16_where_margins_allow(checkpoint, grap
                 f"step {step}: ours {token} is {float(row[best] - row[token]):.3f} below transformers' "
                 f"{best}; bf16 noise here is {float(noise):.3f}")
     assert exact >= 0.8 * total, f"only {exact}/{total} tokens are float32's argmax"
+
+
+def test_async_scheduling_launches_a_step_without_waiting_for_the_device(checkpoint, monkeypatch):
+    """Async scheduling only pays if launching step N+1 does not wait for step N: nothing in
+    `launch` may synchronize with the device (a read-back, or a copy from pageable host memory)."""
+    llm = LLM(checkpoint, dtype="bfloat16", async_scheduling=True, max_model_len=512, max_num_seqs=32,
+              cuda_graph_sizes=BUCKETS)
+    runner = llm.llm_engine.runner
+    launch, launches = runner.launch, []
+
+    def strict_launch(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            launches.append(1)
+
+    monkeypatch.setattr(runner, "launch", strict_launch)
+    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_tokens=12, seed=i, ignore_eos=True)
+              for i in range(6)] + [GREEDY]
+    outputs = llm.generate(prompts_for(7, seed=5), params, use_tqdm=False)
+    assert launches and all(len(o.outputs[0].token_ids) == p.max_tokens for o, p in zip(outputs, params))

@@ -63,3 +63,15 @@ def test_kv_write_skips_padding_slots():
     flat = cache.view(-1, 2)
     assert flat[5].tolist() == [1.0, 2.0] and flat[2].tolist() == [5.0, 6.0]
     assert flat.abs().sum() == 1 + 2 + 5 + 6
+
+
+def test_host_to_device_keeps_values_and_dtype():
+    import numpy as np
+
+    from engine.device_io import host_to_device
+
+    for data, dtype in (([3, -1, 7], torch.long), (np.arange(6, dtype=np.int32).reshape(2, 3), torch.int32),
+                        ([0.5, 1.0], torch.float32), ([True, False], torch.bool)):
+        got = host_to_device(data, dtype, torch.device("cpu"))
+        assert got.dtype == dtype
+        assert got.tolist() == torch.as_tensor(np.asarray(data)).to(dtype).tolist()
