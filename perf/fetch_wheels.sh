@@ -2,7 +2,7 @@
 # Fetch, on this (networked) machine, the wheels the lent GPU lacks, into .whl/ (git-ignored);
 # perf/gpu_check.sh installs them there when the device call carries ".whl".
 # The device has Python 3.12 on x86-64, torch 2.11+cu130, transformers, httpx; no xformers,
-# starlette, uvicorn, msgspec, prometheus-client or openai (DESIGN.md, KINDS.md).
+# starlette, uvicorn, msgspec, prometheus-client, openai or pydantic (DESIGN.md, KINDS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
@@ -12,5 +12,9 @@ fetch() {
     -d .whl "$@"
 }
 fetch xformers==0.0.35
-fetch starlette uvicorn h11 msgspec prometheus-client openai jiter distro
+fetch starlette uvicorn h11 msgspec prometheus-client openai jiter distro sniffio
+# openai's models need pydantic (absent there); pydantic pins its compiled core exactly.
+fetch pydantic annotated-types typing-inspection
+core=$(unzip -p .whl/pydantic-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: pydantic-core==\([0-9.]*\).*/\1/p')
+fetch "pydantic-core==$core"
 ls -la .whl
