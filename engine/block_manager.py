@@ -8,6 +8,13 @@ it, so equal hashes mean equal prefixes. A new sequence reuses the cached full b
 (tokens verified, not just the hash) and computes only the rest. Blocks are reference-counted;
 freed blocks keep their contents and hash and are evicted least-recently-freed first, only when
 the pool needs them.
+
+Parallel sampling (n > 1): when a request's first sequence finishes its prompt, its siblings fork
+from it (`fork`): they take the same block table, every block's count raised, the partial last
+block included. A block is written only past its sequence's computed tokens, so only that last
+block can be written while shared: before the write, the writer gets its own copy
+(copy-on-write, `grow`), and the model runner copies the block's K/V on the device before the
+step's forward (`take_block_copies`). The last holder writes in place.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ class BlockManager:
         self.seq_hashes: dict[int, list[int]] = {}  # seq id -> hashes of its full blocks, in order
         self.prefix_queries_total = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits_total = 0  # of which found
+        self.block_copies: list[tuple[int, int]] = []  # (src, dst) K/V copies the next step must make first
+        self.copy_on_writes_total = 0
 
     @property
     def num_blocks(self) -> int:
@@ -103,13 +112,43 @@ class BlockManager:
 
     def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
         needed = self._blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return needed <= self.num_free_blocks
+        return needed + self._needs_copy(seq, num_new_tokens) <= self.num_free_blocks
 
     def grow(self, seq: Sequence, num_new_tokens: int) -> None:
-        """Make the block table cover the sequence's computed tokens plus `num_new_tokens`."""
+        """Make the block table cover the sequence's computed tokens plus `num_new_tokens`, copying
+        a shared block before it is written."""
+        if self._needs_copy(seq, num_new_tokens):
+            index = seq.num_computed_tokens // self.block_size
+            shared = seq.block_table[index]
+            copy = self._take_free_block()
+            self.blocks[shared].ref_count -= 1
+            seq.block_table[index] = copy
+            self.block_copies.append((shared, copy))
+            self.copy_on_writes_total += 1
         needed = self._blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         for _ in range(needed):
             seq.block_table.append(self._take_free_block())
+
+    def _needs_copy(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Would this step write into a block another sequence holds too (a forked partial block)?"""
+        if num_new_tokens == 0 or seq.num_computed_tokens % self.block_size == 0:
+            return False  # the first write starts a block of its own
+        index = seq.num_computed_tokens // self.block_size
+        return index < len(seq.block_table) and self.blocks[seq.block_table[index]].ref_count > 1
+
+    def fork(self, parent: Sequence, child: Sequence, num_computed_tokens: int) -> None:
+        """`child` shares all of `parent`'s blocks, which hold (or are being written with) its first
+        `num_computed_tokens` tokens."""
+        assert not child.block_table
+        for block_id in parent.block_table:
+            self.blocks[block_id].ref_count += 1
+        child.block_table = list(parent.block_table)
+        child.num_computed_tokens = num_computed_tokens
+        self.seq_hashes[child.seq_id] = list(self.seq_hashes.get(parent.seq_id, []))
+
+    def take_block_copies(self) -> list[tuple[int, int]]:
+        copies, self.block_copies = self.block_copies, []
+        return copies
 
     def _take_free_block(self) -> int:
         block_id, _ = self.free_blocks.popitem(last=False)
@@ -149,5 +188,7 @@ class BlockManager:
                     block.block_hash = None
                     block.token_ids = ()
                 self.free_blocks[block_id] = None
+                if self.block_copies:  # a copy into a block given back before its step ran
+                    self.block_copies = [c for c in self.block_copies if c[1] != block_id]
         seq.block_table = []
         self.seq_hashes.pop(seq.seq_id, None)

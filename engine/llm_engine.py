@@ -218,12 +218,13 @@ class LLMEngine:
             outputs = self._apply_tokens(in_flight.scheduled, self.runner.collect(in_flight.sampled))
         elif self.args.async_scheduling and not self._needs_sync():
             previous = in_flight.sampled if in_flight is not None else None
-            self._in_flight = LaunchedStep(batch.scheduled, self.runner.launch(batch.scheduled, self.model_config.eos_token_ids, previous))
+            sampled = self.runner.launch(batch.scheduled, self.model_config.eos_token_ids, previous, batch.block_copies)
+            self._in_flight = LaunchedStep(batch.scheduled, sampled)
             self._advance(batch.scheduled, {})
             # The device runs the new step while the host reads back and books the previous one.
             outputs = self._apply_tokens(in_flight.scheduled, self.runner.collect(in_flight.sampled)) if in_flight else []
         else:
-            result = self.runner.execute(batch.scheduled, self.model_config.eos_token_ids)
+            result = self.runner.execute(batch.scheduled, self.model_config.eos_token_ids, batch.block_copies)
             self._advance(batch.scheduled, result.prompt_logprobs)
             outputs = self._apply_tokens(batch.scheduled, result)
         t2 = time.perf_counter()

@@ -202,9 +202,10 @@ class ModelRunner:
     # ---- one step --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence], eos_token_ids: set[int]) -> ModelRunnerOutput:
+    def execute(self, scheduled: list[ScheduledSequence], eos_token_ids: set[int],
+                block_copies: list[tuple[int, int]] = ()) -> ModelRunnerOutput:
         batch = self._prepare(scheduled)
-        inputs = (batch.input_ids, batch.positions, batch.metadata, batch.logits_rows)
+        inputs = (batch.input_ids, batch.positions, batch.metadata, batch.logits_rows, self._copies(block_copies))
         # With tensor parallelism the workers run the same step in lockstep; sampling is inside, as
         # its wait for the device is where a worker's failure in an asynchronous (NCCL) step shows.
         with self.workers.step(*inputs) if self.workers is not None else contextlib.nullcontext():
@@ -218,9 +219,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                      logits_rows: torch.Tensor | None) -> torch.Tensor | None:
+                      logits_rows: torch.Tensor | None, block_copies: torch.Tensor | None = None) -> torch.Tensor | None:
         """What every tensor-parallel rank runs in lockstep, the same way (its collectives inside):
-        the forward, then the float32 logits of `logits_rows` (None: no row needs them)."""
+        the copy-on-write block copies [K, 2] (src, dst), the forward, then the float32 logits of
+        `logits_rows` (None: no row needs them)."""
+        if block_copies is not None:
+            src, dst = block_copies[:, 0], block_copies[:, 1]
+            for k_cache, v_cache in self.kv_caches:
+                k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
+                v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
         graphs = self.graph_runner
         if graphs is not None and meta.max_query_len == 1 and meta.num_seqs <= graphs.max_batch_size:
             hidden = graphs.run(input_ids, positions, meta)
@@ -236,8 +243,14 @@ class ModelRunner:
         input_ids, positions, slots, seq_lens, query_lens = [], [], [], [], []
         sample_rows, prompt_rows, pending_rows = [], [], []
         num_tokens = 0
+        last_row: dict[int, int] = {}  # seq id -> its last row this step (forks sample from it)
+        computed = []  # the sequences with tokens in this step's forward (not forks)
         for i, s in enumerate(scheduled):
             seq = s.seq
+            if s.sample_from is not None:
+                sample_rows.append(last_row[s.sample_from.seq_id])
+                continue
+            computed.append(s)
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens
             table = seq.block_table
             if end - start == 1:  # decode: plain Python beats numpy for one token
@@ -255,19 +268,20 @@ class ModelRunner:
                 slots.extend((np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist())
             seq_lens.append(end)
             query_lens.append(end - start)
+            last_row[seq.seq_id] = num_tokens + end - start - 1
             if s.samples:
-                sample_rows.append(num_tokens + end - start - 1)
+                sample_rows.append(last_row[seq.seq_id])
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
                 last = min(end, seq.num_prompt_tokens - 1)  # position p predicts prompt token p + 1
                 rows = list(range(num_tokens, num_tokens + last - start))
                 prompt_rows.append((i, rows, seq.token_ids[start + 1 : last + 1]))
             num_tokens += end - start
 
-        max_blocks = max(len(s.seq.block_table) for s in scheduled)
-        tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
-        for i, s in enumerate(scheduled):
+        max_blocks = max(len(s.seq.block_table) for s in computed)
+        tables = np.zeros((len(computed), max_blocks), dtype=np.int32)
+        for i, s in enumerate(computed):
             tables[i, : len(s.seq.block_table)] = s.seq.block_table
-        query_start = np.zeros(len(scheduled) + 1, dtype=np.int32)
+        query_start = np.zeros(len(computed) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=query_start[1:])
         query_start_cpu = torch.from_numpy(query_start)
         seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int32)
@@ -314,8 +328,12 @@ class ModelRunner:
 
     # ---- async scheduling: launch a step now, read its tokens back one step later ----------------
 
+    def _copies(self, block_copies: list[tuple[int, int]]) -> torch.Tensor | None:
+        return host_to_device(block_copies, torch.long, self.device) if block_copies else None
+
     @torch.inference_mode()
-    def launch(self, scheduled: list[ScheduledSequence], eos_token_ids: set[int], previous: SampledRows | None) -> SampledRows | None:
+    def launch(self, scheduled: list[ScheduledSequence], eos_token_ids: set[int], previous: SampledRows | None,
+               block_copies: list[tuple[int, int]] = ()) -> SampledRows | None:
         """Queue a step's forward and sampling without waiting for them. A decode whose input is the
         token `previous` (the step still in flight) is sampling takes it from the device directly.
         One rank only; requests that need prompt logprobs or the token history run synchronously."""
@@ -324,7 +342,8 @@ class ModelRunner:
             rows = host_to_device([row for row, _ in batch.pending_rows], torch.long, self.device)
             sources = host_to_device([previous.row_of[seq_id] for _, seq_id in batch.pending_rows], torch.long, self.device)
             batch.input_ids[rows] = previous.result.token_ids[sources]
-        logits = self.execute_model(batch.input_ids, batch.positions, batch.metadata, batch.logits_rows)
+        logits = self.execute_model(batch.input_ids, batch.positions, batch.metadata, batch.logits_rows,
+                                    self._copies(block_copies))
         return None if logits is None else self._launch_sampling(logits[: len(batch.sample_rows)], batch, scheduled, eos_token_ids)
 
     @staticmethod

@@ -6,6 +6,10 @@ prompt chunks, then waiting sequences (FCFS) while blocks, `max_num_seqs` and th
 decodes (chunked prefill), so it never stalls anyone's decoding. When a sequence needs a block and
 none is free, the newest running sequence is preempted: its blocks are freed and it goes back to
 the front of the queue to be recomputed later, with the tokens it already has.
+
+Parallel sampling (n > 1): a request's other sequences wait while its first one computes the
+prompt; in the step that finishes the prompt they fork from it (sharing its blocks, see
+`BlockManager.fork`) and sample their first tokens from the same logits row, computing nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from engine.sequence import Request, Sequence, SequenceStatus
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int  # tokens computed for it this step: 1 for a decode, a chunk for a prefill
+    # A fork (n > 1) computes nothing (num_new_tokens 0): it samples from this sequence's last row,
+    # which comes before it in the step.
+    sample_from: Sequence | None = None
     samples: bool = field(init=False)  # does the step reach the end of its tokens, and so produce the next?
 
     def __post_init__(self) -> None:
@@ -32,6 +39,7 @@ class ScheduledSequence:
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst): copy-on-write, before the forward
 
     @property
     def num_batched_tokens(self) -> int:
@@ -79,9 +87,10 @@ class Scheduler:
                 self.block_manager.grow(seq, num_new)
                 out.scheduled.append(ScheduledSequence(seq, num_new))
                 budget -= num_new
-        if out.preempted:  # memory is short: admit no one new this step
-            return out
-        self._admit_waiting(out, budget)
+        if not out.preempted:  # memory is short: admit no one new this step
+            self._admit_waiting(out, budget)
+            self._fork_siblings(out)
+        out.block_copies = self.block_manager.take_block_copies()
         return out
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
@@ -109,6 +118,25 @@ class Scheduler:
                 request.metrics.first_scheduled_time = time.time()
                 request.num_cached_tokens = seq.num_computed_tokens
         self.waiting.extendleft(reversed(held_back))
+
+    def _fork_siblings(self, out: SchedulerOutput) -> None:
+        """Siblings of a first sequence whose prompt this step finishes join it, sharing its blocks."""
+        for i in range(len(out.scheduled) - 1, -1, -1):
+            s = out.scheduled[i]
+            first = s.seq
+            if first.index != 0 or first.request.params.n == 1 or not s.samples or first.num_output_tokens:
+                continue
+            forks = []
+            for sibling in first.request.seqs[1:]:
+                if (len(self.running) >= self.max_num_seqs or sibling.status != SequenceStatus.WAITING
+                        or sibling.num_output_tokens or sibling.num_pending_tokens):
+                    continue  # no seat, or not a fresh copy of the prompt: it is admitted the usual way
+                self.block_manager.fork(first, sibling, first.num_computed_tokens + s.num_new_tokens)
+                self.waiting.remove(sibling)
+                sibling.status = SequenceStatus.RUNNING
+                self.running.append(sibling)
+                forks.append(ScheduledSequence(sibling, 0, sample_from=first))
+            out.scheduled[i + 1 : i + 1] = forks
 
     @staticmethod
     def _waits_for_first_sibling(seq: Sequence) -> bool:

@@ -49,11 +49,11 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # start-up or a step that hangs this
 STOP_TIMEOUT_S = 10.0  # how long a shutdown waits for workers to exit before killing them
 FAILURE_REPORT_WAIT_S = 2.0  # how long a failed step waits for a worker to say what went wrong
 
-# command, num_tokens, num_seqs, block-table width, logits rows, max_query_len, max_seq_len
-_HEADER = struct.Struct("<7q")
+# command, num_tokens, num_seqs, block-table width, logits rows, block copies, max_query_len, max_seq_len
+_HEADER = struct.Struct("<8q")
 _STOP, _STEP = 0, 1
 
-StepInputs = tuple[torch.Tensor, torch.Tensor, AttentionMetadata, "torch.Tensor | None"]
+StepInputs = tuple[torch.Tensor, torch.Tensor, AttentionMetadata, "torch.Tensor | None", "torch.Tensor | None"]
 
 
 class TensorParallelError(RuntimeError):
@@ -79,15 +79,18 @@ def share_host_cores(tp_size: int) -> None:
 
 
 def pack_step(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-              logits_rows: torch.Tensor | None) -> tuple[bytes, torch.Tensor]:
+              logits_rows: torch.Tensor | None, block_copies: torch.Tensor | None = None) -> tuple[bytes, torch.Tensor]:
     """The header for the pipes and the flat tensor to broadcast (on the inputs' device)."""
     parts = [input_ids, positions, meta.slot_mapping, meta.query_start_loc.long(), meta.seq_lens.long(),
              meta.block_tables.flatten().long()]
-    num_rows = 0
+    num_rows = num_copies = 0
     if logits_rows is not None:
         parts.append(logits_rows)
         num_rows = logits_rows.shape[0]
-    header = _HEADER.pack(_STEP, input_ids.shape[0], meta.num_seqs, meta.block_tables.shape[1], num_rows,
+    if block_copies is not None:
+        parts.append(block_copies.flatten())
+        num_copies = block_copies.shape[0]
+    header = _HEADER.pack(_STEP, input_ids.shape[0], meta.num_seqs, meta.block_tables.shape[1], num_rows, num_copies,
                           meta.max_query_len, meta.max_seq_len)
     return header, torch.cat(parts)
 
@@ -95,11 +98,11 @@ def pack_step(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionM
 @torch.inference_mode()
 def receive_step(sizes: tuple[int, ...], device: torch.device) -> StepInputs:
     """A worker's side of the broadcast: the same inputs rank 0 runs the model on."""
-    num_tokens, num_seqs, width, num_rows, max_query_len, max_seq_len = sizes
-    split = [num_tokens] * 3 + [num_seqs + 1, num_seqs, num_seqs * width, num_rows]
+    num_tokens, num_seqs, width, num_rows, num_copies, max_query_len, max_seq_len = sizes
+    split = [num_tokens] * 3 + [num_seqs + 1, num_seqs, num_seqs * width, num_rows, 2 * num_copies]
     flat = torch.empty(sum(split), dtype=torch.long, device=device)
     dist.broadcast(flat, src=0)
-    ids, positions, slots, query_start, seq_lens, tables, rows = flat.split(split)
+    ids, positions, slots, query_start, seq_lens, tables, rows, copies = flat.split(split)
     query_start, seq_lens = query_start.int(), seq_lens.int()
     on_host = device.type == "cpu"
     meta = AttentionMetadata(
@@ -114,7 +117,7 @@ def receive_step(sizes: tuple[int, ...], device: torch.device) -> StepInputs:
     )
     # The model's own inputs are fresh tensors, not views of `flat`: torch.compile guards on a
     # view's base and would recompile.
-    return ids.clone(), positions.clone(), meta, rows if num_rows else None
+    return ids.clone(), positions.clone(), meta, rows if num_rows else None, copies.view(num_copies, 2) if num_copies else None
 
 
 # ---- rank 0 -----------------------------------------------------------------------------------------
@@ -279,7 +282,7 @@ class TensorParallelWorkers:
         if graceful:
             for conn in self._conns:
                 try:
-                    conn.send_bytes(_HEADER.pack(_STOP, 0, 0, 0, 0, 0, 0))
+                    conn.send_bytes(_HEADER.pack(_STOP, 0, 0, 0, 0, 0, 0, 0))
                 except OSError:
                     pass  # that worker is gone already
             deadline = time.monotonic() + STOP_TIMEOUT_S

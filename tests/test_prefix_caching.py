@@ -122,6 +122,56 @@ def test_n_completions_share_the_prompt_blocks(llama_checkpoint):
     assert shared_engine.get_stats().num_used_blocks == 0
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_n_completions_fork_after_one_prompt_pass_and_copy_the_partial_block_on_write(llama_checkpoint, async_scheduling):
+    """The prompt is computed once, by the first sequence; its siblings fork in the step that ends
+    it, sample from its logits row, and copy the shared partial last block before writing to it.
+    A wrong copy would show in greedy tokens: each completion must equal a lone request's."""
+    prompt = random_ids(43, seed=11)  # 10 full blocks of 4 and a partial one of 3 tokens
+    greedy = SamplingParams(n=3, temperature=0, max_tokens=9, ignore_eos=True)
+    engine = engine_for(llama_checkpoint, caching=False, async_scheduling=async_scheduling)
+    engine.add_request("n3", prompt, greedy)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    alone = engine_for(llama_checkpoint, caching=False)
+    alone.add_request("one", prompt, SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
+    while alone.has_unfinished_requests():
+        want = alone.step() or want
+    completions = outs[-1].outputs
+    assert [c.token_ids for c in completions] == [want[0].outputs[0].token_ids] * 3
+    assert engine.prompt_tokens_total == len(prompt)  # not once per sequence, not even the tail
+    assert engine.block_manager.copy_on_writes_total == 2  # the last holder writes in place
+    assert engine.get_stats().num_used_blocks == 0
+
+    # Sampled forks draw their own tokens from the shared row.
+    engine.add_request("sampled", prompt, SamplingParams(n=4, temperature=1.0, seed=2, max_tokens=6, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert len({tuple(c.token_ids) for c in outs[-1].outputs}) > 1
+    assert engine.get_stats().num_used_blocks == 0
+
+
+def test_block_manager_copies_a_shared_block_only_before_writing_it():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    request = Request("r", "", list(range(6)), SamplingParams(n=2), arrival_time=0.0)
+    parent, child = Sequence(request, 0, None), Sequence(request, 1, None)
+    bm.admit(parent, [], 6, count_query=False)  # blocks for tokens 0..5: one full, one partial
+    parent.num_computed_tokens = 6
+    bm.fork(parent, child, 6)
+    assert child.block_table == parent.block_table and bm.num_free_blocks == 6
+    assert not bm._needs_copy(child, 0)
+    assert bm.can_grow(child, 1)
+    bm.grow(child, 1)  # writes position 6, in the shared partial block
+    assert bm.take_block_copies() == [(parent.block_table[1], child.block_table[1])]
+    assert child.block_table[0] == parent.block_table[0] and child.block_table[1] != parent.block_table[1]
+    bm.grow(parent, 1)  # now the only holder: in place
+    assert bm.take_block_copies() == [] and bm.copy_on_writes_total == 1
+    bm.free(child)
+    bm.free(parent)
+    assert bm.num_free_blocks == 8
+
+
 def test_kv_waste_stays_small_on_long_sequences(llama_checkpoint):
     """Paged allocation reserves at most one partly filled block per sequence: on nano-like prompt
     lengths (100-1024 tokens) the reserved-but-empty slots stay far under the paper's 4%."""

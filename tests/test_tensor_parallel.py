@@ -115,6 +115,11 @@ def test_two_ranks_give_the_tokens_of_one_rank_and_of_transformers(checkpoints, 
         whole = sum(p.numel() for p in single.llm_engine.runner.model.parameters())
         assert sum(p.numel() for p in runner.model.parameters()) < 0.6 * whole  # rank 0 holds its shard only
         assert_same_outputs(want, generate(llm))
+        if name == "llama3-tied":  # n > 1: forks copy their shared partial block on every rank
+            fork = SamplingParams(n=3, temperature=0, max_tokens=6, ignore_eos=True)
+            got = [[c.token_ids for c in o.outputs] for o in generate(llm, fork)]
+            assert llm.llm_engine.block_manager.copy_on_writes_total > 0
+            assert got == [[c.token_ids for c in o.outputs] for o in generate(single, fork)]
 
 
 def test_four_ranks_on_eight_heads_and_four_kv_heads(tmp_path):
