@@ -42,7 +42,7 @@ class EngineArgs:
     block_size: int = 16  # tokens per KV-cache block
     seed: int = 0  # seed of the engine's random generator (unseeded requests draw from it)
     enforce_eager: bool = False  # no torch.compile, no CUDA graphs
-    async_scheduling: bool = False  # build and launch step N+1 while the device runs step N (one rank; experimental)
+    async_scheduling: bool = False  # build and launch step N+1 while the device runs step N (experimental)
     compile_model: bool = True  # torch.compile the forward (CUDA graphs need not: they capture the eager model when off)
     tensor_parallel_size: int = 1  # devices (one process each) to split each layer across; on CPU, processes
     quantization: str | None = None  # "awq"/"gptq" (must match the checkpoint), "int8" (quantized at load); None: the checkpoint's
@@ -67,8 +67,6 @@ class EngineArgs:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
-        if self.async_scheduling and self.tensor_parallel_size > 1:
-            raise ValueError("async_scheduling is not supported with tensor_parallel_size > 1 yet")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization={self.quantization!r} is not supported; supported: "
                              f"{', '.join(QUANTIZATION_METHODS)} (or None: detected from the checkpoint)")

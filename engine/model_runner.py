@@ -22,7 +22,7 @@ from engine.device_io import host_to_device
 from engine.outputs import Logprob, PositionLogprobs
 from engine.sampler import SamplerOutput, SamplingBatch, sample
 from engine.scheduler import ScheduledSequence
-from engine.tensor_parallel import TensorParallelWorkers
+from engine.tensor_parallel import TensorParallelError, TensorParallelWorkers
 from engine.weight_loader import load_model, weight_memory
 from graphs.compile import compile_model, num_compiled_graphs
 from graphs.cuda_graph import CudaGraphRunner, default_batch_sizes
@@ -336,22 +336,33 @@ class ModelRunner:
                block_copies: list[tuple[int, int]] = ()) -> SampledRows | None:
         """Queue a step's forward and sampling without waiting for them. A decode whose input is the
         token `previous` (the step still in flight) is sampling takes it from the device directly.
-        One rank only; requests that need prompt logprobs or the token history run synchronously."""
+        Requests that need prompt logprobs or the token history run synchronously instead.
+
+        With tensor parallelism the workers get the step as in `execute` (the filled-in input ids
+        travel in the broadcast, queued after the step that samples them) and run ahead too: no
+        rank waits for its device until `collect`."""
         batch = self._prepare(scheduled)
         if batch.pending_rows:
             rows = host_to_device([row for row, _ in batch.pending_rows], torch.long, self.device)
             sources = host_to_device([previous.row_of[seq_id] for _, seq_id in batch.pending_rows], torch.long, self.device)
             batch.input_ids[rows] = previous.result.token_ids[sources]
-        logits = self.execute_model(batch.input_ids, batch.positions, batch.metadata, batch.logits_rows,
-                                    self._copies(block_copies))
-        return None if logits is None else self._launch_sampling(logits[: len(batch.sample_rows)], batch, scheduled, eos_token_ids)
+        inputs = (batch.input_ids, batch.positions, batch.metadata, batch.logits_rows, self._copies(block_copies))
+        with self.workers.step(*inputs) if self.workers is not None else contextlib.nullcontext():
+            logits = self.execute_model(*inputs)
+            if logits is None:
+                return None
+            return self._launch_sampling(logits[: len(batch.sample_rows)], batch, scheduled, eos_token_ids)
 
-    @staticmethod
-    def collect(sampled: SampledRows | None) -> ModelRunnerOutput:
-        """Read a launched step's tokens back (waits for its device work)."""
+    def collect(self, sampled: SampledRows | None) -> ModelRunnerOutput:
+        """Read a launched step's tokens back (waits for its device work). With tensor parallelism
+        this wait is where a worker's failure in an asynchronous (NCCL) step shows."""
         out = ModelRunnerOutput()
-        if sampled is not None:
+        if sampled is None:
+            return out
+        with self.workers.lockstep() if self.workers is not None else contextlib.nullcontext():
             _collect_sampling(sampled, out)
+            if self.workers is not None and self.workers.failure is not None:
+                raise TensorParallelError(self.workers.failure)
         return out
 
     def _prompt_logprobs(self, logits, batch: PreparedBatch, scheduled, out: ModelRunnerOutput) -> None:

@@ -91,8 +91,3 @@ def test_abort_with_a_step_in_flight_frees_everything(llama_checkpoint):
     engine.step()  # collects nothing more
     assert engine._in_flight is None
     assert engine.block_manager.num_free_blocks == total
-
-
-def test_async_scheduling_and_tensor_parallelism_are_refused_together():
-    with pytest.raises(ValueError, match="async_scheduling"):
-        EngineArgs(model="x", async_scheduling=True, tensor_parallel_size=2)

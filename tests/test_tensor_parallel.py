@@ -122,6 +122,29 @@ def test_two_ranks_give_the_tokens_of_one_rank_and_of_transformers(checkpoints, 
             assert got == [[c.token_ids for c in o.outputs] for o in generate(single, fork)]
 
 
+def test_async_scheduling_on_two_ranks_gives_the_tokens_of_sync_steps_on_one(checkpoints):
+    """Rank 0 launches step N+1 (its pending input ids filled in on the device, then broadcast)
+    before reading step N's tokens; the workers run ahead with it."""
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=7, max_tokens=14, ignore_eos=True),
+              SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=10, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)]
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    path = checkpoints["qwen2"]
+    want = LLM(path, **ENGINE).generate(prompts, params, use_tqdm=False)
+    with tensor_parallel_llm(path, 2, async_scheduling=True) as llm:
+        steps = llm.llm_engine.timings.steps
+        got = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.llm_engine.timings.steps > steps and llm.llm_engine._in_flight is None
+        assert llm.llm_engine.get_stats().num_used_blocks == 0
+    assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
+    for o, w in zip(got, want):
+        for c, d in zip(o.outputs, w.outputs):
+            if d.logprobs:
+                for x, y in zip(c.logprobs, d.logprobs):
+                    assert_same_logprobs(y, x)
+
+
 def test_four_ranks_on_eight_heads_and_four_kv_heads(tmp_path):
     path = build_tiny_checkpoint(str(tmp_path / "llama-8h"), "LlamaForCausalLM", seed=4, num_attention_heads=8,
                                  num_key_value_heads=4, intermediate_size=256)
@@ -186,9 +209,11 @@ def test_a_worker_exception_at_start_fails_the_engine_with_its_error(checkpoints
     assert not dist.is_initialized()
 
 
-def test_a_worker_exception_in_a_step_fails_it_with_its_error_and_ends_every_worker(checkpoints, monkeypatch):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_worker_exception_in_a_step_fails_it_with_its_error_and_ends_every_worker(checkpoints, monkeypatch,
+                                                                                   async_scheduling):
     monkeypatch.setattr(tensor_parallel, "run_worker", _worker_failing_on_its_third_step)
-    llm = LLM(checkpoints["qwen2"], tensor_parallel_size=2, **ENGINE)
+    llm = LLM(checkpoints["qwen2"], tensor_parallel_size=2, async_scheduling=async_scheduling, **ENGINE)
     pids = llm.llm_engine.runner.workers.pids
     with pytest.raises(TensorParallelError, match=r"tensor-parallel worker rank 1 failed: RuntimeError: injected "
                                                   r"failure in execute_model; every worker was stopped"):
@@ -284,13 +309,15 @@ def gpu_generate(llm: LLM, batch_size: int) -> list[list[int]]:
 
 @pytest.mark.gpu
 @needs_two_gpus
-@pytest.mark.parametrize("compile_model", [True, False], ids=["compiled", "graphs-of-eager"])
-def test_gpu_two_ranks_with_graphs_give_the_tokens_of_one_rank(gpu_checkpoint, compile_model):
+@pytest.mark.parametrize("compile_model, async_scheduling", [(True, False), (False, False), (True, True)],
+                         ids=["compiled", "graphs-of-eager", "compiled-async"])
+def test_gpu_two_ranks_with_graphs_give_the_tokens_of_one_rank(gpu_checkpoint, compile_model, async_scheduling):
     one = LLM(gpu_checkpoint, compile_model=compile_model, **GPU_ENGINE)
     want = {n: gpu_generate(one, n) for n in GPU_BATCH_SIZES}
     del one
     torch.cuda.empty_cache()
-    llm = LLM(gpu_checkpoint, tensor_parallel_size=2, compile_model=compile_model, **GPU_ENGINE)
+    llm = LLM(gpu_checkpoint, tensor_parallel_size=2, compile_model=compile_model, async_scheduling=async_scheduling,
+              **GPU_ENGINE)
     pids = llm.llm_engine.runner.workers.pids
     try:
         runner = llm.llm_engine.runner
