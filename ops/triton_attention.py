@@ -38,7 +38,9 @@ import triton.language as tl
 
 from ops.forward_context import AttentionMetadata
 
-PARTITION_SIZE = 512  # context positions per decode program (flash-decoding split)
+PARTITION_SIZE = 512  # context positions per decode program (flash-decoding split), at most...
+MAX_DECODE_PARTITIONS = 16  # ...partitions beyond which they grow instead (see decode_partitions)
+DECODE_GRID_PROGRAMS = 4096  # unless the decode grid stays under this many programs
 _DECODE_BLOCK_N = 64  # context positions per inner-loop step in decode
 _DECODE_NUM_WARPS = 4
 _DECODE_NUM_STAGES = 2
@@ -107,9 +109,9 @@ def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     stride_cb, stride_cs, stride_ch,
-    head_dim, qk_scale,
+    head_dim, qk_scale, partition_size,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
-    PARTITION: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -117,8 +119,8 @@ def _decode_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     token = tl.load(query_start_loc_ptr + seq)
     has_query = tl.load(query_start_loc_ptr + seq + 1) > token
-    kv_lo = part * PARTITION
-    kv_hi = tl.minimum(seq_len, kv_lo + PARTITION)
+    kv_lo = part * partition_size
+    kv_hi = tl.minimum(seq_len, kv_lo + partition_size)
 
     rows = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + rows
@@ -152,8 +154,8 @@ def _decode_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, seq_lens_ptr, query_start_loc_ptr,
-    stride_ot, stride_oh, head_dim,
-    NUM_PARTITIONS: tl.constexpr, P_PAD: tl.constexpr, PARTITION: tl.constexpr, D_PAD: tl.constexpr,
+    stride_ot, stride_oh, head_dim, partition_size,
+    NUM_PARTITIONS: tl.constexpr, P_PAD: tl.constexpr, D_PAD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -162,7 +164,7 @@ def _decode_reduce_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     # Only partitions that cover the context were written (clamped so that a context longer than
     # the bound the grid was built for can never read out of bounds).
-    num_live = tl.minimum(tl.cdiv(seq_len, PARTITION), NUM_PARTITIONS)
+    num_live = tl.minimum(tl.cdiv(seq_len, partition_size), NUM_PARTITIONS)
     parts = tl.arange(0, P_PAD)
     dims = tl.arange(0, D_PAD)
     live = parts < num_live
@@ -285,7 +287,7 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out)
     num_seqs, num_heads = meta.num_seqs, query.shape[1]
     group = num_heads // num_kv_heads
     d_pad = max(16, triton.next_power_of_2(head_dim))
-    num_partitions = max(1, triton.cdiv(meta.max_seq_len, PARTITION_SIZE))
+    num_partitions, partition_size = decode_partitions(meta.max_seq_len, num_seqs * num_kv_heads)
     if num_partitions == 1:
         part_acc = part_max = part_sum = out  # unused: the kernel writes `out` directly
     else:
@@ -297,18 +299,38 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out)
         query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        head_dim, scale * _LOG2E,
+        head_dim, scale * _LOG2E, partition_size,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_PARTITIONS=num_partitions,
-        PARTITION=PARTITION_SIZE, BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, D_PAD=d_pad,
+        BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, D_PAD=d_pad,
         num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
     )
     if num_partitions > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             out, part_acc, part_max, part_sum, meta.seq_lens, meta.query_start_loc,
-            out.stride(0), out.stride(1), head_dim,
+            out.stride(0), out.stride(1), head_dim, partition_size,
             NUM_PARTITIONS=num_partitions, P_PAD=triton.next_power_of_2(num_partitions),
-            PARTITION=PARTITION_SIZE, D_PAD=d_pad, num_warps=4,
+            D_PAD=d_pad, num_warps=4,
         )
+
+
+def decode_partitions(max_seq_len: int, num_programs: int) -> tuple[int, int]:
+    """(number of partitions, context positions per partition) for a decode grid of `num_programs`
+    (sequence, KV head) pairs whose contexts are at most `max_seq_len`.
+
+    Partitions of PARTITION_SIZE, so that a long context is read by many programs at once; but
+    under CUDA graphs max_seq_len is max_model_len, and with a long one (Qwen3: 40,960; Llama 3.1:
+    131,072) most partitions of a batch's shorter contexts start past their end and only cost a
+    launch each: 164k such programs a layer at batch 256 and 40,960 positions, where a decode step
+    at context 1,024 took 23 ms of forward on the H100 for ≈ 10 ms of KV reads (before this cap;
+    not yet re-measured with it). So the count is capped at MAX_DECODE_PARTITIONS, or more while
+    the grid stays under DECODE_GRID_PROGRAMS (small batches, where splitting is what keeps the
+    GPU busy), and the partitions grow instead. A max_model_len up to 8,192 is not affected."""
+    num_partitions = max(1, triton.cdiv(max_seq_len, PARTITION_SIZE))
+    cap = max(MAX_DECODE_PARTITIONS, DECODE_GRID_PROGRAMS // max(1, num_programs))
+    if num_partitions <= cap:
+        return num_partitions, PARTITION_SIZE
+    size = triton.cdiv(triton.cdiv(max_seq_len, cap), _DECODE_BLOCK_N) * _DECODE_BLOCK_N
+    return triton.cdiv(max_seq_len, size), size
 
 
 def _prefill(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:

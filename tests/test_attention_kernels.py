@@ -165,10 +165,11 @@ def test_triton_other_shapes(decode, block_size, head_dim, dtype, num_heads, num
 
 @gpu
 @needs_cuda
-def test_triton_decode_replays_in_cuda_graph_with_new_seq_lens():
+@pytest.mark.parametrize("bound, batch", [(4096, 8), (40960, 64)], ids=["4k", "40k-grown-partitions"])
+def test_triton_decode_replays_in_cuda_graph_with_new_seq_lens(bound, batch):
     from ops import triton_attention
 
-    bound, block_size, batch = 4096, 16, 8
+    block_size = 16
     query, k_cache, v_cache, meta = make_paged_batch(
         [1] * batch, [bound] * batch, 16, 8, 128, block_size, torch.bfloat16, "cuda", max_seq_len=bound
     )
@@ -183,7 +184,8 @@ def test_triton_decode_replays_in_cuda_graph_with_new_seq_lens():
     with torch.cuda.graph(graph):
         triton_attention.paged_attention(query, k_cache, v_cache, meta, scale, out)
 
-    for seq_lens in ([1, 0, 17, 512, 513, bound, 2000, 3], torch.randint(0, bound + 1, (batch,)).tolist()):
+    edges = [1, 0, 17, 512, 513, bound, 2000, 3]
+    for seq_lens in ((edges * batch)[:batch], torch.randint(0, bound + 1, (batch,)).tolist()):
         meta.seq_lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
         meta.seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int32)
         query.copy_(torch.randn_like(query))
@@ -236,13 +238,15 @@ from ops import triton_attention
 from ops import torch_ref
 from tests.test_attention_kernels import make_paged_batch, reference, assert_matches_reference
 triton_attention.PARTITION_SIZE = 128
+grow = [(16, 4096), (2, 0)]  # (MAX_DECODE_PARTITIONS, DECODE_GRID_PROGRAMS): as shipped; partitions grown
 cases = [  # q_lens, seq_lens, heads, kv heads, head_dim, block size, dtype
     ([1] * 5, [1, 129, 300, 0, 64], 8, 2, 32, 16, torch.float32),
     ([1] * 2, [520, 7], 6, 2, 24, 8, torch.float16),
     ([40, 1, 7, 1, 70], [40, 300, 100, 0, 75], 8, 1, 32, 16, torch.float32),
     ([33, 2], [50, 9], 6, 2, 80, 32, torch.float16),
 ]
-for q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype in cases:
+for (max_parts, grid), (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [(g, c) for g in grow for c in cases]:
+    triton_attention.MAX_DECODE_PARTITIONS, triton_attention.DECODE_GRID_PROGRAMS = max_parts, grid
     query, k_cache, v_cache, meta = make_paged_batch(q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype, "cpu")
     out = torch.full_like(query, float("nan"))
     triton_attention.paged_attention(query, k_cache, v_cache, meta, head_dim ** -0.5, out)
@@ -265,3 +269,16 @@ def test_triton_kernels_match_reference_under_interpreter():
         [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_decode_partitions_grow_instead_of_multiplying_past_the_cap():
+    pytest.importorskip("triton")
+    from ops.triton_attention import PARTITION_SIZE, decode_partitions
+
+    assert decode_partitions(4096, 256 * 8) == (8, PARTITION_SIZE)  # max_model_len <= 8192: as before
+    assert decode_partitions(32768, 1 * 8) == (64, PARTITION_SIZE)  # small batch: split for parallelism
+    parts, size = decode_partitions(40960, 256 * 8)
+    assert parts <= 16 and parts * size >= 40960 and size % 64 == 0 and size > PARTITION_SIZE
+    parts, size = decode_partitions(131072, 64 * 8)
+    assert parts <= 16 and parts * size >= 131072
+    assert decode_partitions(1, 5) == (1, PARTITION_SIZE)
