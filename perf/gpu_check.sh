@@ -12,6 +12,9 @@
 #   latency Qwen3-0.6B per-phase decode step times at batch 1/64/256, context 1024 (perf/latency.py)
 #   profile torch-profiler tables (top kernels) of a Qwen3-0.6B prefill of 1024 and decode at 256 x 1024,
 #           and a Llama-3.1-8B batch-1 decode step, in $OUT/trace/*.txt
+#   serve   the server's cost on nano-like traffic (perf/latency.py --server: engine vs async front vs HTTP,
+#           256 requests), then a Llama-3.1-8B server (python -m engine.serve, dummy weights) under
+#           perf/serve_bench.py: concurrency 1 at 128 in / 256 out, and random 1024 / 128 at rates 1, 4, 16, inf
 #   tp      (2 GPUs) tensor-parallel GPU tests, then Llama-3.1-8B batch-1 decode (sync, async) and fixed 1000 x 256 x 256 at TP=2
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -43,6 +46,18 @@ for stage in "$@"; do
                  --trace "$OUT/trace" --trace-steps 2 --model $args 2>&1 | tail -8
              done
              for f in "$OUT"/trace/*.txt; do echo "--- $f"; head -30 "$f"; done ;;
+    serve) timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model qwen3-0.6b --max-model-len 4096 --server --skip-sweeps \
+             --server-requests 256 --input-len 550 --output-len 520 --out "$OUT/serve_overhead_qwen3.json" 2>&1 | tail -12
+           dir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('llama-3.1-8b'))")
+           python3 -m engine.serve --model "$dir" --load-format dummy --max-model-len 4096 --port 8011 \
+             --served-model-name llama8b > "$OUT/serve8b_server.log" 2>&1 & server=$!
+           for _ in $(seq 240); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
+           sb() { timeout 200 python3 perf/serve_bench.py --base-url http://127.0.0.1:8011 --model llama8b --ignore-eos --disable-tqdm "$@" 2>&1 | tail -22; }
+           sb --dataset fixed --input-len 128 --output-len 256 --num-prompts 24 --max-concurrency 1 --label c1 --result-json "$OUT/serve8b_c1.json"
+           for rate in 1 4 16 inf; do n=$([ $rate = 1 ] && echo 30 || ([ $rate = 4 ] && echo 80 || echo 200))
+             sb --dataset random --input-len 1024 --output-len 128 --num-prompts $n --request-rate $rate --label rate$rate --result-json "$OUT/serve8b_rate$rate.json"
+           done
+           kill $server; wait $server ;;
     tp) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -15
         bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
         bench llama8b_bs1_tp2_async --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --async-scheduling
