@@ -34,6 +34,8 @@ from engine.demo_model import DEMO_NAME, demo_model_path
 
 logger = logging.getLogger("engine.serve")
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 
 def _field_comments(cls: type) -> dict[str, str]:
     """The one-line comment after each dataclass field, which is its documentation."""
@@ -72,20 +74,45 @@ def build_parser() -> argparse.ArgumentParser:
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     server.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: %(default)s)")
-    server.add_argument("--served-model-name", default=None,
-                        help="the model name clients use (default: the --model value, or the demo's name)")
-    server.add_argument("--chat-template", default=None, metavar="FILE",
-                        help="Jinja chat template file, used instead of the tokenizer's")
-    server.add_argument("--api-key", default=os.environ.get("ENGINE_API_KEY"),
-                        help="require `Authorization: Bearer KEY` (default: $ENGINE_API_KEY; unset = open)")
-    server.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                        help="larger request bodies get 413 (default: %(default)s)")
-    server.add_argument("--log-stats-interval", type=float, default=5.0, metavar="SECONDS",
-                        help="seconds between throughput log lines while busy (default: %(default)s)")
-    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                        help="(default: %(default)s)")
+    add_app_flags(server)
     _add_engine_flags(parser)
     return parser
+
+
+def add_app_flags(group: argparse._ArgumentGroup) -> None:
+    """The flags of the OpenAI app around the engine (engine.ray_serve takes them too)."""
+    group.add_argument("--served-model-name", default=None,
+                       help="the model name clients use (default: the --model value, or the demo's name)")
+    group.add_argument("--chat-template", default=None, metavar="FILE",
+                       help="Jinja chat template file, used instead of the tokenizer's")
+    group.add_argument("--api-key", default=os.environ.get("ENGINE_API_KEY"),
+                       help="require `Authorization: Bearer KEY` (default: $ENGINE_API_KEY; unset = open)")
+    group.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                       help="larger request bodies get 413 (default: %(default)s)")
+    group.add_argument("--log-stats-interval", type=float, default=5.0, metavar="SECONDS",
+                       help="seconds between throughput log lines while busy (default: %(default)s)")
+    group.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="(default: %(default)s)")
+
+
+def app_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[EngineArgs, dict]:
+    """The EngineArgs and `build_app`'s keyword arguments that the parsed flags ask for; bad values
+    go to `parser.error`. With no --model, `EngineArgs.model` stays empty: the caller loads the demo."""
+    engine_kwargs = {name: value for name, value in vars(args).items() if name in EngineArgs.field_names()}
+    chat_template = None
+    if args.chat_template is not None:
+        try:
+            with open(args.chat_template) as f:
+                chat_template = f.read()
+        except OSError as exc:
+            parser.error(f"--chat-template: {exc}")
+    try:
+        engine_args = EngineArgs(**engine_kwargs)
+    except ValueError as exc:
+        parser.error(str(exc))
+    app_kwargs = dict(served_model_name=args.served_model_name or engine_args.model or DEMO_NAME,
+                      api_key=args.api_key, chat_template=chat_template, max_body_bytes=args.max_body_bytes)
+    return engine_args, app_kwargs
 
 
 class _Server(uvicorn.Server):
@@ -133,33 +160,20 @@ class _Server(uvicorn.Server):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine_kwargs = {name: value for name, value in vars(args).items() if name in EngineArgs.field_names()}
-    served_model_name = args.served_model_name or engine_kwargs.get("model") or DEMO_NAME
-    if not engine_kwargs.get("model"):
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    engine_args, app_kwargs = app_settings(args, parser)
+    if not engine_args.model:
         logger.info("no --model given: serving the built-in demo model (random weights; its words mean nothing)")
-        engine_kwargs["model"] = demo_model_path()
-    chat_template = None
-    if args.chat_template is not None:
-        try:
-            with open(args.chat_template) as f:
-                chat_template = f.read()
-        except OSError as exc:
-            parser.error(f"--chat-template: {exc}")
-    try:
-        engine_args = EngineArgs(**engine_kwargs)
-    except ValueError as exc:
-        parser.error(str(exc))
+        engine_args.model = demo_model_path()
     try:
         engine = AsyncLLMEngine.from_engine_args(engine_args, log_stats_interval_s=args.log_stats_interval)
     except (ValueError, OSError) as exc:
         logger.error("cannot load %s: %s", engine_args.model, exc)
         return 1
-    app = build_app(engine, served_model_name=served_model_name, api_key=args.api_key,
-                    chat_template=chat_template, max_body_bytes=args.max_body_bytes)
+    app = build_app(engine, **app_kwargs)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=10)
-    _Server(config, app, served_model_name).run()
+    _Server(config, app, app_kwargs["served_model_name"]).run()
     return 0
 
 
