@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from engine.quantization.base import QuantizationConfig, quant_param
-from ops.quant_ref import INT8_MAX, int8_matmul_ref, quantize_int8
+import ops.quant_matmul  # noqa: F401  (registers torch.ops.engine.int8_matmul)
+from ops.quant_ref import INT8_MAX, quantize_int8
 
 # Scales before a checkpoint sets them (dummy weights): any int8 times this is within +-1e-3, the
 # range of the other dummy weights.
@@ -54,4 +55,4 @@ class Int8LinearMethod:
         layer.register_buffer("weight_scale", scale)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return int8_matmul_ref(x, layer.weight, layer.weight_scale, bias)
+        return torch.ops.engine.int8_matmul(x, layer.weight, layer.weight_scale, bias)
