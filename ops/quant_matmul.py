@@ -18,6 +18,7 @@ Each returns [..., out] in x's dtype.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Optional
 
 import torch
@@ -79,6 +80,8 @@ def bnb_int8_matmul(x: torch.Tensor, weight: torch.Tensor, SCB: torch.Tensor, th
                     bias: Optional[torch.Tensor]) -> torch.Tensor:
     import bitsandbytes as bnb  # an optional dependency (the "bnb" extra)
 
+    # It warns on every call that a bf16/fp32 input is cast to fp16 to be quantized: expected here.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     state = bnb.MatmulLtState()
     state.CB, state.SCB, state.threshold = weight, SCB, threshold
     state.has_fp16_weights, state.is_training = False, False
