@@ -12,6 +12,7 @@
 #   latency Qwen3-0.6B per-phase decode step times at batch 1/64/256, context 1024 (perf/latency.py)
 #   profile torch-profiler tables (top kernels) of a Qwen3-0.6B prefill of 1024 and decode at 256 x 1024,
 #           and a Llama-3.1-8B batch-1 decode step, in $OUT/trace/*.txt
+#   quant   Triton quantized-matmul GPU tests (tests/test_triton_quant.py), then perf/quant_bench.py
 #   tp      (2 GPUs) tensor-parallel GPU tests, then Llama-3.1-8B batch-1 decode and fixed 1000 x 256 x 256 at TP=2
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -26,6 +27,8 @@ for stage in "$@"; do
   echo "=== $stage"
   case $stage in
     tests) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_attention_kernels.py tests/test_gpu_engine.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    quant) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py 2>&1 | tee "$OUT/quant_tests.log" | tail -15
+           timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --out "$OUT/quant_bench.json" 2>&1 | tee "$OUT/quant_bench.log" | tail -80 ;;
     nano) TORCH_LOGS=recompiles bench nano_qwen3 --model qwen3-0.6b --workload nano ;;
     nano-async) bench nano_qwen3_async --model qwen3-0.6b --workload nano --async-scheduling ;;
     nano-nc) bench nano_qwen3_nocompile --model qwen3-0.6b --workload nano --no-compile ;;
