@@ -15,6 +15,7 @@
 #   serve   the server's cost on nano-like traffic (perf/latency.py --server: engine vs async front vs HTTP,
 #           256 requests), then a Llama-3.1-8B server (python -m engine.serve, dummy weights) under
 #           perf/serve_bench.py: concurrency 1 at 128 in / 256 out, and random 1024 / 128 at rates 1, 4, 16, inf
+#   quant   Triton quantized-matmul GPU tests (tests/test_triton_quant.py), then perf/quant_bench.py
 #   tp      (2 GPUs) tensor-parallel GPU tests, then Llama-3.1-8B batch-1 decode (sync, async) and fixed 1000 x 256 x 256 at TP=2
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -29,6 +30,8 @@ for stage in "$@"; do
   echo "=== $stage"
   case $stage in
     tests) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_attention_kernels.py tests/test_gpu_engine.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    quant) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py 2>&1 | tee "$OUT/quant_tests.log" | tail -15
+           timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --out "$OUT/quant_bench.json" 2>&1 | tee "$OUT/quant_bench.log" | tail -80 ;;
     nano) TORCH_LOGS=recompiles bench nano_qwen3 --model qwen3-0.6b --workload nano ;;
     nano-async) bench nano_qwen3_async --model qwen3-0.6b --workload nano --async-scheduling ;;
     nano-nc) bench nano_qwen3_nocompile --model qwen3-0.6b --workload nano --no-compile ;;

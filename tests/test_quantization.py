@@ -164,7 +164,7 @@ def test_quantization_flag_that_contradicts_the_checkpoint_is_refused(quantized,
         LLM(awq, quantization="gptq")
     with pytest.raises(ValueError, match="quantization='awq' was asked for, but the checkpoint is not quantized"):
         LLM(llama_checkpoint, quantization="awq")
-    with pytest.raises(ValueError, match="quantization='fp8' is not supported; supported: awq, gptq, int8"):
+    with pytest.raises(ValueError, match="quantization='fp8' is not supported; supported: awq, gptq, bitsandbytes, int8"):
         EngineArgs(model=llama_checkpoint, quantization="fp8")
     llm = LLM(awq, quantization="awq", max_model_len=64)  # agreeing with the checkpoint is fine
     assert llm.llm_engine.model_config.quant_config == AWQConfig(group_size=32)

@@ -140,7 +140,9 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load full HF-layout tensors by their checkpoint names; every parameter must be covered."""
         params = dict(self.named_parameters())  # a tied lm_head.weight is listed once, as the embedding
-        expected = {ckpt_name for name in params for ckpt_name in self._checkpoint_names(name)}
+        # Parameters tagged `optional` (a quantization format's metadata some checkpoints omit) may be absent.
+        expected = {ckpt_name for name, param in params.items() if not getattr(param, "optional", False)
+                    for ckpt_name in self._checkpoint_names(name)}
         loaded = set()
         for ckpt_name, tensor in weights:
             if "rotary_emb.inv_freq" in ckpt_name:

@@ -1,6 +1,7 @@
 """Weight quantization: which method a checkpoint uses (its config.json's `quantization_config`,
-auto-detected as vLLM does) or that quantizes a float checkpoint at load (int8), and the linear
-methods that load and multiply the quantized weights."""
+auto-detected as vLLM does) or that quantizes a float checkpoint at load (int8, bitsandbytes), and
+the linear methods that load and multiply the quantized weights (through `ops.quant_matmul`: Triton
+kernels on CUDA, the pure-torch reference on CPU)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,20 @@ from typing import Any
 
 from engine.quantization.awq import AWQConfig, AWQLinearMethod
 from engine.quantization.base import QuantizationConfig
+from engine.quantization.bnb import BitsAndBytesConfig, BitsAndBytesLinearMethod
 from engine.quantization.gptq import GPTQConfig, GPTQLinearMethod
 from engine.quantization.int8 import Int8Config, Int8LinearMethod
 
 # Formats a checkpoint's quantization_config names, and every method `quantization=` accepts.
-CHECKPOINT_METHODS: dict[str, type[QuantizationConfig]] = {"awq": AWQConfig, "gptq": GPTQConfig}
-QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {**CHECKPOINT_METHODS, "int8": Int8Config}
+CHECKPOINT_METHODS: dict[str, type[QuantizationConfig]] = {"awq": AWQConfig, "gptq": GPTQConfig,
+                                                           "bitsandbytes": BitsAndBytesConfig}
+# Methods that quantize a float checkpoint at load when asked for by name.
+LOAD_TIME_METHODS: dict[str, type[QuantizationConfig]] = {"int8": Int8Config, "bitsandbytes": BitsAndBytesConfig}
+QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {**CHECKPOINT_METHODS, **LOAD_TIME_METHODS}
 
-__all__ = ["AWQConfig", "AWQLinearMethod", "CHECKPOINT_METHODS", "GPTQConfig", "GPTQLinearMethod", "Int8Config",
-           "Int8LinearMethod", "QUANTIZATION_METHODS", "QuantizationConfig", "resolve_quant_config"]
+__all__ = ["AWQConfig", "AWQLinearMethod", "BitsAndBytesConfig", "BitsAndBytesLinearMethod", "CHECKPOINT_METHODS",
+           "GPTQConfig", "GPTQLinearMethod", "Int8Config", "Int8LinearMethod", "LOAD_TIME_METHODS",
+           "QUANTIZATION_METHODS", "QuantizationConfig", "resolve_quant_config"]
 
 
 # Where AutoAWQ / AutoGPTQ wrote their settings before transformers put them in config.json.
@@ -30,16 +36,17 @@ def resolve_quant_config(hf_config: Any, requested: str | None, model_dir: str |
 
     Like vLLM, auto-detection reads config.json's `quantization_config`; an explicit `requested`
     method also finds its settings in the older tools' own files in `model_dir`. "int8" quantizes a
-    float checkpoint at load, so it refuses one that is already quantized.
+    float checkpoint at load, so it refuses one that is already quantized; "bitsandbytes" quantizes a
+    float checkpoint at load and also loads one transformers saved in 8-bit.
     """
     checkpoint = getattr(hf_config, "quantization_config", None)
     if checkpoint is not None and not isinstance(checkpoint, dict):
         checkpoint = checkpoint.to_dict()
+    if requested in LOAD_TIME_METHODS and not checkpoint:
+        return LOAD_TIME_METHODS[requested]()
     if requested == "int8":
-        if checkpoint:
-            raise ValueError(f"quantization='int8' contradicts the checkpoint, which is already quantized with "
-                             f"{checkpoint.get('quant_method')!r} (int8 quantizes a float checkpoint at load)")
-        return Int8Config()
+        raise ValueError(f"quantization='int8' contradicts the checkpoint, which is already quantized with "
+                         f"{checkpoint.get('quant_method')!r} (int8 quantizes a float checkpoint at load)")
     if not checkpoint and requested is not None and model_dir is not None:
         checkpoint = _read_quant_config_file(model_dir, requested)
     if not checkpoint:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from engine.quantization.base import QuantizationConfig, check_bits, check_divisible, config_value, quant_param
-from ops.quant_ref import PACK_FACTOR, awq_matmul_ref
+import ops.quant_matmul  # noqa: F401  (registers torch.ops.engine.awq_matmul)
+from ops.quant_ref import PACK_FACTOR
 
 AWQ_GROUP_SIZES = (32, 64, 128)
 
@@ -64,4 +65,4 @@ class AWQLinearMethod:
         quant_param(layer, "scales", (groups, out), torch.float16, 0, 1, weight_loader)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return awq_matmul_ref(x, layer.qweight, layer.qzeros, layer.scales, self.config.group_size, bias)
+        return torch.ops.engine.awq_matmul(x, layer.qweight, layer.qzeros, layer.scales, self.config.group_size, bias)

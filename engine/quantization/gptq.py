@@ -9,7 +9,8 @@ from torch import nn
 
 from engine.models.layers import RowParallelLinear
 from engine.quantization.base import QuantizationConfig, check_bits, check_divisible, config_value, quant_param
-from ops.quant_ref import PACK_FACTOR, gptq_matmul_ref
+import ops.quant_matmul  # noqa: F401  (registers torch.ops.engine.gptq_matmul)
+from ops.quant_ref import PACK_FACTOR
 
 GPTQ_GROUP_SIZES = (32, 64, 128, -1)  # -1: one group over the whole input
 GPTQ_FORMATS = ("gptq", "gptq_v2")  # v1 stores zero - 1 (AutoGPTQ's historical off-by-one), v2 the zero
@@ -90,5 +91,6 @@ class GPTQLinearMethod:
             g_idx.copy_(torch.arange(first_input, first_input + input_size) // group_size - first_group)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return gptq_matmul_ref(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
-                               zeros_minus_one=self.config.checkpoint_format == "gptq", bias=bias)
+        config = self.config
+        return torch.ops.engine.gptq_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, config.group_size,
+                                            config.desc_act, config.checkpoint_format == "gptq", bias)

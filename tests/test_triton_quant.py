@@ -1,0 +1,175 @@
+"""The Triton quantized matmuls (ops.triton_quant) against the pure-torch dequantize-then-matmul
+reference (ops.quant_ref), on random packed weights: every nibble pattern, zero and group is valid.
+
+On CPU they run under the Triton interpreter on tiny shapes (both the split-K GEMV path and the GEMM
+path, every group size, GPTQ v1/v2, act-order and one group per channel); on a GPU (`-m gpu`) on the
+layer shapes of Llama-3.1-8B and 70B, batches 1..512, fp16 and bf16. Outputs start as NaN, so an
+element no program writes shows.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ops.quant_matmul  # noqa: F401  (registers the torch.ops.engine quantized matmuls)
+from ops.quant_ref import dequantize_awq, dequantize_gptq
+
+gpu = pytest.mark.gpu
+
+# name -> (format, options); group_size -1 is one group over all inputs (GPTQ only).
+VARIANTS = {
+    "awq-g32": ("awq", dict(group_size=32)),
+    "awq-g64": ("awq", dict(group_size=64)),
+    "awq-g128": ("awq", dict(group_size=128)),
+    "gptq-v1-g32": ("gptq", dict(group_size=32)),
+    "gptq-v1-g64": ("gptq", dict(group_size=64)),
+    "gptq-v1-g128": ("gptq", dict(group_size=128)),
+    "gptq-v2-g128": ("gptq", dict(group_size=128, zeros_minus_one=False)),
+    "gptq-act-order-g128": ("gptq", dict(group_size=128, act_order=True)),
+    "gptq-act-order-g32": ("gptq", dict(group_size=32, act_order=True)),
+    "gptq-per-channel": ("gptq", dict(group_size=-1)),
+    "int8": ("int8", {}),
+}
+# Relative to the largest output: the output's rounding in its dtype, plus fp32 accumulation order.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def random_words(shape: tuple[int, ...], device) -> torch.Tensor:
+    """int32 words of 8 random nibbles (the sign bit included)."""
+    return torch.randint(-2**31, 2**31, shape, dtype=torch.int64, device=device).to(torch.int32)
+
+
+def random_layer(variant: str, K: int, N: int, dtype: torch.dtype, device) -> tuple[dict, torch.Tensor]:
+    """(the tensors and settings the kernel's entry function takes, the weight [K, N] they stand for
+    in float32, rounded to `dtype` as the kernel rounds it before its dot)."""
+    fmt, options = VARIANTS[variant]
+    if fmt == "int8":
+        weight = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
+        scale = (torch.rand(N, device=device) * 0.02 + 1e-3).to(dtype)
+        # The kernel scales the fp32 accumulator: the weight itself enters the dot exactly.
+        return dict(weight=weight, scale=scale), weight.float().T * scale.float()
+    group_size = options["group_size"]
+    groups = 1 if group_size == -1 else K // group_size
+    scales = (torch.rand(groups, N, device=device) * 0.02 + 1e-3).half()
+    qzeros = random_words((groups, N // 8), device)
+    if fmt == "awq":
+        qweight = random_words((K, N // 8), device)
+        tensors = dict(qweight=qweight, qzeros=qzeros, scales=scales, group_size=group_size)
+        return tensors, dequantize_awq(qweight, qzeros, scales, group_size).to(dtype).float()
+    qweight = random_words((K // 8, N), device)
+    g_idx = torch.arange(K, device=device, dtype=torch.int32) // (K if group_size == -1 else group_size)
+    act_order = options.get("act_order", False)
+    if act_order:
+        g_idx = g_idx[torch.randperm(K, device=device)]
+    zeros_minus_one = options.get("zeros_minus_one", True)
+    tensors = dict(qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx, group_size=group_size,
+                   act_order=act_order, zeros_minus_one=zeros_minus_one)
+    return tensors, dequantize_gptq(qweight, qzeros, scales, g_idx, zeros_minus_one).to(dtype).float()
+
+
+def check_kernel(variant: str, layer: tuple[dict, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Run the variant's Triton entry function on x [..., K] into a NaN-filled output; compare."""
+    from ops import triton_quant
+
+    tensors, weight = layer
+    fmt = VARIANTS[variant][0]
+    matmul = {"awq": triton_quant.awq_matmul, "gptq": triton_quant.gptq_matmul, "int8": triton_quant.int8_matmul}[fmt]
+    out = torch.full((*x.shape[:-1], weight.shape[1]), float("nan"), dtype=x.dtype, device=x.device)
+    got = matmul(x, **tensors, bias=bias, out=out)
+    assert got is out
+    want = x.float() @ weight
+    if bias is not None:
+        want += bias.float()
+    assert not got.isnan().any(), f"{variant}: unwritten (NaN) outputs, M={x.shape[:-1]}"
+    error = (got.float() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert error <= TOLERANCE[x.dtype] * scale, f"{variant} M={tuple(x.shape[:-1])} {x.dtype}: {error} vs {scale}"
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the Triton interpreter (a fresh process: TRITON_INTERPRET is read when a kernel is decorated).
+# fp32 and fp16 only: the interpreter's tl.dot mis-handles bf16.
+
+_INTERPRETER_SCRIPT = """
+import torch
+from ops import triton_quant
+from tests.test_triton_quant import VARIANTS, check_kernel, random_layer
+torch.manual_seed(0)
+K, N = 256, 96  # N is not a multiple of BLOCK_N: masked output columns
+assert triton_quant.GEMV_MAX_M == 16
+for variant in VARIANTS:
+    for dtype in (torch.float32, torch.float16):
+        layer = random_layer(variant, K, N, dtype, "cpu")
+        for M in (1, 5, 16, 20, 70):  # split-K GEMV (<= 16); GEMM with 64- and 128-row tiles
+            check_kernel(variant, layer, torch.randn(M, K).to(dtype))
+    x = torch.randn(2, 3, 2 * K)[..., ::2]  # batched and strided: copied to rows of K
+    check_kernel(variant, random_layer(variant, K, N, torch.float32, "cpu"), x, bias=torch.randn(N))
+print("ok")
+"""
+
+
+def test_triton_quant_kernels_match_the_reference_under_the_interpreter():
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+
+# (K, N) of Llama-3.1-8B's qkv, o, gate_up, down projections, then 70B's (one rank each).
+LLAMA_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+LLAMA_70B_SHAPES = [(8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)]
+BATCHES = (1, 7, 16, 64, 512)
+
+
+@gpu
+@pytest.mark.parametrize("shape", LLAMA_8B_SHAPES + LLAMA_70B_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_quant_kernels_match_the_reference_on_llama_shapes(variant, shape):
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    K, N = shape
+    for dtype in (torch.float16, torch.bfloat16):
+        layer = random_layer(variant, K, N, dtype, "cuda")
+        for M in BATCHES:
+            check_kernel(variant, layer, torch.randn(M, K, device="cuda").to(dtype))
+        del layer
+        torch.cuda.empty_cache()
+
+
+@gpu
+@pytest.mark.parametrize("variant", ["awq-g128", "gptq-act-order-g128", "int8"])
+def test_quantized_matmul_ops_run_the_triton_kernels_and_replay_in_a_cuda_graph(variant):
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    K, N = 4096, 6144
+    tensors, weight = random_layer(variant, K, N, torch.bfloat16, "cuda")
+    fmt = VARIANTS[variant][0]
+    op = getattr(torch.ops.engine, f"{fmt}_matmul")
+    args = {"awq": ("qweight", "qzeros", "scales", "group_size"), "int8": ("weight", "scale"),
+            "gptq": ("qweight", "qzeros", "scales", "g_idx", "group_size", "act_order", "zeros_minus_one")}[fmt]
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    for M in (1, 64):  # split-K and GEMM
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        op(x, *(tensors[a] for a in args), bias)  # warm-up: compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = op(x, *(tensors[a] for a in args), bias)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        want = x.float() @ weight + bias.float()
+        assert (out.float() - want).abs().max() <= TOLERANCE[torch.bfloat16] * want.abs().max()
