@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
 fetch() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl "$@"
 }
 fetch xformers==0.0.35
@@ -17,4 +17,6 @@ fetch starlette uvicorn h11 msgspec prometheus-client openai jiter distro sniffi
 fetch pydantic annotated-types typing-inspection
 core=$(unzip -p .whl/pydantic-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: pydantic-core==\([0-9.]*\).*/\1/p')
 fetch "pydantic-core==$core"
+# LLM.int8() for the quant stage (43 MB of the 64 MB a call carries; accelerate is there already).
+fetch bitsandbytes==0.50.2
 ls -la .whl
