@@ -16,6 +16,8 @@
 #           256 requests), then a Llama-3.1-8B server (python -m engine.serve, dummy weights) under
 #           perf/serve_bench.py: concurrency 1 at 128 in / 256 out, and random 1024 / 128 at rates 1, 4, 16, inf
 #   quant   Triton quantized-matmul GPU tests (tests/test_triton_quant.py), then perf/quant_bench.py
+#   tp70    (2 GPUs) Llama-3.1-70B-shaped with 20 of its 80 layers at TP=2: batch-1 decode, fixed 256 x 1024 x 256
+#           (issue 8's stand-in while no 4-GPU machine is lent)
 #   tp      (2 GPUs) tensor-parallel GPU tests, then Llama-3.1-8B batch-1 decode (sync, async) and fixed 1000 x 256 x 256 at TP=2
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -61,6 +63,8 @@ for stage in "$@"; do
              sb --dataset random --input-len 1024 --output-len 128 --num-prompts $n --request-rate $rate --label rate$rate --result-json "$OUT/serve8b_rate$rate.json"
            done
            kill $server; wait $server ;;
+    tp70) bench llama70b20l_bs1_tp2 --model llama-3.1-70b --num-layers 20 --workload fixed --num-requests 1 --input-len 128 --output-len 256 --tensor-parallel-size 2
+          bench llama70b20l_fixed_tp2 --model llama-3.1-70b --num-layers 20 --workload fixed --num-requests 256 --input-len 1024 --output-len 256 --tensor-parallel-size 2 ;;
     tp) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -15
         bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
         bench llama8b_bs1_tp2_async --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --async-scheduling

@@ -60,14 +60,17 @@ def prefix_workload(num: int, prefix_len: int, suffix_len: int, output_len: int,
     return [system + [rng.randrange(vocab) for _ in range(suffix_len)] for _ in range(num)], [output_len] * num
 
 
-def synthetic_model_dir(name: str) -> str:
+def synthetic_model_dir(name: str, num_layers: int | None = None) -> str:
     """A checkpoint directory with a published config and a word-level tokenizer covering its whole
-    vocabulary (so every id decodes, at the cost of a real Rust tokenizer); no weights."""
+    vocabulary (so every id decodes, at the cost of a real Rust tokenizer); no weights.
+    `num_layers` keeps only that many layers (a 70B-shaped model that fits fewer GPUs)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     with open(os.path.join(CONFIGS, f"{name}.json")) as f:
         config = json.load(f)
+    if num_layers is not None:
+        config["num_hidden_layers"] = num_layers
     path = tempfile.mkdtemp(prefix=f"bench-{name}-")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
@@ -201,6 +204,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-0.6b", help="qwen3-0.6b | llama-3.1-8b | llama-3.1-70b | checkpoint dir")
     p.add_argument("--workload", choices=["nano", "fixed", "prefix"], default="nano")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="random-weight models: keep only this many layers (e.g. a 70B-shaped model on 2 GPUs)")
     p.add_argument("--prefix-len", type=int, default=2000, help="prefix: shared system prompt length")
     p.add_argument("--suffix-len", type=int, default=32, help="prefix: each request's own tokens")
     p.add_argument("--num-requests", type=int, default=1000, help="fixed: number of requests")
@@ -226,7 +231,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     dummy = not os.path.isdir(args.model)
-    model_dir = synthetic_model_dir(args.model) if dummy else args.model
+    model_dir = synthetic_model_dir(args.model, args.num_layers) if dummy else args.model
     # Random ids below 10,000 (nano-vllm's range), or below the vocabulary of a smaller model.
     with open(os.path.join(model_dir, "config.json")) as f:
         vocab = min(10000, json.load(f)["vocab_size"])
