@@ -289,3 +289,12 @@ def test_plot_refuses_a_json_of_another_kind(tmp_path):
     other.write_text('{"results": []}')
     with pytest.raises(ValueError, match="not a result"):
         plot.load([str(other)])
+
+
+def test_synthetic_model_keeps_the_published_shape_and_can_be_cut_short():
+    from perf.throughput import synthetic_model_dir
+
+    full = json.loads((Path(synthetic_model_dir("llama-3.1-70b")) / "config.json").read_text())
+    cut = json.loads((Path(synthetic_model_dir("llama-3.1-70b", num_layers=20)) / "config.json").read_text())
+    assert full["num_hidden_layers"] == 80 and cut["num_hidden_layers"] == 20
+    assert {k: v for k, v in cut.items() if k != "num_hidden_layers"} == {k: v for k, v in full.items() if k != "num_hidden_layers"}
