@@ -200,3 +200,31 @@ def test_prefix_hits_are_verified_by_tokens_not_just_the_hash():
     bm.blocks[first.block_table[0]].token_ids = (7, 7)
     assert bm.find_cached_prefix(seq([1, 2, 3, 4, 9])) == []
     assert bm.cached[block_hash] == first.block_table[0]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_forks_prefix_hits_and_preemption_together_keep_every_output_and_block(llama_checkpoint, async_scheduling):
+    """n > 1 forks, shared prefixes and a pool small enough to preempt, all at once: every greedy
+    completion equals what its prompt gives alone, and every block comes back."""
+    system = random_ids(9, seed=21)
+    prompts = [system + random_ids(n, seed=n) for n in (2, 7, 14, 3, 11)]
+    params = [SamplingParams(n=1 + i % 3, temperature=0, max_tokens=10 + 3 * i, ignore_eos=True) for i in range(5)]
+    alone = {}
+    reference = engine_for(llama_checkpoint, caching=False)
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        reference.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=p.max_tokens, ignore_eos=True))
+    while reference.has_unfinished_requests():
+        for out in reference.step():
+            alone[out.request_id] = out.outputs[0].token_ids
+    engine = engine_for(llama_checkpoint, caching=True, num_gpu_blocks_override=26, async_scheduling=async_scheduling)
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), prompt, p)
+    finals = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert engine.scheduler.num_preemptions_total > 0 and engine.block_manager.copy_on_writes_total > 0
+    for rid, out in finals.items():
+        assert [c.token_ids for c in out.outputs] == [alone[rid]] * params[int(rid)].n
+    assert engine.get_stats().num_used_blocks == 0
