@@ -225,6 +225,8 @@ def test_forks_prefix_hits_and_preemption_together_keep_every_output_and_block(l
             if out.finished:
                 finals[out.request_id] = out
     assert engine.scheduler.num_preemptions_total > 0 and engine.block_manager.copy_on_writes_total > 0
+    bm = engine.block_manager  # the kept count of cached free blocks, against counting them
+    assert bm.num_cached_free_blocks == sum(1 for b in bm.free_blocks if bm.blocks[b].block_hash is not None) > 0
     for rid, out in finals.items():
         assert [c.token_ids for c in out.outputs] == [alone[rid]] * params[int(rid)].n
     assert engine.get_stats().num_used_blocks == 0
