@@ -26,6 +26,7 @@ bf16, as perf/throughput.py). Engine flags are python -m engine.serve's.
     python perf/latency.py --model qwen3-0.6b --out results/latency-qwen3.json
     python perf/latency.py --model llama-3.1-8b --batch-sizes 1 16 64 256 --context-lens 128 2048 --trace traces/
     python perf/latency.py --model llama-3.1-8b --server --input-len 128 --output-len 256 --skip-sweeps
+    python perf/latency.py --stub-model --server --skip-sweeps --server-requests 128 --input-len 64 --output-len 128
 """
 
 from __future__ import annotations
@@ -462,10 +463,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output-len", type=int, default=128, help="--server: output tokens per request")
     bench.add_argument("--trace", metavar="DIR", default=None, help="write chrome traces (torch profiler) here")
     bench.add_argument("--trace-steps", type=int, default=3, help="decode steps per trace")
+    bench.add_argument("--stub-model", action="store_true",
+                       help="replace the model by random logits: time the engine's (and with --server the "
+                            "server's) own host work, with no GPU and no model cost")
     bench.add_argument("--out", default=None, help="write the results here (JSON)")
     bench.add_argument("--label", default=None, help="a name for this run in plots")
     _add_engine_flags(p)
     return p
+
+
+def stub_model(engine: LLMEngine) -> None:
+    """`--stub-model`: the runner's forward returns random logits at once, so a step costs only the
+    engine's host work (scheduling, inputs, sampling, detokenization, outputs). The server's cost
+    per streamed token shows against it without a GPU (it found the stats read that counted every
+    free block each step)."""
+    vocab, device = engine.model_config.vocab_size, engine.device
+
+    def execute_model(input_ids, positions, meta, logits_rows, block_copies=None):
+        return None if logits_rows is None else torch.randn(logits_rows.shape[0], vocab, device=device)
+
+    engine.runner.execute_model = execute_model
 
 
 def engine_args_from(args: argparse.Namespace) -> tuple[EngineArgs, Callable[[], None]]:
@@ -499,8 +516,12 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--iters and --decode-steps must be at least 1, and --output-len at least 2 (TPOT)")
     if args.batch_sizes and max(args.batch_sizes) > engine_args.max_num_seqs:
         parser.error(f"--batch-sizes up to {max(args.batch_sizes)} needs --max-num-seqs of at least that")
+    if args.stub_model and engine_args.tensor_parallel_size > 1:
+        parser.error("--stub-model runs one rank (the workers would still run the model)")
     try:
         engine = LLMEngine(engine_args)
+        if args.stub_model:
+            stub_model(engine)
         rng = np.random.default_rng(engine_args.seed)
         device = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
         record = {
@@ -511,6 +532,7 @@ def main(argv: list[str] | None = None) -> dict:
             "dtype": str(engine.model_config.dtype).removeprefix("torch."),
             "engine_args": dataclasses.asdict(engine_args),
             "kv_blocks": engine.block_manager.num_blocks,
+            "stub_model": args.stub_model,
             "prefill": [],
             "decode": [],
         }

@@ -233,6 +233,25 @@ def test_latency_skips_a_decode_point_the_kv_cache_cannot_hold(llama_checkpoint)
     assert "KV blocks" in record["decode"][0]["skipped"]
 
 
+def test_latency_stub_model_times_host_work_without_the_model(llama_checkpoint, monkeypatch):
+    from engine.models.llama import LlamaForCausalLM
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the stub must replace the model")
+
+    record = latency.main(["--model", llama_checkpoint, "--stub-model", "--prefill-lens", "--batch-sizes", "4",
+                           "--context-lens", "16", "--decode-steps", "3", "--max-model-len", "256",
+                           "--num-gpu-blocks-override", "64", "--server", "--skip-sweeps", "--server-requests", "2",
+                           "--input-len", "8", "--output-len", "3"])
+    assert record["stub_model"]
+    monkeypatch.setattr(LlamaForCausalLM, "forward", no_forward)
+    record = latency.main(["--model", llama_checkpoint, "--stub-model", "--prefill-lens", "--batch-sizes", "4",
+                           "--context-lens", "16", "--decode-steps", "3", "--max-model-len", "256",
+                           "--num-gpu-blocks-override", "64"])
+    (point,) = record["decode"]
+    assert point["steps"] == 3 and point["phases_ms"]["lm_head"] == 0
+
+
 def test_latency_server_compares_the_same_requests_through_each_layer(latency_run):
     server = latency_run[0]["server"]
     assert set(server["layers"]) == {"engine", "async", "http"}
