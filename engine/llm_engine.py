@@ -283,9 +283,10 @@ class LLMEngine:
         for request in touched.values():
             if request.request_id not in self.requests:
                 continue
-            if request.finished or request.params.output_kind is RequestOutputKind.CUMULATIVE:
-                outputs.append(self._request_output(request))
-            if request.finished:
+            finished = request.finished
+            if finished or request.params.output_kind is RequestOutputKind.CUMULATIVE:
+                outputs.append(self._request_output(request, finished))
+            if finished:
                 request.metrics.finished_time = now
                 del self.requests[request.request_id]
         return outputs
@@ -336,12 +337,12 @@ class LLMEngine:
             for token_id, logprob in entry.items():
                 logprob.decoded_token = self.detokenizer.decode_token(token_id)
 
-    def _request_output(self, request: Request) -> RequestOutput:
+    def _request_output(self, request: Request, finished: bool | None = None) -> RequestOutput:
         completions = [
             CompletionOutput(
                 index=seq.index,
                 text=visible_text(seq),
-                token_ids=list(seq.output_token_ids),
+                token_ids=seq.output_token_ids,  # a fresh slice: the caller's to keep
                 cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
                 logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
                 finish_reason=seq.finish_reason,
@@ -355,7 +356,7 @@ class LLMEngine:
             prompt_token_ids=request.prompt_token_ids,
             prompt_logprobs=request.prompt_logprobs,
             outputs=completions,
-            finished=request.finished,
+            finished=request.finished if finished is None else finished,
             num_cached_tokens=request.num_cached_tokens,
             metrics=request.metrics,
         )
