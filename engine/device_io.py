@@ -22,3 +22,28 @@ def host_to_device(data: Any, dtype: torch.dtype, device: torch.device) -> torch
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+class HostCopy:
+    """Device tensors on their way to pinned host memory: the copies are queued on the stream now
+    and `wait()` blocks only until they have landed.
+
+    Reading a device tensor directly (`.tolist()`, `.cpu()`) queues the copy behind everything
+    already on the stream: with async scheduling that is the next step's forward, so the host would
+    wait for step N+1 to read step N's tokens. Queued right after step N's sampling, the copy is
+    ready as soon as step N is.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.event = None
+        if not tensors or tensors[0].device.type != "cuda":
+            self.tensors = tensors
+            return
+        self.tensors = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def wait(self) -> list[torch.Tensor]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tensors

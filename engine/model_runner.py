@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import EngineArgs, ModelConfig
-from engine.device_io import host_to_device
+from engine.device_io import HostCopy, host_to_device
 from engine.outputs import Logprob, PositionLogprobs
 from engine.sampler import SamplerOutput, SamplingBatch, sample
 from engine.scheduler import ScheduledSequence
@@ -384,25 +384,29 @@ class ModelRunner:
 
 @dataclass
 class SampledRows:
-    """The sequences a step sampled for, in row order, and the sampler's device tensors."""
+    """The sequences a step sampled for, in row order, the sampler's device tensors, and their
+    copies to the host, queued as soon as the sampler is (read them with `_collect_sampling`)."""
 
     seqs: list
     result: SamplerOutput
     row_of: dict[int, int] = field(init=False)  # seq id -> row
+    host: HostCopy = field(init=False)
 
     def __post_init__(self) -> None:
         self.row_of = {seq.seq_id: i for i, seq in enumerate(self.seqs)}
+        r = self.result
+        logprobs = [] if r.sampled_logprobs is None else [r.sampled_logprobs, r.sampled_ranks, r.top_logprobs, r.top_token_ids]
+        self.host = HostCopy([r.token_ids] + logprobs)
 
 
 def _collect_sampling(sampled: SampledRows, out: ModelRunnerOutput) -> None:
-    result = sampled.result
-    token_ids = result.token_ids.tolist()
+    """Wait for a step's sampled tokens (and logprobs) to reach the host; book them in `out`."""
+    token_ids, *logprobs = (t.tolist() for t in sampled.host.wait())
     for seq, token in zip(sampled.seqs, token_ids):
         out.sampled[seq.seq_id] = token
-    if result.sampled_logprobs is None:
+    if not logprobs:
         return
-    chosen, ranks = result.sampled_logprobs.tolist(), result.sampled_ranks.tolist()
-    top_vals, top_ids = result.top_logprobs.tolist(), result.top_token_ids.tolist()
+    chosen, ranks, top_vals, top_ids = logprobs
     for i, seq in enumerate(sampled.seqs):
         k = seq.params.logprobs
         if k is not None:

@@ -138,3 +138,32 @@ def test_async_scheduling_launches_a_step_without_waiting_for_the_device(checkpo
               for i in range(6)] + [GREEDY]
     outputs = llm.generate(prompts_for(7, seed=5), params, use_tqdm=False)
     assert launches and all(len(o.outputs[0].token_ids) == p.max_tokens for o, p in zip(outputs, params))
+
+
+def test_async_scheduling_reads_a_steps_tokens_without_waiting_for_the_next_step(checkpoint, monkeypatch):
+    """With async scheduling step N+1 is queued before step N's tokens are read: that read must
+    wait for step N only. A plain `.tolist()` would queue its copy behind step N+1 and wait for it
+    too, leaving the host nothing to overlap. Each launch here queues ~50 ms of device work behind
+    its step, so a read that waited for the next step would find the device idle afterwards."""
+    llm = LLM(checkpoint, dtype="bfloat16", async_scheduling=True, max_model_len=512, max_num_seqs=32,
+              cuda_graph_sizes=BUCKETS)
+    runner = llm.llm_engine.runner
+    launch, collect, busy_after_read = runner.launch, runner.collect, []
+
+    def launch_then_keep_the_device_busy(*args, **kwargs):
+        sampled = launch(*args, **kwargs)
+        torch.cuda._sleep(100_000_000)  # ~50 ms of device time, queued behind the launched step
+        return sampled
+
+    def collect_then_look(sampled):
+        out = collect(sampled)
+        if sampled is not None:
+            busy_after_read.append(not torch.cuda.current_stream().query())
+        return out
+
+    monkeypatch.setattr(runner, "launch", launch_then_keep_the_device_busy)
+    monkeypatch.setattr(runner, "collect", collect_then_look)
+    outputs = llm.generate(prompts_for(4, seed=3), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                           use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 6 for o in outputs)
+    assert len(busy_after_read) >= 6 and all(busy_after_read), busy_after_read
