@@ -362,11 +362,12 @@ def http_server(async_engine) -> Iterator[str]:
 
 def run_http(url: str, args: argparse.Namespace, vocab: int, seed: int, concurrent: bool) -> dict:
     """perf/serve_bench.py in its own process (its own GIL), on the same requests."""
+    num = args.server_requests if concurrent else args.sequential_requests
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         command = [
             sys.executable, SERVE_BENCH, "--base-url", url, "--dataset", "random", "--num-prompts",
-            str(args.server_requests), "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+            str(num), "--input-len", str(args.input_len), "--output-len", str(args.output_len),
             "--vocab-size", str(vocab), "--seed", str(seed), "--ignore-eos", "--disable-tqdm",
             "--result-json", out,
         ] + ([] if concurrent else ["--max-concurrency", "1"])
@@ -383,14 +384,16 @@ def server_comparison(engine: LLMEngine, args: argparse.Namespace) -> dict:
 
     vocab = min(engine.model_config.vocab_size, len(engine.tokenizer))
     seed = engine.args.seed
-    requests = random_requests(args.server_requests, args.input_len, args.output_len, 0.0, vocab, seed)
+    # One at a time, every request costs its whole decode: a few of them measure the latencies.
+    requests = {concurrent: random_requests(num, args.input_len, args.output_len, 0.0, vocab, seed)
+                for concurrent, num in ((False, args.sequential_requests), (True, args.server_requests))}
     layers: dict[str, dict[str, dict]] = {"engine": {}, "async": {}, "http": {}}
     modes = {"sequential": False, "concurrent": True}
     for mode, concurrent in modes.items():
-        layers["engine"][mode] = summarize(*run_engine(engine, requests, concurrent))
+        layers["engine"][mode] = summarize(*run_engine(engine, requests[concurrent], concurrent))
     async_engine = AsyncLLMEngine(engine)
     for mode, concurrent in modes.items():
-        layers["async"][mode] = summarize(*asyncio.run(run_async(async_engine, requests, concurrent)))
+        layers["async"][mode] = summarize(*asyncio.run(run_async(async_engine, requests[concurrent], concurrent)))
     with http_server(async_engine) as url:
         for mode, concurrent in modes.items():
             layers["http"][mode] = run_http(url, args, vocab, seed, concurrent)
@@ -403,8 +406,8 @@ def server_comparison(engine: LLMEngine, args: argparse.Namespace) -> dict:
             "e2el_ms": http["median_e2el_ms"] - direct["median_e2el_ms"],
             "output_throughput_ratio": http["output_throughput"] / direct["output_throughput"],
         }
-    return {"num_requests": len(requests), "input_len": args.input_len, "output_len": args.output_len,
-            "layers": layers, "http_vs_engine": overhead}
+    return {"num_requests": args.server_requests, "sequential_requests": args.sequential_requests,
+            "input_len": args.input_len, "output_len": args.output_len, "layers": layers, "http_vs_engine": overhead}
 
 
 # ---- reporting --------------------------------------------------------------------------------------
@@ -430,8 +433,8 @@ def print_report(record: dict) -> None:
                   f"{d['tokens_per_s']:10.1f}  {phases}")
     server = record.get("server")
     if server:
-        print(f"\n{server['num_requests']} requests of {server['input_len']} in / {server['output_len']} out, "
-              "medians in ms")
+        print(f"\n{server['sequential_requests']} requests one at a time, then {server['num_requests']} at once; "
+              f"{server['input_len']} in / {server['output_len']} out, medians in ms")
         print(f"{'layer':>7} {'mode':>11} {'TTFT':>9} {'TPOT':>9} {'E2EL':>9} {'out tok/s':>10}")
         for mode in ("sequential", "concurrent"):
             for layer, results in server["layers"].items():
@@ -458,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--skip-sweeps", action="store_true", help="only the --server comparison")
     bench.add_argument("--server", action="store_true",
                        help="also time the same requests through the async front and the HTTP server")
-    bench.add_argument("--server-requests", type=int, default=16)
+    bench.add_argument("--server-requests", type=int, default=16, help="--server: requests sent all at once")
+    bench.add_argument("--sequential-requests", type=int, default=4, help="--server: requests sent one at a time")
     bench.add_argument("--input-len", type=int, default=128, help="--server: prompt tokens per request")
     bench.add_argument("--output-len", type=int, default=128, help="--server: output tokens per request")
     bench.add_argument("--trace", metavar="DIR", default=None, help="write chrome traces (torch profiler) here")

@@ -202,7 +202,7 @@ def latency_run(llama_checkpoint, tmp_path_factory) -> tuple[dict, str]:
     latency.main([
         "--model", llama_checkpoint, "--prefill-lens", "8", "40", "--batch-sizes", "1", "3", "--context-lens", "16",
         "--iters", "2", "--decode-steps", "3", "--warmup-steps", "1", "--server", "--server-requests", "3",
-        "--input-len", "12", "--output-len", "4", "--trace", str(out_dir / "traces"), "--trace-steps", "1",
+        "--sequential-requests", "2", "--input-len", "12", "--output-len", "4", "--trace", str(out_dir / "traces"), "--trace-steps", "1",
         "--out", path, "--max-model-len", "256", "--num-gpu-blocks-override", "64",
     ])
     return json.loads(Path(path).read_text()), path
@@ -256,9 +256,9 @@ def test_latency_server_compares_the_same_requests_through_each_layer(latency_ru
     server = latency_run[0]["server"]
     assert set(server["layers"]) == {"engine", "async", "http"}
     for layer, modes in server["layers"].items():
-        for mode in ("sequential", "concurrent"):
+        for mode, num in (("sequential", 2), ("concurrent", 3)):
             s = modes[mode]
-            assert (s["completed"], s["total_input_tokens"], s["total_output_tokens"]) == (3, 36, 12), (layer, mode)
+            assert (s["completed"], s["total_input_tokens"], s["total_output_tokens"]) == (num, 12 * num, 4 * num), (layer, mode)
             assert 0 < s["median_ttft_ms"] <= s["median_e2el_ms"]
     assert set(server["http_vs_engine"]) == {"sequential", "concurrent"}
 
