@@ -83,6 +83,8 @@ def load_model(
                     param.uniform_(-1e-3, 1e-3)
                 elif getattr(param, "packed_dim", None) is not None:
                     param.random_()  # packed int4 words: any bits are valid weights
+                elif param.dtype == torch.int8:
+                    param.random_(-128, 128)  # int8 weights: any value is valid; torch.empty's would change run to run
                 # other integer tensors (GPTQ's g_idx) keep the valid values they were created with
     elif load_format == "auto":
         model.load_weights(iterate_checkpoint(model_dir))

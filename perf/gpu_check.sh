@@ -19,6 +19,8 @@
 #   tp70    (2 GPUs) Llama-3.1-70B-shaped with 20 of its 80 layers at TP=2: batch-1 decode, fixed 256 x 1024 x 256
 #           (issue 8's stand-in while no 4-GPU machine is lent)
 #   tp      (2 GPUs) tensor-parallel GPU tests, then Llama-3.1-8B batch-1 decode (sync, async) and fixed 1000 x 256 x 256 at TP=2
+#   quant8b Llama-3.1-8B batch 1 (128 / 512) AWQ, int8; fixed 1000 x 256 x 256 AWQ, int8, bitsandbytes (bf16: llama)
+#   quant70b Llama-3.1-70B AWQ (random 4-bit weights, 37 GiB), one GPU: batch 1 (128 / 256), then fixed 1000 x 128 x 512
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -69,5 +71,11 @@ for stage in "$@"; do
         bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
         bench llama8b_bs1_tp2_async --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --async-scheduling
         bench llama8b_fixed_tp2 --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 --tensor-parallel-size 2 ;;
+    quant8b) for q in awq int8; do bench llama8b_${q}_bs1 --model llama-3.1-8b --quantization $q --workload fixed --num-requests 1 --input-len 128 --output-len 512; done
+             for q in awq int8; do bench llama8b_${q}_fixed --model llama-3.1-8b --quantization $q --workload fixed --num-requests 1000 --input-len 256 --output-len 256; done
+             # bitsandbytes runs compiled without CUDA graphs (its outlier search reads the device on the host)
+             bench llama8b_bnb_fixed --model llama-3.1-8b --quantization bitsandbytes --workload fixed --num-requests 1000 --input-len 256 --output-len 256 ;;
+    quant70b) bench llama70b_awq_bs1 --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 256 --max-model-len 1024 --max-num-seqs 1
+              STAGE_TIMEOUT=${STAGE_TIMEOUT:-420} bench llama70b_awq_fixed --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1000 --input-len 128 --output-len 512 --max-model-len 1024 ;;
   esac
 done

@@ -16,8 +16,14 @@ configs in perf/configs, bf16, weights made on the device: weights do not change
 local checkpoint directory. `--compare-hf` runs the same workload through transformers' continuous
 batching in the same process and prints the ratio.
 
+`--quantization awq|gptq` makes the random-weight model a 4-bit checkpoint of that format (4 bits,
+group size 128: AutoAWQ GEMM with zero points, GPTQ symmetric without act-order), its packed weights
+made directly on the device; `int8|bitsandbytes` quantize at load, and random weights are made int8
+directly. A checkpoint directory is loaded as it is, the flag checked against it.
+
     python perf/throughput.py --model qwen3-0.6b --workload nano
     python perf/throughput.py --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512
+    python perf/throughput.py --model llama-3.1-70b --quantization awq --workload fixed --input-len 128 --output-len 512
 """
 
 from __future__ import annotations
@@ -37,8 +43,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.quantization import QUANTIZATION_METHODS  # noqa: E402
+from engine.weight_loader import weight_memory  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# The quantization_config a published 4-bit checkpoint of each format carries in its config.json
+# (where the engine detects it); int8 and bitsandbytes quantize a float checkpoint at load instead.
+CHECKPOINT_QUANT_CONFIGS = {
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+}
 
 
 def nano_workload() -> tuple[list[list[int]], list[int]]:
@@ -60,10 +74,11 @@ def prefix_workload(num: int, prefix_len: int, suffix_len: int, output_len: int,
     return [system + [rng.randrange(vocab) for _ in range(suffix_len)] for _ in range(num)], [output_len] * num
 
 
-def synthetic_model_dir(name: str, num_layers: int | None = None) -> str:
+def synthetic_model_dir(name: str, num_layers: int | None = None, quantization: str | None = None) -> str:
     """A checkpoint directory with a published config and a word-level tokenizer covering its whole
     vocabulary (so every id decodes, at the cost of a real Rust tokenizer); no weights.
-    `num_layers` keeps only that many layers (a 70B-shaped model that fits fewer GPUs)."""
+    `num_layers` keeps only that many layers (a 70B-shaped model that fits fewer GPUs);
+    `quantization` "awq" or "gptq" declares a 4-bit checkpoint of that format (others need nothing)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -71,6 +86,8 @@ def synthetic_model_dir(name: str, num_layers: int | None = None) -> str:
         config = json.load(f)
     if num_layers is not None:
         config["num_hidden_layers"] = num_layers
+    if quantization in CHECKPOINT_QUANT_CONFIGS:
+        config["quantization_config"] = CHECKPOINT_QUANT_CONFIGS[quantization]
     path = tempfile.mkdtemp(prefix=f"bench-{name}-")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
@@ -104,6 +121,7 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         enable_prefix_caching=args.enable_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
         tensor_parallel_size=args.tensor_parallel_size,
+        quantization=args.quantization,
     )
     startup = time.perf_counter() - start
     params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=m) for m in max_tokens]
@@ -111,6 +129,8 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
     # Warm-up outside the timer: a short generate exercising prefill and decode.
     llm.generate(inputs[:2], SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=8), use_tqdm=False)
     runner = llm.llm_engine.runner
+    quant_config = llm.llm_engine.model_config.quant_config
+    weight_bytes, _ = weight_memory(runner.model, llm.llm_engine.model_config.dtype)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -133,6 +153,9 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
     result = {
         **throughput_figures("engine", elapsed, len(prompts), in_tokens, out_tokens),
         "tensor_parallel_size": args.tensor_parallel_size,
+        "quantization": quant_config.name if quant_config is not None else None,  # what the engine loaded
+        "weights_gib": weight_bytes / 2**30,  # one rank's
+        "kv_cache_gib": runner.num_blocks * runner.kv_bytes_per_block / 2**30,  # one rank's
         "median_decode_tok_s_per_request": decode_rates[len(decode_rates) // 2] if decode_rates else None,
         "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "kv_blocks": runner.num_blocks,
@@ -200,7 +223,7 @@ def throughput_figures(system: str, elapsed: float, requests: int, in_tokens: in
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-0.6b", help="qwen3-0.6b | llama-3.1-8b | llama-3.1-70b | checkpoint dir")
     p.add_argument("--workload", choices=["nano", "fixed", "prefix"], default="nano")
@@ -217,6 +240,9 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--quantization", choices=list(QUANTIZATION_METHODS), default=None,
+                   help="random-weight models: awq/gptq declare a 4-bit checkpoint, int8/bitsandbytes quantize at load; "
+                        "a checkpoint dir: as LLM(quantization=...) (default: the checkpoint's own)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs 0..N-1, one worker process each")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
@@ -227,11 +253,11 @@ def main() -> None:
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--no-tqdm", action="store_true")
     p.add_argument("--json-out", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     dummy = not os.path.isdir(args.model)
-    model_dir = synthetic_model_dir(args.model, args.num_layers) if dummy else args.model
+    model_dir = synthetic_model_dir(args.model, args.num_layers, args.quantization) if dummy else args.model
     # Random ids below 10,000 (nano-vllm's range), or below the vocabulary of a smaller model.
     with open(os.path.join(model_dir, "config.json")) as f:
         vocab = min(10000, json.load(f)["vocab_size"])
@@ -264,25 +290,31 @@ def main() -> None:
         if dummy:
             shutil.rmtree(model_dir, ignore_errors=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    header = {"model": args.model, "workload": args.workload, "device": device, "args": vars(args)}
+    header = {"model": args.model, "workload": args.workload, "quantization": args.quantization, "device": device,
+              "args": vars(args)}
     for r in results:
         print(json.dumps({k: v for k, v in r.items() if k != "output_token_ids"}))
-    print(f"\n{args.model} / {args.workload} on {device}: {len(prompts)} requests")
+    print(f"\n{args.model}{' ' + args.quantization if args.quantization else ''} / {args.workload} on {device}: "
+          f"{len(prompts)} requests")
     for r in results:
         label = r["system"] + (" +cache" if r.get("prefix_caching") else "")
         print(f"  {label:>14}: {r['output_tok_s']:10.1f} output tok/s  {r['total_tok_s']:10.1f} total tok/s  {r['req_s']:8.2f} req/s  ({r['elapsed_s']:.1f} s)")
         if "step_timings" in r:
             t = r["step_timings"]
             print(f"  {'':>14}  {t['steps']} steps: schedule {t['schedule_s']:.2f} s, execute {t['execute_s']:.2f} s, update {t['update_s']:.2f} s; startup {r['startup_s']:.1f} s")
+            print(f"  {'':>14}  weights {r['weights_gib']:.2f} GiB ({r['quantization'] or 'unquantized'}), "
+                  f"KV cache {r['kv_cache_gib']:.2f} GiB ({r['kv_blocks']} blocks)")
     if args.workload == "prefix" and len(results) == 2:
         off, on = results
         print(f"  prefix caching on / off: {on['total_tok_s'] / off['total_tok_s']:.2f}x total tok/s, "
               f"hit rate {on['prefix_cache_hit_rate'] * 100:.1f}%, outputs equal: {on['output_token_ids'] == off['output_token_ids']}")
     elif len(results) == 2:
         print(f"  ratio engine / transformers (output tok/s): {results[0]['output_tok_s'] / results[1]['output_tok_s']:.1f}x")
+    record = {**header, "results": [{k: v for k, v in r.items() if k != "output_token_ids"} for r in results]}
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({**header, "results": [{k: v for k, v in r.items() if k != "output_token_ids"} for r in results]}, f, indent=2)
+            json.dump(record, f, indent=2)
+    return record
 
 
 if __name__ == "__main__":

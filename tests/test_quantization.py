@@ -331,6 +331,20 @@ def test_int8_dummy_weights_generate(llama_checkpoint):
     assert len(output.outputs[0].token_ids) == GREEDY.max_tokens
 
 
+def test_int8_dummy_weights_are_random_int8_and_the_same_for_the_same_seed(llama_checkpoint):
+    config = AutoConfig.from_pretrained(llama_checkpoint)
+
+    def dummy_int8_weight() -> torch.Tensor:
+        torch.manual_seed(0)
+        model = load_model(llama_checkpoint, config, torch.bfloat16, "cpu", quant_config=Int8Config(), load_format="dummy")
+        return model.model.layers[0].mlp.gate_up_proj.weight
+
+    weight = dummy_int8_weight()
+    assert weight.dtype == torch.int8
+    assert weight.min() < -100 and weight.max() > 100  # the whole int8 range, made directly in int8
+    assert torch.equal(weight, dummy_int8_weight())
+
+
 def test_weight_memory_counts_what_quantization_frees_for_the_kv_cache(llama_checkpoint, caplog):
     from engine.weight_loader import weight_memory
 

@@ -1,0 +1,84 @@
+"""perf/throughput.py on a tiny random-weight model: quantized runs load the quantized layers the flag
+names, made directly in their stored form, and count every request and token."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import engine.model_runner
+from engine.models.layers import LinearBase
+from engine.quantization import AWQLinearMethod, BitsAndBytesLinearMethod, GPTQLinearMethod, Int8LinearMethod
+from perf import throughput
+
+# Llama-shaped, with every linear input a multiple of the AWQ/GPTQ group size (128).
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+    "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+    "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}
+NUM_REQUESTS, INPUT_LEN, OUTPUT_LEN = 3, 8, 5
+
+
+@pytest.fixture
+def tiny_model(tmp_path, monkeypatch) -> str:
+    """`--model tiny-llama`: TINY_CONFIG among the published configs."""
+    (tmp_path / "tiny-llama.json").write_text(json.dumps(TINY_CONFIG))
+    monkeypatch.setattr(throughput, "CONFIGS", str(tmp_path))
+    return "tiny-llama"
+
+
+@pytest.fixture
+def loaded_models(monkeypatch) -> list[torch.nn.Module]:
+    """Every model the engine loads from here on."""
+    models, load_model = [], engine.model_runner.load_model
+
+    def recording_load_model(*args, **kwargs):
+        models.append(load_model(*args, **kwargs))
+        return models[-1]
+
+    monkeypatch.setattr(engine.model_runner, "load_model", recording_load_model)
+    return models
+
+
+# quantization -> (the linear layers' method, their stored weight, its dtype)
+STORED_AS = {
+    "awq": (AWQLinearMethod, "qweight", torch.int32),
+    "gptq": (GPTQLinearMethod, "qweight", torch.int32),
+    "int8": (Int8LinearMethod, "weight", torch.int8),
+    "bitsandbytes": (BitsAndBytesLinearMethod, "weight", torch.int8),
+}
+
+
+@pytest.mark.parametrize("quantization", ["awq", "gptq", "int8", pytest.param("bitsandbytes", marks=pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is an optional dependency"))])
+def test_quantized_run_loads_quantized_layers_and_counts_every_token(tiny_model, loaded_models, tmp_path, quantization):
+    json_out = tmp_path / "run.json"
+    record = throughput.main([
+        "--model", tiny_model, "--quantization", quantization, "--workload", "fixed",
+        "--num-requests", str(NUM_REQUESTS), "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN),
+        "--max-model-len", "64", "--max-num-seqs", "4", "--no-tqdm", "--json-out", str(json_out),
+    ])
+    assert json.loads(json_out.read_text()) == record
+    assert record["quantization"] == quantization
+    (run,) = record["results"]
+    assert run["quantization"] == quantization
+    assert (run["requests"], run["prompt_tokens"], run["output_tokens"]) == (
+        NUM_REQUESTS, NUM_REQUESTS * INPUT_LEN, NUM_REQUESTS * OUTPUT_LEN)
+    assert run["kv_cache_gib"] > 0
+
+    (model,) = loaded_models
+    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
+    assert len(linears) == 4 * TINY_CONFIG["num_hidden_layers"]  # qkv, o, gate_up, down
+    method, weight_name, weight_dtype = STORED_AS[quantization]
+    for layer in linears:  # made in their stored form: no float weight anywhere
+        assert isinstance(layer.quant_method, method)
+        assert getattr(layer, weight_name).dtype == weight_dtype
+        assert not any(p.dtype == torch.bfloat16 and p.dim() == 2 for p in layer.parameters())
+    assert model.lm_head.weight.dtype == torch.bfloat16  # embedding and head stay in the model dtype
+    parameters = sum(p.numel() * p.element_size() for p in (*model.parameters(), *model.buffers()))
+    assert run["weights_gib"] == pytest.approx(parameters / 2**30)
