@@ -111,8 +111,9 @@ class ModelRunner:
         start = time.perf_counter()
         if self.args.compile_model:
             self.forward = compile_model(self.model)
-        if not getattr(get_backend(self.attention_backend), "CUDA_GRAPH_SAFE", True):
-            logger.info("attention backend %s cannot run inside CUDA graphs: compiled, no graphs", self.attention_backend)
+        blocker = self._cuda_graph_blocker()
+        if blocker is not None:
+            logger.info("%s cannot run inside CUDA graphs: compiled, no graphs", blocker)
             return
         sizes = self.args.cuda_graph_sizes or default_batch_sizes(self.args.max_num_seqs)
         self.graph_runner = CudaGraphRunner(
@@ -125,6 +126,16 @@ class ModelRunner:
             "compiled the model and captured %d CUDA graphs (batch sizes %d..%d) in %.1f s; %d compiled graphs",
             len(sizes), min(sizes), max(sizes), time.perf_counter() - start, self.compiled_graphs_after_warmup,
         )
+
+    def _cuda_graph_blocker(self) -> str | None:
+        """What in this model reads device values on the host (which graph capture forbids), if anything."""
+        if not getattr(get_backend(self.attention_backend), "CUDA_GRAPH_SAFE", True):
+            return f"attention backend {self.attention_backend}"
+        for module in self.model.modules():
+            method = getattr(module, "quant_method", None)
+            if not getattr(method, "CUDA_GRAPH_SAFE", True):
+                return f"quantization method {type(method).__name__}"
+        return None
 
     def recompiles_since_warmup(self) -> int:
         """Graphs compiled since capture (which compiled every shape a step can have)."""

@@ -50,6 +50,8 @@ def generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 def test_quantized_at_load_greedy_tokens_equal_transformers_load_in_8bit(tiny_checkpoints, model):
     llm = LLM(tiny_checkpoints[model], quantization="bitsandbytes", block_size=4, max_model_len=128, seed=0)
     assert llm.llm_engine.model_config.quant_config == BitsAndBytesConfig()
+    # Its outlier search reads the device on the host: on a GPU it runs compiled, without graphs.
+    assert llm.llm_engine.runner._cuda_graph_blocker() == "quantization method BitsAndBytesLinearMethod"
     hf = hf_8bit(tiny_checkpoints[model])
     # One prompt at a time, as transformers runs them: which activation columns are outliers is
     # decided over the whole batch, so a row's result depends on the rows batched with it.

@@ -73,6 +73,9 @@ class BitsAndBytesLinearMethod:
     column-parallel layers split SCB with their rows; row-parallel ones keep it whole.
     """
 
+    # bitsandbytes looks for outlier columns with `if outliers.any()`: a host read, not capturable.
+    CUDA_GRAPH_SAFE = False
+
     def __init__(self, config: BitsAndBytesConfig):
         self.config = config
 
