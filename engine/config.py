@@ -42,7 +42,7 @@ class EngineArgs:
     block_size: int = 16  # tokens per KV-cache block
     seed: int = 0  # seed of the engine's random generator (unseeded requests draw from it)
     enforce_eager: bool = False  # no torch.compile, no CUDA graphs
-    async_scheduling: bool = False  # build and launch step N+1 while the device runs step N (experimental)
+    async_scheduling: bool = True  # build and launch step N+1 while the device runs step N
     compile_model: bool = True  # torch.compile the forward (CUDA graphs need not: they capture the eager model when off)
     tensor_parallel_size: int = 1  # devices (one process each) to split each layer across; on CPU, processes
     quantization: str | None = None  # "awq"/"gptq" (must match the checkpoint), "int8" (quantized at load), "bitsandbytes" (LLM.int8(): at load, or a saved 8-bit checkpoint); None: the checkpoint's

@@ -3,9 +3,9 @@
 # First, here: bash perf/fetch_wheels.sh (wheels the device lacks; the call carries ".whl").
 # Usage (on the lent GPU, from the repo root): bash perf/gpu_check.sh STAGE...
 #   tests   pytest -m gpu
-#   nano    Qwen3-0.6B, nano workload (nano-async: with async scheduling; nano-nc: graphs without torch.compile)
+#   nano    Qwen3-0.6B, nano workload (nano-sync: without async scheduling; nano-nc: graphs without torch.compile)
 #   llama1  Llama-3.1-8B, batch 1, 128 in / 512 out
-#           (llama1-async: with async scheduling)
+#           (llama1-sync: without async scheduling)
 #   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out
 #   hf      nano (first 64 requests) through the engine and transformers, same run
 #   prefix  Qwen3-0.6B, 256 requests sharing a 2,000-token prefix, caching off then on (prefix8: 8 output tokens, not 32)
@@ -18,7 +18,7 @@
 #   quant   Triton quantized-matmul GPU tests (tests/test_triton_quant.py), then perf/quant_bench.py
 #   tp70    (2 GPUs) Llama-3.1-70B-shaped with 20 of its 80 layers at TP=2: batch-1 decode, fixed 256 x 1024 x 256
 #           (issue 8's stand-in while no 4-GPU machine is lent)
-#   tp      (2 GPUs) tensor-parallel GPU tests, then Llama-3.1-8B batch-1 decode (sync, async) and fixed 1000 x 256 x 256 at TP=2
+#   tp      (2 GPUs) tensor-parallel GPU tests, then Llama-3.1-8B batch-1 decode (async, sync) and fixed 1000 x 256 x 256 at TP=2
 #   quant8b Llama-3.1-8B batch 1 (128 / 512) AWQ, int8; fixed 1000 x 256 x 256 AWQ, int8, bitsandbytes (bf16: llama)
 #   quant70b Llama-3.1-70B AWQ (random 4-bit weights, 37 GiB), one GPU: batch 1 (128 / 256), then fixed 1000 x 128 x 512
 set -uo pipefail
@@ -37,10 +37,10 @@ for stage in "$@"; do
     quant) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py 2>&1 | tee "$OUT/quant_tests.log" | tail -15
            timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --out "$OUT/quant_bench.json" 2>&1 | tee "$OUT/quant_bench.log" | tail -80 ;;
     nano) TORCH_LOGS=recompiles bench nano_qwen3 --model qwen3-0.6b --workload nano ;;
-    nano-async) bench nano_qwen3_async --model qwen3-0.6b --workload nano --async-scheduling ;;
+    nano-sync) bench nano_qwen3_sync --model qwen3-0.6b --workload nano --no-async-scheduling ;;
     nano-nc) bench nano_qwen3_nocompile --model qwen3-0.6b --workload nano --no-compile ;;
     llama1) bench llama8b_bs1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
-    llama1-async) bench llama8b_bs1_async --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --async-scheduling ;;
+    llama1-sync) bench llama8b_bs1_sync --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --no-async-scheduling ;;
     llama) bench llama8b_fixed --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 ;;
     prefix) bench prefix_qwen3 --model qwen3-0.6b --workload prefix --num-requests 256 --prefix-len 2000 --suffix-len 32 --output-len 32 ;;
     prefix8) bench prefix8_qwen3 --model qwen3-0.6b --workload prefix --num-requests 256 --prefix-len 2000 --suffix-len 32 --output-len 8 ;;
@@ -69,7 +69,7 @@ for stage in "$@"; do
           bench llama70b20l_fixed_tp2 --model llama-3.1-70b --num-layers 20 --workload fixed --num-requests 256 --input-len 1024 --output-len 256 --tensor-parallel-size 2 ;;
     tp) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -15
         bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
-        bench llama8b_bs1_tp2_async --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --async-scheduling
+        bench llama8b_bs1_tp2_sync --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --no-async-scheduling
         bench llama8b_fixed_tp2 --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 --tensor-parallel-size 2 ;;
     quant8b) for q in awq int8; do bench llama8b_${q}_bs1 --model llama-3.1-8b --quantization $q --workload fixed --num-requests 1 --input-len 128 --output-len 512; done
              for q in awq int8; do bench llama8b_${q}_fixed --model llama-3.1-8b --quantization $q --workload fixed --num-requests 1000 --input-len 256 --output-len 256; done

@@ -541,6 +541,9 @@ def main(argv: list[str] | None = None) -> dict:
             "decode": [],
         }
         if not args.skip_sweeps:
+            # A phase breakdown needs each step whole (launched and read back in the same call): the
+            # sweeps run one step at a time; the --server comparison below uses the engine's setting.
+            async_scheduling, engine.args.async_scheduling = engine.args.async_scheduling, False
             with PhaseTimer(engine) as timer:
                 tracer = Tracer(args.trace, timer)
                 for length in args.prefill_lens:
@@ -549,6 +552,7 @@ def main(argv: list[str] | None = None) -> dict:
                     for batch in args.batch_sizes:
                         record["decode"].append(decode_point(engine, timer, tracer, batch, context, args.decode_steps,
                                                              args.warmup_steps, args.trace_steps, rng))
+            engine.args.async_scheduling = async_scheduling
         if args.server:
             record["server"] = server_comparison(engine, args)
     finally:

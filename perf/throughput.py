@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="CUDA graphs around the eager model, no torch.compile")
-    p.add_argument("--async-scheduling", action="store_true", help="launch step N+1 before reading step N's tokens")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="launch step N+1 before reading step N's tokens (default; --no-async-scheduling: one step at a time)")
     p.add_argument("--enable-prefix-caching", action="store_true")
     p.add_argument("--compare-hf", action="store_true", help="also run transformers' continuous batching on the same workload")
     p.add_argument("--skip-engine", action="store_true")
