@@ -10,6 +10,8 @@
 #   hf      nano (first 64 requests) through the engine and transformers, same run
 #   prefix  Qwen3-0.6B, 256 requests sharing a 2,000-token prefix, caching off then on (prefix8: 8 output tokens, not 32)
 #   latency Qwen3-0.6B per-phase decode step times at batch 1/64/256, context 1024 (perf/latency.py)
+#   window  each of nano, llama1, llama run twice: timed, then under the profiler over a window of steps
+#           (perf/step_profile.py: GPU busy time a step, top GPU ops and host CUDA calls)
 #   profile torch-profiler tables (top kernels) of a Qwen3-0.6B prefill of 1024 and decode at 256 x 1024,
 #           and a Llama-3.1-8B batch-1 decode step, in $OUT/trace/*.txt
 #   serve   the server's cost on nano-like traffic (perf/latency.py --server: engine vs async front vs HTTP,
@@ -44,6 +46,13 @@ for stage in "$@"; do
     llama) bench llama8b_fixed --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 ;;
     prefix) bench prefix_qwen3 --model qwen3-0.6b --workload prefix --num-requests 256 --prefix-len 2000 --suffix-len 32 --output-len 32 ;;
     prefix8) bench prefix8_qwen3 --model qwen3-0.6b --workload prefix --num-requests 256 --prefix-len 2000 --suffix-len 32 --output-len 8 ;;
+    window) for spec in "nano_qwen3_window --model qwen3-0.6b --workload nano --profile-steps 200 10" \
+                        "llama8b_bs1_window --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --profile-steps 100 20" \
+                        "llama8b_fixed_window --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 --profile-steps 300 10"; do
+              set -- $spec; name=$1; shift
+              timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" "$@" 2>&1 \
+                | grep -vE "^\{|Capturing" | grep -A40 "requests$"
+            done ;;
     hf) bench nano64_vs_hf --model qwen3-0.6b --workload nano --limit 64 --compare-hf ;;
     latency) timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model qwen3-0.6b --prefill-lens 1024 --batch-sizes 1 64 256 \
                --context-lens 1024 --out "$OUT/latency_qwen3.json" 2>&1 | tee "$OUT/latency_qwen3.log" | tail -25 ;;

@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.quantization import QUANTIZATION_METHODS  # noqa: E402
 from engine.weight_loader import weight_memory  # noqa: E402
+from perf.step_profile import StepWindow, print_summary  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 # The quantization_config a published 4-bit checkpoint of each format carries in its config.json
@@ -171,6 +172,13 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         "compiled": runner.forward is not runner.model,
         "step_timings": {k: v - timings_before[k] for k, v in llm.llm_engine.timings.as_dict().items()},
     }
+    if args.profile_steps:
+        # The same workload once more, profiled over a window of steps (the timed run above was not).
+        first, count = args.profile_steps
+        window = StepWindow(llm.llm_engine, first, count, args.trace_out)
+        with window:
+            llm.generate(inputs, params, use_tqdm=False)
+        result["profile"] = window.summary()
     llm.llm_engine.shutdown()  # tensor-parallel workers: the next engine of this process needs the group
     return result
 
@@ -254,6 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--no-tqdm", action="store_true")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--profile-steps", type=int, nargs=2, metavar=("FIRST", "COUNT"), default=None,
+                   help="after the timed run, run the workload again with steps FIRST.. FIRST+COUNT-1 under the "
+                        "torch profiler: GPU busy time a step, top GPU ops and host CUDA calls")
+    p.add_argument("--trace-out", default=None, help="with --profile-steps: write the chrome trace here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -305,6 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {'':>14}  {t['steps']} steps: schedule {t['schedule_s']:.2f} s, execute {t['execute_s']:.2f} s, update {t['update_s']:.2f} s; startup {r['startup_s']:.1f} s")
             print(f"  {'':>14}  weights {r['weights_gib']:.2f} GiB ({r['quantization'] or 'unquantized'}), "
                   f"KV cache {r['kv_cache_gib']:.2f} GiB ({r['kv_blocks']} blocks)")
+        if "profile" in r:
+            print_summary(r["profile"])
     if args.workload == "prefix" and len(results) == 2:
         off, on = results
         print(f"  prefix caching on / off: {on['total_tok_s'] / off['total_tok_s']:.2f}x total tok/s, "

@@ -82,3 +82,31 @@ def test_quantized_run_loads_quantized_layers_and_counts_every_token(tiny_model,
     assert model.lm_head.weight.dtype == torch.bfloat16  # embedding and head stay in the model dtype
     parameters = sum(p.numel() * p.element_size() for p in (*model.parameters(), *model.buffers()))
     assert run["weights_gib"] == pytest.approx(parameters / 2**30)
+
+
+def test_profile_window_covers_the_steps_asked_and_finds_the_work(tiny_model, tmp_path):
+    record = throughput.main([
+        "--model", tiny_model, "--workload", "fixed", "--num-requests", "2", "--input-len", str(INPUT_LEN),
+        "--output-len", "8", "--max-model-len", "64", "--no-tqdm", "--profile-steps", "3", "4",
+        "--trace-out", str(tmp_path / "trace.json"),
+    ])
+    profile = record["results"][0]["profile"]
+    assert (profile["first_step"], profile["steps"]) == (3, 4)
+    assert profile["wall_ms_per_step"] > 0
+    # No GPU here: no device time, and the window's trace holds the steps' own work.
+    assert profile["gpu_busy_ms_per_step"] == 0 and profile["top_gpu_ops"] == []
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    assert any("linear" in e.get("name", "") or "mm" in e.get("name", "") for e in trace["traceEvents"])
+
+
+def test_profile_window_past_the_last_step_is_an_error(tiny_model):
+    with pytest.raises(RuntimeError, match="fewer than the window's first"):
+        throughput.main(["--model", tiny_model, "--workload", "fixed", "--num-requests", "1", "--input-len", "8",
+                         "--output-len", "2", "--max-model-len", "64", "--no-tqdm", "--profile-steps", "50", "2"])
+
+
+def test_union_of_intervals_counts_overlaps_once():
+    from perf.step_profile import _union_us
+
+    assert _union_us([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+    assert _union_us([]) == 0
