@@ -285,6 +285,10 @@ class TensorParallelWorkers:
                     conn.send_bytes(_HEADER.pack(_STOP, 0, 0, 0, 0, 0, 0, 0))
                 except OSError:
                     pass  # that worker is gone already
+            # Every rank leaves the group at once. On 2 GPUs each worker waited out the stop timeout
+            # while rank 0 joined it before leaving: most likely its NCCL teardown waits for rank 0's.
+            if dist.is_initialized():
+                dist.destroy_process_group()
             deadline = time.monotonic() + STOP_TIMEOUT_S
             for proc in self._procs:
                 proc.join(max(0.0, deadline - time.monotonic()))
@@ -294,8 +298,8 @@ class TensorParallelWorkers:
                     logger.warning("tensor-parallel worker %s did not stop in %.0f s: killing it", proc.name, STOP_TIMEOUT_S)
                 proc.kill()
             proc.join(5.0)
-        if dist.is_initialized():
-            if self.backend == "nccl" and not graceful:
+        if dist.is_initialized():  # not graceful: the ranks are out of step
+            if self.backend == "nccl":
                 dist.distributed_c10d._abort_process_group()  # destroying would wait on the broken collective
             else:
                 dist.destroy_process_group()

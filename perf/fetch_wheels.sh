@@ -13,6 +13,8 @@ fetch() {
 }
 fetch xformers==0.0.35
 fetch starlette uvicorn h11 msgspec prometheus-client openai jiter distro sniffio
+# openai 3.x talks through httpx2 (not the device's httpx), which needs newer anyio / idna too.
+fetch httpx2 httpcore2 truststore anyio idna
 # openai's models need pydantic (absent there); pydantic pins its compiled core exactly.
 fetch pydantic annotated-types typing-inspection
 core=$(unzip -p .whl/pydantic-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: pydantic-core==\([0-9.]*\).*/\1/p')
