@@ -10,8 +10,8 @@ gathered into a contiguous copy) and folds them into an fp32 online softmax:
   1`): flash-decoding. Grid (seq, kv_head, partition): each program takes ALL query heads of one
   KV head (the GQA group, padded to >= 16 rows for the tensor cores), so each KV block is read
   once per KV head, over one partition of `PARTITION_SIZE` context positions; a second kernel
-  merges the partitions' fp32 (max, sum, acc) triples. With a single partition the first kernel
-  writes the output itself.
+  merges the partitions' fp32 (max, sum, acc) triples. With a single partition, or for a sequence
+  whose context fits in one, the first kernel writes the output itself (the merge skips it).
 - `_prefill_kernel` (anything else: prefill, chunked prefill, prefix-cache hits, mixed
   prefill+decode batches): a tile packs BLOCK_Q query tokens x the GQA group's heads into the
   rows of one tl.dot, causal over the query tokens' positions at the tail of the context.
@@ -138,10 +138,12 @@ def _decode_kernel(
         block_tables_ptr + seq.to(tl.int64) * stride_bt, kv_head, stride_cb, stride_cs, stride_ch,
         head_dim, qk_scale, BLOCK_SIZE, BLOCK_N, D_PAD,
     )
-    if NUM_PARTITIONS == 1:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (padding row): zeros
-        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    if NUM_PARTITIONS == 1 or seq_len <= partition_size:
+        # One partition covers the context: its result is final (the reduce kernel skips this row).
+        if part == 0:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (padding row): zeros
+            tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=io_mask)
     else:
         # Partials are [num_seqs, num_heads, NUM_PARTITIONS, (D_PAD)], contiguous.
         part_idx = (seq * tl.num_programs(1) * GROUP + heads).to(tl.int64) * NUM_PARTITIONS + part
@@ -162,6 +164,8 @@ def _decode_reduce_kernel(
     token = tl.load(query_start_loc_ptr + seq)
     has_query = tl.load(query_start_loc_ptr + seq + 1) > token
     seq_len = tl.load(seq_lens_ptr + seq)
+    if seq_len <= partition_size:
+        return  # one partition: the decode kernel wrote the output itself
     # Only partitions that cover the context were written (clamped so that a context longer than
     # the bound the grid was built for can never read out of bounds).
     num_live = tl.minimum(tl.cdiv(seq_len, partition_size), NUM_PARTITIONS)
