@@ -18,6 +18,7 @@
 #           256 requests), then a Llama-3.1-8B server (python -m engine.serve, dummy weights) under
 #           perf/serve_bench.py: concurrency 1 at 128 in / 256 out, and random 1024 / 128 at rates 1, 4, 16, inf
 #   linear  dense linear layers at decode sizes: cuBLAS vs the Triton GEMV (perf/linear_bench.py --sweep)
+#   serve-c1 the same without the request-rate sweep
 #   quant   Triton quantized-matmul GPU tests (tests/test_triton_quant.py), then perf/quant_bench.py
 #   tp70    (2 GPUs) Llama-3.1-70B-shaped with 20 of its 80 layers at TP=2: batch-1 decode, fixed 256 x 1024 x 256
 #           (issue 8's stand-in while no 4-GPU machine is lent)
@@ -64,7 +65,7 @@ for stage in "$@"; do
                  --trace "$OUT/trace" --trace-steps 2 --model $args 2>&1 | tail -8
              done
              for f in "$OUT"/trace/*.txt; do echo "--- $f"; head -30 "$f"; done ;;
-    serve) timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model qwen3-0.6b --max-model-len 4096 --server --skip-sweeps \
+    serve|serve-c1) timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model qwen3-0.6b --max-model-len 4096 --server --skip-sweeps \
              --server-requests 256 --input-len 550 --output-len 520 --out "$OUT/serve_overhead_qwen3.json" 2>&1 | tail -12
            dir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('llama-3.1-8b'))")
            python3 -m engine.serve --model "$dir" --load-format dummy --max-model-len 4096 --port 8011 \
@@ -72,7 +73,7 @@ for stage in "$@"; do
            for _ in $(seq 240); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
            sb() { timeout 200 python3 perf/serve_bench.py --base-url http://127.0.0.1:8011 --model llama8b --ignore-eos --disable-tqdm "$@" 2>&1 | tail -22; }
            sb --dataset fixed --input-len 128 --output-len 256 --num-prompts 24 --max-concurrency 1 --label c1 --result-json "$OUT/serve8b_c1.json"
-           for rate in 1 4 16 inf; do n=$([ $rate = 1 ] && echo 30 || ([ $rate = 4 ] && echo 80 || echo 200))
+           [ "$stage" = serve-c1 ] || for rate in 1 4 16 inf; do n=$([ $rate = 1 ] && echo 30 || ([ $rate = 4 ] && echo 80 || echo 200))
              sb --dataset random --input-len 1024 --output-len 128 --num-prompts $n --request-rate $rate --label rate$rate --result-json "$OUT/serve8b_rate$rate.json"
            done
            kill $server; wait $server ;;
