@@ -2,7 +2,7 @@
 # One device call: GPU tests and/or benchmarks. Logs and JSON land in $OUT.
 # First, here: bash perf/fetch_wheels.sh (wheels the device lacks; the call carries ".whl").
 # Usage (on the lent GPU, from the repo root): bash perf/gpu_check.sh STAGE...
-#   tests   pytest -m gpu (attention kernels, the engine on the GPU, the decode GEMV)
+#   tests   pytest -m gpu
 #   nano    Qwen3-0.6B, nano workload (nano-sync: without async scheduling; nano-nc: graphs without torch.compile)
 #   llama1  Llama-3.1-8B, batch 1, 128 in / 512 out
 #           (llama1-sync: without async scheduling)
@@ -17,7 +17,6 @@
 #   serve   the server's cost on nano-like traffic (perf/latency.py --server: engine vs async front vs HTTP,
 #           256 requests), then a Llama-3.1-8B server (python -m engine.serve, dummy weights) under
 #           perf/serve_bench.py: concurrency 1 at 128 in / 256 out, and random 1024 / 128 at rates 1, 4, 16, inf
-#   linear  dense linear layers at decode sizes: cuBLAS vs the Triton GEMV (perf/linear_bench.py --sweep)
 #   serve-c1 the same without the request-rate sweep
 #   quant   Triton quantized-matmul GPU tests (tests/test_triton_quant.py), then perf/quant_bench.py
 #   tp70    (2 GPUs) Llama-3.1-70B-shaped with 20 of its 80 layers at TP=2: batch-1 decode, fixed 256 x 1024 x 256
@@ -37,8 +36,7 @@ bench() { local name=$1; shift; timeout "${STAGE_TIMEOUT:-300}" python3 perf/thr
 for stage in "$@"; do
   echo "=== $stage"
   case $stage in
-    tests) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_attention_kernels.py tests/test_gpu_engine.py tests/test_triton_linear.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
-    linear) timeout "${STAGE_TIMEOUT:-300}" python3 perf/linear_bench.py --sweep --out "$OUT/linear_bench.json" 2>&1 | tail -100 ;;
+    tests) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_attention_kernels.py tests/test_gpu_engine.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     quant) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py 2>&1 | tee "$OUT/quant_tests.log" | tail -15
            timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --out "$OUT/quant_bench.json" 2>&1 | tee "$OUT/quant_bench.log" | tail -80 ;;
     nano) TORCH_LOGS=recompiles bench nano_qwen3 --model qwen3-0.6b --workload nano ;;

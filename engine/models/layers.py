@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import ops.attention  # noqa: F401  (registers torch.ops.engine.paged_attention)
-import ops.linear  # noqa: F401  (registers torch.ops.engine.linear)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,8 +177,7 @@ class LinearMethod(Protocol):
 
 
 class UnquantizedLinearMethod:
-    """A dense weight [out, in] in the model dtype; `F.linear` (on a GPU `torch.ops.engine.linear`,
-    which is F.linear except at decode batch sizes: ops/linear.py)."""
+    """A dense weight [out, in] in the model dtype; `F.linear`."""
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], weight_loader) -> None:
         weight = nn.Parameter(torch.empty(sum(output_sizes), input_size), requires_grad=False)
@@ -187,8 +185,6 @@ class UnquantizedLinearMethod:
         layer.weight = weight
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.is_cuda:
-            return torch.ops.engine.linear(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
 
 
