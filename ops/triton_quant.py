@@ -3,34 +3,54 @@ dequantized INSIDE the kernel, one K-tile at a time in registers (no full-size f
 made). The layouts are those of `ops.quant_ref`, the pure-torch oracle these kernels are tested against.
 
 One kernel, `_quant_matmul_kernel`, serves the three formats (a constexpr `FORMAT` picks how a
-[BLOCK_K, BLOCK_N] tile of W is loaded and dequantized) and both shapes of problem:
+[BLOCK_K, BLOCK_N] tile of W is loaded and unpacked) and every batch size. Each program owns a
+BLOCK_M x BLOCK_N output tile and a range of K, and streams W's packed tiles through a software
+pipeline (`tl.range(..., num_stages)`: cp.async copies run num_stages - 1 K-tiles ahead). Per K-tile:
 
-- GEMM (M > GEMV_MAX_M rows): BLOCK_M x BLOCK_N output tiles, a loop over K in BLOCK_K steps, each
-  step dequantizing W's K-tile and feeding it with x's K-tile to `tl.dot` (fp32 accumulator).
-- GEMV-shaped (M <= GEMV_MAX_M, i.e. decode): BLOCK_M = 16 (the smallest `tl.dot`) and split-K:
-  K is cut into `split` ranges, one program per (output tile, range), so that a batch of one still
-  has about two programs per SM; each writes an fp32 partial [split, M, N] and torch sums them.
+- BLOCK_M >= 16: `tl.dot` as (W^T x^T)^T, so that W's tile is wgmma's M operand (M >= 64 on Hopper;
+  x's few rows could not be). With fewer rows than BLOCK_K, the dot takes (q - zero), exact in x's
+  dtype, and its [BLOCK_M, BLOCK_N] result is scaled; otherwise the tile is scaled first (the smaller
+  of the two gets the multiplies).
+- BLOCK_M = 1: a GEMV. x's K-tile times W's, summed over K with FMAs, no tensor cores. Only the "gemv"
+  candidate table uses it: compiled for sm_90, the tl.dot path takes fewer instructions per weight even
+  for one row (its 15 padding rows cost only the otherwise idle tensor cores; the GEMV's sums over K
+  cost shuffles and adds), so the default sends every decode batch through tl.dot.
 
-Dequantization is exactly the reference's: ``w = float32(q - zero) * float32(scale)``, rounded to x's
-dtype, then multiplied in `tl.dot` with fp32 accumulation. For 4-bit formats the K-tile never spans
-two groups (BLOCK_K <= group size, which is a power of two), so one row of zeros and scales serves
-the whole tile. GPTQ act-order is the exception: every input row has its own group (`g_idx`), and
-zeros and scales are gathered per row.
+When the output tiles alone are too few to occupy the GPU (small M), K is cut into `split` ranges, one
+program per (tile, range) ("split-K"). Each program writes its fp32 partial tile to a workspace, and
+the last of a tile's programs to finish (an atomic counter per tile says which) sums the partials in a
+fixed order and writes the output: one launch, deterministic, and the counters reset themselves for
+the next call. No function here syncs with the host, so the kernels can be captured in CUDA graphs.
+
+Packed words are loaded along their contiguous axis, one int32 per thread (a warp reads whole
+128-byte rows; a thread then owns 8 outputs of many rows, and the per-output work, zeros and scales,
+is shared by all those rows) and unpacked in registers into 8 "planes", one per nibble position,
+interleaved back into order:
 
 - AWQ: qweight int32 [K, N/8]: output n is nibble ``(n % 8) // 2 + 4 * (n % 2)`` of word n // 8
   (AutoAWQ's interleave 0,2,4,6,1,3,5,7); qzeros [K/group, N/8] the same; scales [K/group, N].
 - GPTQ: qweight int32 [K/8, N]: input k is nibble k % 8 of word k // 8; qzeros [groups, N/8] with
   output n in nibble n % 8; scales [groups, N]; the v1 format stores zero - 1 (ZERO_OFFSET = 1).
-- int8: weight [N, K] with one scale per output: the scale is applied to the fp32 accumulator after
-  the K loop (it is constant along K), so W's tile is just the int8 values converted.
+- int8: weight [N, K] with one scale per output, applied to the fp32 accumulator after the K loop.
 
-Tile sizes are fixed per shape class (no autotuning: deterministic, and no benchmarking at start-up).
-No function here syncs with the host, so the kernels can be captured in CUDA graphs.
+Nibbles are never converted int-to-float (a quarter-rate instruction): each is masked in place and
+OR-ed with the exponent bits of 2^23, which makes the float 2^23 + q * 16^pos (pos: its place in a
+16-bit half); scaled by 16^-pos and less 2^(23 - 4 pos) + zero, that is q - zero exactly. The result
+matches the reference's ``float32(q - zero) * float32(scale)`` up to where the scale is applied (before
+or after the sum over the K-tile) and fp32 rounding.
+
+For 4-bit formats the K-tile never spans two groups (BLOCK_K <= group size, which is a power of two),
+so one row of zeros and scales serves the whole tile. GPTQ act-order is the exception: every input row
+has its own group (`g_idx`), and zeros and scales are gathered per row and applied to the tile.
+
+Tile sizes are fixed per batch-size class in `TILES` (no autotuning: deterministic, and no benchmarking
+at start-up); `CANDIDATE_TILES` holds the alternatives `perf/quant_bench.py --tiles` compares.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -40,70 +60,250 @@ AWQ: tl.constexpr = tl.constexpr(0)
 GPTQ: tl.constexpr = tl.constexpr(1)
 INT8: tl.constexpr = tl.constexpr(2)
 
-GEMV_MAX_M = 16  # batches up to this many rows take the split-K path
-_PROGRAMS_PER_SM = 2  # split-K aims for this many programs per SM
-_INTERPRETER_PROGRAMS = 8  # CPU (Triton interpreter): enough to exercise split-K in tests
+FLOAT_2_23_BITS = 0x4B000000  # 2^23 as fp32: below its exponent bits, 23 bits of mantissa
+_FLOAT_2_23: tl.constexpr = tl.constexpr(8388608.0)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One batch-size class's launch configuration."""
+
+    block_m: int  # output rows per program: 1 is the GEMV, >= 16 tl.dot
+    block_n: int  # output columns per program
+    block_k: int  # inputs per K-tile (4-bit formats: at most the group size)
+    num_warps: int
+    num_stages: int  # K-tiles in the software pipeline
+    programs_per_sm: int  # split K up to about this many programs per SM (and at most _MAX_SPLIT_K ranges)
+
+
+# (largest batch, tiles) in increasing order; batches above the last take the last. programs_per_sm is
+# how many of the tile's programs an SM holds at once (registers and shared memory, as compiled for sm_90
+# by Triton 3.9), so that split-K fills the GPU in about one wave.
+TileTable = tuple[tuple[int, Tiles], ...]
+_PREFILL_TILES = (
+    (64, Tiles(64, 128, 64, 4, 3, 2)),
+    (128, Tiles(128, 128, 128, 8, 3, 1)),
+    (1 << 62, Tiles(256, 128, 64, 8, 3, 1)),  # each weight tile dequantized once per 256 rows
+)
+CANDIDATE_TILES: dict[str, TileTable] = {
+    # Decode (<= 16 rows) through tl.dot with split-K, the GEMM tiles above.
+    "default": ((16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
+    # One row through the GEMV (no tensor cores); 2..16 rows as "default".
+    "gemv": ((1, Tiles(1, 128, 128, 4, 4, 3)), (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
+    # Half-depth K-tiles (fewer registers and less shared memory: more programs per SM), 128-row GEMM tiles.
+    "small": (
+        (16, Tiles(16, 128, 64, 4, 4, 3)),
+        (64, Tiles(64, 64, 64, 4, 3, 3)),
+        (1 << 62, Tiles(128, 128, 64, 8, 3, 1)),
+    ),
+}
+TILES: TileTable = CANDIDATE_TILES["default"]
+
+_MAX_SPLIT_K = 16  # K ranges per output tile at most: the last program sums this many partials
+_MAX_SPLIT_K_TILES = 1 << 16  # output tiles one split-K launch may have (one int32 counter each)
+_INTERPRETER_SMS = 2  # CPU (Triton interpreter): few enough "SMs" that test shapes stay small, yet split K
 
 
 @triton.jit
-def _zeros_and_scales(zeros_ptr, scales_ptr, groups, rn, N, zero_shifts, ZERO_OFFSET: tl.constexpr):
-    """Zeros (int32) and scales (fp32) of `groups` for outputs rn: [BLOCK_N] for one group (a scalar),
-    [BLOCK_K, BLOCK_N] for one group per row ([BLOCK_K, 1], act-order)."""
-    n_mask = rn < N
+def _below(offsets, bound, ALWAYS: tl.constexpr):
+    """offsets < bound; a constant true when the caller knows it always is (the mask then folds away)."""
+    if ALWAYS:
+        return tl.full(offsets.shape, 1, tl.int1)
+    return offsets < bound
+
+
+@triton.jit
+def _nibble(words, POS: tl.constexpr, exponent_bits):
+    """2^(23 - 4 POS) + q as fp32, q being nibble POS (< 4) of each word. Masked in place and OR-ed with
+    the exponent bits of 2^23 (one LOP3), the nibble makes the float 2^23 + q * 16^POS; the product by
+    16^-POS is exact. `exponent_bits` is a kernel argument, not a constant, so that it sits in a register
+    and the mask is LOP3's one immediate (ptxas otherwise re-materializes a constant next to every nibble)."""
+    return ((words & (0xF << (4 * POS))) | exponent_bits).to(tl.float32, bitcast=True) * (1.0 / (1 << (4 * POS)))
+
+
+@triton.jit
+def _interleave8(p0, p1, p2, p3, p4, p5, p6, p7):
+    """[..., C] x 8 -> [..., 8C] with element 8c + j from p_j[..., c]."""
+    return tl.interleave(tl.interleave(tl.interleave(p0, p4), tl.interleave(p2, p6)),
+                         tl.interleave(tl.interleave(p1, p5), tl.interleave(p3, p7)))
+
+
+@triton.jit
+def _awq_tile(w_ptr, zeros_ptr, scales_ptr, rk, k_mask, n0, N, stride_w, group, exponent_bits,
+              EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """AWQ's tile of inputs rk (one group), outputs n0..: (q - zero [BLOCK_K, BLOCK_N], scales [BLOCK_N])."""
+    rc = tl.max_contiguous(n0 // 8 + tl.arange(0, BLOCK_N // 8), 1)  # packed columns, one word per thread
+    c_mask = _below(rc, N // 8, EVEN_N)
+    words = tl.load(w_ptr + rk[:, None] * stride_w + rc[None, :], mask=k_mask[:, None] & c_mask[None, :], other=0)
+    zero_words = tl.load(zeros_ptr + group * stride_w + rc, mask=c_mask, other=0)[None, :]
+    # Output j of a word is nibble j // 2 of its low half (j even) or of its high half (j odd); the zeros
+    # unpack the same way, so each difference is exactly q - zero.
+    low, high, zero_low, zero_high = words, words >> 16, zero_words, zero_words >> 16
+    q_minus_zero = _interleave8(
+        _nibble(low, 0, exponent_bits) - _nibble(zero_low, 0, exponent_bits),
+        _nibble(high, 0, exponent_bits) - _nibble(zero_high, 0, exponent_bits),
+        _nibble(low, 1, exponent_bits) - _nibble(zero_low, 1, exponent_bits),
+        _nibble(high, 1, exponent_bits) - _nibble(zero_high, 1, exponent_bits),
+        _nibble(low, 2, exponent_bits) - _nibble(zero_low, 2, exponent_bits),
+        _nibble(high, 2, exponent_bits) - _nibble(zero_high, 2, exponent_bits),
+        _nibble(low, 3, exponent_bits) - _nibble(zero_low, 3, exponent_bits),
+        _nibble(high, 3, exponent_bits) - _nibble(zero_high, 3, exponent_bits))
+    rn = n0 + tl.arange(0, BLOCK_N)
+    scales = tl.load(scales_ptr + group * N + rn, mask=_below(rn, N, EVEN_N), other=0.0).to(tl.float32)
+    return q_minus_zero, scales
+
+
+@triton.jit
+def _gptq_zeros_and_scales(zeros_ptr, scales_ptr, groups, rn, n_mask, N, ZERO_OFFSET: tl.constexpr):
+    """fp32 zeros and scales of outputs rn in `groups`: [BLOCK_N] for one group (a scalar), [R, BLOCK_N]
+    for one group per row ([R, 1])."""
     words = tl.load(zeros_ptr + groups * (N // 8) + rn // 8, mask=n_mask, other=0)
-    zeros = ((words >> zero_shifts) & 0xF) + ZERO_OFFSET
+    zeros = (((words >> ((rn % 8) * 4)) & 0xF) + ZERO_OFFSET).to(tl.float32)
     scales = tl.load(scales_ptr + groups * N + rn, mask=n_mask, other=0.0).to(tl.float32)
     return zeros, scales
 
 
 @triton.jit
+def _gptq_plane(words, zeros, POS: tl.constexpr, exponent_bits):
+    """q - zero of nibble POS of each word (zeros [BLOCK_N] or [R, BLOCK_N])."""
+    return _nibble(words, POS, exponent_bits) - (zeros + _FLOAT_2_23 / (1 << (4 * POS)))
+
+
+@triton.jit
+def _act_order_plane(words, P: tl.constexpr, g_idx_ptrs, r_mask, zeros_ptr, scales_ptr, rn, n_mask, N,
+                     exponent_bits, ZERO_OFFSET: tl.constexpr):
+    """Act-order: (q - zero) * scale of plane P (g_idx_ptrs + P: the groups of its inputs, one per row)."""
+    groups = tl.load(g_idx_ptrs + P, mask=r_mask, other=0)[:, None]
+    zeros, scales = _gptq_zeros_and_scales(zeros_ptr, scales_ptr, groups, rn, n_mask, N, ZERO_OFFSET)
+    return _gptq_plane(words, zeros, P % 4, exponent_bits) * scales
+
+
+@triton.jit
+def _gptq_tile(w_ptr, zeros_ptr, scales_ptr, g_idx_ptr, k0, n0, N, K, stride_w, group, exponent_bits,
+               ZERO_OFFSET: tl.constexpr, ACT_ORDER: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """GPTQ's tile of inputs k0.. (one group), outputs n0..: (q - zero [BLOCK_K, BLOCK_N], scales [BLOCK_N]);
+    with act-order ((q - zero) * scale, ones). Word row r holds inputs 8r..8r+7 (input 8r + p in nibble
+    p): the 8 nibble planes [BLOCK_K / 8, BLOCK_N] are unpacked apart and interleaved along K."""
+    rr = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    rn = tl.max_contiguous(n0 + tl.arange(0, BLOCK_N), 1)  # one column per thread, as AWQ's words
+    r_mask = _below(rr, K // 8, EVEN_K)
+    n_mask = _below(rn, N, EVEN_N)
+    words = tl.load(w_ptr + rr[:, None] * stride_w + rn[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
+    low, high = words, words >> 16
+    if ACT_ORDER:
+        g = g_idx_ptr + rr * 8
+        planes_t = _interleave8(  # transposed [BLOCK_N, BLOCK_K / 8] planes interleave along K
+            _act_order_plane(low, 0, g, r_mask, zeros_ptr, scales_ptr, rn, n_mask, N, exponent_bits, ZERO_OFFSET).T,
+            _act_order_plane(low, 1, g, r_mask, zeros_ptr, scales_ptr, rn, n_mask, N, exponent_bits, ZERO_OFFSET).T,
+            _act_order_plane(low, 2, g, r_mask, zeros_ptr, scales_ptr, rn, n_mask, N, exponent_bits, ZERO_OFFSET).T,
+            _act_order_plane(low, 3, g, r_mask, zeros_ptr, scales_ptr, rn, n_mask, N, exponent_bits, ZERO_OFFSET).T,
+            _act_order_plane(high, 4, g, r_mask, zeros_ptr, scales_ptr, rn, n_mask, N, exponent_bits, ZERO_OFFSET).T,
+            _act_order_plane(high, 5, g, r_mask, zeros_ptr, scales_ptr, rn, n_mask, N, exponent_bits, ZERO_OFFSET).T,
+            _act_order_plane(high, 6, g, r_mask, zeros_ptr, scales_ptr, rn, n_mask, N, exponent_bits, ZERO_OFFSET).T,
+            _act_order_plane(high, 7, g, r_mask, zeros_ptr, scales_ptr, rn, n_mask, N, exponent_bits, ZERO_OFFSET).T)
+        return planes_t.T, tl.full((BLOCK_N,), 1.0, tl.float32)
+    zeros, scales = _gptq_zeros_and_scales(zeros_ptr, scales_ptr, group, rn, n_mask, N, ZERO_OFFSET)
+    planes_t = _interleave8(
+        _gptq_plane(low, zeros, 0, exponent_bits).T, _gptq_plane(low, zeros, 1, exponent_bits).T,
+        _gptq_plane(low, zeros, 2, exponent_bits).T, _gptq_plane(low, zeros, 3, exponent_bits).T,
+        _gptq_plane(high, zeros, 0, exponent_bits).T, _gptq_plane(high, zeros, 1, exponent_bits).T,
+        _gptq_plane(high, zeros, 2, exponent_bits).T, _gptq_plane(high, zeros, 3, exponent_bits).T)
+    return planes_t.T, scales
+
+
+@triton.jit
+def _int8_tile(w_ptr, rk, k_mask, n0, N, stride_w, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W's int8 tile [BLOCK_K, BLOCK_N] (from weight [N, K]) as fp32, and 1 (its scales apply after the
+    K loop). A plain conversion: at a byte per weight the loads bound int8 before the conversions do."""
+    rn = n0 + tl.arange(0, BLOCK_N)
+    n_mask = _below(rn, N, EVEN_N)
+    w = tl.load(w_ptr + rn[None, :] * stride_w + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
+    return w.to(tl.float32), 1.0
+
+
+@triton.jit
 def _quant_matmul_kernel(
-    x_ptr, w_ptr, zeros_ptr, scales_ptr, g_idx_ptr, out_ptr,
-    M, N, K, group_size, stride_xm, k_per_split,
-    FORMAT: tl.constexpr, ZERO_OFFSET: tl.constexpr, ACT_ORDER: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, zeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+    M, N, K, stride_xm, stride_w, group_size, k_per_split, split, exponent_bits,
+    FORMAT: tl.constexpr, ZERO_OFFSET: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    pid_mn = tl.program_id(0)
+    # Grouped order: programs that run together share W tiles (GROUP_M row tiles per W column tile).
+    GROUP_M: tl.constexpr = 8
+    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid_mn // num_n
-    pid_n = pid_mn % num_n
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
+    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+    n0 = pid_n * BLOCK_N
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = n0 + tl.arange(0, BLOCK_N)
     m_mask = rm < M
-    n_mask = rn < N
-    if FORMAT == AWQ:
-        n_shifts = ((rn % 8) // 2 + (rn % 2) * 4) * 4  # AutoAWQ's interleaved nibble of output n
-    else:
-        n_shifts = (rn % 8) * 4
+    n_mask = _below(rn, N, EVEN_N)
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         rk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = rk < k_end
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        if FORMAT == INT8:
-            w = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=w_mask, other=0)
+        k_mask = _below(rk, k_end, EVEN_K)
+        group = k0 // group_size  # the whole tile lies in one group (not read with act-order)
+        # w: q - zero (exact small integers; int8: the weight), with its columns' scales, or 1 where
+        # they are applied elsewhere (act-order: in w; int8: after the loop).
+        if FORMAT == AWQ:
+            w, scales = _awq_tile(w_ptr, zeros_ptr, scales_ptr, rk, k_mask, n0, N, stride_w, group, exponent_bits,
+                                  EVEN_N, BLOCK_N)
+        elif FORMAT == GPTQ:
+            w, scales = _gptq_tile(w_ptr, zeros_ptr, scales_ptr, g_idx_ptr, k0, n0, N, K, stride_w, group,
+                                   exponent_bits, ZERO_OFFSET, ACT_ORDER, EVEN_K, EVEN_N, BLOCK_K, BLOCK_N)
         else:
-            if ACT_ORDER:
-                groups = tl.load(g_idx_ptr + rk, mask=k_mask, other=0)[:, None]
+            w, scales = _int8_tile(w_ptr, rk, k_mask, n0, N, stride_w, EVEN_N, BLOCK_N)
+        if BLOCK_M == 1:
+            x = tl.load(x_ptr + pid_m * stride_xm + rk, mask=k_mask, other=0.0).to(tl.float32)
+            acc += tl.sum(x[:, None] * w, axis=0)[None, :] * scales
+        else:
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            if BLOCK_M < BLOCK_K:  # scale the smaller [BLOCK_M, BLOCK_N] product; q - zero is exact in x's dtype
+                acc += tl.dot(w.to(x.dtype).T, x.T).T * scales
             else:
-                groups = k0 // group_size  # the whole tile lies in one group
-            zeros, scales = _zeros_and_scales(zeros_ptr, scales_ptr, groups, rn, N, n_shifts, ZERO_OFFSET)
-            if FORMAT == AWQ:
-                words = tl.load(w_ptr + rk[:, None] * (N // 8) + (rn // 8)[None, :], mask=w_mask, other=0)
-                q = (words >> n_shifts[None, :]) & 0xF
-            else:
-                words = tl.load(w_ptr + (rk // 8)[:, None] * N + rn[None, :], mask=w_mask, other=0)
-                q = (words >> ((rk % 8) * 4)[:, None]) & 0xF
-            w = (q - zeros).to(tl.float32) * scales
-        acc += tl.dot(x, w.to(x.dtype))
+                acc = tl.dot((w * scales).to(x.dtype).T, x.T, acc.T).T
+
+    if SPLIT_K:
+        # Publish this K range's partial tile; the tile's last program to arrive sums all of them.
+        tile_offsets = rm[:, None] * N + rn[None, :]
+        mn_mask = m_mask[:, None] & n_mask[None, :]
+        tl.store(partial_ptr + pid_k * M * N + tile_offsets, acc, mask=mn_mask)
+        tl.debug_barrier()  # every thread's partial is stored before the counter says so
+        counter = counter_ptr + pid_m * num_n + pid_n
+        if tl.atomic_add(counter, 1, sem="acq_rel") == split - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            # In order, so that the sum does not depend on which program came last; decode's small
+            # partials 8 loads at a time. ".cg": read at L2, where the other SMs' stores are.
+            PARTIALS_IN_FLIGHT: tl.constexpr = 8 if BLOCK_M * BLOCK_N <= 4096 else 1
+            for i in tl.range(split, loop_unroll_factor=PARTIALS_IN_FLIGHT):
+                acc += tl.load(partial_ptr + i * M * N + tile_offsets, mask=mn_mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA-graph replays included)
+            _store_output(acc, scales_ptr, bias_ptr, out_ptr, rn, tile_offsets, mn_mask, n_mask, FORMAT, HAS_BIAS)
+    else:
+        _store_output(acc, scales_ptr, bias_ptr, out_ptr, rn, rm[:, None] * N + rn[None, :],
+                      m_mask[:, None] & n_mask[None, :], n_mask, FORMAT, HAS_BIAS)
+
+
+@triton.jit
+def _store_output(acc, scales_ptr, bias_ptr, out_ptr, rn, tile_offsets, mn_mask, n_mask,
+                  FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out's tile = acc (times int8's per-output scales, plus the bias) in out's dtype."""
     if FORMAT == INT8:
         acc *= tl.load(scales_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + tile_offsets, acc.to(out_ptr.dtype.element_ty), mask=mn_mask)
 
 
 def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -132,11 +332,11 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ (int8 weight [N, K] * scale [N]).T -> [..., N] in x's dtype (into `out` if given)."""
     N, K = weight.shape
-    return _quant_matmul(x, weight, None, scale, None, N, K, INT8, None, 0, bias, out)
+    return _quant_matmul(x, weight, None, scale, None, N, K, INT8, K, 0, bias, out)
 
 
 def _quant_matmul(x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor | None, scales: torch.Tensor,
-                  g_idx: torch.Tensor | None, N: int, K: int, fmt: int, group_size: int | None,
+                  g_idx: torch.Tensor | None, N: int, K: int, fmt: int, group_size: int,
                   zero_offset: int, bias: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} inputs, the weight {K}")
@@ -149,42 +349,49 @@ def _quant_matmul(x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor | N
     out2 = out.view(-1, N)
     if M == 0:
         return out
-    block_m, block_n, block_k, num_warps = _tiles(M)
-    if g_idx is None and group_size is not None and group_size < K:
+    tiles = tiles_for(M)
+    block_k = tiles.block_k
+    if g_idx is None and group_size < K:
         block_k = min(block_k, group_size)  # one group per K-tile (group sizes are powers of two >= 32)
-    num_programs = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    split = _split_k(num_programs, K, block_k, x.device) if M <= GEMV_MAX_M else 1
+    num_tiles = triton.cdiv(M, tiles.block_m) * triton.cdiv(N, tiles.block_n)
+    split = _split_k(num_tiles, K, block_k, tiles.programs_per_sm, x.device)
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     split = triton.cdiv(K, k_per_split)
-    target = out2 if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
-    _quant_matmul_kernel[(num_programs, split)](
-        x2, weight, zeros if zeros is not None else scales, scales, g_idx if g_idx is not None else scales, target,
-        M, N, K, group_size or K, x2.stride(0), k_per_split,
-        FORMAT=fmt, ZERO_OFFSET=zero_offset, ACT_ORDER=g_idx is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3,
+    partial = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out2
+    counters = _split_k_counters(x.device) if split > 1 else out2
+    _quant_matmul_kernel[(num_tiles, split)](
+        x2, weight, zeros if zeros is not None else scales, scales, g_idx if g_idx is not None else scales,
+        bias if bias is not None else scales, out2, partial, counters,
+        M, N, K, x2.stride(0), weight.stride(0), group_size, k_per_split, split, FLOAT_2_23_BITS,
+        FORMAT=fmt, ZERO_OFFSET=zero_offset, ACT_ORDER=g_idx is not None, HAS_BIAS=bias is not None,
+        SPLIT_K=split > 1, EVEN_K=K % block_k == 0, EVEN_N=N % tiles.block_n == 0,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, NUM_STAGES=tiles.num_stages,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
-    if split > 1:
-        out2.copy_(target.sum(dim=0))
-    if bias is not None:
-        out2 += bias
     return out
 
 
-def _tiles(M: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for a batch of M rows."""
-    if M <= GEMV_MAX_M:
-        return 16, 64, 128, 4
-    if M <= 64:
-        return 64, 128, 64, 4
-    return 128, 128, 64, 8
+def tiles_for(M: int) -> Tiles:
+    """The launch configuration for a batch of M rows (from `TILES`)."""
+    return next((tiles for max_m, tiles in TILES if M <= max_m), TILES[-1][1])
 
 
-def _split_k(num_programs: int, K: int, block_k: int, device: torch.device) -> int:
-    """How many K ranges to cut each output tile's loop into, so that ~2 programs run per SM."""
-    target = _PROGRAMS_PER_SM * _num_sms(device.index) if device.type == "cuda" else _INTERPRETER_PROGRAMS
-    return max(1, min(target // num_programs, triton.cdiv(K, block_k)))
+def _split_k(num_tiles: int, K: int, block_k: int, programs_per_sm: int, device: torch.device) -> int:
+    """How many K ranges to cut each output tile's loop into, for about `programs_per_sm` programs per SM."""
+    if num_tiles > _MAX_SPLIT_K_TILES:
+        return 1
+    sms = _num_sms(device.index) if device.type == "cuda" else _INTERPRETER_SMS
+    return max(1, min(programs_per_sm * sms // num_tiles, triton.cdiv(K, block_k), _MAX_SPLIT_K))
 
 
 @functools.cache
 def _num_sms(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _split_k_counters(device: torch.device) -> torch.Tensor:
+    """Zeroed int32 arrival counters, one per output tile, shared by every split-K launch on `device`:
+    each launch leaves them zeroed again (launches on one stream do not overlap). Made on the first
+    split-K call, which should come before any CUDA-graph capture (as Triton's compilation must)."""
+    return torch.zeros(_MAX_SPLIT_K_TILES, dtype=torch.int32, device=device)

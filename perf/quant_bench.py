@@ -2,13 +2,21 @@
 torch matmul, on Llama-3.1-8B's projection shapes at batch 1, 16 and 256.
 
     python perf/quant_bench.py --out perf/quant_bench.json
+    python perf/quant_bench.py --tiles default gemv small --kernels bf16 awq-g128 int8 --layers qkv gate_up
 
-Each kernel is warmed up (Triton compiles) outside the timer, then `--iters` back-to-back calls are
-timed with CUDA events and averaged. Each call reads a different copy of the layer's weights, enough
-copies (>= 256 MB in all) that L2 cannot serve them, so the weight bytes really come from HBM.
-"GB/s" is the layer's stored weight bytes (packed weights, zeros, scales, g_idx) over the time: at
-batch 1 the matmuls are bound by these reads, so it compares against the device's HBM bandwidth
-(~3 TB/s copy on the lent H100); at 256 they are bound by compute and the number is only relative.
+Each (kernel, layer, batch) is first checked against the dequantize-then-matmul reference, then warmed
+up (Triton compiles every kernel variant it needs here, outside the timer). Then `--iters` back-to-back
+calls are captured in a CUDA graph, as the engine runs decode, and the graph's replay is timed with
+CUDA events (the best of `--repeats`), so the host's launch overhead is not counted (`--eager` times
+plain calls instead; bnb-int8, whose outlier count is data-dependent, is always timed so). Each call
+reads a different copy of the layer's weights, enough copies (>= 256 MB in all) that L2 cannot serve
+them, so the weight bytes really come from HBM. "GB/s" is the layer's stored weight bytes (packed
+weights, zeros, scales, g_idx) over the time: at batch 1 the matmuls are bound by these reads, so it
+compares against the device's HBM bandwidth (~3 TB/s copy on the lent H100); at 256 they are bound by
+compute and the number is only relative.
+
+`--tiles` runs the Triton kernels once per named table of `ops.triton_quant.CANDIDATE_TILES` and ends
+with the tables ranked per (kernel, batch), by their time summed over the layers.
 
 - bf16:          F.linear with a bf16 weight [N, K] (cuBLAS), the unquantized baseline
 - awq-g128:      AWQ GEMM layout, group 128
@@ -24,6 +32,7 @@ import argparse
 import importlib.util
 import json
 import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere, no install needed
 
 import ops.quant_matmul  # noqa: E402,F401  (registers torch.ops.engine.bnb_int8_matmul)
-from tests.test_triton_quant import LLAMA_8B_SHAPES, random_layer  # noqa: E402
+from tests.test_triton_quant import LLAMA_8B_SHAPES, TOLERANCE, random_layer  # noqa: E402
 
 SHAPE_NAMES = ["qkv", "o", "gate_up", "down"]  # the order of LLAMA_8B_SHAPES
 BATCHES = (1, 16, 256)
@@ -43,24 +52,26 @@ VARIANT_OF = {"awq-g128": "awq-g128", "gptq-g128": "gptq-v1-g128", "gptq-act-g12
               "int8": "int8"}
 
 
-def layer_copies(kernel: str, K: int, N: int) -> list[dict]:
-    """Enough copies of one layer's stored tensors that cycling through them defeats L2."""
-    copies = []
+def layer_copies(kernel: str, K: int, N: int) -> tuple[list[dict], torch.Tensor | None]:
+    """Enough copies of one layer's stored tensors that cycling through them defeats L2, and the float
+    weight [K, N] the first copy stands for (None for the unquantized and bitsandbytes baselines)."""
+    copies, weight = [], None
     while not copies or sum(tensor_bytes(c) for c in copies) < L2_DEFEAT_BYTES:
-        copies.append(make_layer(kernel, K, N))
-    return copies
+        layer, layer_weight = make_layer(kernel, K, N)
+        copies.append(layer)
+        weight = layer_weight if weight is None else weight
+    return copies, weight
 
 
-def make_layer(kernel: str, K: int, N: int) -> dict:
+def make_layer(kernel: str, K: int, N: int) -> tuple[dict, torch.Tensor | None]:
     if kernel == "bf16":
-        return {"weight": torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02}
+        return {"weight": torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02}, None
     if kernel == "bnb-int8":
         from engine.quantization.bnb import quantize_llm_int8
 
         weight, scb = quantize_llm_int8(torch.randn(N, K, device="cuda") * 0.02)
-        return {"weight": weight, "SCB": scb}
-    tensors, _ = random_layer(VARIANT_OF[kernel], K, N, torch.bfloat16, "cuda")
-    return tensors
+        return {"weight": weight, "SCB": scb}, None
+    return random_layer(VARIANT_OF[kernel], K, N, torch.bfloat16, "cuda")
 
 
 def tensor_bytes(layer: dict) -> int:
@@ -79,24 +90,72 @@ def matmul_of(kernel: str) -> Callable[[torch.Tensor, dict], torch.Tensor]:
     return lambda x, layer: function(x, **layer)
 
 
-def time_us(matmul: Callable, x: torch.Tensor, copies: list[dict], iters: int) -> float:
-    for layer in copies[:3]:  # warm-up: compilation and first launches, outside the timer
-        matmul(x, layer)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for i in range(iters):
-        matmul(x, copies[i % len(copies)])
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / iters
+def check(matmul: Callable, x: torch.Tensor, layer: dict, weight: torch.Tensor) -> None:
+    """The kernel's output against x @ weight, as tests/test_triton_quant.py judges it."""
+    want = x.float() @ weight
+    error = (matmul(x, layer).float() - want).abs().max().item()
+    if not error <= TOLERANCE[x.dtype] * want.abs().max().item():  # NaN fails too
+        raise AssertionError(f"wrong result: max error {error}, largest output {want.abs().max().item()}")
+
+
+def time_us(matmul: Callable, x: torch.Tensor, copies: list[dict], iters: int, repeats: int, eager: bool) -> float:
+    """Microseconds per call, the best of `repeats` runs of `iters` calls cycling through `copies`."""
+    calls = [lambda layer=copies[i % len(copies)]: matmul(x, layer) for i in range(iters)]
+    with torch.cuda.stream(torch.cuda.Stream()):  # warm-up and capture off the default stream, as torch advises
+        for call in calls[:3]:  # warm-up: compilation and first launches, outside the timer
+            call()
+        torch.cuda.synchronize()
+        if eager:
+            run = lambda: [call() for call in calls]  # noqa: E731
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for call in calls:
+                    call()
+            run = graph.replay
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        best = float("inf")
+        for _ in range(repeats):
+            run()  # untimed: the first run after capture pays one-time costs
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            best = min(best, start.elapsed_time(end) * 1000 / iters)
+    return best
+
+
+def tiles_label(M: int) -> str:
+    from ops import triton_quant
+
+    t = triton_quant.tiles_for(M)
+    return f"{t.block_m}x{t.block_n}x{t.block_k}/w{t.num_warps}s{t.num_stages}p{t.programs_per_sm}"
+
+
+def print_best_tiles(rows: list[dict]) -> None:
+    """Per (kernel, batch): each tile table's time summed over the layers, fastest first."""
+    totals: dict[tuple[str, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for row in rows:
+        if row["tiles"]:
+            totals[(row["kernel"], row["M"])][row["tiles"]] += row["us"]
+    print(f"\n{'kernel':>14} {'M':>4}  tile tables, summed us over the layers (fastest first)")
+    for (kernel, M), by_table in sorted(totals.items()):
+        ranked = sorted(by_table.items(), key=lambda item: item[1])
+        print(f"{kernel:>14} {M:>4}  " + "  ".join(f"{name} {us:.1f}" for name, us in ranked))
 
 
 def main() -> None:
+    from ops import triton_quant
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", nargs="+", default=KERNELS, choices=KERNELS)
+    parser.add_argument("--layers", nargs="+", default=SHAPE_NAMES, choices=SHAPE_NAMES)
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--tiles", nargs="+", default=["default"], choices=list(triton_quant.CANDIDATE_TILES),
+                        help="tile tables of ops.triton_quant.CANDIDATE_TILES to run the Triton kernels with")
     parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--eager", action="store_true", help="time plain calls (host overhead included), no graph")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -104,23 +163,37 @@ def main() -> None:
     kernels = [k for k in args.kernels if k != "bnb-int8" or importlib.util.find_spec("bitsandbytes")]
     torch.manual_seed(0)
     rows = []
-    print(f"{'layer':>8} {'K':>6} {'N':>6} {'M':>4} {'kernel':>14} {'us':>9} {'GB/s':>7} {'vs bf16':>8}")
+    print(f"{'layer':>8} {'K':>6} {'N':>6} {'M':>4} {'kernel':>14} {'tiles':>10} {'launch':>22} {'us':>9} {'GB/s':>7} "
+          f"{'vs bf16':>8}")
     for name, (K, N) in zip(SHAPE_NAMES, LLAMA_8B_SHAPES):
+        if name not in args.layers:
+            continue
         for kernel in kernels:
-            copies = layer_copies(kernel, K, N)
+            copies, weight = layer_copies(kernel, K, N)
             matmul = matmul_of(kernel)
-            for M in args.batches:
-                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-                us = time_us(matmul, x, copies, args.iters)
-                row = dict(layer=name, K=K, N=N, M=M, kernel=kernel, us=us,
-                           weight_bytes=tensor_bytes(copies[0]), gb_per_s=tensor_bytes(copies[0]) / us / 1e3)
-                rows.append(row)
-                baseline = next((r["us"] for r in rows if r["kernel"] == "bf16" and r["layer"] == name
-                                 and r["M"] == M), None)
-                speedup = f"{baseline / us:7.2f}x" if baseline else ""
-                print(f"{name:>8} {K:>6} {N:>6} {M:>4} {kernel:>14} {us:9.1f} {row['gb_per_s']:7.0f} {speedup:>8}")
-            del copies
+            for tiles in args.tiles if kernel in VARIANT_OF else [""]:
+                if tiles:
+                    triton_quant.TILES = triton_quant.CANDIDATE_TILES[tiles]
+                for M in args.batches:
+                    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                    if weight is not None:
+                        check(matmul, x, copies[0], weight)
+                    eager = args.eager or kernel == "bnb-int8"  # bnb: host syncs, no graph capture
+                    us = time_us(matmul, x, copies, args.iters, args.repeats, eager)
+                    launch = tiles_label(M) if tiles else ""
+                    row = dict(layer=name, K=K, N=N, M=M, kernel=kernel, tiles=tiles, launch=launch, eager=eager, us=us,
+                               weight_bytes=tensor_bytes(copies[0]), gb_per_s=tensor_bytes(copies[0]) / us / 1e3)
+                    rows.append(row)
+                    baseline = next((r["us"] for r in rows if r["kernel"] == "bf16" and r["layer"] == name
+                                     and r["M"] == M), None)
+                    speedup = f"{baseline / us:7.2f}x" if baseline else ""
+                    print(f"{name:>8} {K:>6} {N:>6} {M:>4} {kernel:>14} {tiles:>10} {launch:>22} {us:9.1f} "
+                          f"{row['gb_per_s']:7.0f} {speedup:>8}", flush=True)
+            triton_quant.TILES = triton_quant.CANDIDATE_TILES["default"]
+            del copies, weight
             torch.cuda.empty_cache()
+    if len(args.tiles) > 1:
+        print_best_tiles(rows)
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
 

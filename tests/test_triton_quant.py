@@ -1,10 +1,12 @@
 """The Triton quantized matmuls (ops.triton_quant) against the pure-torch dequantize-then-matmul
 reference (ops.quant_ref), on random packed weights: every nibble pattern, zero and group is valid.
 
-On CPU they run under the Triton interpreter on tiny shapes (both the split-K GEMV path and the GEMM
-path, every group size, GPTQ v1/v2, act-order and one group per channel); on a GPU (`-m gpu`) on the
-layer shapes of Llama-3.1-8B and 70B, batches 1..512, fp16 and bf16. Outputs start as NaN, so an
-element no program writes shows.
+On CPU they run under the Triton interpreter on tiny shapes: every batch-size class of every candidate
+tile table (the GEMV, the split-K tl.dot decode path and the GEMM tiles, at each class's first and last
+batch), with and without split-K and column masks, every group size, GPTQ v1/v2, act-order and one
+group per channel, and K not a multiple of the K-tile. On a GPU (`-m gpu`) on the layer shapes of
+Llama-3.1-8B and 70B, batches 1..512, fp16 and bf16, and replayed in CUDA graphs. Outputs start as
+NaN, so an element no program writes shows.
 """
 
 from __future__ import annotations
@@ -96,31 +98,70 @@ def check_kernel(variant: str, layer: tuple[dict, torch.Tensor], x: torch.Tensor
 # CPU: the Triton interpreter (a fresh process: TRITON_INTERPRET is read when a kernel is decorated).
 # fp32 and fp16 only: the interpreter's tl.dot mis-handles bf16.
 
-_INTERPRETER_SCRIPT = """
+# With the interpreter's 2 "SMs", N=96 (a multiple of no BLOCK_N: masked columns) has one output tile
+# per batch-size class and splits K in all of them; N=384 (a multiple of every BLOCK_N) splits K only
+# for decode batches. K=200 is a multiple of no BLOCK_K (for the formats that allow it).
+_INTERPRETER_PRELUDE = """
 import torch
 from ops import triton_quant
 from tests.test_triton_quant import VARIANTS, check_kernel, random_layer
+
+def class_bounds(table):  # the first and the last batch of every batch-size class of a tile table
+    lasts = [max_m for max_m, _ in table[:-1]]
+    return sorted({1, *lasts, *(m + 1 for m in lasts)})
+
 torch.manual_seed(0)
-K, N = 256, 96  # N is not a multiple of BLOCK_N: masked output columns
-assert triton_quant.GEMV_MAX_M == 16
+"""
+
+_DEFAULT_TILES_SCRIPT = _INTERPRETER_PRELUDE + """
+batches = class_bounds(triton_quant.TILES)
 for variant in VARIANTS:
     for dtype in (torch.float32, torch.float16):
-        layer = random_layer(variant, K, N, dtype, "cpu")
-        for M in (1, 5, 16, 20, 70):  # split-K GEMV (<= 16); GEMM with 64- and 128-row tiles
-            check_kernel(variant, layer, torch.randn(M, K).to(dtype))
-    x = torch.randn(2, 3, 2 * K)[..., ::2]  # batched and strided: copied to rows of K
-    check_kernel(variant, random_layer(variant, K, N, torch.float32, "cpu"), x, bias=torch.randn(N))
+        layer = random_layer(variant, 256, 96, dtype, "cpu")
+        for M in batches:
+            check_kernel(variant, layer, torch.randn(M, 256).to(dtype))
+    layer = random_layer(variant, 256, 384, torch.float16, "cpu")
+    for M in batches:
+        check_kernel(variant, layer, torch.randn(M, 256).half())
+    x = torch.randn(2, 3, 2 * 256)[..., ::2]  # batched and strided: copied to rows of K
+    check_kernel(variant, random_layer(variant, 256, 96, torch.float32, "cpu"), x, bias=torch.randn(96))
+for variant in ("int8", "gptq-per-channel"):
+    layer = random_layer(variant, 200, 96, torch.float32, "cpu")
+    for M in batches:
+        check_kernel(variant, layer, torch.randn(M, 200), bias=torch.randn(96))
+print("ok")
+"""
+
+_CANDIDATE_TILES_SCRIPT = _INTERPRETER_PRELUDE + """
+for table in triton_quant.CANDIDATE_TILES.values():
+    if table == triton_quant.TILES:
+        continue  # the default: tested above
+    triton_quant.TILES = table
+    for variant in ("awq-g128", "gptq-v1-g32", "gptq-act-order-g128", "gptq-per-channel", "int8"):
+        for K, N in ((256, 96), (256, 384)):
+            layer = random_layer(variant, K, N, torch.float16, "cpu")
+            for M in class_bounds(table):
+                check_kernel(variant, layer, torch.randn(M, K).half())
 print("ok")
 """
 
 
-def test_triton_quant_kernels_match_the_reference_under_the_interpreter():
+def run_under_the_interpreter(script: str) -> None:
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=900)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_triton_quant_kernels_match_the_reference_under_the_interpreter():
+    run_under_the_interpreter(_DEFAULT_TILES_SCRIPT)
+
+
+@pytest.mark.slow
+def test_every_candidate_tile_table_matches_the_reference_under_the_interpreter():
+    run_under_the_interpreter(_CANDIDATE_TILES_SCRIPT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +170,7 @@ def test_triton_quant_kernels_match_the_reference_under_the_interpreter():
 # (K, N) of Llama-3.1-8B's qkv, o, gate_up, down projections, then 70B's (one rank each).
 LLAMA_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 LLAMA_70B_SHAPES = [(8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)]
-BATCHES = (1, 7, 16, 64, 512)
+BATCHES = (1, 7, 16, 64, 128, 512)  # every batch-size class of the default tiles
 
 
 @gpu
@@ -163,13 +204,15 @@ def test_quantized_matmul_ops_run_the_triton_kernels_and_replay_in_a_cuda_graph(
     args = {"awq": ("qweight", "qzeros", "scales", "group_size"), "int8": ("weight", "scale"),
             "gptq": ("qweight", "qzeros", "scales", "g_idx", "group_size", "act_order", "zeros_minus_one")}[fmt]
     bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-    for M in (1, 64):  # split-K and GEMM
+    for M in (1, 16, 64):  # split-K decode and GEMM
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         op(x, *(tensors[a] for a in args), bias)  # warm-up: compiles outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = op(x, *(tensors[a] for a in args), bias)
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        want = x.float() @ weight + bias.float()
-        assert (out.float() - want).abs().max() <= TOLERANCE[torch.bfloat16] * want.abs().max()
+        for _ in range(2):  # the split-K counters are zero again after each replay
+            x.copy_(torch.randn_like(x))
+            out.fill_(float("nan"))
+            graph.replay()
+            want = x.float() @ weight + bias.float()
+            assert (out.float() - want).abs().max() <= TOLERANCE[torch.bfloat16] * want.abs().max()
