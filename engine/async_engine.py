@@ -52,6 +52,7 @@ class RequestStream:
         self._engine = engine
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._error_behind: BaseException | None = None  # an error queued after the output being returned
         self._accepted: asyncio.Future[None] = self._loop.create_future()
 
     async def accepted(self) -> None:
@@ -68,9 +69,15 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        item = self._error_behind or await self._queue.get()
+        self._error_behind = None
         while isinstance(item, RequestOutput) and not self._queue.empty():
-            item = self._queue.get_nowait()
+            following = self._queue.get_nowait()
+            if isinstance(following, BaseException):
+                # The newest output goes out first: the client sees the tokens made before the error.
+                self._error_behind = following
+                break
+            item = following
         if isinstance(item, BaseException):
             self.finished = True
             raise item

@@ -22,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import build_app
 from engine import EngineArgs
-from engine.async_engine import AsyncLLMEngine
+from engine.async_engine import AsyncLLMEngine, RequestStream, _put_all
+from engine.outputs import RequestOutput
 from engine.serve import build_parser
 
 MODEL = "tiny-llama"
@@ -352,11 +353,11 @@ def test_a_failing_request_gets_500_and_the_others_go_on(keyed_server, small_eng
             raise RuntimeError("the tokenizer exploded")
         return add_request(request_id, prompt, *args, **kwargs)
 
-    steps = {"n": 0}
+    armed = threading.Event()
 
-    def step_failing_on_the_third():
-        steps["n"] += 1
-        if steps["n"] == 3:
+    def step_failing_once_armed():
+        if armed.is_set():
+            armed.clear()
             raise RuntimeError("a kernel failed")
         return step()
 
@@ -369,15 +370,34 @@ def test_a_failing_request_gets_500_and_the_others_go_on(keyed_server, small_eng
         assert http.post(COMPLETIONS, json={"prompt": "fine", "max_tokens": 2}).status_code == 200
 
         # A step that raises fails the request in it, after its stream started, and only it.
-        monkeypatch.setattr(engine, "step", step_failing_on_the_third)
-        with http.stream("POST", COMPLETIONS, json={"prompt": "hi", "max_tokens": 20, "stream": True}) as response:
+        monkeypatch.setattr(engine, "step", step_failing_once_armed)
+        long = {"prompt": "hi", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with http.stream("POST", COMPLETIONS, json=long) as response:
             assert response.status_code == 200
-            events = sse_events(response.iter_lines())
+            lines = response.iter_lines()
+            events = sse_events([next(line for line in lines if line.startswith("data: "))])
+            armed.set()  # the stream has started: the next step fails
+            events += sse_events(lines)
         assert "a kernel failed" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
         assert all("choices" in json.loads(e) for e in events[:-2])
         assert http.post(COMPLETIONS, json={"prompt": "fine", "max_tokens": 2}).status_code == 200
         assert http.get("/health").status_code == 200
     assert small_engine.get_stats().num_used_blocks == 0
+
+
+def test_a_stream_hands_out_the_tokens_made_before_an_error(small_engine):
+    # Outputs are skipped to the newest, but an error queued behind them must not swallow them: the
+    # client would get a bare 500 instead of its tokens and then the error.
+    async def scenario():
+        stream = RequestStream("r", small_engine)
+        older, newer = (RequestOutput("r", "hi", [1], None, [], finished=False) for _ in range(2))
+        _put_all([(stream, older), (stream, newer), (stream, RuntimeError("a kernel failed"))])
+        first = await anext(stream)
+        with pytest.raises(RuntimeError, match="a kernel failed"):
+            await anext(stream)
+        return first is newer, stream.finished
+
+    assert asyncio.run(scenario()) == (True, True)
 
 
 def test_not_ready_server_answers_503(llama_checkpoint):
