@@ -73,6 +73,11 @@ class Generation:
         return cls(streams, server.metrics)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        if len(self.streams) == 1:  # the common case, without a task per output
+            async for output in self.streams[0]:
+                self.trackers[0].observe(output)
+                yield 0, output
+            return
         pending = {asyncio.ensure_future(anext(stream)): i for i, stream in enumerate(self.streams)}
         try:
             while pending:

@@ -247,9 +247,10 @@ def test_latency_stub_model_times_host_work_without_the_model(llama_checkpoint, 
     monkeypatch.setattr(LlamaForCausalLM, "forward", no_forward)
     record = latency.main(["--model", llama_checkpoint, "--stub-model", "--prefill-lens", "--batch-sizes", "4",
                            "--context-lens", "16", "--decode-steps", "3", "--max-model-len", "256",
-                           "--num-gpu-blocks-override", "64"])
+                           "--num-gpu-blocks-override", "64", "--stub-step-ms", "30"])
     (point,) = record["decode"]
     assert point["steps"] == 3 and point["phases_ms"]["lm_head"] == 0
+    assert record["stub_step_ms"] == 30 and point["step_ms"] >= 30  # the stand-in for device time is spent
 
 
 def test_latency_server_compares_the_same_requests_through_each_layer(latency_run):

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import build_app
 from engine import EngineArgs
-from engine.async_engine import AsyncLLMEngine, RequestStream, _put_all
+from engine.async_engine import GIL_SWITCH_INTERVAL_S, AsyncLLMEngine, RequestStream, _put_all
 from engine.outputs import RequestOutput
 from engine.serve import build_parser
 
@@ -398,6 +398,11 @@ def test_a_stream_hands_out_the_tokens_made_before_an_error(small_engine):
         return first is newer, stream.finished
 
     assert asyncio.run(scenario()) == (True, True)
+
+
+def test_the_async_front_shortens_the_gil_switch_interval(small_engine):
+    # The step thread must win the GIL back from the event loop at once when the device is done.
+    assert sys.getswitchinterval() <= GIL_SWITCH_INTERVAL_S
 
 
 def test_not_ready_server_answers_503(llama_checkpoint):
