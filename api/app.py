@@ -34,7 +34,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.chat import create_chat_completion, render_chat
+from api.chat import chat_prompt, create_chat_completion
 from api.completions import create_completion
 from api.encoding import json_response
 from api.errors import APIError, as_api_error, http_exception
@@ -115,11 +115,12 @@ async def tokenize(request: Request, server: Server) -> Response:
     server.check_model(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+    # Off the event loop: a long prompt takes seconds to render and tokenize.
     if req.messages is not None:
-        text = render_chat(server, engine.tokenizer, req.messages, req.add_generation_prompt)
-        tokens = engine.tokenizer.encode(text, add_special_tokens=False)  # the template wrote them
+        prompt = await asyncio.to_thread(chat_prompt, server, engine.tokenizer, req.messages, req.add_generation_prompt)
+        tokens = prompt["prompt_token_ids"]
     else:
-        tokens = engine.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        tokens = await asyncio.to_thread(engine.tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)
     return json_response(TokenizeResponse(len(tokens), engine.max_model_len, tokens))
 
 

@@ -1,8 +1,9 @@
 """/v1/chat/completions: the messages rendered through the chat template into one prompt, n
-choices of it, and logprobs in chat's shape. `render_chat` also serves /tokenize."""
+choices of it, and logprobs in chat's shape. `chat_prompt` also serves /tokenize."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import AsyncIterator
@@ -29,6 +30,13 @@ from api.server import Server, read_json
 from api.streaming import EventStream, unless_disconnected
 from engine.async_engine import AsyncLLMEngine
 from engine.sampling_params import SamplingParams
+
+
+def chat_prompt(server: Server, tokenizer, messages: list[ChatMessageParam], add_generation_prompt: bool) -> dict:
+    """The engine prompt for `messages`: rendered and tokenized (slow for long ones: run it off the
+    event loop). The template writes the special tokens (BOS, headers) itself."""
+    text = render_chat(server, tokenizer, messages, add_generation_prompt)
+    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
 
 def render_chat(server: Server, tokenizer, messages: list[ChatMessageParam], add_generation_prompt: bool) -> str:
@@ -62,9 +70,7 @@ async def create_chat_completion(request: Request, server: Server) -> Response:
     top_logprobs = req.top_logprobs or 0
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens, top_logprobs if req.logprobs else None)
-    text = render_chat(server, engine.tokenizer, req.messages, req.add_generation_prompt)
-    # The template writes the special tokens (BOS, headers) itself.
-    prompt = {"prompt": text, "prompt_token_ids": engine.tokenizer.encode(text, add_special_tokens=False)}
+    prompt = await asyncio.to_thread(chat_prompt, server, engine.tokenizer, req.messages, req.add_generation_prompt)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     head = (request_id, int(time.time()), server.served_model_name)
     if req.stream:

@@ -3,6 +3,7 @@ n choices each, with the prompt echoed in front on request and logprobs in compl
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
@@ -63,6 +64,13 @@ class _CompletionContext:
                                 completion.finish_reason, completion.stop_reason)
 
 
+def _tokenized(tokenizer, prompts: list) -> list:
+    """Text prompts with their token ids, encoded as the engine would. Run off the event loop, and
+    done here rather than in the engine's step thread: a long prompt takes seconds, and would
+    stall every stream meanwhile. (An empty one is left for the engine to refuse.)"""
+    return [{"prompt": p, "prompt_token_ids": tokenizer.encode(p)} if isinstance(p, str) and p else p for p in prompts]
+
+
 async def create_completion(request: Request, server: Server) -> Response:
     req = await read_json(request, CompletionRequest, server.max_body_bytes)
     engine = server.ready_engine()
@@ -74,6 +82,7 @@ async def create_completion(request: Request, server: Server) -> Response:
     echo_texts = [(p if isinstance(p, str) else tokenizer.decode(p)) if req.echo else "" for p in prompts]
     ctx = _CompletionContext(req, f"cmpl-{uuid.uuid4().hex}", server.served_model_name, int(time.time()),
                              tokenizer, echo_texts)
+    prompts = await asyncio.to_thread(_tokenized, tokenizer, prompts)
     if req.stream:
         return EventStream(_completion_events(server, engine, ctx, prompts, params))
     return await unless_disconnected(request, lambda: _completion_response(server, engine, ctx, prompts, params))

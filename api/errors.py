@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from api.encoding import json_response
 from api.protocol import ErrorInfo, ErrorResponse
-from engine.async_engine import EngineNotRunningError, EngineOverloadedError, RequestAbortedError
+from engine.async_engine import EngineNotRunningError, EngineOverloadedError, EngineStepError, RequestAbortedError
 
 logger = logging.getLogger("api")
 
@@ -50,6 +50,8 @@ def as_api_error(exc: BaseException) -> APIError:
         return APIError(503, str(exc), type="server_error", code="overloaded")
     if isinstance(exc, (EngineNotRunningError, RequestAbortedError)):
         return APIError(503, str(exc), type="server_error", code="unavailable")
+    if isinstance(exc, EngineStepError):  # the step loop logged it once, with its traceback
+        return APIError(500, str(exc), type="server_error")
     logger.error("request failed", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
 

@@ -23,8 +23,24 @@ _OPTIONAL_SAMPLING_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty"
                              "repetition_penalty")
 
 
+def refuse_unsupported(req: SamplingRequest) -> None:
+    """A 400 naming a field we do not implement, rather than an answer that silently ignores it."""
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, "best_of is not supported (use n)", param="best_of")
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        raise APIError(400, "structured output is not supported: response_format must be {\"type\": \"text\"}",
+                       param="response_format")
+    if getattr(req, "suffix", None):
+        raise APIError(400, "suffix is not supported", param="suffix")
+    if getattr(req, "tools", None) and req.tool_choice != "none":
+        raise APIError(400, "tool calling is not supported; send no tools, or tool_choice \"none\"", param="tools")
+
+
 def sampling_params(req: SamplingRequest, max_tokens: int | None, logprobs: int | None,
                     prompt_logprobs: int | None = None) -> SamplingParams:
+    refuse_unsupported(req)
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     kwargs = {name: getattr(req, name) for name in _OPTIONAL_SAMPLING_FIELDS if getattr(req, name) is not None}

@@ -4,10 +4,14 @@ Names and meanings are OpenAI's, plus vLLM's extras (top_k, min_p, repetition_pe
 min_tokens, skip_special_tokens, stop_token_ids, ...). Requests are decoded with
 `msgspec.json.decode(body, type=...)`, so a wrong type or a missing field fails with msgspec's own
 message (which names the field); unknown fields are ignored, as OpenAI's clients send some we do not
-use. Responses are encoded with `msgspec.json.encode`.
+use. Responses are encoded with `msgspec.json.encode`. Fields OpenAI documents as nullable (n,
+stream, echo, chat's logprobs) take null as their default. Features we do not implement (best_of,
+suffix, logit_bias, structured output, tool calls) are refused by name instead of ignored.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from msgspec import Struct
 
@@ -22,7 +26,7 @@ class SamplingRequest(Struct, kw_only=True):
     """The fields completions and chat completions share. None means "the default"."""
 
     model: str | None = None  # the served model's name; None = the one served
-    n: int = 1
+    n: int | None = 1  # None (null) = 1
     temperature: float | None = None  # default 1.0
     top_p: float | None = None
     top_k: int | None = None
@@ -37,9 +41,17 @@ class SamplingRequest(Struct, kw_only=True):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as by OpenAI for abuse tracking
+    # Read only to refuse them (api/generation.unsupported_fields): clients must not be silently ignored.
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.n = 1 if self.n is None else self.n
+        self.stream = bool(self.stream)
 
 
 class CompletionRequest(SamplingRequest, kw_only=True):
@@ -48,7 +60,12 @@ class CompletionRequest(SamplingRequest, kw_only=True):
     prompt: str | list[str | int | list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = None  # top-k logprobs per token (plus the sampled one)
-    echo: bool = False  # put the prompt in front of the completion
+    echo: bool | None = False  # put the prompt in front of the completion
+    suffix: str | None = None  # refused when set: no fill-in-the-middle
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.echo = bool(self.echo)
 
 
 class ContentPart(Struct, kw_only=True):
@@ -66,9 +83,15 @@ class ChatCompletionRequest(SamplingRequest, kw_only=True):
     messages: list[ChatMessageParam]
     max_tokens: int | None = None  # None: up to max_model_len
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when set
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None  # 0..20, needs logprobs=true
     add_generation_prompt: bool = True  # vLLM's: end the prompt with the assistant header
+    tools: list[dict[str, Any]] | None = None  # refused unless tool_choice is "none": no tool calling
+    tool_choice: str | dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.logprobs = bool(self.logprobs)
 
 
 class TokenizeRequest(Struct, kw_only=True):

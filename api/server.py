@@ -71,4 +71,7 @@ async def read_json(request: Request, body_type: type[T], limit: int) -> T:
         chunks.append(chunk)
     if too_large:
         raise APIError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
-    return msgspec.json.decode(b"".join(chunks), type=body_type)
+    try:
+        return msgspec.json.decode(b"".join(chunks), type=body_type)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None

@@ -47,6 +47,10 @@ class EngineOverloadedError(RuntimeError):
     """The waiting queue is at its limit (EngineArgs.max_waiting_requests)."""
 
 
+class EngineStepError(RuntimeError):
+    """A step failed (the engine's fault, not the request's): every request in it fails with this."""
+
+
 class RequestAbortedError(RuntimeError):
     """The request was aborted by someone other than its consumer (an abort call, shutdown)."""
 
@@ -341,7 +345,10 @@ class AsyncLLMEngine:
             # The engine cannot say which request broke the step, so every request in it fails
             # (each client gets a 500) and the loop goes on serving new ones.
             logger.exception("engine step failed; failing the %d requests in flight", len(self._streams))
-            self._abort(_Abort(None, error))
+            # Wrapped: whatever the step raised (a ValueError too) is a server error to these clients.
+            failure = EngineStepError(f"the engine step failed: {type(error).__name__}: {error}")
+            failure.__cause__ = error
+            self._abort(_Abort(None, failure))
             self._stats = self.engine.get_stats()
             if isinstance(error, TensorParallelError):  # no step can run again: stop, and answer 503
                 self._stopping = True

@@ -138,7 +138,8 @@ class LLMEngine:
         for index in range(params.n):
             generator = None
             if params.seed is not None:
-                generator = torch.Generator(self.device).manual_seed(params.seed + index)
+                # torch takes seeds as unsigned 64-bit: wrap, so seed + index never overflows.
+                generator = torch.Generator(self.device).manual_seed((params.seed + index) % 2**64)
             request.seqs.append(Sequence(request, index, generator))
         self.requests[request_id] = request
         self.scheduler.add_request(request)
@@ -164,6 +165,9 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if not token_ids:
             raise ValueError("the prompt is empty")
+        if params.n > self.args.max_num_seqs:
+            raise ValueError(f"n ({params.n}) is over max_num_seqs ({self.args.max_num_seqs}), the most "
+                             "sequences the engine runs at once")
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
-
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 class RequestOutputKind(enum.Enum):
     """When `LLMEngine.step` reports a request's progress."""
@@ -57,6 +57,8 @@ class SamplingParams:
             raise bad("top_p", "must be in (0, 1]")
         if self.top_k == 0 or self.top_k < -1:
             raise bad("top_k", "must be -1 (disabled) or at least 1")
+        if self.seed is not None and not _INT64_MIN <= self.seed <= _INT64_MAX:
+            raise bad("seed", f"must be a 64-bit signed integer, in [{_INT64_MIN}, {_INT64_MAX}]")
         if not 0 <= self.min_p <= 1:
             raise bad("min_p", "must be in [0, 1]")
         if not -2 <= self.presence_penalty <= 2:

@@ -4,6 +4,7 @@ driven by the official `openai` client (and raw httpx for the error cases)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import re
@@ -262,6 +263,19 @@ ERROR_CASES = {
     "unknown model": (COMPLETIONS, {"prompt": "hi", "model": "gpt-9"}, 404, "gpt-9", "model"),
     "body over the limit": (COMPLETIONS, {"prompt": "x" * MAX_BODY_BYTES}, 413, "over the limit", None),
     "unknown path": ("/v1/embeddings", {"input": "hi"}, 404, "Not Found", None),
+    # Found by fuzzing: n = 2**63 used to build sequences until the process was killed for memory.
+    "n over max_num_seqs": (COMPLETIONS, {"prompt": "hi", "n": 2**63}, 400, "is over max_num_seqs (256)", None),
+    "seed over int64": (COMPLETIONS, {"prompt": "hi", "seed": 2**64}, 400, "seed must be a 64-bit signed", None),
+    "nested too deeply": (COMPLETIONS, b'{"prompt": "hi", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}", 400,
+                          "nested too deeply", None),
+    "best_of": (COMPLETIONS, {"prompt": "hi", "best_of": 3}, 400, "best_of is not supported", "best_of"),
+    "logit_bias": (COMPLETIONS, {"prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias", "logit_bias"),
+    "suffix": (COMPLETIONS, {"prompt": "hi", "suffix": "end"}, 400, "suffix is not supported", "suffix"),
+    "json response_format": (CHAT, {"messages": [{"role": "user", "content": "hi"}],
+                                    "response_format": {"type": "json_object"}}, 400, "structured output",
+                             "response_format"),
+    "tools": (CHAT, {"messages": [{"role": "user", "content": "hi"}],
+                     "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool calling", "tools"),
 }
 
 
@@ -281,6 +295,26 @@ def test_bad_requests_get_openai_error_bodies(http, case):
 def test_streamed_bad_request_is_an_error_response_not_a_stream(http):
     response = http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 3000, "stream": True})
     assert response.status_code == 400 and "max_model_len (2048)" in response.json()["error"]["message"]
+
+
+def test_null_takes_the_default_where_openai_allows_it(http):
+    body = {"prompt": "hi", "max_tokens": 2, "n": None, "stream": None, "echo": None}
+    response = http.post(COMPLETIONS, json=body)
+    assert response.status_code == 200 and len(response.json()["choices"]) == 1
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": None, "n": None}
+    response = http.post(CHAT, json=chat)
+    assert response.status_code == 200 and response.json()["choices"][0]["logprobs"] is None
+
+
+def test_extreme_but_valid_sampling_values_serve_and_fail_no_one_else(client):
+    # top_k beyond the vocabulary means "all tokens" (it once overflowed inside the step and failed
+    # every request in flight); the largest seed still gives each of n choices its own seed.
+    sampled = dict(model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=1.0, seed=7)
+    plain = client.completions.create(**sampled)
+    huge_k = client.completions.create(**sampled, extra_body={"top_k": 2**70})
+    assert huge_k.choices[0].text == plain.choices[0].text
+    last_seed = client.completions.create(**{**sampled, "seed": 2**63 - 1}, n=2)
+    assert len(last_seed.choices) == 2
 
 
 def test_server_is_healthy_after_the_errors(http, client):
@@ -349,16 +383,17 @@ def test_a_failing_request_gets_500_and_the_others_go_on(keyed_server, small_eng
     add_request, step = engine.add_request, engine.step
 
     def add_or_fail(request_id, prompt, *args, **kwargs):
-        if prompt == "boom":
+        if prompt["prompt"] == "boom":  # the server sends text prompts with their token ids
             raise RuntimeError("the tokenizer exploded")
         return add_request(request_id, prompt, *args, **kwargs)
 
     armed = threading.Event()
+    failure = {"error": RuntimeError("a kernel failed")}
 
     def step_failing_once_armed():
         if armed.is_set():
             armed.clear()
-            raise RuntimeError("a kernel failed")
+            raise failure["error"]
         return step()
 
     monkeypatch.setattr(engine, "add_request", add_or_fail)
@@ -381,8 +416,46 @@ def test_a_failing_request_gets_500_and_the_others_go_on(keyed_server, small_eng
         assert "a kernel failed" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
         assert all("choices" in json.loads(e) for e in events[:-2])
         assert http.post(COMPLETIONS, json={"prompt": "fine", "max_tokens": 2}).status_code == 200
+
+        # Whatever a step raises is the server's fault: a 500, never a 400 blaming the request.
+        failure["error"] = ValueError("Overflow when unpacking long long")
+        armed.set()
+        failed = http.post(COMPLETIONS, json={"prompt": "innocent", "max_tokens": 2})
+        assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+        assert "Overflow" in failed.json()["error"]["message"]
+        assert http.post(COMPLETIONS, json={"prompt": "fine", "max_tokens": 2}).status_code == 200
         assert http.get("/health").status_code == 200
     assert small_engine.get_stats().num_used_blocks == 0
+
+
+@pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
+def test_a_slow_tokenization_holds_up_neither_the_event_loop_nor_the_engine(keyed_server, small_engine, monkeypatch,
+                                                                           path):
+    # A prompt of megabytes takes seconds to tokenize: it must run off the event loop and off the
+    # engine's step thread. This one blocks until released.
+    tokenizer, encode = small_engine.tokenizer, small_engine.tokenizer.encode
+    started, release = threading.Event(), threading.Event()
+
+    def slow_encode(text, *args, **kwargs):
+        if "slow prompt" in text:
+            started.set()
+            release.wait(30)
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", slow_encode)
+    body = {"prompt": "slow prompt"} if path == COMPLETIONS else {"messages": [{"role": "user", "content": "slow prompt"}]}
+    headers = {"Authorization": "Bearer sekret"}
+    with httpx.Client(base_url=keyed_server.url, headers=headers, timeout=30) as slow_client, \
+            httpx.Client(base_url=keyed_server.url, headers=headers, timeout=5) as http, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(slow_client.post, path, json={**body, "max_tokens": 2})
+        try:
+            assert started.wait(10)
+            assert http.get("/health").status_code == 200
+            assert http.post(COMPLETIONS, json={"prompt": "fine", "max_tokens": 2}).status_code == 200
+        finally:
+            release.set()
+        assert slow.result().status_code == 200
 
 
 def test_a_stream_hands_out_the_tokens_made_before_an_error(small_engine):
