@@ -27,8 +27,6 @@ def refuse_unsupported(req: SamplingRequest) -> None:
     """A 400 naming a field we do not implement, rather than an answer that silently ignores it."""
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, "best_of is not supported (use n)", param="best_of")
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
     if req.response_format is not None and req.response_format.get("type", "text") != "text":
         raise APIError(400, "structured output is not supported: response_format must be {\"type\": \"text\"}",
                        param="response_format")
@@ -46,6 +44,11 @@ def sampling_params(req: SamplingRequest, max_tokens: int | None, logprobs: int 
     kwargs = {name: getattr(req, name) for name in _OPTIONAL_SAMPLING_FIELDS if getattr(req, name) is not None}
     if req.top_k is not None:
         kwargs["top_k"] = -1 if req.top_k == 0 else req.top_k  # vLLM's API takes 0 or -1 for "disabled"
+    if req.logit_bias:
+        try:
+            kwargs["logit_bias"] = {int(token): bias for token, bias in req.logit_bias.items()}
+        except ValueError:
+            raise APIError(400, "logit_bias keys must be token ids", param="logit_bias") from None
     return SamplingParams(
         n=req.n, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens, skip_special_tokens=req.skip_special_tokens,

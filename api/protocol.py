@@ -6,7 +6,7 @@ min_tokens, skip_special_tokens, stop_token_ids, ...). Requests are decoded with
 message (which names the field); unknown fields are ignored, as OpenAI's clients send some we do not
 use. Responses are encoded with `msgspec.json.encode`. Fields OpenAI documents as nullable (n,
 stream, echo, chat's logprobs) take null as their default. Features we do not implement (best_of,
-suffix, logit_bias, structured output, tool calls) are refused by name instead of ignored.
+suffix, structured output, tool calls) are refused by name instead of ignored.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ class SamplingRequest(Struct, kw_only=True):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as by OpenAI for abuse tracking
-    # Read only to refuse them (api/generation.unsupported_fields): clients must not be silently ignored.
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI) -> bias in [-100, 100]
+    # Read only to refuse them (api/generation.refuse_unsupported): clients must not be silently ignored.
     best_of: int | None = None
-    logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:

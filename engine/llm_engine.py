@@ -171,6 +171,9 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        bad = [t for t in params.logit_bias or () if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if len(token_ids) >= max_len:
             raise ValueError(f"the prompt is {len(token_ids)} tokens, which leaves no room to generate within max_model_len ({max_len})")
         if params.max_tokens is not None and len(token_ids) + params.max_tokens > max_len:

@@ -52,6 +52,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, max_logprobs: int) -> Sam
     want_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs is not None else None
 
+    logits = _apply_logit_bias(logits, params)
     logits = _apply_penalties(logits, batch)
     logits = _block_eos_before_min_tokens(logits, batch)
 
@@ -97,6 +98,16 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     remove |= probs < host_to_device(min_p, torch.float32, device)[:, None] * probs[:, :1]
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    entries = [(i, token, bias) for i, p in enumerate(params) if p.logit_bias for token, bias in p.logit_bias.items()]
+    if not entries:
+        return logits
+    rows, tokens, biases = zip(*entries)
+    device = logits.device
+    index = (host_to_device(list(rows), torch.long, device), host_to_device(list(tokens), torch.long, device))
+    return logits.index_put(index, host_to_device(list(biases), torch.float32, device), accumulate=True)
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -34,6 +34,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # token ids that end generation (kept in token_ids)
     include_stop_str_in_output: bool = False  # keep the matched stop string in the text
     ignore_eos: bool = False  # keep generating past EOS
+    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100], added to its logit before sampling
     logprobs: int | None = None  # return this many top log-probabilities per generated token (plus the sampled one)
     prompt_logprobs: int | None = None  # same, for every prompt token
     skip_special_tokens: bool = True  # leave special tokens out of the text
@@ -77,6 +78,12 @@ class SamplingParams:
             raise bad("logprobs", "must be non-negative")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise bad("prompt_logprobs", "must be non-negative")
+        if self.logit_bias:
+            for token, bias in self.logit_bias.items():
+                if not isinstance(token, int) or isinstance(token, bool):
+                    raise ValueError(f"logit_bias keys are token ids (integers), got {token!r}")
+                if not -100 <= bias <= 100:
+                    raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token}")
         if any(not s for s in self.stop_strings):
             raise ValueError("stop strings must be non-empty")
 

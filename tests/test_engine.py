@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -226,6 +227,19 @@ def test_incremental_text_equals_decoding_all_tokens_at_once(llm):
         assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
 
 
+def test_logit_bias_forces_and_bans_tokens(llm):
+    prompt = {"prompt_token_ids": random_prompts([9], seed=31)[0]}
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    free = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    forced = dataclasses.replace(greedy, logit_bias={7: 100.0})
+    assert llm.generate(prompt, forced, use_tqdm=False)[0].outputs[0].token_ids == [7] * 6
+    banned = dataclasses.replace(greedy, logit_bias={t: -100.0 for t in free})
+    assert not set(llm.generate(prompt, banned, use_tqdm=False)[0].outputs[0].token_ids) & set(free)
+    # Only the row that asked is biased.
+    both = llm.generate([prompt, prompt], [forced, greedy], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in both] == [[7] * 6, free]
+
+
 def test_repetition_penalty_matches_transformers(llm, hf_model):
     prompt = random_prompts([15], seed=29)[0]
     ours = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, repetition_penalty=1.5, max_tokens=16, ignore_eos=True), use_tqdm=False)
@@ -250,6 +264,7 @@ def test_chat_applies_the_chat_template(llm):
         ("", SamplingParams(), "empty"),
         ({"prompt_token_ids": []}, SamplingParams(), "empty"),
         ("hi", SamplingParams(logprobs=50), "max_logprobs"),
+        ("hi", SamplingParams(logit_bias={10**6: 1.0}), "logit_bias token id 1000000 is outside the vocabulary"),
     ],
 )
 def test_bad_requests_get_a_clear_error_and_the_engine_stays_usable(llm, prompt, params, message):
@@ -271,6 +286,9 @@ def test_bad_requests_get_a_clear_error_and_the_engine_stays_usable(llm, prompt,
         ({"n": 0}, "n"),
         ({"min_p": 2.0}, "min_p"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"logit_bias": {5: 101.0}}, "logit_bias"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"seed": 2**63}, "seed"),
     ],
 )
 def test_sampling_params_name_the_bad_field(kwargs, field):

@@ -269,7 +269,9 @@ ERROR_CASES = {
     "nested too deeply": (COMPLETIONS, b'{"prompt": "hi", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}", 400,
                           "nested too deeply", None),
     "best_of": (COMPLETIONS, {"prompt": "hi", "best_of": 3}, 400, "best_of is not supported", "best_of"),
-    "logit_bias": (COMPLETIONS, {"prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias", "logit_bias"),
+    "logit_bias key": (COMPLETIONS, {"prompt": "hi", "logit_bias": {"five": 10}}, 400, "keys must be token ids",
+                       "logit_bias"),
+    "logit_bias value": (COMPLETIONS, {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "[-100, 100]", None),
     "suffix": (COMPLETIONS, {"prompt": "hi", "suffix": "end"}, 400, "suffix is not supported", "suffix"),
     "json response_format": (CHAT, {"messages": [{"role": "user", "content": "hi"}],
                                     "response_format": {"type": "json_object"}}, 400, "structured output",
@@ -315,6 +317,11 @@ def test_extreme_but_valid_sampling_values_serve_and_fail_no_one_else(client):
     assert huge_k.choices[0].text == plain.choices[0].text
     last_seed = client.completions.create(**{**sampled, "seed": 2**63 - 1}, n=2)
     assert len(last_seed.choices) == 2
+
+
+def test_logit_bias_forces_a_token(client, http):
+    out = client.completions.create(model=MODEL, prompt="hi", max_tokens=4, logit_bias={"7": 100}, **GREEDY)
+    assert out.choices[0].text == http.post("/detokenize", json={"tokens": [7] * 4}).json()["prompt"]
 
 
 def test_server_is_healthy_after_the_errors(http, client):
