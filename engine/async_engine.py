@@ -69,6 +69,7 @@ class RequestStream:
         self._loop = asyncio.get_running_loop()
         self._items: collections.deque[RequestOutput | BaseException] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None  # set while the consumer waits for an item
+        self._sent_tokens = 0  # step thread only: tokens in the latest output handed over (stream_interval)
         self._accepted: asyncio.Future[None] = self._loop.create_future()
 
     async def accepted(self) -> None:
@@ -164,6 +165,7 @@ class AsyncLLMEngine:
         self.model_config = engine.model_config
         self.max_model_len: int = engine.model_config.max_model_len
         self.max_waiting_requests = max_waiting_requests
+        self.stream_interval = engine.args.stream_interval
         self.log_stats_interval_s = log_stats_interval_s
         self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -362,6 +364,11 @@ class AsyncLLMEngine:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
+            elif self.stream_interval > 1:  # the first token at once, then every stream_interval tokens
+                tokens = max(len(c.token_ids) for c in output.outputs)
+                if stream._sent_tokens and tokens - stream._sent_tokens < self.stream_interval:
+                    continue
+                stream._sent_tokens = tokens
             deliveries.append((stream, output))
         self._deliver(deliveries)
 

@@ -54,11 +54,14 @@ class EngineArgs:
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for
     cuda_graph_sizes: list[int] | None = None  # decode batch sizes to capture; default 1, 2, 4, 8, 16, ... 512
     max_waiting_requests: int | None = None  # reject new requests while this many wait (None = no limit)
+    stream_interval: int = 1  # server streams: send a request's first token at once, then every this many tokens (fewer chunks under load)
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights (benchmarks)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be at least 1, got {self.stream_interval}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -25,6 +25,7 @@ from api.app import build_app
 from engine import EngineArgs
 from engine.async_engine import GIL_SWITCH_INTERVAL_S, AsyncLLMEngine, RequestStream, _put_all
 from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
 from engine.serve import build_parser
 
 MODEL = "tiny-llama"
@@ -478,6 +479,28 @@ def test_a_stream_hands_out_the_tokens_made_before_an_error(small_engine):
         return first is newer, stream.finished
 
     assert asyncio.run(scenario()) == (True, True)
+
+
+def test_stream_interval_sends_the_first_token_then_every_nth(llama_checkpoint):
+    engine = AsyncLLMEngine.from_engine_args(EngineArgs(model=llama_checkpoint, max_model_len=256, stream_interval=3,
+                                                        num_gpu_blocks_override=64))
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+    async def token_counts() -> list[int]:
+        counts = []
+        async for output in engine.generate("The quick brown fox", params, request_id="r"):
+            counts.append(len(output.outputs[0].token_ids))
+            await asyncio.sleep(0)
+        return counts
+
+    try:
+        counts = asyncio.run(token_counts())
+    finally:
+        engine.shutdown()
+    # A slow consumer may skip some, never see others: 1 at once, then 4, 7, and the final 10.
+    assert counts[-1] == 10 and set(counts) <= {1, 4, 7, 10}, counts
+    with pytest.raises(ValueError, match="stream_interval must be at least 1"):
+        EngineArgs(model=llama_checkpoint, stream_interval=0)
 
 
 def test_the_async_front_shortens_the_gil_switch_interval(small_engine):
