@@ -28,6 +28,8 @@ _DTYPES = {
 ATTENTION_BACKENDS = ("auto", "triton", "xformers", "torch")
 
 
+DEVICES = ("auto", "cuda", "cpu")
+
 @dataclass
 class EngineArgs:
     """Everything a user can set when starting the engine."""
@@ -50,7 +52,7 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = None  # exact number of KV blocks, bypassing the memory budget
     kv_cache_memory: int | None = None  # bytes for the KV cache per rank on CPU (default 4 GiB), or on GPU instead of gpu_memory_utilization
     attention_backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU), "triton", "xformers" or "torch"
-    device: str = "auto"  # "auto", "cuda" or "cpu"
+    device: str = "auto"  # "auto" (cuda if available), "cuda" or "cpu"
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for
     cuda_graph_sizes: list[int] | None = None  # decode batch sizes to capture; default 1, 2, 4, 8, 16, ... 512
     max_waiting_requests: int | None = None  # reject new requests while this many wait (None = no limit)
@@ -75,6 +77,17 @@ class EngineArgs:
                              f"{', '.join(QUANTIZATION_METHODS)} (or None: detected from the checkpoint)")
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 8192
+        for name in ("max_num_batched_tokens", "num_gpu_blocks_override", "max_model_len", "kv_cache_memory",
+                     "max_waiting_requests"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}")
+        if not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must be a 64-bit integer, got {self.seed}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -83,12 +96,45 @@ class EngineArgs:
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA device is available (torch.cuda.is_available() is False); "
+                             "use device='cpu' or 'auto'")
         return torch.device(self.device)
 
     def resolve_attention_backend(self, device: torch.device) -> str:
         if self.attention_backend != "auto":
             return self.attention_backend
         return "triton" if device.type == "cuda" else "torch"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer_files(path: str) -> None:
+    """A local directory without any tokenizer file: say so (transformers suggests installing sentencepiece)."""
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise ValueError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {path}; pass the tokenizer's "
+                         "directory with tokenizer=... / --tokenizer")
+
+
+def check_local_path(path: str, what: str) -> None:
+    """A path that is clearly meant to be local (it exists, or starts with / . or ~) must be a checkpoint
+    directory; otherwise transformers takes it for a hub id and answers with a confusing message."""
+    if os.path.isdir(path):
+        config = os.path.join(path, "config.json")
+        if what == "model" and not os.path.exists(config):
+            raise ValueError(f"{what} directory {path} has no config.json: is it a Hugging Face checkpoint?")
+        if what == "model":
+            try:
+                with open(config) as f:
+                    json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{config} is not valid JSON: {exc}") from None
+        return
+    if os.path.exists(path):
+        raise ValueError(f"{what} {path} is a file; give the checkpoint's directory")
+    if path.startswith(("/", ".", "~")):
+        raise ValueError(f"{what} directory {path} does not exist")
 
 
 @dataclass
@@ -111,6 +157,9 @@ class ModelConfig:
     def from_args(cls, args: EngineArgs, device: torch.device) -> "ModelConfig":
         if not args.model:
             raise ValueError("no model given: pass a checkpoint directory (model=... / --model)")
+        check_local_path(args.model, "model")
+        if args.tokenizer:
+            check_local_path(args.tokenizer, "tokenizer")
         hf_config = AutoConfig.from_pretrained(args.model)
         check_tensor_parallel_sizes(hf_config, args.tensor_parallel_size)
         dtype = _resolve_dtype(args.dtype, hf_config, device)

@@ -61,8 +61,8 @@ class LLM:
                     final_only[id(params)] = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
                 ids.append(str(next(self._ids)))
                 engine.add_request(ids[-1], prompt, final_only[id(params)])
-        except ValueError:
-            engine.abort_request(ids)  # leave the engine as it was
+        except BaseException:
+            engine.abort_request(ids)  # leave the engine as it was, whatever went wrong
             raise
         return self._run(ids, use_tqdm)
 
@@ -75,7 +75,9 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation or a list of them, then generate."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts, or a list of such lists")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
         tokenizer = self.llm_engine.tokenizer
         if chat_template is None and tokenizer.chat_template is None:
             raise ValueError("this model's tokenizer has no chat template; pass chat_template=...")
@@ -92,6 +94,7 @@ class LLM:
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         finished: dict[str, RequestOutput] = {}
+        wanted = set(ids)
         bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True) if use_tqdm else None
         start = time.perf_counter()
         prompt_tokens_at_start = engine.prompt_tokens_total
@@ -99,7 +102,7 @@ class LLM:
         try:
             while len(finished) < len(ids):
                 for output in engine.step():
-                    if output.finished:
+                    if output.finished and output.request_id in wanted:  # not another caller's request
                         finished[output.request_id] = output
                         if bar is not None:
                             elapsed = time.perf_counter() - start

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from engine.block_manager import BlockManager
-from engine.config import EngineArgs, ModelConfig
+from engine.config import EngineArgs, ModelConfig, check_tokenizer_files
 from engine.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
 from engine.model_runner import ModelRunner, SampledRows
 from engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
@@ -94,6 +94,7 @@ class LLMEngine:
         self.args = args
         device = args.resolve_device()
         self.model_config = ModelConfig.from_args(args, device)
+        check_tokenizer_files(args.tokenizer or args.model)
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         self.detokenizer = IncrementalDetokenizer(self.tokenizer)
         self.device = device
@@ -129,6 +130,10 @@ class LLMEngine:
         arrival_time: float | None = None,
     ) -> None:
         """Queue a request. Bad input raises ValueError and leaves the engine untouched."""
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
+        if not isinstance(params, (SamplingParams, type(None))):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -147,7 +152,10 @@ class LLMEngine:
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                token_ids = prompt["prompt_token_ids"]
+                if not isinstance(token_ids, (list, tuple)) or not all(_is_token_id(t) for t in token_ids):
+                    raise ValueError(f"prompt_token_ids must be a list of integers, got {token_ids!r:.80}")
+                return prompt.get("prompt"), list(token_ids)
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
@@ -156,7 +164,7 @@ class LLMEngine:
             if not prompt:
                 raise ValueError("the prompt is empty")
             return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        if isinstance(prompt, (list, tuple)) and all(_is_token_id(t) for t in prompt):
             return None, list(prompt)
         raise ValueError(f"a prompt is a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
@@ -390,3 +398,7 @@ class LLMEngine:
             prefix_cache_queries_total=bm.prefix_queries_total,
             prefix_cache_hits_total=bm.prefix_hits_total,
         )
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

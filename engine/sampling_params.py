@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
+_OPTIONAL_FIELDS = ("seed", "max_tokens", "logprobs", "prompt_logprobs")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 class RequestOutputKind(enum.Enum):
     """When `LLMEngine.step` reports a request's progress."""
@@ -50,7 +54,21 @@ class SamplingParams:
         def bad(name: str, rule: str) -> ValueError:
             return ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if not (value is None and name in _OPTIONAL_FIELDS) and (not isinstance(value, int) or isinstance(value, bool)):
+                raise bad(name, "must be an integer")
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)) or any(
+                not isinstance(s, str) for s in self.stop_strings):
+            raise bad("stop", "must be a string or a list of strings")
+        if any(not isinstance(t, int) or isinstance(t, bool) for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be a list of token ids (integers)")
+
+        if self.n < 1:
             raise bad("n", "must be at least 1")
         if self.temperature < 0:
             raise bad("temperature", "must be non-negative")

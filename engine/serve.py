@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    server.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: %(default)s)")
+    server.add_argument("--port", type=_port, default=8000, help="port to listen on; 0 picks a free one (default: %(default)s)")
     add_app_flags(server)
     _add_engine_flags(parser)
     return parser
@@ -157,6 +157,13 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0 to 65535)")
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -167,9 +174,19 @@ def main(argv: list[str] | None = None) -> int:
         engine_args.model = demo_model_path()
     try:
         engine = AsyncLLMEngine.from_engine_args(engine_args, log_stats_interval_s=args.log_stats_interval)
-    except (ValueError, OSError) as exc:
-        logger.error("cannot load %s: %s", engine_args.model, exc)
+    except Exception as exc:  # a bad checkpoint or flag: one line, the traceback at debug level
+        logger.error("cannot load %s: %s", engine_args.model, exc if isinstance(exc, (ValueError, OSError))
+                     else f"{type(exc).__name__}: {exc}")
+        logger.debug("the load failed here", exc_info=True)
         return 1
+    if app_kwargs["chat_template"] is not None:
+        try:  # a template that cannot render one user message is broken: say so now, not per request
+            engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                 chat_template=app_kwargs["chat_template"], add_generation_prompt=True)
+        except Exception as exc:
+            logger.error("--chat-template %s does not render a one-message conversation: %s", args.chat_template, exc)
+            engine.shutdown()
+            return 1
     app = build_app(engine, **app_kwargs)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=10)

@@ -22,8 +22,12 @@ def checkpoint_files(model_dir: str) -> list[str]:
     """The safetensors files of a checkpoint: the shards its index names, or its single file."""
     index_path = os.path.join(model_dir, INDEX_FILE)
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            shards = list(dict.fromkeys(json.load(f)["weight_map"].values()))
+        try:
+            with open(index_path) as f:
+                shards = list(dict.fromkeys(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{index_path} is not a safetensors index (a JSON object with a 'weight_map'): "
+                             f"{type(exc).__name__}: {exc}") from None
         paths = [os.path.join(model_dir, shard) for shard in shards]
         for path in paths:
             if not os.path.exists(path):

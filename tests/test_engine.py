@@ -247,6 +247,11 @@ def test_repetition_penalty_matches_transformers(llm, hf_model):
     assert ours[0].outputs[0].token_ids == theirs
 
 
+def test_chat_refuses_what_is_not_a_conversation(llm):
+    with pytest.raises(ValueError, match="messages must be a non-empty list"):
+        llm.chat({"role": "user", "content": "hi"}, use_tqdm=False)
+
+
 def test_chat_applies_the_chat_template(llm):
     messages = [{"role": "user", "content": "Tell me about the weather."}]
     (out,) = llm.chat(messages, SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
@@ -287,6 +292,14 @@ def test_bad_requests_get_a_clear_error_and_the_engine_stays_usable(llm, prompt,
         ({"min_p": 2.0}, "min_p"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"logit_bias": {5: 101.0}}, "logit_bias"),
+        # Found by fuzzing: each of these used to pass and then fail the whole step, or run silently wrong.
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty must be a finite number"),
+        ({"logprobs": True}, "logprobs must be an integer"),
+        ({"max_tokens": 2.5}, "max_tokens must be an integer"),
+        ({"stop": [5]}, "stop must be a string or a list of strings"),
+        ({"stop_token_ids": "ab"}, "stop_token_ids must be a list of token ids"),
+        ({"temperature": "1"}, "temperature must be a finite number"),
         ({"logit_bias": {"5": 1.0}}, "logit_bias"),
         ({"seed": 2**63}, "seed"),
     ],
@@ -294,6 +307,38 @@ def test_bad_requests_get_a_clear_error_and_the_engine_stays_usable(llm, prompt,
 def test_sampling_params_name_the_bad_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_num_batched_tokens": 0}, "max_num_batched_tokens must be at least 1"),  # used to hang generate()
+        ({"num_gpu_blocks_override": 0}, "num_gpu_blocks_override must be at least 1"),
+        ({"max_logprobs": -1}, "max_logprobs must be non-negative"),
+        ({"seed": 2**64}, "seed must be a 64-bit integer"),
+        ({"device": "meta"}, "device must be one of"),
+    ],
+)
+def test_engine_args_refuse_values_that_cannot_work(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EngineArgs(model="unused", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "prompt, params",
+    [
+        ({"prompt_token_ids": [1.5, 2.0]}, SamplingParams(max_tokens=2)),  # used to fail inside step()
+        ({"prompt_token_ids": None}, SamplingParams(max_tokens=2)),
+        ("fine", {"max_tokens": 2}),  # params that are not SamplingParams
+    ],
+)
+def test_a_bad_request_after_good_ones_leaves_nothing_queued(llm, prompt, params):
+    # The first prompt is accepted before the second fails: generate() must take it back.
+    with pytest.raises((ValueError, TypeError)):
+        llm.generate(["fine", prompt], [SamplingParams(max_tokens=2), params], use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.llm_engine.get_stats().num_used_blocks == 0
+    assert llm.generate("still fine", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_a_bad_prompt_in_a_batch_leaves_nothing_queued(llm):

@@ -608,6 +608,19 @@ def test_every_engine_arg_is_a_flag_with_vllm_names():
         assert "--" + name.replace("_", "-") in help_text
 
 
+def test_bad_startup_input_exits_with_one_line(llama_checkpoint, tmp_path):
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "engine.serve", *args], capture_output=True, text=True, timeout=120)
+
+    port = serve("--port", "99999")  # used to serve on 99999 - 65536
+    assert port.returncode == 2 and "99999 is not a TCP port" in port.stderr
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }")  # used to start, then 400 every chat request
+    template = serve("--model", llama_checkpoint, "--chat-template", str(broken), "--port", "0")
+    assert template.returncode == 1 and "does not render a one-message conversation" in template.stderr
+    assert "Traceback" not in template.stderr
+
+
 def test_sigterm_ends_in_flight_streams_and_exits_zero(llama_checkpoint, tmp_path):
     template = tmp_path / "template.jinja"
     template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")

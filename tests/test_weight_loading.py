@@ -94,6 +94,47 @@ def test_index_naming_a_missing_shard_is_an_error(tmp_path):
         load(sharded)
 
 
+def test_index_without_a_weight_map_is_named(tmp_path):
+    sharded = build_tiny_checkpoint(str(tmp_path / "sharded"), max_shard_size="100KB")
+    with open(os.path.join(sharded, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}}, f)
+    with pytest.raises(ValueError, match=r"is not a safetensors index \(a JSON object with a 'weight_map'\)"):
+        load(sharded)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp: str(tmp / "missing"), "does not exist"),
+        (lambda tmp: str(tmp), "has no config.json"),
+        (lambda tmp: (tmp / "file.txt").write_text("x") and str(tmp / "file.txt"), "is a file"),
+    ],
+    ids=["missing dir", "no config.json", "a file"],
+)
+def test_a_bad_model_path_is_named_before_transformers_sees_it(tmp_path, make, message):
+    from engine.config import EngineArgs, ModelConfig
+
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_args(EngineArgs(model=make(tmp_path)), torch.device("cpu"))
+
+
+def test_a_checkpoint_without_tokenizer_files_or_with_broken_json_is_named(llama_checkpoint, tmp_path):
+    from engine import LLM
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(llama_checkpoint, no_tokenizer)
+    for name in os.listdir(no_tokenizer):
+        if "token" in name or name in ("vocab.json", "merges.txt"):
+            os.remove(no_tokenizer / name)
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        LLM(model=str(no_tokenizer))
+    broken = tmp_path / "broken-config"
+    shutil.copytree(llama_checkpoint, broken)
+    (broken / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+        LLM(model=str(broken))
+
+
 @pytest.mark.parametrize("tp_size", [2, 4])
 def test_tensor_parallel_shards_put_together_give_the_full_weights(tiny_checkpoints, tp_size):
     # 4 query heads and 2 KV heads: at tp_size 4 each KV head is replicated on two ranks.
