@@ -5,10 +5,12 @@ its blocks at once. The offline `LLM` and the server's async front both drive th
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Iterable, Union
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer
 
@@ -153,9 +155,9 @@ class LLMEngine:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 token_ids = prompt["prompt_token_ids"]
-                if not isinstance(token_ids, (list, tuple)) or not all(_is_token_id(t) for t in token_ids):
+                if not isinstance(token_ids, (list, tuple, np.ndarray)) or not all(_is_token_id(t) for t in token_ids):
                     raise ValueError(f"prompt_token_ids must be a list of integers, got {token_ids!r:.80}")
-                return prompt.get("prompt"), list(token_ids)
+                return prompt.get("prompt"), [int(t) for t in token_ids]
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
@@ -165,7 +167,7 @@ class LLMEngine:
                 raise ValueError("the prompt is empty")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(_is_token_id(t) for t in prompt):
-            return None, list(prompt)
+            return None, [int(t) for t in prompt]
         raise ValueError(f"a prompt is a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
@@ -401,4 +403,4 @@ class LLMEngine:
 
 
 def _is_token_id(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from dataclasses import dataclass, field
+
+import numpy as np
 
 _GREEDY_EPS = 1e-5
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -54,19 +57,25 @@ class SamplingParams:
         def bad(name: str, rule: str) -> ValueError:
             return ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
 
+        # numpy scalars are welcome (and become Python numbers); booleans and strings are not.
         for name in _INT_FIELDS:
             value = getattr(self, name)
-            if not (value is None and name in _OPTIONAL_FIELDS) and (not isinstance(value, int) or isinstance(value, bool)):
+            if value is None and name in _OPTIONAL_FIELDS:
+                continue
+            if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
                 raise bad(name, "must be an integer")
+            setattr(self, name, int(value))
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)) or not math.isfinite(value):
                 raise bad(name, "must be a finite number")
+            setattr(self, name, float(value))
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)) or any(
                 not isinstance(s, str) for s in self.stop_strings):
             raise bad("stop", "must be a string or a list of strings")
-        if any(not isinstance(t, int) or isinstance(t, bool) for t in self.stop_token_ids):
+        if any(not isinstance(t, numbers.Integral) or isinstance(t, (bool, np.bool_)) for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of token ids (integers)")
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
 
         if self.n < 1:
             raise bad("n", "must be at least 1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
@@ -307,6 +308,16 @@ def test_bad_requests_get_a_clear_error_and_the_engine_stays_usable(llm, prompt,
 def test_sampling_params_name_the_bad_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_numpy_numbers_are_welcome_where_python_ones_are(llm):
+    prompt = {"prompt_token_ids": np.array(random_prompts([7], seed=37)[0])}
+    params = SamplingParams(temperature=np.float32(0), max_tokens=np.int64(4), stop_token_ids=[np.int64(3)], ignore_eos=True)
+    assert type(params.max_tokens) is int and type(params.temperature) is float
+    out = llm.generate(prompt, params, use_tqdm=False)[0]
+    expected = llm.generate({"prompt_token_ids": prompt["prompt_token_ids"].tolist()},
+                            SamplingParams(temperature=0, max_tokens=4, stop_token_ids=[3], ignore_eos=True), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == expected.outputs[0].token_ids
 
 
 @pytest.mark.parametrize(
