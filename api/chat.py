@@ -70,6 +70,7 @@ async def create_chat_completion(request: Request, server: Server) -> Response:
     top_logprobs = req.top_logprobs or 0
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens, top_logprobs if req.logprobs else None)
+    engine.check_not_overloaded()  # before the tokenizing, which may take seconds
     prompt = await asyncio.to_thread(chat_prompt, server, engine.tokenizer, req.messages, req.add_generation_prompt)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     head = (request_id, int(time.time()), server.served_model_name)

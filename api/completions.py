@@ -82,6 +82,7 @@ async def create_completion(request: Request, server: Server) -> Response:
     echo_texts = [(p if isinstance(p, str) else tokenizer.decode(p)) if req.echo else "" for p in prompts]
     ctx = _CompletionContext(req, f"cmpl-{uuid.uuid4().hex}", server.served_model_name, int(time.time()),
                              tokenizer, echo_texts)
+    engine.check_not_overloaded()  # before the tokenizing, which may take seconds
     prompts = await asyncio.to_thread(_tokenized, tokenizer, prompts)
     if req.stream:
         return EventStream(_completion_events(server, engine, ctx, prompts, params))

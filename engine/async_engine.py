@@ -33,9 +33,10 @@ from engine.tensor_parallel import TensorParallelError
 
 logger = logging.getLogger("engine")
 
-# How long a thread may hold the GIL while another waits for it. 0.5 ms took the server from 0.78
-# to 0.91-0.96 of the engine's own throughput at 256 streams (perf/latency.py --stub-step-ms, on a
-# CPU); each forced switch costs microseconds.
+# How long a thread may hold the GIL while another waits for it. With it (and lighter streams) the
+# server went from 0.72 to 0.96-1.03 of the engine's throughput at 256 streams, on a CPU with device
+# time emulated (perf/latency.py --stub-step-ms; perf/RESULTS.md, session 4); each forced switch
+# costs microseconds.
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
@@ -180,7 +181,9 @@ class AsyncLLMEngine:
         self._stats = engine.get_stats()  # the step thread's latest snapshot, safe to read anywhere
         self._logged_stats = self._stats
         self._logged_at = time.monotonic()
-        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:  # a process-wide setting; never lengthened
+        # A process-wide setting: never lengthened here, and put back by shutdown().
+        self._switch_interval_before = sys.getswitchinterval()
+        if self._switch_interval_before > GIL_SWITCH_INTERVAL_S:
             sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
         self._thread.start()
@@ -202,6 +205,15 @@ class AsyncLLMEngine:
     def num_waiting(self) -> int:
         return self._stats.num_waiting + (self._adds_posted - self._adds_drained)
 
+    def check_not_overloaded(self) -> None:
+        """Raise EngineOverloadedError while max_waiting_requests are waiting: callers can refuse a
+        request before spending anything (tokenizing) on it."""
+        if self.max_waiting_requests is not None and self.num_waiting() >= self.max_waiting_requests:
+            raise EngineOverloadedError(
+                f"the engine is overloaded: {self.num_waiting()} requests are waiting "
+                f"(max_waiting_requests={self.max_waiting_requests}); retry later"
+            )
+
     def submit(
         self,
         request_id: str,
@@ -211,11 +223,7 @@ class AsyncLLMEngine:
     ) -> RequestStream:
         """Queue a request without waiting for the step thread; `await stream.accepted()` raises
         the engine's ValueError if it refuses it. Overload and shutdown raise here."""
-        if self.max_waiting_requests is not None and self.num_waiting() >= self.max_waiting_requests:
-            raise EngineOverloadedError(
-                f"the engine is overloaded: {self.num_waiting()} requests are waiting "
-                f"(max_waiting_requests={self.max_waiting_requests}); retry later"
-            )
+        self.check_not_overloaded()
         stream = RequestStream(request_id, self)
         self._adds_posted += 1  # before posting, so the step thread never counts it drained first
         try:
@@ -269,6 +277,8 @@ class AsyncLLMEngine:
         if self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
         self.engine.shutdown()
+        if sys.getswitchinterval() == GIL_SWITCH_INTERVAL_S:  # ours, unless someone changed it since
+            sys.setswitchinterval(self._switch_interval_before)
 
     def _post(self, item: _Add | _Abort) -> None:
         with self._inbox_lock:

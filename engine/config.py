@@ -87,7 +87,7 @@ class EngineArgs:
         if not -(2**63) <= self.seed < 2**64:
             raise ValueError(f"seed must be a 64-bit integer, got {self.seed}")
         if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+            raise ValueError(f"device must be one of {DEVICES} (tensor parallel ranks take cuda:0..N-1), got {self.device!r}")
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -96,9 +96,6 @@ class EngineArgs:
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' but no CUDA device is available (torch.cuda.is_available() is False); "
-                             "use device='cpu' or 'auto'")
         return torch.device(self.device)
 
     def resolve_attention_backend(self, device: torch.device) -> str:

@@ -5,7 +5,6 @@ its blocks at once. The offline `LLM` and the server's async front both drive th
 from __future__ import annotations
 
 import logging
-import numbers
 import time
 from dataclasses import dataclass
 from typing import Iterable, Union
@@ -19,7 +18,7 @@ from engine.config import EngineArgs, ModelConfig, check_tokenizer_files
 from engine.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
 from engine.model_runner import ModelRunner, SampledRows
 from engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams, is_integer
 from engine.scheduler import ScheduledSequence, Scheduler
 from engine.sequence import Request, Sequence, SequenceStatus
 
@@ -95,6 +94,9 @@ class LLMEngine:
     def __init__(self, args: EngineArgs):
         self.args = args
         device = args.resolve_device()
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA device is available here (torch.cuda.is_available() is "
+                             "False); use device='cpu' or 'auto'")
         self.model_config = ModelConfig.from_args(args, device)
         check_tokenizer_files(args.tokenizer or args.model)
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
@@ -155,9 +157,9 @@ class LLMEngine:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 token_ids = prompt["prompt_token_ids"]
-                if not isinstance(token_ids, (list, tuple, np.ndarray)) or not all(_is_token_id(t) for t in token_ids):
+                if not isinstance(token_ids, (list, tuple, np.ndarray)):
                     raise ValueError(f"prompt_token_ids must be a list of integers, got {token_ids!r:.80}")
-                return prompt.get("prompt"), [int(t) for t in token_ids]
+                return prompt.get("prompt"), self._token_ids(token_ids)
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
@@ -166,9 +168,21 @@ class LLMEngine:
             if not prompt:
                 raise ValueError("the prompt is empty")
             return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(_is_token_id(t) for t in prompt):
-            return None, [int(t) for t in prompt]
+        if isinstance(prompt, (list, tuple)) and all(is_integer(t) for t in prompt[:1]):
+            return None, self._token_ids(prompt)
         raise ValueError(f"a prompt is a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def _token_ids(self, token_ids) -> list[int]:
+        """Token ids as a list of Python ints. The length is checked first: a prompt of millions of
+        tokens is refused before any pass over them (this runs on the step thread)."""
+        max_len = self.model_config.max_model_len
+        if len(token_ids) >= max_len:
+            raise ValueError(f"the prompt is {len(token_ids)} tokens, which leaves no room to generate within max_model_len ({max_len})")
+        if all(type(t) is int for t in token_ids):  # the common case, without the slower checks below
+            return list(token_ids)
+        if not all(is_integer(t) for t in token_ids):
+            raise ValueError(f"prompt token ids must be integers, got {list(token_ids)!r:.80}")
+        return [int(t) for t in token_ids]
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         max_len = self.model_config.max_model_len
@@ -400,7 +414,3 @@ class LLMEngine:
             prefix_cache_queries_total=bm.prefix_queries_total,
             prefix_cache_hits_total=bm.prefix_hits_total,
         )
-
-
-def _is_token_id(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))

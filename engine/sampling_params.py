@@ -15,6 +15,17 @@ _INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "pr
 _OPTIONAL_FIELDS = ("seed", "max_tokens", "logprobs", "prompt_logprobs")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
+
+def is_integer(value) -> bool:
+    """An int or a numpy integer; not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_number(value) -> bool:
+    """A finite int or float (numpy's too); not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+
+
 class RequestOutputKind(enum.Enum):
     """When `LLMEngine.step` reports a request's progress."""
 
@@ -62,18 +73,18 @@ class SamplingParams:
             value = getattr(self, name)
             if value is None and name in _OPTIONAL_FIELDS:
                 continue
-            if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
+            if not is_integer(value):
                 raise bad(name, "must be an integer")
             setattr(self, name, int(value))
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)) or not math.isfinite(value):
+            if not is_number(value):
                 raise bad(name, "must be a finite number")
             setattr(self, name, float(value))
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)) or any(
                 not isinstance(s, str) for s in self.stop_strings):
             raise bad("stop", "must be a string or a list of strings")
-        if any(not isinstance(t, numbers.Integral) or isinstance(t, (bool, np.bool_)) for t in self.stop_token_ids):
+        if any(not is_integer(t) for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of token ids (integers)")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
 
@@ -105,12 +116,15 @@ class SamplingParams:
             raise bad("logprobs", "must be non-negative")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise bad("prompt_logprobs", "must be non-negative")
-        if self.logit_bias:
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise bad("logit_bias", "must be a dict of token id -> bias")
             for token, bias in self.logit_bias.items():
-                if not isinstance(token, int) or isinstance(token, bool):
+                if not is_integer(token):
                     raise ValueError(f"logit_bias keys are token ids (integers), got {token!r}")
-                if not -100 <= bias <= 100:
-                    raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token}")
+                if not is_number(bias) or not -100 <= bias <= 100:
+                    raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {token}")
+            self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()}
         if any(not s for s in self.stop_strings):
             raise ValueError("stop strings must be non-empty")
 

@@ -271,6 +271,7 @@ def test_chat_applies_the_chat_template(llm):
         ({"prompt_token_ids": []}, SamplingParams(), "empty"),
         ("hi", SamplingParams(logprobs=50), "max_logprobs"),
         ("hi", SamplingParams(logit_bias={10**6: 1.0}), "logit_bias token id 1000000 is outside the vocabulary"),
+        ([1, 2, 3, 4] * 250_000, SamplingParams(), "the prompt is 1000000 tokens"),  # refused before any pass over it
     ],
 )
 def test_bad_requests_get_a_clear_error_and_the_engine_stays_usable(llm, prompt, params, message):
@@ -302,6 +303,9 @@ def test_bad_requests_get_a_clear_error_and_the_engine_stays_usable(llm, prompt,
         ({"stop_token_ids": "ab"}, "stop_token_ids must be a list of token ids"),
         ({"temperature": "1"}, "temperature must be a finite number"),
         ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"logit_bias": {5: "1"}}, "logit_bias values must be numbers"),
+        ({"logit_bias": {5: True}}, "logit_bias values must be numbers"),
+        ({"logit_bias": [5]}, "logit_bias must be a dict"),
         ({"seed": 2**63}, "seed"),
     ],
 )
@@ -314,6 +318,7 @@ def test_numpy_numbers_are_welcome_where_python_ones_are(llm):
     prompt = {"prompt_token_ids": np.array(random_prompts([7], seed=37)[0])}
     params = SamplingParams(temperature=np.float32(0), max_tokens=np.int64(4), stop_token_ids=[np.int64(3)], ignore_eos=True)
     assert type(params.max_tokens) is int and type(params.temperature) is float
+    assert SamplingParams(logit_bias={np.int64(5): np.float32(2)}).logit_bias == {5: 2.0}
     out = llm.generate(prompt, params, use_tqdm=False)[0]
     expected = llm.generate({"prompt_token_ids": prompt["prompt_token_ids"].tolist()},
                             SamplingParams(temperature=0, max_tokens=4, stop_token_ids=[3], ignore_eos=True), use_tqdm=False)[0]
@@ -333,6 +338,13 @@ def test_numpy_numbers_are_welcome_where_python_ones_are(llm):
 def test_engine_args_refuse_values_that_cannot_work(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EngineArgs(model="unused", **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_fails_when_the_engine_is_built(checkpoint):
+    args = EngineArgs(model=checkpoint, device="cuda")  # fine to describe (a Ray head deploys GPU replicas so)
+    with pytest.raises(ValueError, match="no CUDA device is available here"):
+        LLMEngine(args)
 
 
 @pytest.mark.parametrize(

@@ -127,6 +127,13 @@ def test_builder_arguments_are_the_command_line_flags(llama_checkpoint):
     assert (config.min_replicas, config.max_replicas, config.downscale_delay_s) == (1, 3, 60)
 
 
+def test_a_gpu_deployment_builds_on_a_head_node_without_a_gpu(llama_checkpoint):
+    # README: from a CPU-only head, --device cuda asks the cluster for GPU replicas.
+    app = app_builder({"model": llama_checkpoint, "device": "cuda"})
+    assert app._bound_deployment.ray_actor_options["num_gpus"] == 1
+    assert app._bound_deployment.init_args[0].device == "cuda"
+
+
 def test_health_check_fails_once_the_engine_loop_stops(llama_checkpoint):
     replica = types.SimpleNamespace(engine=AsyncLLMEngine.from_engine_args(EngineArgs(model=llama_checkpoint, **ENGINE)))
     check_health = EngineServer.func_or_class.check_health  # the method, without a replica around it

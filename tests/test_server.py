@@ -503,9 +503,17 @@ def test_stream_interval_sends_the_first_token_then_every_nth(llama_checkpoint):
         EngineArgs(model=llama_checkpoint, stream_interval=0)
 
 
-def test_the_async_front_shortens_the_gil_switch_interval(small_engine):
+def test_the_async_front_shortens_the_gil_switch_interval_until_shutdown(llama_checkpoint):
     # The step thread must win the GIL back from the event loop at once when the device is done.
-    assert sys.getswitchinterval() <= GIL_SWITCH_INTERVAL_S
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)  # Python's default
+    try:
+        engine = AsyncLLMEngine.from_engine_args(EngineArgs(model=llama_checkpoint, num_gpu_blocks_override=16))
+        assert sys.getswitchinterval() == GIL_SWITCH_INTERVAL_S
+        engine.shutdown()
+        assert sys.getswitchinterval() == 0.005
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_not_ready_server_answers_503(llama_checkpoint):
