@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from api.encoding import SSE_DONE, json_response, sse
 from api.errors import APIError
-from api.generation import Cursor, Generation, include_usage, new_parts, sampling_params, usage
+from api.generation import INLINE_TOKENIZE_CHARS, Cursor, Generation, include_usage, new_parts, sampling_params, usage
 from api.logprobs import chat_logprobs
 from api.protocol import (
     ChatChoice,
@@ -71,7 +71,12 @@ async def create_chat_completion(request: Request, server: Server) -> Response:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens, top_logprobs if req.logprobs else None)
     engine.check_not_overloaded()  # before the tokenizing, which may take seconds
-    prompt = await asyncio.to_thread(chat_prompt, server, engine.tokenizer, req.messages, req.add_generation_prompt)
+    length = sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text or "") for p in m.content or [])
+                 for m in req.messages)
+    if length <= INLINE_TOKENIZE_CHARS:
+        prompt = chat_prompt(server, engine.tokenizer, req.messages, req.add_generation_prompt)
+    else:
+        prompt = await asyncio.to_thread(chat_prompt, server, engine.tokenizer, req.messages, req.add_generation_prompt)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     head = (request_id, int(time.time()), server.served_model_name)
     if req.stream:

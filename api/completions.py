@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from api.encoding import SSE_DONE, json_response, sse
 from api.errors import APIError
-from api.generation import Cursor, Generation, include_usage, new_parts, sampling_params, usage
+from api.generation import INLINE_TOKENIZE_CHARS, Cursor, Generation, include_usage, new_parts, sampling_params, usage
 from api.logprobs import completion_logprobs
 from api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from api.server import Server, read_json
@@ -83,7 +83,10 @@ async def create_completion(request: Request, server: Server) -> Response:
     ctx = _CompletionContext(req, f"cmpl-{uuid.uuid4().hex}", server.served_model_name, int(time.time()),
                              tokenizer, echo_texts)
     engine.check_not_overloaded()  # before the tokenizing, which may take seconds
-    prompts = await asyncio.to_thread(_tokenized, tokenizer, prompts)
+    if sum(len(p) for p in prompts if isinstance(p, str)) <= INLINE_TOKENIZE_CHARS:
+        prompts = _tokenized(tokenizer, prompts)
+    else:
+        prompts = await asyncio.to_thread(_tokenized, tokenizer, prompts)
     if req.stream:
         return EventStream(_completion_events(server, engine, ctx, prompts, params))
     return await unless_disconnected(request, lambda: _completion_response(server, engine, ctx, prompts, params))

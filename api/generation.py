@@ -17,6 +17,10 @@ from engine.async_engine import AsyncLLMEngine, RequestStream
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 
+# Prompts up to this many characters are tokenized on the event loop (well under a millisecond, less
+# than a hop to a worker thread); longer ones in a worker thread, so a huge one holds up no one.
+INLINE_TOKENIZE_CHARS = 8192
+
 # ---- sampling parameters ----------------------------------------------------------------------------
 
 _OPTIONAL_SAMPLING_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",

@@ -60,7 +60,7 @@ def find_stop_string(seq: Sequence, new_text_len: int) -> str | None:
 def visible_text(seq: Sequence) -> str:
     """The output text a caller may see now: while running, hold back the tail that could still
     turn out to be the start of a stop string (which would then be cut)."""
-    hold = max((len(s) for s in seq.params.stop_strings), default=1) - 1
-    if seq.is_finished or hold == 0:
+    hold = seq.params.stop_hold
+    if hold == 0 or seq.is_finished:
         return seq.output_text
     return seq.output_text[: max(len(seq.output_text) - hold, 0)]

@@ -58,11 +58,13 @@ class SamplingParams:
     skip_special_tokens: bool = True  # leave special tokens out of the text
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # when step() reports this request
     stop_strings: list[str] = field(init=False, repr=False)
+    stop_hold: int = field(init=False, repr=False)  # characters of running output held back: a stop string may start there
 
     def __post_init__(self) -> None:
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate()
+        self.stop_hold = max((len(s) for s in self.stop_strings), default=1) - 1
 
     def _validate(self) -> None:
         def bad(name: str, rule: str) -> ValueError:

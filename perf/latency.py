@@ -28,9 +28,9 @@ bf16, as perf/throughput.py). Engine flags are python -m engine.serve's.
     python perf/latency.py --model llama-3.1-8b --server --input-len 128 --output-len 256 --skip-sweeps
     python perf/latency.py --stub-model --server --skip-sweeps --server-requests 128 --input-len 64 --output-len 128
 
-`--stub-model --stub-step-ms 10` stands a 10 ms sleep (GIL released) in for each forward: the
-server's threads then contend for the GIL as they do beside a GPU, on a machine without one (at
-256 streams it reproduced the H100's server/engine ratio, 0.72 vs 0.71).
+`--stub-model --stub-step-ms 10` adds an emulated device that takes 10 ms a step: reading a step's
+tokens sleeps (GIL released) until it is done, and with async scheduling the next step's host work
+overlaps it, as beside a GPU. The server's threads then contend for the GIL as they do there.
 """
 
 from __future__ import annotations
@@ -475,8 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace the model by random logits: time the engine's (and with --server the "
                             "server's) own host work, with no GPU and no model cost")
     bench.add_argument("--stub-step-ms", type=float, default=0.0,
-                       help="--stub-model: each forward also sleeps this long (the GIL released), standing "
-                            "for device time, so host work of the server and the engine contend as on a GPU")
+                       help="--stub-model: an emulated device takes this long a step (reading its tokens "
+                            "waits with the GIL released), so the server's and the engine's host work contend as on a GPU")
     bench.add_argument("--out", default=None, help="write the results here (JSON)")
     bench.add_argument("--label", default=None, help="a name for this run in plots")
     _add_engine_flags(p)
@@ -487,15 +487,46 @@ def stub_model(engine: LLMEngine, step_ms: float = 0.0) -> None:
     """`--stub-model`: the runner's forward returns random logits at once, so a step costs only the
     engine's host work (scheduling, inputs, sampling, detokenization, outputs). The server's cost
     per streamed token shows against it without a GPU (it found the stats read that counted every
-    free block each step)."""
+    free block each step).
+
+    `step_ms` adds an emulated device: each forward occupies it for `step_ms` from when it is free,
+    and the step's tokens can be read only once it is done; reading them sleeps (GIL released) until
+    then. Launched asynchronously (async scheduling), the next step's host work overlaps the device
+    time as on a GPU; a synchronous step waits at once."""
+    runner = engine.runner
     vocab, device = engine.model_config.vocab_size, engine.device
+    clock = {"free_at": 0.0, "ready_at": 0.0}  # the emulated device: busy until, and the last step's end
 
     def execute_model(input_ids, positions, meta, logits_rows, block_copies=None):
         if step_ms:
-            time.sleep(step_ms / 1000)
+            clock["free_at"] = clock["ready_at"] = max(time.perf_counter(), clock["free_at"]) + step_ms / 1000
         return None if logits_rows is None else torch.randn(logits_rows.shape[0], vocab, device=device)
 
-    engine.runner.execute_model = execute_model
+    def wait_for(ready_at: float) -> None:
+        time.sleep(max(0.0, ready_at - time.perf_counter()))
+
+    runner.execute_model = execute_model
+    if not step_ms:
+        return
+    execute, launch, collect = runner.execute, runner.launch, runner.collect
+
+    def execute_and_wait(*args, **kwargs):
+        out = execute(*args, **kwargs)
+        wait_for(clock["ready_at"])
+        return out
+
+    def launch_with_deadline(*args, **kwargs):
+        sampled = launch(*args, **kwargs)
+        if sampled is not None:
+            sampled.emulated_ready_at = clock["ready_at"]
+        return sampled
+
+    def collect_when_ready(sampled):
+        if sampled is not None:
+            wait_for(sampled.emulated_ready_at)
+        return collect(sampled)
+
+    runner.execute, runner.launch, runner.collect = execute_and_wait, launch_with_deadline, collect_when_ready
 
 
 def engine_args_from(args: argparse.Namespace) -> tuple[EngineArgs, Callable[[], None]]:

@@ -22,6 +22,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import build_app
+from api.generation import INLINE_TOKENIZE_CHARS
 from engine import EngineArgs
 from engine.async_engine import GIL_SWITCH_INTERVAL_S, AsyncLLMEngine, RequestStream, _put_all
 from engine.outputs import RequestOutput
@@ -451,7 +452,8 @@ def test_a_slow_tokenization_holds_up_neither_the_event_loop_nor_the_engine(keye
         return encode(text, *args, **kwargs)
 
     monkeypatch.setattr(tokenizer, "encode", slow_encode)
-    body = {"prompt": "slow prompt"} if path == COMPLETIONS else {"messages": [{"role": "user", "content": "slow prompt"}]}
+    long = "slow prompt " + "x" * INLINE_TOKENIZE_CHARS  # long enough for a worker thread; too long for the model
+    body = {"prompt": long} if path == COMPLETIONS else {"messages": [{"role": "user", "content": long}]}
     headers = {"Authorization": "Bearer sekret"}
     with httpx.Client(base_url=keyed_server.url, headers=headers, timeout=30) as slow_client, \
             httpx.Client(base_url=keyed_server.url, headers=headers, timeout=5) as http, \
@@ -463,7 +465,8 @@ def test_a_slow_tokenization_holds_up_neither_the_event_loop_nor_the_engine(keye
             assert http.post(COMPLETIONS, json={"prompt": "fine", "max_tokens": 2}).status_code == 200
         finally:
             release.set()
-        assert slow.result().status_code == 200
+        refused = slow.result()
+        assert refused.status_code == 400 and "max_model_len" in refused.json()["error"]["message"]
 
 
 def test_a_stream_hands_out_the_tokens_made_before_an_error(small_engine):
