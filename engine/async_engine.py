@@ -33,10 +33,10 @@ from engine.tensor_parallel import TensorParallelError
 
 logger = logging.getLogger("engine")
 
-# How long a thread may hold the GIL while another waits for it. With it (and lighter streams) the
-# server went from 0.72 to 0.96-1.03 of the engine's throughput at 256 streams, on a CPU with device
-# time emulated (perf/latency.py --stub-step-ms; perf/RESULTS.md, session 4); each forced switch
-# costs microseconds.
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). Part of
+# what took the server from 0.51-0.56 to 0.79-0.81 of the engine's throughput at 256 streams on a
+# CPU with an emulated device (perf/latency.py --stub-step-ms; perf/RESULTS.md, session 4); each
+# forced switch costs microseconds.
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
