@@ -26,12 +26,15 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from engine.config import EngineArgs
+from engine.engine_process import EngineProcessError, RemoteEngine
 from engine.llm_engine import EngineStats, LLMEngine, PromptType
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tensor_parallel import TensorParallelError
 
 logger = logging.getLogger("engine")
+
+_FATAL = (TensorParallelError, EngineProcessError)  # after these no step can run again
 
 # How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). Part of
 # what took the server from 0.51-0.56 to 0.79-0.81 of the engine's throughput at 256 streams on a
@@ -157,7 +160,7 @@ class AsyncLLMEngine:
 
     def __init__(
         self,
-        engine: LLMEngine,
+        engine: LLMEngine | RemoteEngine,
         max_waiting_requests: int | None = None,
         log_stats_interval_s: float = 5.0,
     ):
@@ -190,7 +193,9 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, log_stats_interval_s: float = 5.0) -> "AsyncLLMEngine":
-        return cls(LLMEngine.from_engine_args(args), args.max_waiting_requests, log_stats_interval_s)
+        """The engine in this process, or with `args.engine_process` in a child process of its own."""
+        engine = RemoteEngine(args) if args.engine_process else LLMEngine.from_engine_args(args)
+        return cls(engine, args.max_waiting_requests, log_stats_interval_s)
 
     # ---- the event loop's side ---------------------------------------------------------------------
 
@@ -331,7 +336,11 @@ class AsyncLLMEngine:
         try:
             self.engine.add_request(item.request_id, item.prompt, item.params, arrival_time=item.arrival_time)
         except Exception as error:  # ValueError for bad input; anything else fails this request only
-            if not isinstance(error, ValueError):
+            if isinstance(error, _FATAL):  # the engine is gone: stop, and answer 503 from now on
+                logger.error("adding request %s failed: %s; stopping the step loop", item.request_id, error)
+                self._stopping = True
+                error = EngineNotRunningError(str(error))
+            elif not isinstance(error, ValueError):
                 logger.exception("adding request %s failed", item.request_id)
             item.stream._settle_add(error)
             return
@@ -362,7 +371,7 @@ class AsyncLLMEngine:
             failure.__cause__ = error
             self._abort(_Abort(None, failure))
             self._stats = self.engine.get_stats()
-            if isinstance(error, TensorParallelError):  # no step can run again: stop, and answer 503
+            if isinstance(error, _FATAL):  # no step can run again: stop, and answer 503
                 self._stopping = True
             return
         # Stats first: whoever sees an output then sees load figures at least as fresh.

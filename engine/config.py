@@ -56,6 +56,7 @@ class EngineArgs:
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for
     cuda_graph_sizes: list[int] | None = None  # decode batch sizes to capture; default 1, 2, 4, 8, 16, ... 512
     max_waiting_requests: int | None = None  # reject new requests while this many wait (None = no limit)
+    engine_process: bool = False  # server: run the engine in its own process, so HTTP and the engine's host work do not share a GIL
     stream_interval: int = 1  # server streams: send a request's first token at once, then every this many tokens (fewer chunks under load)
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights (benchmarks)
 

@@ -29,6 +29,8 @@ class LLM:
         unknown = set(kwargs) - set(EngineArgs.field_names())
         if unknown:
             raise TypeError(f"unknown LLM argument(s): {sorted(unknown)}")
+        if kwargs.get("engine_process"):
+            raise ValueError("engine_process is for the server; LLM runs the engine in this process")
         self.llm_engine = LLMEngine(EngineArgs(model=model, tokenizer=tokenizer, **kwargs))
         self._ids = itertools.count()
 

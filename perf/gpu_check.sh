@@ -15,7 +15,8 @@
 #   profile torch-profiler tables (top kernels) of a Qwen3-0.6B prefill of 1024 and decode at 256 x 1024,
 #           and a Llama-3.1-8B batch-1 decode step, in $OUT/trace/*.txt
 #   serve   the server's cost on nano-like traffic (perf/latency.py --server: engine vs async front vs HTTP,
-#           256 requests), then a Llama-3.1-8B server (python -m engine.serve, dummy weights) under
+#           256 requests; then the same requests against `python -m engine.serve --engine-process`, to
+#           set against latency.py's engine figure), then a Llama-3.1-8B server (python -m engine.serve, dummy weights) under
 #           perf/serve_bench.py: concurrency 1 at 128 in / 256 out, and random 1024 / 128 at rates 1, 4, 16, inf
 #   serve-c1 the same without the request-rate sweep
 #   quant   Triton quantized-matmul GPU tests (tests/test_triton_quant.py), then perf/quant_bench.py
@@ -65,6 +66,16 @@ for stage in "$@"; do
              for f in "$OUT"/trace/*.txt; do echo "--- $f"; head -30 "$f"; done ;;
     serve|serve-c1) timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model qwen3-0.6b --max-model-len 4096 --server --skip-sweeps \
              --server-requests 256 --input-len 550 --output-len 520 --out "$OUT/serve_overhead_qwen3.json" 2>&1 | tail -12
+           qdir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('qwen3-0.6b'))")
+           vocab=$(python3 -c "from transformers import AutoConfig, AutoTokenizer as T; import sys; d=sys.argv[1]; print(min(AutoConfig.from_pretrained(d).vocab_size, len(T.from_pretrained(d))))" "$qdir")
+           python3 -m engine.serve --model "$qdir" --load-format dummy --max-model-len 4096 --port 8012 --engine-process \
+             > "$OUT/serve_ep_server.log" 2>&1 & epserver=$!
+           for _ in $(seq 240); do curl -sf localhost:8012/health >/dev/null && break; sleep 1; done
+           echo "--- the same 256 requests, server with --engine-process (compare with the engine line above)"
+           timeout 200 python3 perf/serve_bench.py --base-url http://127.0.0.1:8012 --dataset random --num-prompts 256 \
+             --input-len 550 --output-len 520 --vocab-size "$vocab" --seed 0 --ignore-eos --disable-tqdm \
+             --result-json "$OUT/serve_ep_qwen3.json" 2>&1 | tail -22
+           kill $epserver; wait $epserver
            dir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('llama-3.1-8b'))")
            python3 -m engine.serve --model "$dir" --load-format dummy --max-model-len 4096 --port 8011 \
              --served-model-name llama8b > "$OUT/serve8b_server.log" 2>&1 & server=$!

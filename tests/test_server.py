@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -77,12 +78,17 @@ class ThreadedServer:
         self.thread.join(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def server(llama_checkpoint, tmp_path_factory):
+# Every test of the real server runs against both shapes: the engine's step loop as a thread of the
+# server process, and the engine in a process of its own (--engine-process).
+ENGINE_SHAPES = {"in-process": [], "engine-process": ["--engine-process"]}
+
+
+@pytest.fixture(scope="module", params=list(ENGINE_SHAPES))
+def server(llama_checkpoint, tmp_path_factory, request):
     proc = ServerProcess(
         tmp_path_factory.mktemp("server") / "server.log", "--model", llama_checkpoint, "--served-model-name", MODEL,
         "--max-model-len", str(MAX_MODEL_LEN), "--num-gpu-blocks-override", "1024", "--max-body-bytes",
-        str(MAX_BODY_BYTES), "--seed", "0",
+        str(MAX_BODY_BYTES), "--seed", "0", *ENGINE_SHAPES[request.param],
     )
     yield proc
     assert proc.stop() == 0, proc.log()
@@ -632,11 +638,12 @@ def test_bad_startup_input_exits_with_one_line(llama_checkpoint, tmp_path):
     assert "Traceback" not in template.stderr
 
 
-def test_sigterm_ends_in_flight_streams_and_exits_zero(llama_checkpoint, tmp_path):
+@pytest.mark.parametrize("shape", list(ENGINE_SHAPES))
+def test_sigterm_ends_in_flight_streams_and_exits_zero(llama_checkpoint, tmp_path, shape):
     template = tmp_path / "template.jinja"
     template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
     proc = ServerProcess(tmp_path / "server.log", "--model", llama_checkpoint, "--max-model-len", "512",
-                         "--num-gpu-blocks-override", "64", "--chat-template", str(template))
+                         "--num-gpu-blocks-override", "64", "--chat-template", str(template), *ENGINE_SHAPES[shape])
     try:
         with httpx.Client(base_url=proc.url, timeout=30) as http:
             rendered = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
@@ -651,6 +658,47 @@ def test_sigterm_ends_in_flight_streams_and_exits_zero(llama_checkpoint, tmp_pat
         assert json.loads(rest[-2])["error"]["message"] == "the server is shutting down" and rest[-1] == "[DONE]"
         assert proc.proc.wait(timeout=30) == 0, proc.log()
         assert "got SIGTERM" in proc.log()
+    finally:
+        proc.stop()
+
+
+def test_the_engine_process_ends_with_the_server_however_it_ends(llama_checkpoint, tmp_path):
+    # SIGTERM drains and stops it; SIGKILL gives it no chance to: it must notice and go by itself.
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        proc = ServerProcess(tmp_path / f"server-{how.name}.log", "--model", llama_checkpoint, "--max-model-len", "256",
+                             "--num-gpu-blocks-override", "64", "--engine-process")
+        children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.proc.pid)], capture_output=True,
+                                                        text=True).stdout.split()]
+        assert children, "the engine process should be the server's child"
+        proc.proc.send_signal(how)
+        proc.proc.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in children), (how, proc.log())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_an_engine_process_that_dies_fails_its_requests_and_the_server_answers_503(llama_checkpoint, tmp_path):
+    proc = ServerProcess(tmp_path / "server.log", "--model", llama_checkpoint, "--max-model-len", "256",
+                         "--num-gpu-blocks-override", "64", "--engine-process")
+    try:
+        engine_pids = subprocess.run(["pgrep", "-f", "multiprocessing.spawn", "-P", str(proc.proc.pid)],
+                                     capture_output=True, text=True).stdout.split()
+        with httpx.Client(base_url=proc.url, timeout=30) as http:
+            assert http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+            for pid in engine_pids:
+                os.kill(int(pid), signal.SIGKILL)
+            failed = http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 2})
+            assert failed.status_code in (500, 503), failed.text
+            assert http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 2}).status_code == 503
     finally:
         proc.stop()
 

@@ -265,13 +265,15 @@ def test_no_worker_outlives_an_engine_process_that_ends(checkpoints, how):
     assert_gone(pids)
 
 
-def test_the_server_with_tensor_parallel_size_2_answers_the_openai_client(checkpoints, tmp_path):
+@pytest.mark.parametrize("engine_process", [False, True], ids=["in-process", "engine-process"])
+def test_the_server_with_tensor_parallel_size_2_answers_the_openai_client(checkpoints, tmp_path, engine_process):
+    # With --engine-process the workers are the engine process's children: they must go with it.
     path = checkpoints["llama3-tied"]
     prompt = PROMPTS[2]
     want = LLM(path, **ENGINE).generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)[0].outputs[0]
     server = ServerProcess(tmp_path / "server.log", "--model", path, "--served-model-name", "tiny",
                            "--tensor-parallel-size", "2", "--max-model-len", "256", "--block-size", "4",
-                           "--num-gpu-blocks-override", "512")
+                           "--num-gpu-blocks-override", "512", *(["--engine-process"] if engine_process else []))
     try:
         pids = [int(pid) for pid in re.search(r"worker pids \[([\d, ]+)\]", server.log()).group(1).split(",")]
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)

@@ -1,0 +1,248 @@
+"""The engine in its own process, for the server (`--engine-process`; vLLM V1's engine core).
+
+In one process the API server's event loop and the engine's step thread share one GIL: at a few
+hundred streams, sending the chunks and running the engine's host work (scheduling, inputs,
+detokenizing, outputs) take turns instead of overlapping, and the device waits. Here the engine
+runs in a child process and `RemoteEngine` stands in for it behind the few calls the async front
+makes (add_request, abort_request, step, get_stats, has_unfinished_requests, shutdown): each is one
+message over a pipe and one reply, which also carries the engine's stats.
+
+Outputs cross as deltas (the text and tokens new since the last one), since resending every
+request's whole output each step would cost the front more than it saves; `RemoteEngine` puts the
+cumulative outputs back together. The child exits when its parent dies; an engine process that dies
+fails the step it was in, and every later one (`EngineProcessError`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import AutoTokenizer
+
+from engine.config import EngineArgs
+from engine.llm_engine import EngineStats, LLMEngine
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.tensor_parallel import TensorParallelError
+
+logger = logging.getLogger("engine")
+
+STOP_TIMEOUT_S = 30.0  # how long shutdown() waits for the engine process before killing it
+
+
+class EngineProcessError(RuntimeError):
+    """The engine process died or stopped answering: no step can run again."""
+
+
+class RemoteEngine:
+    """An `LLMEngine` in a child process, for `AsyncLLMEngine`'s step thread (one caller at a time)."""
+
+    def __init__(self, args: EngineArgs):
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+        self._conn, child_conn = context.Pipe()
+        # Not a daemon: it starts tensor-parallel workers of its own. It ends on shutdown() (also at
+        # this process's exit) or, if this process dies, by itself.
+        self._process = context.Process(target=_serve, args=(args, child_conn, logging.getLogger().getEffectiveLevel()),
+                                        name="engine-process")
+        self._process.start()
+        child_conn.close()
+        atexit.register(self.shutdown)  # before multiprocessing's own exit handler joins the process
+        self._unfinished = False
+        self._requests: dict[str, _Assembled] = {}
+        self._closed = False
+        self.args = args
+        try:
+            self.model_config = self._call("start")  # waits for the load (and on CUDA, compile and capture)
+        except BaseException:  # it failed to load (and exits), or we were interrupted: end it either way
+            self._closed = True
+            atexit.unregister(self.shutdown)
+            self._process.join(STOP_TIMEOUT_S)
+            if self._process.is_alive():
+                self._process.kill()
+            raise
+        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        logger.info("engine process %d serves %s", self._process.pid, args.model)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def add_request(self, request_id: str, prompt, params=None, arrival_time: float | None = None) -> None:
+        self._call("add", request_id, prompt, params, arrival_time)
+
+    def abort_request(self, request_ids) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for request_id in ids:
+            self._requests.pop(request_id, None)
+        self._call("abort", ids)
+
+    def step(self) -> list[RequestOutput]:
+        return [self._assemble(delta) for delta in self._call("step")]
+
+    def get_stats(self) -> EngineStats:
+        return self._stats
+
+    def has_unfinished_requests(self) -> bool:
+        return self._unfinished
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.shutdown)
+        try:
+            self._call("shutdown")
+        except Exception as exc:  # it died already, or cannot stop cleanly: it is killed below
+            logger.warning("engine process did not stop cleanly: %s", exc)
+        self._process.join(STOP_TIMEOUT_S)
+        if self._process.is_alive():
+            logger.warning("engine process did not exit in %.0f s: killing it", STOP_TIMEOUT_S)
+            self._process.kill()
+            self._process.join()
+        self._conn.close()
+
+    # ---- one message, one reply ---------------------------------------------------------------------
+
+    def _call(self, command: str, *payload: Any) -> Any:
+        if self._closed and command != "shutdown":
+            raise EngineProcessError("the engine process was shut down")
+        try:
+            self._conn.send((command, payload))
+            # Wait on the pipe and on the process: a reply that never comes must not hang the front.
+            while not self._conn.poll(1.0):
+                if not self._process.is_alive():
+                    raise EOFError
+            status, result, stats, unfinished = self._conn.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            self._closed = True
+            code = self._process.exitcode
+            raise EngineProcessError(f"the engine process died (exit code {code})") from None
+        if stats is not None:
+            self._stats, self._unfinished = stats, unfinished
+        if status == "error":
+            raise _rebuilt(*result)
+        return result
+
+    def _assemble(self, delta: tuple) -> RequestOutput:
+        request_id, prompt_fields, completions, finished, num_cached_tokens, metrics = delta
+        if prompt_fields is not None:
+            self._requests[request_id] = _Assembled(*prompt_fields)
+        state = self._requests[request_id]
+        outputs = []
+        for index, text, token_ids, cumulative_logprob, logprobs, finish_reason, stop_reason in completions:
+            c = state.completions.setdefault(index, _Completion())
+            c.text += text
+            c.token_ids += token_ids
+            if logprobs is not None:
+                c.logprobs = (c.logprobs or []) + logprobs
+            outputs.append(CompletionOutput(index, c.text, list(c.token_ids), cumulative_logprob,
+                                            None if c.logprobs is None else list(c.logprobs), finish_reason, stop_reason))
+        if finished:
+            del self._requests[request_id]
+        return RequestOutput(request_id, state.prompt, state.prompt_token_ids, state.prompt_logprobs, outputs, finished,
+                             num_cached_tokens, metrics)
+
+
+@dataclass
+class _Completion:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list | None = None
+
+
+@dataclass
+class _Assembled:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list | None
+    completions: dict[int, _Completion] = field(default_factory=dict)
+
+
+def _rebuilt(kind: str, message: str) -> Exception:
+    """The engine process's exception, as the front knows it: bad input stays a ValueError."""
+    if kind == "ValueError":
+        return ValueError(message)
+    if kind == "TensorParallelError":
+        return TensorParallelError(message)
+    return RuntimeError(f"{kind}: {message}")
+
+
+# ---- the engine process ---------------------------------------------------------------------------------
+
+
+def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_level: int) -> None:
+    # Ctrl-C (and a SIGTERM sent to the whole group) reach this process too: the server decides, and
+    # drains first; this process ends when told to, or when the server is gone.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_parent_dies, daemon=True).start()
+    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    conn.recv()  # "start"
+    try:
+        engine = LLMEngine(args)
+    except Exception as exc:
+        conn.send(("error", (_kind(exc), str(exc)), None, False))
+        return
+    conn.send(("ok", engine.model_config, engine.get_stats(), False))
+    sent: dict[str, dict[int, list[int]]] = {}  # request id -> completion index -> [text, tokens, logprobs] sent
+    while True:
+        command, payload = conn.recv()
+        try:
+            if command == "add":
+                engine.add_request(*payload)
+                result = None
+            elif command == "abort":
+                engine.abort_request(payload[0])
+                for request_id in payload[0]:
+                    sent.pop(request_id, None)
+                result = None
+            elif command == "step":
+                result = [_delta(output, sent) for output in engine.step()]
+            elif command == "shutdown":
+                engine.shutdown()
+                conn.send(("ok", None, None, False))
+                return
+            else:
+                raise ValueError(f"unknown command {command!r}")
+            conn.send(("ok", result, engine.get_stats(), engine.has_unfinished_requests()))
+        except Exception as exc:
+            if not isinstance(exc, ValueError):
+                logging.getLogger("engine").exception("engine process: %s failed", command)
+            conn.send(("error", (_kind(exc), str(exc)), engine.get_stats(), engine.has_unfinished_requests()))
+
+
+def _kind(exc: Exception) -> str:
+    if isinstance(exc, TensorParallelError):
+        return "TensorParallelError"
+    if isinstance(exc, ValueError):
+        return "ValueError"
+    return type(exc).__name__
+
+
+def _delta(output: RequestOutput, sent: dict[str, dict[int, list[int]]]) -> tuple:
+    """What `output` adds to what was sent of its request before."""
+    first = output.request_id not in sent
+    marks = sent.setdefault(output.request_id, {})
+    completions = []
+    for c in output.outputs:
+        text_at, tokens_at, logprobs_at = marks.setdefault(c.index, [0, 0, 0])
+        logprobs = None if c.logprobs is None else c.logprobs[logprobs_at:]
+        completions.append((c.index, c.text[text_at:], c.token_ids[tokens_at:], c.cumulative_logprob, logprobs,
+                            c.finish_reason, c.stop_reason))
+        marks[c.index] = [len(c.text), len(c.token_ids), 0 if c.logprobs is None else len(c.logprobs)]
+    if output.finished:
+        del sent[output.request_id]
+    prompt_fields = (output.prompt, output.prompt_token_ids, output.prompt_logprobs) if first else None
+    return output.request_id, prompt_fields, completions, output.finished, output.num_cached_tokens, output.metrics
+
+
+def _exit_when_parent_dies() -> None:
+    multiprocessing.connection.wait([multiprocessing.parent_process().sentinel])
+    os._exit(1)
