@@ -23,7 +23,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from transformers import AutoTokenizer
 
@@ -44,12 +44,14 @@ class EngineProcessError(RuntimeError):
 class RemoteEngine:
     """An `LLMEngine` in a child process, for `AsyncLLMEngine`'s step thread (one caller at a time)."""
 
-    def __init__(self, args: EngineArgs):
+    def __init__(self, args: EngineArgs, on_start: Callable[[LLMEngine], None] | None = None):
+        """`on_start(engine)` runs in the engine process once the engine is built (picklable: a
+        module-level function; benchmarks use it to swap in a stub model)."""
         context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         self._conn, child_conn = context.Pipe()
         # Not a daemon: it starts tensor-parallel workers of its own. It ends on shutdown() (also at
         # this process's exit) or, if this process dies, by itself.
-        self._process = context.Process(target=_serve, args=(args, child_conn, logging.getLogger().getEffectiveLevel()),
+        self._process = context.Process(target=_serve, args=(args, child_conn, logging.getLogger().getEffectiveLevel(), on_start),
                                         name="engine-process")
         self._process.start()
         child_conn.close()
@@ -177,7 +179,8 @@ def _rebuilt(kind: str, message: str) -> Exception:
 # ---- the engine process ---------------------------------------------------------------------------------
 
 
-def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_level: int) -> None:
+def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_level: int,
+           on_start: Callable[[LLMEngine], None] | None) -> None:
     # Ctrl-C (and a SIGTERM sent to the whole group) reach this process too: the server decides, and
     # drains first; this process ends when told to, or when the server is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -187,6 +190,8 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_le
     conn.recv()  # "start"
     try:
         engine = LLMEngine(args)
+        if on_start is not None:
+            on_start(engine)
     except Exception as exc:
         conn.send(("error", (_kind(exc), str(exc)), None, False))
         return

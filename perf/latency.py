@@ -17,7 +17,8 @@ exclusive of the others it calls. On CUDA the wrappers synchronize at the phase 
 is charged to the phase that queued it (a step syncs once anyway, to read the sampled ids).
 `--server` also measures the same requests through the async front and through HTTP (the real app
 on uvicorn on a loopback port, driven by perf/serve_bench.py in another process), against the
-engine driven directly: what the API server costs. `--trace DIR` writes a chrome trace (torch
+engine driven directly: what the API server costs; with `--engine-process` too, the same through
+HTTP with the engine in its own process (layer `http-ep`, run first). `--trace DIR` writes a chrome trace (torch
 profiler) of one extra run per sweep point, with the phases as named ranges.
 
 Models: a checkpoint directory, or `qwen3-0.6b` / `llama-3.1-8b` / `llama-3.1-70b` (random weights,
@@ -39,6 +40,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -381,7 +383,25 @@ def run_http(url: str, args: argparse.Namespace, vocab: int, seed: int, concurre
     return {k: v for k, v in record.items() if not isinstance(v, list)}
 
 
-def server_comparison(engine: LLMEngine, args: argparse.Namespace) -> dict:
+def engine_process_layer(engine_args: EngineArgs, args: argparse.Namespace) -> dict[str, dict]:
+    """`--server --engine-process`: the same requests through HTTP with the engine in its own process
+    (python -m engine.serve --engine-process). Run before the in-process engine exists: on a GPU
+    each would want the memory the other holds, and a process that exits gives all of it back."""
+    from engine.async_engine import AsyncLLMEngine
+    from engine.engine_process import RemoteEngine
+
+    on_start = functools.partial(stub_model, step_ms=args.stub_step_ms) if args.stub_model else None
+    async_engine = AsyncLLMEngine(RemoteEngine(engine_args, on_start=on_start))
+    try:
+        vocab = min(async_engine.model_config.vocab_size, len(async_engine.tokenizer))
+        with http_server(async_engine) as url:
+            return {mode: run_http(url, args, vocab, engine_args.seed, concurrent)
+                    for mode, concurrent in (("sequential", False), ("concurrent", True))}
+    finally:
+        async_engine.shutdown()
+
+
+def server_comparison(engine: LLMEngine, args: argparse.Namespace, engine_process: dict | None = None) -> dict:
     """The same requests (serve_bench's random dataset, same seed) one at a time and all at once,
     through each layer; summaries under serve_bench's names."""
     from engine.async_engine import AsyncLLMEngine
@@ -401,17 +421,27 @@ def server_comparison(engine: LLMEngine, args: argparse.Namespace) -> dict:
     with http_server(async_engine) as url:
         for mode, concurrent in modes.items():
             layers["http"][mode] = run_http(url, args, vocab, seed, concurrent)
-    overhead = {}
-    for mode in modes:
-        direct, http = layers["engine"][mode], layers["http"][mode]
-        overhead[mode] = {
-            "ttft_ms": http["median_ttft_ms"] - direct["median_ttft_ms"],
-            "tpot_ms": http["median_tpot_ms"] - direct["median_tpot_ms"],
-            "e2el_ms": http["median_e2el_ms"] - direct["median_e2el_ms"],
-            "output_throughput_ratio": http["output_throughput"] / direct["output_throughput"],
-        }
-    return {"num_requests": args.server_requests, "sequential_requests": args.sequential_requests,
-            "input_len": args.input_len, "output_len": args.output_len, "layers": layers, "http_vs_engine": overhead}
+    if engine_process is not None:
+        layers["http-ep"] = engine_process
+
+    def versus(layer: str) -> dict:
+        overhead = {}
+        for mode in modes:
+            direct, http = layers["engine"][mode], layers[layer][mode]
+            overhead[mode] = {
+                "ttft_ms": http["median_ttft_ms"] - direct["median_ttft_ms"],
+                "tpot_ms": http["median_tpot_ms"] - direct["median_tpot_ms"],
+                "e2el_ms": http["median_e2el_ms"] - direct["median_e2el_ms"],
+                "output_throughput_ratio": http["output_throughput"] / direct["output_throughput"],
+            }
+        return overhead
+
+    record = {"num_requests": args.server_requests, "sequential_requests": args.sequential_requests,
+              "input_len": args.input_len, "output_len": args.output_len, "layers": layers,
+              "http_vs_engine": versus("http")}
+    if engine_process is not None:
+        record["http_ep_vs_engine"] = versus("http-ep")
+    return record
 
 
 # ---- reporting --------------------------------------------------------------------------------------
@@ -439,15 +469,17 @@ def print_report(record: dict) -> None:
     if server:
         print(f"\n{server['sequential_requests']} requests one at a time, then {server['num_requests']} at once; "
               f"{server['input_len']} in / {server['output_len']} out, medians in ms")
-        print(f"{'layer':>7} {'mode':>11} {'TTFT':>9} {'TPOT':>9} {'E2EL':>9} {'out tok/s':>10}")
+        note = "   (http-ep: the engine in its own process)" if "http-ep" in server["layers"] else ""
+        print(f"{'layer':>7} {'mode':>11} {'TTFT':>9} {'TPOT':>9} {'E2EL':>9} {'out tok/s':>10}{note}")
         for mode in ("sequential", "concurrent"):
             for layer, results in server["layers"].items():
                 s = results[mode]
                 print(f"{layer:>7} {mode:>11} {s['median_ttft_ms']:9.2f} {s['median_tpot_ms']:9.3f} "
                       f"{s['median_e2el_ms']:9.2f} {s['output_throughput']:10.1f}")
-        for mode, o in server["http_vs_engine"].items():
-            print(f"HTTP vs engine, {mode}: TTFT {o['ttft_ms']:+.2f} ms, TPOT {o['tpot_ms']:+.3f} ms, "
-                  f"E2EL {o['e2el_ms']:+.2f} ms, output throughput x{o['output_throughput_ratio']:.3f}")
+        for key, name in (("http_vs_engine", "HTTP"), ("http_ep_vs_engine", "HTTP, engine process,")):
+            for mode, o in server.get(key, {}).items():
+                print(f"{name} vs engine, {mode}: TTFT {o['ttft_ms']:+.2f} ms, TPOT {o['tpot_ms']:+.3f} ms, "
+                      f"E2EL {o['e2el_ms']:+.2f} ms, output throughput x{o['output_throughput_ratio']:.3f}")
 
 
 # ---- command line -----------------------------------------------------------------------------------
@@ -565,6 +597,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.stub_model and engine_args.tensor_parallel_size > 1:
         parser.error("--stub-model runs one rank (the workers would still run the model)")
     try:
+        engine_process = engine_process_layer(engine_args, args) if args.server and engine_args.engine_process else None
         engine = LLMEngine(engine_args)
         if args.stub_model:
             stub_model(engine, args.stub_step_ms)
@@ -597,7 +630,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                              args.warmup_steps, args.trace_steps, rng))
             engine.args.async_scheduling = async_scheduling
         if args.server:
-            record["server"] = server_comparison(engine, args)
+            record["server"] = server_comparison(engine, args, engine_process)
     finally:
         cleanup()
     print_report(record)
