@@ -9,7 +9,7 @@ import re
 
 import msgspec
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from api.encoding import json_response
@@ -50,6 +50,8 @@ def as_api_error(exc: BaseException) -> APIError:
         return APIError(503, str(exc), type="server_error", code="overloaded")
     if isinstance(exc, (EngineNotRunningError, RequestAbortedError)):
         return APIError(503, str(exc), type="server_error", code="unavailable")
+    if isinstance(exc, ClientDisconnect):  # gone while its body was being read: nobody to answer
+        return APIError(499, "the client disconnected", code="client_disconnected")
     if isinstance(exc, EngineStepError):  # the step loop logged it once, with its traceback
         return APIError(500, str(exc), type="server_error")
     logger.error("request failed", exc_info=exc)

@@ -109,6 +109,9 @@ class RequestStream:
 
     def abort(self) -> None:
         """Stop the request and free its KV blocks (a no-op once it finished). Safe in `finally`."""
+        # Nobody awaits the acceptance any more: take its error, if any, so asyncio does not log
+        # "exception was never retrieved" (another prompt of the same HTTP request failed first).
+        self._accepted.add_done_callback(lambda f: f.cancelled() or f.exception())
         if self.finished:
             return
         self.finished = True
@@ -353,6 +356,8 @@ class AsyncLLMEngine:
             return
         try:
             self.engine.abort_request(ids)
+        except _FATAL as error:  # the engine is gone (already logged): the streams still end below
+            logger.warning("aborting requests %s: %s", ids, error)
         except Exception:
             logger.exception("aborting requests %s failed", ids)
         streams = [self._streams.pop(request_id) for request_id in ids]

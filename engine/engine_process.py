@@ -51,7 +51,7 @@ class RemoteEngine:
         self._conn, child_conn = context.Pipe()
         # Not a daemon: it starts tensor-parallel workers of its own. It ends on shutdown() (also at
         # this process's exit) or, if this process dies, by itself.
-        self._process = context.Process(target=_serve, args=(args, child_conn, logging.getLogger().getEffectiveLevel(), on_start),
+        self._process = context.Process(target=_serve, args=(args, child_conn, _log_settings(), on_start),
                                         name="engine-process")
         self._process.start()
         child_conn.close()
@@ -124,6 +124,7 @@ class RemoteEngine:
             status, result, stats, unfinished = self._conn.recv()
         except (EOFError, OSError, BrokenPipeError):
             self._closed = True
+            self._process.join(1.0)  # for its exit code
             code = self._process.exitcode
             raise EngineProcessError(f"the engine process died (exit code {code})") from None
         if stats is not None:
@@ -133,10 +134,12 @@ class RemoteEngine:
         return result
 
     def _assemble(self, delta: tuple) -> RequestOutput:
-        request_id, prompt_fields, completions, finished, num_cached_tokens, metrics = delta
+        request_id, prompt_fields, prompt_logprobs, completions, finished, num_cached_tokens, metrics = delta
         if prompt_fields is not None:
             self._requests[request_id] = _Assembled(*prompt_fields)
         state = self._requests[request_id]
+        if prompt_logprobs is not None:
+            state.prompt_logprobs = (state.prompt_logprobs or []) + prompt_logprobs
         outputs = []
         for index, text, token_ids, cumulative_logprob, logprobs, finish_reason, stop_reason in completions:
             c = state.completions.setdefault(index, _Completion())
@@ -163,7 +166,7 @@ class _Completion:
 class _Assembled:
     prompt: str | None
     prompt_token_ids: list[int]
-    prompt_logprobs: list | None
+    prompt_logprobs: list | None = None
     completions: dict[int, _Completion] = field(default_factory=dict)
 
 
@@ -179,14 +182,22 @@ def _rebuilt(kind: str, message: str) -> Exception:
 # ---- the engine process ---------------------------------------------------------------------------------
 
 
-def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_level: int,
+def _log_settings() -> tuple[int, str | None]:
+    """The server's log level and format, for the engine process's own lines to look the same."""
+    root = logging.getLogger()
+    formatter = next((h.formatter for h in root.handlers if h.formatter is not None), None)
+    return root.getEffectiveLevel(), None if formatter is None else formatter._fmt
+
+
+def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_settings: tuple[int, str | None],
            on_start: Callable[[LLMEngine], None] | None) -> None:
     # Ctrl-C (and a SIGTERM sent to the whole group) reach this process too: the server decides, and
     # drains first; this process ends when told to, or when the server is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_when_parent_dies, daemon=True).start()
-    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    level, fmt = log_settings
+    logging.basicConfig(level=level, format=fmt or logging.BASIC_FORMAT)
     conn.recv()  # "start"
     try:
         engine = LLMEngine(args)
@@ -196,7 +207,7 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_le
         conn.send(("error", (_kind(exc), str(exc)), None, False))
         return
     conn.send(("ok", engine.model_config, engine.get_stats(), False))
-    sent: dict[str, dict[int, list[int]]] = {}  # request id -> completion index -> [text, tokens, logprobs] sent
+    sent: dict[str, _Sent] = {}  # what each request's outputs have sent so far
     while True:
         command, payload = conn.recv()
         try:
@@ -231,21 +242,33 @@ def _kind(exc: Exception) -> str:
     return type(exc).__name__
 
 
-def _delta(output: RequestOutput, sent: dict[str, dict[int, list[int]]]) -> tuple:
-    """What `output` adds to what was sent of its request before."""
+@dataclass
+class _Sent:
+    prompt_logprobs: int = 0  # positions sent: they grow while a chunked prefill goes on
+    completions: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # index -> text, tokens, logprobs sent
+
+
+def _delta(output: RequestOutput, sent: dict[str, _Sent]) -> tuple:
+    """What `output` adds to what was sent of its request before. Text, token ids and logprobs only
+    ever grow (the text a caller may see holds back what a stop string could still cut)."""
     first = output.request_id not in sent
-    marks = sent.setdefault(output.request_id, {})
+    marks = sent.setdefault(output.request_id, _Sent())
     completions = []
     for c in output.outputs:
-        text_at, tokens_at, logprobs_at = marks.setdefault(c.index, [0, 0, 0])
+        text_at, tokens_at, logprobs_at = marks.completions.get(c.index, (0, 0, 0))
         logprobs = None if c.logprobs is None else c.logprobs[logprobs_at:]
         completions.append((c.index, c.text[text_at:], c.token_ids[tokens_at:], c.cumulative_logprob, logprobs,
                             c.finish_reason, c.stop_reason))
-        marks[c.index] = [len(c.text), len(c.token_ids), 0 if c.logprobs is None else len(c.logprobs)]
+        marks.completions[c.index] = (len(c.text), len(c.token_ids), 0 if c.logprobs is None else len(c.logprobs))
+    prompt_logprobs = None
+    if output.prompt_logprobs is not None:
+        prompt_logprobs = output.prompt_logprobs[marks.prompt_logprobs:]
+        marks.prompt_logprobs = len(output.prompt_logprobs)
     if output.finished:
         del sent[output.request_id]
-    prompt_fields = (output.prompt, output.prompt_token_ids, output.prompt_logprobs) if first else None
-    return output.request_id, prompt_fields, completions, output.finished, output.num_cached_tokens, output.metrics
+    prompt_fields = (output.prompt, output.prompt_token_ids) if first else None
+    return (output.request_id, prompt_fields, prompt_logprobs, completions, output.finished, output.num_cached_tokens,
+            output.metrics)
 
 
 def _exit_when_parent_dies() -> None:

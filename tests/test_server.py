@@ -686,6 +686,41 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def test_the_engine_process_gives_the_outputs_of_the_engine_in_process(llama_checkpoint):
+    # Outputs cross as deltas: every field must add up to what the engine itself reports, also where
+    # it grows over several steps (prompt logprobs of a prefill split into chunks by a small budget).
+    from engine.engine_process import RemoteEngine
+
+    args = EngineArgs(model=llama_checkpoint, max_model_len=512, max_num_batched_tokens=64, num_gpu_blocks_override=128)
+    prompt = {"prompt_token_ids": [(7 * i) % 900 + 5 for i in range(200)]}
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=1, logprobs=2),
+              SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=8, stop=[" the"], logprobs=1)]
+
+    def finals(engine: AsyncLLMEngine) -> list:
+        async def run(i: int):
+            final = None
+            async for final in engine.generate(prompt, params[i], request_id=str(i)):
+                pass
+            return final
+
+        async def both():
+            return await asyncio.gather(run(0), run(1))
+
+        try:
+            return asyncio.run(both())
+        finally:
+            engine.shutdown()
+
+    here = finals(AsyncLLMEngine.from_engine_args(args))
+    there = finals(AsyncLLMEngine(RemoteEngine(args)))
+    for a, b in zip(here, there):
+        assert len(b.prompt_logprobs or []) == len(a.prompt_logprobs or [])
+        assert (b.prompt_token_ids, b.prompt_logprobs, b.finished) == (a.prompt_token_ids, a.prompt_logprobs, a.finished)
+        assert [(c.text, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason) for c in b.outputs] == \
+            [(c.text, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason) for c in a.outputs]
+    assert len(here[0].prompt_logprobs) == 200
+
+
 def test_an_engine_process_that_dies_fails_its_requests_and_the_server_answers_503(llama_checkpoint, tmp_path):
     proc = ServerProcess(tmp_path / "server.log", "--model", llama_checkpoint, "--max-model-len", "256",
                          "--num-gpu-blocks-override", "64", "--engine-process")
