@@ -38,7 +38,7 @@ STOP_TIMEOUT_S = 30.0  # how long shutdown() waits for the engine process before
 
 
 class EngineProcessError(RuntimeError):
-    """The engine process died or stopped answering: no step can run again."""
+    """The engine process died (or was shut down): no step can run again."""
 
 
 class RemoteEngine:
