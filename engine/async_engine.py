@@ -196,8 +196,12 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, log_stats_interval_s: float = 5.0) -> "AsyncLLMEngine":
-        """The engine in this process, or with `args.engine_process` in a child process of its own."""
-        engine = RemoteEngine(args) if args.engine_process else LLMEngine.from_engine_args(args)
+        """The engine in this process, or in a child process of its own (`args.engine_process`;
+        by default with a GPU)."""
+        in_child = args.resolve_engine_process()
+        logger.info("engine %s", "in a process of its own (--no-engine-process: in the server's)" if in_child
+                    else "in the server's process (--engine-process: in one of its own)")
+        engine = RemoteEngine(args) if in_child else LLMEngine.from_engine_args(args)
         return cls(engine, args.max_waiting_requests, log_stats_interval_s)
 
     # ---- the event loop's side ---------------------------------------------------------------------

@@ -19,9 +19,13 @@
 #           set against latency.py's engine figure), then a Llama-3.1-8B server (python -m engine.serve, dummy weights) under
 #           perf/serve_bench.py: concurrency 1 at 128 in / 256 out, and random 1024 / 128 at rates 1, 4, 16, inf
 #   serve-c1 the same without the request-rate sweep
+#   serve-spy py-spy (carried as a wheel) samples the Qwen3-0.6B server's threads, in-process and with
+#           --engine-process, during the 256-request run above; raw stacks in $OUT/spy_*.txt
 #   quant   Triton quantized-matmul GPU tests (tests/test_triton_quant.py), then perf/quant_bench.py
 #   tp70    (2 GPUs) Llama-3.1-70B-shaped with 20 of its 80 layers at TP=2: batch-1 decode, fixed 256 x 1024 x 256
 #           (issue 8's stand-in while no 4-GPU machine is lent)
+#   tp4-70b (4 GPUs) Llama-3.1-70B (all 80 layers, bf16, random weights made shard by shard) at TP=4: batch-1
+#           decode 128 / 512, then fixed 256 x 1024 x 256; each run ends with 8 fixed prompts greedy, compared
 #   tp      (2 GPUs) tensor-parallel GPU tests, then Llama-3.1-8B batch-1 decode (async, sync) and fixed 1000 x 256 x 256 at TP=2
 #   quant8b Llama-3.1-8B batch 1 (128 / 512) AWQ, int8; fixed 1000 x 256 x 256 AWQ, int8, bitsandbytes (bf16: llama)
 #   quant70b Llama-3.1-70B AWQ (random 4-bit weights, 37 GiB), one GPU: batch 1 (128 / 256), then fixed 1000 x 128 x 512
@@ -86,8 +90,28 @@ for stage in "$@"; do
              sb --dataset random --input-len 1024 --output-len 128 --num-prompts $n --request-rate $rate --label rate$rate --result-json "$OUT/serve8b_rate$rate.json"
            done
            kill $server; wait $server ;;
+    serve-spy) qdir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('qwen3-0.6b'))")
+           vocab=$(python3 -c "from transformers import AutoConfig, AutoTokenizer as T; import sys; d=sys.argv[1]; print(min(AutoConfig.from_pretrained(d).vocab_size, len(T.from_pretrained(d))))" "$qdir")
+           for shape in inproc ep; do
+             flag=$([ $shape = ep ] && echo --engine-process)
+             python3 -m engine.serve --model "$qdir" --load-format dummy --max-model-len 4096 --port 8013 $flag \
+               > "$OUT/spy_${shape}_server.log" 2>&1 & spserver=$!
+             for _ in $(seq 240); do curl -sf localhost:8013/health >/dev/null && break; sleep 1; done
+             echo "--- $shape: 256 requests under py-spy (sampling 8 s from 4 s in)"
+             (sleep 4; /tmp/site/bin/py-spy record --pid $spserver --subprocesses --nonblocking --threads --format raw --rate 250 \
+                --duration 8 -o "$OUT/spy_${shape}.txt" > "$OUT/spy_${shape}_pyspy.log" 2>&1) & spy=$!
+             timeout 200 python3 perf/serve_bench.py --base-url http://127.0.0.1:8013 --dataset random --num-prompts 256 \
+               --input-len 550 --output-len 520 --vocab-size "$vocab" --seed 0 --ignore-eos --disable-tqdm \
+               --result-json "$OUT/spy_${shape}_bench.json" 2>&1 | grep -E "throughput|TPOT|TTFT" | head -8
+             wait $spy; kill $spserver; wait $spserver
+           done ;;
     tp70) bench llama70b20l_bs1_tp2 --model llama-3.1-70b --num-layers 20 --workload fixed --num-requests 1 --input-len 128 --output-len 256 --tensor-parallel-size 2
           bench llama70b20l_fixed_tp2 --model llama-3.1-70b --num-layers 20 --workload fixed --num-requests 256 --input-len 1024 --output-len 256 --tensor-parallel-size 2 ;;
+    tp4-70b) nvidia-smi topo -m | tee "$OUT/topo.txt"
+          bench llama70b_bs1_tp4 --model llama-3.1-70b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 4 --greedy-check 8
+          bench llama70b_fixed_tp4 --model llama-3.1-70b --workload fixed --num-requests 256 --input-len 1024 --output-len 256 --tensor-parallel-size 4 --greedy-check 8
+          python3 -c "import json, sys; g = [json.load(open(f))['results'][0]['greedy_token_ids'] for f in sys.argv[1:]]; print('greedy tokens of the two runs equal:', g[0] == g[1], [len(x) for x in g[0]])" \
+            "$OUT/llama70b_bs1_tp4.json" "$OUT/llama70b_fixed_tp4.json" ;;
     tp) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -15
         bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
         bench llama8b_bs1_tp2_sync --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --no-async-scheduling

@@ -172,6 +172,15 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         "compiled": runner.forward is not runner.model,
         "step_timings": {k: v - timings_before[k] for k, v in llm.llm_engine.timings.as_dict().items()},
     }
+    if args.greedy_check:
+        # A fixed prompt set, greedy, after the timed run: its tokens land in the JSON, so two runs
+        # (two starts, other batch shapes) can be compared token for token.
+        rng = random.Random(1234)
+        vocab = min(10000, llm.llm_engine.model_config.hf_config.vocab_size)
+        check = [{"prompt_token_ids": [rng.randint(0, vocab - 1) for _ in range(rng.randint(16, 128))]}
+                 for _ in range(args.greedy_check)]
+        greedy = llm.generate(check, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=32), use_tqdm=False)
+        result["greedy_token_ids"] = [o.outputs[0].token_ids for o in greedy]
     if args.profile_steps:
         # The same workload once more, profiled over a window of steps (the timed run above was not).
         first, count = args.profile_steps
@@ -266,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="after the timed run, run the workload again with steps FIRST.. FIRST+COUNT-1 under the "
                         "torch profiler: GPU busy time a step, top GPU ops and host CUDA calls")
     p.add_argument("--trace-out", default=None, help="with --profile-steps: write the chrome trace here")
+    p.add_argument("--greedy-check", type=int, default=0, metavar="N",
+                   help="after the timed run, N fixed prompts greedy (32 tokens each), their tokens in the JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -306,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
     header = {"model": args.model, "workload": args.workload, "quantization": args.quantization, "device": device,
               "args": vars(args)}
     for r in results:
-        print(json.dumps({k: v for k, v in r.items() if k != "output_token_ids"}))
+        print(json.dumps({k: v for k, v in r.items() if k not in ("output_token_ids", "greedy_token_ids")}))
     print(f"\n{args.model}{' ' + args.quantization if args.quantization else ''} / {args.workload} on {device}: "
           f"{len(prompts)} requests")
     for r in results:

@@ -347,6 +347,14 @@ def test_device_cuda_without_cuda_fails_when_the_engine_is_built(checkpoint):
         LLMEngine(args)
 
 
+def test_the_server_engine_runs_in_its_own_process_by_default_only_with_a_gpu():
+    assert EngineArgs(model="unused", device="cuda").resolve_engine_process() is True
+    assert EngineArgs(model="unused", device="cpu").resolve_engine_process() is False
+    assert EngineArgs(model="unused", device="auto").resolve_engine_process() is torch.cuda.is_available()
+    assert EngineArgs(model="unused", device="cuda", engine_process=False).resolve_engine_process() is False
+    assert EngineArgs(model="unused", device="cpu", engine_process=True).resolve_engine_process() is True
+
+
 @pytest.mark.parametrize(
     "prompt, params",
     [

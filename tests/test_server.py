@@ -80,7 +80,7 @@ class ThreadedServer:
 
 # Every test of the real server runs against both shapes: the engine's step loop as a thread of the
 # server process, and the engine in a process of its own (--engine-process).
-ENGINE_SHAPES = {"in-process": [], "engine-process": ["--engine-process"]}
+ENGINE_SHAPES = {"in-process": ["--no-engine-process"], "engine-process": ["--engine-process"]}
 
 
 @pytest.fixture(scope="module", params=list(ENGINE_SHAPES))
