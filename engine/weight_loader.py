@@ -94,6 +94,11 @@ def load_model(
         model.load_weights(iterate_checkpoint(model_dir))
     else:
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+    with torch.no_grad():  # a quantization method's repacking, once every weight is in
+        for module in model.modules():
+            process = getattr(getattr(module, "quant_method", None), "process_weights_after_loading", None)
+            if process is not None:
+                process(module)
     return model.eval()
 
 

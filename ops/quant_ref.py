@@ -41,6 +41,25 @@ def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     return values.view(rows, cols // PACK_FACTOR, PACK_FACTOR)[:, :, list(AWQ_REVERSE_ORDER)].reshape(rows, cols)
 
 
+def pack_int4(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """int values in [0, 15] -> int32 words of 8 consecutive values along `dim`, first in the low nibble."""
+    dim = dim % values.ndim
+    shape = list(values.shape)
+    shape[dim : dim + 1] = [shape[dim] // PACK_FACTOR, PACK_FACTOR]
+    nibbles = values.to(torch.int64).reshape(shape).movedim(dim + 1, -1)
+    words = (nibbles << torch.arange(0, 32, 4, dtype=torch.int64, device=values.device)).sum(-1)
+    return words.to(torch.uint32).view(torch.int32)  # the top nibble's bit is the sign bit
+
+
+def awq_to_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, rows_at_once: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWQ's qweight [in, out/8] and qzeros [groups, out/8] -> GPTQ's qweight [in/8, out] and qzeros
+    [groups, out/8] (zeros in output order, stored as they are: the "gptq_v2" convention). The
+    same weight: AWQ is GPTQ without act-order, packed another way. `rows_at_once` input rows at a
+    time (a multiple of 8), so the unpacked integers never take the whole layer's size."""
+    parts = [pack_int4(unpack_awq(qweight[i : i + rows_at_once]), dim=0) for i in range(0, qweight.shape[0], rows_at_once)]
+    return torch.cat(parts), pack_int4(unpack_awq(qzeros), dim=-1)
+
+
 def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """The float32 weight [in, out] of an AWQ GEMM layer."""
     q, zeros = unpack_awq(qweight), unpack_awq(qzeros)

@@ -16,6 +16,12 @@ pipeline (`tl.range(..., num_stages)`: cp.async copies run num_stages - 1 K-tile
   for one row (its 15 padding rows cost only the otherwise idle tensor cores; the GEMV's sums over K
   cost shuffles and adds), so the default sends every decode batch through tl.dot.
 
+A second kernel, `_planar_kernel`, takes 1..4 rows of GPTQ's layout (no act-order; the engine repacks
+AWQ checkpoints into it at load, `ops.quant_ref.awq_to_gptq`): there nibble p of a word is input
+8r + p, so each nibble plane meets x's inputs 8r + p directly (x read with a stride of 8) and nothing
+is interleaved or transposed; see its docstring. Not yet timed on the GPU when written (2026-11-26):
+`perf/quant_bench.py --tiles default dot planar-n256 planar-n64` compares it with the tl.dot path.
+
 When the output tiles alone are too few to occupy the GPU (small M), K is cut into `split` ranges, one
 program per (tile, range) ("split-K"). Each program writes its fp32 partial tile to a workspace, and
 the last of a tile's programs to finish (an atomic counter per tile says which) sums the partials in a
@@ -74,6 +80,7 @@ class Tiles:
     num_warps: int
     num_stages: int  # K-tiles in the software pipeline
     programs_per_sm: int  # split K up to about this many programs per SM (and at most _MAX_SPLIT_K ranges)
+    planar: bool = False  # GPTQ's layout without act-order only: `_planar_kernel` (block_m rows at most)
 
 
 # (largest batch, tiles) in increasing order; batches above the last take the last. programs_per_sm is
@@ -85,9 +92,23 @@ _PREFILL_TILES = (
     (128, Tiles(128, 128, 128, 8, 3, 1)),
     (1 << 62, Tiles(256, 128, 64, 8, 3, 1)),  # each weight tile dequantized once per 256 rows
 )
+# 1, 2 and 4 rows of GPTQ's layout (and AWQ's, which the engine repacks into it) through the planar
+# kernel; other formats skip these entries.
+_PLANAR_TILES = (
+    (1, Tiles(1, 128, 128, 4, 3, 4, planar=True)),
+    (2, Tiles(2, 128, 128, 4, 3, 4, planar=True)),
+    (4, Tiles(4, 128, 64, 4, 3, 4, planar=True)),
+)
 CANDIDATE_TILES: dict[str, TileTable] = {
-    # Decode (<= 16 rows) through tl.dot with split-K, the GEMM tiles above.
-    "default": ((16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
+    # Decode: 1..4 rows planar (GPTQ layout), up to 16 through tl.dot with split-K; the GEMM tiles above.
+    "default": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
+    # The same without the planar kernel (every format through tl.dot from 1 row).
+    "dot": ((16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
+    # Planar with wider (8 warps) or narrower (2 warps) column tiles.
+    "planar-n256": ((1, Tiles(1, 256, 128, 8, 3, 2, planar=True)), (2, Tiles(2, 256, 128, 8, 3, 2, planar=True)),
+                    (4, Tiles(4, 256, 64, 8, 3, 2, planar=True)), (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
+    "planar-n64": ((1, Tiles(1, 64, 128, 2, 3, 8, planar=True)), (2, Tiles(2, 64, 128, 2, 3, 8, planar=True)),
+                   (4, Tiles(4, 64, 64, 2, 3, 8, planar=True)), (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
     # One row through the GEMV (no tensor cores); 2..16 rows as "default".
     "gemv": ((1, Tiles(1, 128, 128, 4, 4, 3)), (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
     # Half-depth K-tiles (fewer registers and less shared memory: more programs per SM), 128-row GEMM tiles.
@@ -274,25 +295,78 @@ def _quant_matmul_kernel(
             else:
                 acc = tl.dot((w * scales).to(x.dtype).T, x.T, acc.T).T
 
+    _finish(acc, rm, rn, m_mask, n_mask, pid_k, pid_m * num_n + pid_n, M, N, split, partial_ptr, counter_ptr,
+            scales_ptr, bias_ptr, out_ptr, FORMAT, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _planar_kernel(
+    x_ptr, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+    M, N, K, stride_xm, stride_w, group_size, k_per_split, split, exponent_bits,
+    ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """A few rows (M <= BLOCK_M) times a GPTQ-layout weight (no act-order), on the FMA units.
+
+    Nibble p of word row r is input 8r + p, so the 8 nibble planes of a [BLOCK_K / 8, BLOCK_N] tile of
+    words are multiplied by x's inputs 8r + p (x is read strided, 8 small loads a tile) and never
+    interleaved: per weight one LOP3 (the nibble in place, OR-ed with 2^23's exponent bits), one
+    subtraction ((q - zero) * 16^pos exactly: the zero comes as 2^23 + zero * 16^pos) and one FMA with x
+    * 16^-pos. The sum stays [BLOCK_M, BLOCK_K / 8, BLOCK_N] in registers through the K loop (each
+    K-tile's times its group's scales) and is reduced over the word rows once, at the end."""
+    BLOCK_R: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.max_contiguous(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), 1)  # one column per thread
+    m_mask = rm < M
+    n_mask = _below(rn, N, EVEN_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        rr = k0 // 8 + tl.arange(0, BLOCK_R)
+        r_mask = _below(rr, k_end // 8, EVEN_K)
+        words = tl.load(w_ptr + rr[:, None] * stride_w + rn[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
+        zeros, scales = _gptq_zeros_and_scales(zeros_ptr, scales_ptr, k0 // group_size, rn, n_mask, N, ZERO_OFFSET)
+        x_rows = x_ptr + rm[:, None] * stride_xm + rr[None, :] * 8  # input 8r of each row; + p for plane p
+        x_mask = m_mask[:, None] & r_mask[None, :]
+        high = words >> 16
+        tile = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
+        for p in tl.static_range(8):
+            half = words if p < 4 else high
+            shifted_zero = zeros * (1 << (4 * (p % 4))) + _FLOAT_2_23  # 2^23 + zero * 16^pos
+            plane = ((half & (0xF << (4 * (p % 4)))) | exponent_bits).to(tl.float32, bitcast=True) - shifted_zero[None, :]
+            xp = tl.load(x_rows + p, mask=x_mask, other=0.0).to(tl.float32) * (1.0 / (1 << (4 * (p % 4))))
+            tile += xp[:, :, None] * plane[None, :, :]
+        acc += tile * scales[None, None, :]
+    _finish(tl.sum(acc, axis=1), rm, rn, m_mask, n_mask, pid_k, pid_n, M, N, split, partial_ptr, counter_ptr,
+            scales_ptr, bias_ptr, out_ptr, GPTQ, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _finish(acc, rm, rn, m_mask, n_mask, pid_k, tile, M, N, split, partial_ptr, counter_ptr, scales_ptr, bias_ptr,
+            out_ptr, FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Write a program's [BLOCK_M, BLOCK_N] sum: the output tile, or with split-K its K range's partial,
+    the tile's last program to arrive summing all of them into the output."""
+    tile_offsets = rm[:, None] * N + rn[None, :]
+    mn_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K:
-        # Publish this K range's partial tile; the tile's last program to arrive sums all of them.
-        tile_offsets = rm[:, None] * N + rn[None, :]
-        mn_mask = m_mask[:, None] & n_mask[None, :]
         tl.store(partial_ptr + pid_k * M * N + tile_offsets, acc, mask=mn_mask)
         tl.debug_barrier()  # every thread's partial is stored before the counter says so
-        counter = counter_ptr + pid_m * num_n + pid_n
+        counter = counter_ptr + tile
         if tl.atomic_add(counter, 1, sem="acq_rel") == split - 1:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros(acc.shape, dtype=tl.float32)
             # In order, so that the sum does not depend on which program came last; decode's small
             # partials 8 loads at a time. ".cg": read at L2, where the other SMs' stores are.
-            PARTIALS_IN_FLIGHT: tl.constexpr = 8 if BLOCK_M * BLOCK_N <= 4096 else 1
+            PARTIALS_IN_FLIGHT: tl.constexpr = 8 if acc.shape[0] * acc.shape[1] <= 4096 else 1
             for i in tl.range(split, loop_unroll_factor=PARTIALS_IN_FLIGHT):
                 acc += tl.load(partial_ptr + i * M * N + tile_offsets, mask=mn_mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA-graph replays included)
             _store_output(acc, scales_ptr, bias_ptr, out_ptr, rn, tile_offsets, mn_mask, n_mask, FORMAT, HAS_BIAS)
     else:
-        _store_output(acc, scales_ptr, bias_ptr, out_ptr, rn, rm[:, None] * N + rn[None, :],
-                      m_mask[:, None] & n_mask[None, :], n_mask, FORMAT, HAS_BIAS)
+        _store_output(acc, scales_ptr, bias_ptr, out_ptr, rn, tile_offsets, mn_mask, n_mask, FORMAT, HAS_BIAS)
 
 
 @triton.jit
@@ -349,7 +423,8 @@ def _quant_matmul(x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor | N
     out2 = out.view(-1, N)
     if M == 0:
         return out
-    tiles = tiles_for(M)
+    planar_ok = fmt == GPTQ and g_idx is None
+    tiles = tiles_for(M, planar_ok)
     block_k = tiles.block_k
     if g_idx is None and group_size < K:
         block_k = min(block_k, group_size)  # one group per K-tile (group sizes are powers of two >= 32)
@@ -359,21 +434,30 @@ def _quant_matmul(x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor | N
     split = triton.cdiv(K, k_per_split)
     partial = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out2
     counters = _split_k_counters(x.device) if split > 1 else out2
+    common = dict(HAS_BIAS=bias is not None, SPLIT_K=split > 1, EVEN_K=K % block_k == 0,
+                  EVEN_N=N % tiles.block_n == 0, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k,
+                  NUM_STAGES=tiles.num_stages, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    bias_or_any = bias if bias is not None else scales
+    if tiles.planar:
+        _planar_kernel[(num_tiles, split)](
+            x2, weight, zeros, scales, bias_or_any, out2, partial, counters,
+            M, N, K, x2.stride(0), weight.stride(0), group_size, k_per_split, split, FLOAT_2_23_BITS,
+            ZERO_OFFSET=zero_offset, **common,
+        )
+        return out
     _quant_matmul_kernel[(num_tiles, split)](
         x2, weight, zeros if zeros is not None else scales, scales, g_idx if g_idx is not None else scales,
-        bias if bias is not None else scales, out2, partial, counters,
+        bias_or_any, out2, partial, counters,
         M, N, K, x2.stride(0), weight.stride(0), group_size, k_per_split, split, FLOAT_2_23_BITS,
-        FORMAT=fmt, ZERO_OFFSET=zero_offset, ACT_ORDER=g_idx is not None, HAS_BIAS=bias is not None,
-        SPLIT_K=split > 1, EVEN_K=K % block_k == 0, EVEN_N=N % tiles.block_n == 0,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, NUM_STAGES=tiles.num_stages,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        FORMAT=fmt, ZERO_OFFSET=zero_offset, ACT_ORDER=g_idx is not None, **common,
     )
     return out
 
 
-def tiles_for(M: int) -> Tiles:
-    """The launch configuration for a batch of M rows (from `TILES`)."""
-    return next((tiles for max_m, tiles in TILES if M <= max_m), TILES[-1][1])
+def tiles_for(M: int, planar_ok: bool = False) -> Tiles:
+    """The launch configuration for a batch of M rows (from `TILES`); planar entries only if `planar_ok`."""
+    table = [(max_m, tiles) for max_m, tiles in TILES if planar_ok or not tiles.planar]
+    return next((tiles for max_m, tiles in table if M <= max_m), table[-1][1])
 
 
 def _split_k(num_tiles: int, K: int, block_k: int, programs_per_sm: int, device: torch.device) -> int:

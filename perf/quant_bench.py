@@ -20,6 +20,8 @@ with the tables ranked per (kernel, batch), by their time summed over the layers
 
 - bf16:          F.linear with a bf16 weight [N, K] (cuBLAS), the unquantized baseline
 - awq-g128:      AWQ GEMM layout, group 128
+- awq-gptq-g128: the same weights repacked into GPTQ's layout (ops.quant_ref.awq_to_gptq), as the engine
+                 runs AWQ checkpoints: the planar kernel at 1..4 rows
 - gptq-g128:     GPTQ v1, group 128, no act-order (group of a K-tile from its index)
 - gptq-act-g128: GPTQ v1, group 128, act-order (zeros and scales gathered per input row via g_idx)
 - int8:          weight-only int8 with per-output-channel scales
@@ -45,10 +47,10 @@ import ops.quant_matmul  # noqa: E402,F401  (registers torch.ops.engine.bnb_int8
 from tests.test_triton_quant import LLAMA_8B_SHAPES, TOLERANCE, random_layer  # noqa: E402
 
 SHAPE_NAMES = ["qkv", "o", "gate_up", "down"]  # the order of LLAMA_8B_SHAPES
-BATCHES = (1, 16, 256)
+BATCHES = (1, 2, 4, 16, 256)  # one sequence's decode pads to 2 (graphs/cuda_graph.py)
 L2_DEFEAT_BYTES = 256 << 20
-KERNELS = ["bf16", "awq-g128", "gptq-g128", "gptq-act-g128", "int8", "bnb-int8"]
-VARIANT_OF = {"awq-g128": "awq-g128", "gptq-g128": "gptq-v1-g128", "gptq-act-g128": "gptq-act-order-g128",
+KERNELS = ["bf16", "awq-g128", "awq-gptq-g128", "gptq-g128", "gptq-act-g128", "int8", "bnb-int8"]
+VARIANT_OF = {"awq-g128": "awq-g128", "awq-gptq-g128": "awq-g128", "gptq-g128": "gptq-v1-g128", "gptq-act-g128": "gptq-act-order-g128",
               "int8": "int8"}
 
 
@@ -71,7 +73,15 @@ def make_layer(kernel: str, K: int, N: int) -> tuple[dict, torch.Tensor | None]:
 
         weight, scb = quantize_llm_int8(torch.randn(N, K, device="cuda") * 0.02)
         return {"weight": weight, "SCB": scb}, None
-    return random_layer(VARIANT_OF[kernel], K, N, torch.bfloat16, "cuda")
+    layer, weight = random_layer(VARIANT_OF[kernel], K, N, torch.bfloat16, "cuda")
+    if kernel == "awq-gptq-g128":
+        from ops.quant_ref import awq_to_gptq
+
+        qweight, qzeros = awq_to_gptq(layer["qweight"], layer["qzeros"])
+        g_idx = torch.arange(K, dtype=torch.int32, device="cuda") // layer["group_size"]
+        layer = dict(qweight=qweight, qzeros=qzeros, scales=layer["scales"], g_idx=g_idx,
+                     group_size=layer["group_size"], act_order=False, zeros_minus_one=False)
+    return layer, weight
 
 
 def tensor_bytes(layer: dict) -> int:
@@ -85,7 +95,7 @@ def matmul_of(kernel: str) -> Callable[[torch.Tensor, dict], torch.Tensor]:
         return lambda x, layer: torch.ops.engine.bnb_int8_matmul(x, layer["weight"], layer["SCB"], 6.0, None)
     from ops import triton_quant
 
-    fmt = VARIANT_OF[kernel].split("-")[0]
+    fmt = "gptq" if kernel == "awq-gptq-g128" else VARIANT_OF[kernel].split("-")[0]
     function = {"awq": triton_quant.awq_matmul, "gptq": triton_quant.gptq_matmul, "int8": triton_quant.int8_matmul}[fmt]
     return lambda x, layer: function(x, **layer)
 
@@ -125,11 +135,12 @@ def time_us(matmul: Callable, x: torch.Tensor, copies: list[dict], iters: int, r
     return best
 
 
-def tiles_label(M: int) -> str:
+def tiles_label(M: int, kernel: str) -> str:
     from ops import triton_quant
 
-    t = triton_quant.tiles_for(M)
-    return f"{t.block_m}x{t.block_n}x{t.block_k}/w{t.num_warps}s{t.num_stages}p{t.programs_per_sm}"
+    t = triton_quant.tiles_for(M, planar_ok=kernel in ("gptq-g128", "awq-gptq-g128"))
+    return (f"{t.block_m}x{t.block_n}x{t.block_k}/w{t.num_warps}s{t.num_stages}p{t.programs_per_sm}"
+            + ("/planar" if t.planar else ""))
 
 
 def print_best_tiles(rows: list[dict]) -> None:
@@ -180,7 +191,7 @@ def main() -> None:
                         check(matmul, x, copies[0], weight)
                     eager = args.eager or kernel == "bnb-int8"  # bnb: host syncs, no graph capture
                     us = time_us(matmul, x, copies, args.iters, args.repeats, eager)
-                    launch = tiles_label(M) if tiles else ""
+                    launch = tiles_label(M, kernel) if tiles else ""
                     row = dict(layer=name, K=K, N=N, M=M, kernel=kernel, tiles=tiles, launch=launch, eager=eager, us=us,
                                weight_bytes=tensor_bytes(copies[0]), gb_per_s=tensor_bytes(copies[0]) / us / 1e3)
                     rows.append(row)

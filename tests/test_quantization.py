@@ -21,7 +21,7 @@ from engine.quantization import AWQConfig, GPTQConfig, Int8Config, resolve_quant
 from engine.quantization.pack import (pack_awq, pack_int4, quantize_int4, write_int8_dequantized_checkpoint,
                                       write_quantized_checkpoint)
 from engine.weight_loader import iterate_checkpoint, load_model
-from ops.quant_ref import dequantize_awq, dequantize_gptq, unpack_awq, unpack_int4
+from ops.quant_ref import awq_to_gptq, dequantize_awq, dequantize_gptq, unpack_awq, unpack_int4
 from tests.test_engine import hf_greedy, random_prompts
 
 AWQ = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
@@ -99,6 +99,30 @@ def test_gptq_packs_inputs_and_zeros_sequentially_with_v1s_minus_one():
     values = torch.randint(0, 16, (24, 16), dtype=torch.int32)
     assert torch.equal(unpack_int4(pack_int4(values, dim=0), dim=0), values)
     assert torch.equal(unpack_int4(pack_int4(values, dim=1), dim=1), values)
+
+
+def test_awq_repacked_into_gptqs_layout_is_the_same_weight():
+    torch.manual_seed(2)
+    words = torch.randint(-2**31, 2**31, (96, 40), dtype=torch.int64).to(torch.int32)  # every nibble pattern
+    qzeros, scales = words[:3], torch.rand(3, 320).half()
+    qweight, gptq_zeros = awq_to_gptq(words, qzeros, rows_at_once=16)  # chunks of rows give the same words
+    assert qweight.shape == (12, 320) and gptq_zeros.shape == (3, 40)
+    g_idx = torch.arange(96, dtype=torch.int32) // 32
+    assert torch.equal(dequantize_gptq(qweight, gptq_zeros, scales, g_idx, zeros_minus_one=False),
+                       dequantize_awq(words, qzeros, scales, 32))
+
+
+def test_the_engine_runs_awq_layers_repacked_into_gptqs_layout(quantized):
+    from engine import LLM
+
+    packed, _, weights = quantized("awq-g32")
+    llm = LLM(packed, max_model_len=64, num_gpu_blocks_override=16, block_size=4)
+    layer = llm.llm_engine.runner.model.model.layers[1].mlp.down_proj
+    assert layer.awq_repacked
+    outputs, inputs = weights["model.layers.1.mlp.down_proj.weight"].shape
+    assert layer.qweight.shape == (inputs // 8, outputs)  # GPTQ's: 8 inputs a word
+    assert torch.equal(dequantize_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, zeros_minus_one=False).T,
+                       weights["model.layers.1.mlp.down_proj.weight"])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -170,7 +170,7 @@ def test_every_candidate_tile_table_matches_the_reference_under_the_interpreter(
 # (K, N) of Llama-3.1-8B's qkv, o, gate_up, down projections, then 70B's (one rank each).
 LLAMA_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 LLAMA_70B_SHAPES = [(8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)]
-BATCHES = (1, 7, 16, 64, 128, 512)  # every batch-size class of the default tiles
+BATCHES = (1, 2, 4, 7, 16, 64, 128, 512)  # every batch-size class of the default tiles
 
 
 @gpu

@@ -9,7 +9,7 @@ from torch import nn
 
 from engine.quantization.base import QuantizationConfig, check_bits, check_divisible, config_value, quant_param
 import ops.quant_matmul  # noqa: F401  (registers torch.ops.engine.awq_matmul)
-from ops.quant_ref import PACK_FACTOR
+from ops.quant_ref import PACK_FACTOR, awq_to_gptq
 
 AWQ_GROUP_SIZES = (32, 64, 128)
 
@@ -64,5 +64,18 @@ class AWQLinearMethod:
                     packed_dim=1, pack_factor=PACK_FACTOR)
         quant_param(layer, "scales", (groups, out), torch.float16, 0, 1, weight_loader)
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Repack into GPTQ's layout (`awq_to_gptq`): the same weight, and the layout whose decode
+        kernel reads its nibble planes without interleaving them (ops.triton_quant's planar kernel)."""
+        qweight, qzeros = awq_to_gptq(layer.qweight.data, layer.qzeros.data)
+        layer.qweight = nn.Parameter(qweight, requires_grad=False)
+        layer.qzeros = nn.Parameter(qzeros, requires_grad=False)
+        inputs = torch.arange(qweight.shape[0] * PACK_FACTOR, dtype=torch.int32, device=qweight.device)
+        layer.register_buffer("g_idx", inputs // self.config.group_size)  # read by the CPU reference only
+        layer.awq_repacked = True
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if getattr(layer, "awq_repacked", False):
+            return torch.ops.engine.gptq_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
+                                                self.config.group_size, False, False, bias)
         return torch.ops.engine.awq_matmul(x, layer.qweight, layer.qzeros, layer.scales, self.config.group_size, bias)

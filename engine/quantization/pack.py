@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
-from ops.quant_ref import AWQ_ORDER, PACK_FACTOR, dequantize_int8, quantize_int8
+from ops.quant_ref import AWQ_ORDER, PACK_FACTOR, dequantize_int8, pack_int4, quantize_int8  # noqa: F401 (pack_int4: here too)
 
 MAX_Q = 15
 
@@ -62,16 +62,6 @@ def quantize_int4(weight: torch.Tensor, group_size: int, *, symmetric: bool = Fa
     groups = g_idx.long()
     q = torch.round(w / scales[groups].float() + zeros[groups]).clamp(0, MAX_Q).to(torch.int32)
     return Int4Weight(q, zeros, scales, g_idx)
-
-
-def pack_int4(values: torch.Tensor, dim: int) -> torch.Tensor:
-    """int values in [0, 15] -> int32 words of 8 consecutive values along `dim`, first in the low nibble."""
-    dim = dim % values.ndim
-    shape = list(values.shape)
-    shape[dim : dim + 1] = [shape[dim] // PACK_FACTOR, PACK_FACTOR]
-    nibbles = values.to(torch.int64).reshape(shape).movedim(dim + 1, -1)
-    words = (nibbles << torch.arange(0, 32, 4, dtype=torch.int64)).sum(-1)
-    return words.to(torch.uint32).view(torch.int32)  # the top nibble's bit is the sign bit
 
 
 def pack_awq(values: torch.Tensor) -> torch.Tensor:
