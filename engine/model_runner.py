@@ -194,6 +194,10 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info()
         peak = torch.cuda.max_memory_allocated()
         not_torch = total - free - torch.cuda.memory_reserved()
+        logger.info("memory: %.2f GiB of %.2f GiB for this engine (gpu_memory_utilization %.2f); weights and "
+                    "the largest step's activations take %.2f GiB at most, memory outside torch %.2f GiB",
+                    total * self.args.gpu_memory_utilization / 2**30, total / 2**30, self.args.gpu_memory_utilization,
+                    peak / 2**30, not_torch / 2**30)
         return int(total * self.args.gpu_memory_utilization - peak - not_torch)
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -16,11 +16,12 @@ pipeline (`tl.range(..., num_stages)`: cp.async copies run num_stages - 1 K-tile
   for one row (its 15 padding rows cost only the otherwise idle tensor cores; the GEMV's sums over K
   cost shuffles and adds), so the default sends every decode batch through tl.dot.
 
-A second kernel, `_planar_kernel`, takes 1..4 rows of GPTQ's layout (no act-order; the engine repacks
+A second kernel, `_planar_kernel`, takes 1 or 2 rows of GPTQ's layout (no act-order; the engine repacks
 AWQ checkpoints into it at load, `ops.quant_ref.awq_to_gptq`): there nibble p of a word is input
 8r + p, so each nibble plane meets x's inputs 8r + p directly (x read with a stride of 8) and nothing
-is interleaved or transposed; see its docstring. Not yet timed on the GPU when written (2026-11-26):
-`perf/quant_bench.py --tiles default dot planar-n256 planar-n64` compares it with the tl.dot path.
+is interleaved or transposed; see its docstring. At one row on the H100 it ran 1.7-1.9x faster than the
+tl.dot path (0.9-1.1x bf16's time; perf/RESULTS.md, 2026-11-26); `perf/quant_bench.py --tiles default
+dot planar-n128` compares them.
 
 When the output tiles alone are too few to occupy the GPU (small M), K is cut into `split` ranges, one
 program per (tile, range) ("split-K"). Each program writes its fp32 partial tile to a workspace, and
@@ -92,23 +93,21 @@ _PREFILL_TILES = (
     (128, Tiles(128, 128, 128, 8, 3, 1)),
     (1 << 62, Tiles(256, 128, 64, 8, 3, 1)),  # each weight tile dequantized once per 256 rows
 )
-# 1, 2 and 4 rows of GPTQ's layout (and AWQ's, which the engine repacks into it) through the planar
-# kernel; other formats skip these entries.
+# 1 and 2 rows of GPTQ's layout (and AWQ's, which the engine repacks into it) through the planar
+# kernel; other formats skip these entries. 64 columns, 2 warps: the fastest of 64/128/256 at one row
+# on the H100 (quant_bench --tiles, 2026-11-26).
 _PLANAR_TILES = (
-    (1, Tiles(1, 128, 128, 4, 3, 4, planar=True)),
-    (2, Tiles(2, 128, 128, 4, 3, 4, planar=True)),
-    (4, Tiles(4, 128, 64, 4, 3, 4, planar=True)),
+    (1, Tiles(1, 64, 128, 2, 3, 8, planar=True)),
+    (2, Tiles(2, 64, 128, 2, 3, 8, planar=True)),
 )
 CANDIDATE_TILES: dict[str, TileTable] = {
-    # Decode: 1..4 rows planar (GPTQ layout), up to 16 through tl.dot with split-K; the GEMM tiles above.
+    # Decode: 1..2 rows planar (GPTQ layout), up to 16 through tl.dot with split-K; the GEMM tiles above.
     "default": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
     # The same without the planar kernel (every format through tl.dot from 1 row).
     "dot": ((16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
-    # Planar with wider (8 warps) or narrower (2 warps) column tiles.
-    "planar-n256": ((1, Tiles(1, 256, 128, 8, 3, 2, planar=True)), (2, Tiles(2, 256, 128, 8, 3, 2, planar=True)),
-                    (4, Tiles(4, 256, 64, 8, 3, 2, planar=True)), (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
-    "planar-n64": ((1, Tiles(1, 64, 128, 2, 3, 8, planar=True)), (2, Tiles(2, 64, 128, 2, 3, 8, planar=True)),
-                   (4, Tiles(4, 64, 64, 2, 3, 8, planar=True)), (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
+    # Planar with 128-column tiles (4 warps).
+    "planar-n128": ((1, Tiles(1, 128, 128, 4, 3, 4, planar=True)), (2, Tiles(2, 128, 128, 4, 3, 4, planar=True)),
+                    (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
     # One row through the GEMV (no tensor cores); 2..16 rows as "default".
     "gemv": ((1, Tiles(1, 128, 128, 4, 4, 3)), (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
     # Half-depth K-tiles (fewer registers and less shared memory: more programs per SM), 128-row GEMM tiles.
@@ -307,22 +306,23 @@ def _planar_kernel(
     EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    """A few rows (M <= BLOCK_M) times a GPTQ-layout weight (no act-order), on the FMA units.
+    """One or two rows (M <= BLOCK_M <= 2) times a GPTQ-layout weight (no act-order), on the FMA units.
 
     Nibble p of word row r is input 8r + p, so the 8 nibble planes of a [BLOCK_K / 8, BLOCK_N] tile of
     words are multiplied by x's inputs 8r + p (x is read strided, 8 small loads a tile) and never
     interleaved: per weight one LOP3 (the nibble in place, OR-ed with 2^23's exponent bits), one
-    subtraction ((q - zero) * 16^pos exactly: the zero comes as 2^23 + zero * 16^pos) and one FMA with x
-    * 16^-pos. The sum stays [BLOCK_M, BLOCK_K / 8, BLOCK_N] in registers through the K loop (each
-    K-tile's times its group's scales) and is reduced over the word rows once, at the end."""
+    subtraction ((q - zero) * 16^pos exactly: the zero comes as 2^23 + zero * 16^pos) and one FMA per
+    row with x * 16^-pos. Each row keeps its own 2-D sum [BLOCK_K / 8, BLOCK_N] through the K loop
+    (each K-tile's times its group's scales), reduced over the word rows once, at the end: a 3-D
+    [rows, BLOCK_K / 8, BLOCK_N] sum measured twice as slow at 2 rows (2026-11-26, H100)."""
     BLOCK_R: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
     rn = tl.max_contiguous(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), 1)  # one column per thread
-    m_mask = rm < M
     n_mask = _below(rn, N, EVEN_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)  # row 1 (BLOCK_M = 2)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
@@ -330,18 +330,28 @@ def _planar_kernel(
         r_mask = _below(rr, k_end // 8, EVEN_K)
         words = tl.load(w_ptr + rr[:, None] * stride_w + rn[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
         zeros, scales = _gptq_zeros_and_scales(zeros_ptr, scales_ptr, k0 // group_size, rn, n_mask, N, ZERO_OFFSET)
-        x_rows = x_ptr + rm[:, None] * stride_xm + rr[None, :] * 8  # input 8r of each row; + p for plane p
-        x_mask = m_mask[:, None] & r_mask[None, :]
+        x0 = x_ptr + rr * 8  # input 8r of row 0; + p for plane p
+        x1_mask = r_mask & (tl.full((BLOCK_R,), 1, tl.int32) < M)  # a second row, if there is one
         high = words >> 16
-        tile = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_N), dtype=tl.float32)
+        tile0 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        tile1 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
         for p in tl.static_range(8):
             half = words if p < 4 else high
             shifted_zero = zeros * (1 << (4 * (p % 4))) + _FLOAT_2_23  # 2^23 + zero * 16^pos
             plane = ((half & (0xF << (4 * (p % 4)))) | exponent_bits).to(tl.float32, bitcast=True) - shifted_zero[None, :]
-            xp = tl.load(x_rows + p, mask=x_mask, other=0.0).to(tl.float32) * (1.0 / (1 << (4 * (p % 4))))
-            tile += xp[:, :, None] * plane[None, :, :]
-        acc += tile * scales[None, None, :]
-    _finish(tl.sum(acc, axis=1), rm, rn, m_mask, n_mask, pid_k, pid_n, M, N, split, partial_ptr, counter_ptr,
+            unshift = 1.0 / (1 << (4 * (p % 4)))
+            tile0 += (tl.load(x0 + p, mask=r_mask, other=0.0).to(tl.float32) * unshift)[:, None] * plane
+            if BLOCK_M > 1:
+                x1 = tl.load(x0 + stride_xm + p, mask=x1_mask, other=0.0).to(tl.float32)
+                tile1 += (x1 * unshift)[:, None] * plane
+        acc0 += tile0 * scales[None, :]
+        if BLOCK_M > 1:
+            acc1 += tile1 * scales[None, :]
+    if BLOCK_M > 1:
+        sums = tl.trans(tl.join(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0)))  # [2, BLOCK_N]
+    else:
+        sums = tl.sum(acc0, axis=0)[None, :]
+    _finish(sums, rm, rn, rm < M, n_mask, pid_k, pid_n, M, N, split, partial_ptr, counter_ptr,
             scales_ptr, bias_ptr, out_ptr, GPTQ, HAS_BIAS, SPLIT_K)
 
 

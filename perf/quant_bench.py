@@ -21,7 +21,7 @@ with the tables ranked per (kernel, batch), by their time summed over the layers
 - bf16:          F.linear with a bf16 weight [N, K] (cuBLAS), the unquantized baseline
 - awq-g128:      AWQ GEMM layout, group 128
 - awq-gptq-g128: the same weights repacked into GPTQ's layout (ops.quant_ref.awq_to_gptq), as the engine
-                 runs AWQ checkpoints: the planar kernel at 1..4 rows
+                 runs AWQ checkpoints: the planar kernel at 1..2 rows
 - gptq-g128:     GPTQ v1, group 128, no act-order (group of a K-tile from its index)
 - gptq-act-g128: GPTQ v1, group 128, act-order (zeros and scales gathered per input row via g_idx)
 - int8:          weight-only int8 with per-output-channel scales
