@@ -75,3 +75,14 @@ def test_host_to_device_keeps_values_and_dtype():
         got = host_to_device(data, dtype, torch.device("cpu"))
         assert got.dtype == dtype
         assert got.tolist() == torch.as_tensor(np.asarray(data)).to(dtype).tolist()
+
+
+def test_causal_attention_in_query_chunks_equals_one_dense_causal_attention():
+    # The no-cache path (memory profile, weight checks) runs in chunks of queries to stay O(chunk x T).
+    torch.manual_seed(0)
+    q, k, v = torch.randn(300, 8, 32), torch.randn(300, 2, 32), torch.randn(300, 2, 32)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(4, dim=1).transpose(0, 1), v.repeat_interleave(4, dim=1).transpose(0, 1),
+        is_causal=True, scale=0.2).transpose(0, 1)
+    for chunk in (64, 300, 1000):
+        torch.testing.assert_close(torch_ref.causal_attention(q, k, v, scale=0.2, chunk=chunk), dense)
