@@ -19,9 +19,10 @@ pipeline (`tl.range(..., num_stages)`: cp.async copies run num_stages - 1 K-tile
 A second kernel, `_planar_kernel`, takes 1 or 2 rows of GPTQ's layout (no act-order; the engine repacks
 AWQ checkpoints into it at load, `ops.quant_ref.awq_to_gptq`): there nibble p of a word is input
 8r + p, so each nibble plane meets x's inputs 8r + p directly (x read with a stride of 8) and nothing
-is interleaved or transposed; see its docstring. At one row on the H100 it ran 1.7-1.9x faster than the
-tl.dot path (0.9-1.1x bf16's time; perf/RESULTS.md, 2026-11-26); `perf/quant_bench.py --tiles default
-dot planar-n128` compares them.
+is interleaved or transposed; see its docstring. On the H100 (perf/RESULTS.md, 2026-11-26) it takes 16%
+less time than the tl.dot path at two rows (the engine's batch-1 decode: one sequence pads to 2) and
+8% less at one; an earlier 3-D form ran one row at 0.9-1.1x bf16's speed but two rows as slowly as
+tl.dot. `perf/quant_bench.py --tiles default dot planar-n128` compares them.
 
 When the output tiles alone are too few to occupy the GPU (small M), K is cut into `split` ranges, one
 program per (tile, range) ("split-K"). Each program writes its fp32 partial tile to a workspace, and
@@ -94,8 +95,8 @@ _PREFILL_TILES = (
     (1 << 62, Tiles(256, 128, 64, 8, 3, 1)),  # each weight tile dequantized once per 256 rows
 )
 # 1 and 2 rows of GPTQ's layout (and AWQ's, which the engine repacks into it) through the planar
-# kernel; other formats skip these entries. 64 columns, 2 warps: the fastest of 64/128/256 at one row
-# on the H100 (quant_bench --tiles, 2026-11-26).
+# kernel; other formats skip these entries. 64 columns, 2 warps: faster than 128 (and 256) columns at
+# one and two rows on the H100 (quant_bench --tiles, 2026-11-26).
 _PLANAR_TILES = (
     (1, Tiles(1, 64, 128, 2, 3, 8, planar=True)),
     (2, Tiles(2, 64, 128, 2, 3, 8, planar=True)),
