@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.all_reduce import init_custom_all_reduce
 from engine.config import EngineArgs, ModelConfig
 from engine.device_io import HostCopy, host_to_device
 from engine.outputs import Logprob, PositionLogprobs
@@ -79,10 +78,6 @@ class ModelRunner:
     def _load_and_allocate(self) -> None:
         """Load this rank's weights, size and allocate the KV cache, compile and capture graphs."""
         args, model_config, device = self.args, self.model_config, self.device
-        if self.tp_size > 1:
-            how = init_custom_all_reduce(device, model_config.dtype, args.disable_custom_all_reduce)
-            if self.tp_rank == 0:
-                logger.info("tensor-parallel all-reduce: %s", how)
         start = time.perf_counter()
         self.model = load_model(model_config.model, model_config.hf_config, model_config.dtype, device,
                                 self.tp_rank, self.tp_size, model_config.quant_config, load_format=args.load_format)

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 import torch.distributed as dist
 
-from engine.all_reduce import reset_custom_all_reduce
 from ops.forward_context import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -288,7 +287,6 @@ class TensorParallelWorkers:
                     pass  # that worker is gone already
             # Every rank leaves the group at once. On 2 GPUs each worker waited out the stop timeout
             # while rank 0 joined it before leaving: most likely its NCCL teardown waits for rank 0's.
-            reset_custom_all_reduce()
             if dist.is_initialized():
                 dist.destroy_process_group()
             deadline = time.monotonic() + STOP_TIMEOUT_S
@@ -366,7 +364,6 @@ def _serve_steps(rank: int, args: EngineArgs, model_config: ModelConfig, store_p
             break
         runner.execute_model(*receive_step(tuple(sizes), device))
     del runner  # its CUDA graphs hold collectives: free them before the group goes
-    reset_custom_all_reduce()
     dist.destroy_process_group()
 
 

@@ -29,11 +29,9 @@
 #   tp4-70b (4 GPUs) Llama-3.1-70B (all 80 layers, bf16, random weights made shard by shard) at TP=4: batch-1
 #           decode 128 / 512, then fixed 256 x 1024 x 256; each run ends with 8 fixed prompts greedy, compared
 #   tp      (2 GPUs) tensor-parallel GPU tests, then Llama-3.1-8B batch-1 decode (async, sync) and fixed 1000 x 256 x 256 at TP=2
-#   tp-ar   (2 GPUs) perf/all_reduce_bench.py (one-shot vs NCCL by size, in CUDA graphs), then Llama-3.1-8B batch-1
-#           decode at TP=2 with the one-shot all-reduce (default) and with --disable-custom-all-reduce (NCCL only)
 #   quant8b Llama-3.1-8B batch 1 (128 / 512) AWQ, int8; fixed 1000 x 256 x 256 AWQ, int8, bitsandbytes (bf16: llama)
 #   quant70b Llama-3.1-70B AWQ (random 4-bit weights, 37 GiB), one GPU: batch 1 (128 / 256), then fixed 1000 x 128 x 512
-#           (a call of its own: each start takes ~130 s); quant70b-fixed: the fixed run alone
+#           (a call of its own: each start takes ~130 s)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -125,14 +123,10 @@ for stage in "$@"; do
         bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
         bench llama8b_bs1_tp2_sync --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --no-async-scheduling
         bench llama8b_fixed_tp2 --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 --tensor-parallel-size 2 ;;
-    tp-ar) timeout "${STAGE_TIMEOUT:-300}" python3 perf/all_reduce_bench.py --world-size 2 --json-out "$OUT/all_reduce.json" 2>&1 | tee "$OUT/all_reduce.log" | tail -14
-           bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
-           bench llama8b_bs1_tp2_nccl --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --disable-custom-all-reduce ;;
     quant8b) for q in awq int8; do bench llama8b_${q}_bs1 --model llama-3.1-8b --quantization $q --workload fixed --num-requests 1 --input-len 128 --output-len 512; done
              for q in awq int8; do bench llama8b_${q}_fixed --model llama-3.1-8b --quantization $q --workload fixed --num-requests 1000 --input-len 256 --output-len 256; done
              # bitsandbytes runs compiled without CUDA graphs (its outlier search reads the device on the host)
              bench llama8b_bnb_fixed --model llama-3.1-8b --quantization bitsandbytes --workload fixed --num-requests 1000 --input-len 256 --output-len 256 ;;
-    quant70b-fixed) STAGE_TIMEOUT=${STAGE_TIMEOUT:-580} bench llama70b_awq_fixed --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1000 --input-len 128 --output-len 512 --max-model-len 1024 ;;
     quant70b) bench llama70b_awq_bs1 --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 256 --max-model-len 1024 --max-num-seqs 1
               STAGE_TIMEOUT=${STAGE_TIMEOUT:-540} bench llama70b_awq_fixed --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1000 --input-len 128 --output-len 512 --max-model-len 1024 ;;
   esac

@@ -122,7 +122,6 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         enable_prefix_caching=args.enable_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
         tensor_parallel_size=args.tensor_parallel_size,
-        disable_custom_all_reduce=args.disable_custom_all_reduce,
         quantization=args.quantization,
     )
     startup = time.perf_counter() - start
@@ -155,7 +154,6 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
     result = {
         **throughput_figures("engine", elapsed, len(prompts), in_tokens, out_tokens),
         "tensor_parallel_size": args.tensor_parallel_size,
-        "disable_custom_all_reduce": args.disable_custom_all_reduce,
         "quantization": quant_config.name if quant_config is not None else None,  # what the engine loaded
         "weights_gib": weight_bytes / 2**30,  # one rank's
         "kv_cache_gib": runner.num_blocks * runner.kv_bytes_per_block / 2**30,  # one rank's
@@ -263,8 +261,6 @@ def main(argv: list[str] | None = None) -> dict:
                    help="random-weight models: awq/gptq declare a 4-bit checkpoint, int8/bitsandbytes quantize at load; "
                         "a checkpoint dir: as LLM(quantization=...) (default: the checkpoint's own)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs 0..N-1, one worker process each")
-    p.add_argument("--disable-custom-all-reduce", action="store_true",
-                   help="every tensor-parallel all-reduce through NCCL (default: small ones one-shot, symmetric memory)")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="CUDA graphs around the eager model, no torch.compile")

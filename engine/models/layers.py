@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import ops.attention  # noqa: F401  (registers torch.ops.engine.paged_attention)
-from engine.all_reduce import all_reduce
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +335,8 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return self.quant_method.apply(self, x, self.bias)
-        y = all_reduce(self.quant_method.apply(self, x, None))
+        y = self.quant_method.apply(self, x, None)
+        dist.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
 
@@ -372,7 +372,9 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.rows_per_rank)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        return all_reduce(out.masked_fill(outside[:, None], 0))
+        out = out.masked_fill(outside[:, None], 0)
+        dist.all_reduce(out)
+        return out
 
 
 class ParallelLMHead(VocabParallelEmbedding):
