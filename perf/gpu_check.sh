@@ -31,7 +31,7 @@
 #   tp      (2 GPUs) tensor-parallel GPU tests, then Llama-3.1-8B batch-1 decode (async, sync) and fixed 1000 x 256 x 256 at TP=2
 #   quant8b Llama-3.1-8B batch 1 (128 / 512) AWQ, int8; fixed 1000 x 256 x 256 AWQ, int8, bitsandbytes (bf16: llama)
 #   quant70b Llama-3.1-70B AWQ (random 4-bit weights, 37 GiB), one GPU: batch 1 (128 / 256), then fixed 1000 x 128 x 512
-#           (a call of its own: each start takes ~130 s)
+#           (a call of its own: each start takes ~130 s); quant70b-fixed: the fixed run alone
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -127,6 +127,7 @@ for stage in "$@"; do
              for q in awq int8; do bench llama8b_${q}_fixed --model llama-3.1-8b --quantization $q --workload fixed --num-requests 1000 --input-len 256 --output-len 256; done
              # bitsandbytes runs compiled without CUDA graphs (its outlier search reads the device on the host)
              bench llama8b_bnb_fixed --model llama-3.1-8b --quantization bitsandbytes --workload fixed --num-requests 1000 --input-len 256 --output-len 256 ;;
+    quant70b-fixed) STAGE_TIMEOUT=${STAGE_TIMEOUT:-580} bench llama70b_awq_fixed --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1000 --input-len 128 --output-len 512 --max-model-len 1024 ;;
     quant70b) bench llama70b_awq_bs1 --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 256 --max-model-len 1024 --max-num-seqs 1
               STAGE_TIMEOUT=${STAGE_TIMEOUT:-540} bench llama70b_awq_fixed --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1000 --input-len 128 --output-len 512 --max-model-len 1024 ;;
   esac
