@@ -22,7 +22,9 @@ AWQ checkpoints into it at load, `ops.quant_ref.awq_to_gptq`): there nibble p of
 is interleaved or transposed; see its docstring. On the H100 (perf/RESULTS.md, 2026-11-26) it takes 16%
 less time than the tl.dot path at two rows (the engine's batch-1 decode: one sequence pads to 2) and
 8% less at one; an earlier 3-D form ran one row at 0.9-1.1x bf16's speed but two rows as slowly as
-tl.dot. `perf/quant_bench.py --tiles default dot planar-n128` compares them.
+tl.dot. `perf/quant_bench.py --tiles default dot planar-n128` compares them. Its WIDE form (the
+"planar-wide" table, not yet timed) gives each thread 8 columns and takes about half the instructions
+per weight at one row and a third at two (sm_90 SASS); `--tiles default planar-wide` compares them.
 
 When the output tiles alone are too few to occupy the GPU (small M), K is cut into `split` ranges, one
 program per (tile, range) ("split-K"). Each program writes its fp32 partial tile to a workspace, and
@@ -58,6 +60,7 @@ at start-up); `CANDIDATE_TILES` holds the alternatives `perf/quant_bench.py --ti
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +86,7 @@ class Tiles:
     num_stages: int  # K-tiles in the software pipeline
     programs_per_sm: int  # split K up to about this many programs per SM (and at most _MAX_SPLIT_K ranges)
     planar: bool = False  # GPTQ's layout without act-order only: `_planar_kernel` (block_m rows at most)
+    wide: bool = False  # planar only: its WIDE form (8 columns a thread, x read unscaled; see `_planar_wide_tile`)
 
 
 # (largest batch, tiles) in increasing order; batches above the last take the last. programs_per_sm is
@@ -109,6 +113,10 @@ CANDIDATE_TILES: dict[str, TileTable] = {
     # Planar with 128-column tiles (4 warps).
     "planar-n128": ((1, Tiles(1, 128, 128, 4, 3, 4, planar=True)), (2, Tiles(2, 128, 128, 4, 3, 4, planar=True)),
                     (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
+    # Planar in its WIDE form (same 64 x 128 tiles and 2 warps; 159/168 registers at 1/2 rows: 6 programs an SM).
+    "planar-wide": ((1, Tiles(1, 64, 128, 2, 3, 6, planar=True, wide=True)),
+                    (2, Tiles(2, 64, 128, 2, 3, 6, planar=True, wide=True)),
+                    (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
     # One row through the GEMV (no tensor cores); 2..16 rows as "default".
     "gemv": ((1, Tiles(1, 128, 128, 4, 4, 3)), (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
     # Half-depth K-tiles (fewer registers and less shared memory: more programs per SM), 128-row GEMM tiles.
@@ -118,7 +126,8 @@ CANDIDATE_TILES: dict[str, TileTable] = {
         (1 << 62, Tiles(128, 128, 64, 8, 3, 1)),
     ),
 }
-TILES: TileTable = CANDIDATE_TILES["default"]
+# ENGINE_QUANT_TILES=NAME runs the engine on another candidate table (benchmarks: the same model with another tile set).
+TILES: TileTable = CANDIDATE_TILES[os.environ.get("ENGINE_QUANT_TILES", "default")]
 
 _MAX_SPLIT_K = 16  # K ranges per output tile at most: the last program sums this many partials
 _MAX_SPLIT_K_TILES = 1 << 16  # output tiles one split-K launch may have (one int32 counter each)
@@ -305,7 +314,7 @@ def _planar_kernel(
     M, N, K, stride_xm, stride_w, group_size, k_per_split, split, exponent_bits,
     ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, WIDE: tl.constexpr = False, TILE_GROUPS: tl.constexpr = False,
 ):
     """One or two rows (M <= BLOCK_M <= 2) times a GPTQ-layout weight (no act-order), on the FMA units.
 
@@ -315,45 +324,139 @@ def _planar_kernel(
     subtraction ((q - zero) * 16^pos exactly: the zero comes as 2^23 + zero * 16^pos) and one FMA per
     row with x * 16^-pos. Each row keeps its own 2-D sum [BLOCK_K / 8, BLOCK_N] through the K loop
     (each K-tile's times its group's scales), reduced over the word rows once, at the end: a 3-D
-    [rows, BLOCK_K / 8, BLOCK_N] sum measured twice as slow at 2 rows (2026-11-26, H100)."""
+    [rows, BLOCK_K / 8, BLOCK_N] sum measured twice as slow at 2 rows (2026-11-26, H100).
+
+    Compiled for sm_90 with 64 columns and 2 warps, each thread owns one column of 16 word rows, so each
+    x value it loads (a 2-byte load), converts and scales serves one weight: 8.2 instructions per weight
+    in the K loop at one row, 16.6 at two (255 registers and spills). WIDE (tiles.wide, the
+    "planar-wide" table) takes `_planar_wide_tile` instead; TILE_GROUPS: the K-tile is one whole group
+    (no integer division for its index)."""
     BLOCK_R: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
-    rn = tl.max_contiguous(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), 1)  # one column per thread
+    if WIDE:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # contiguous: several columns a thread (see _planar_wide_tile)
+    else:
+        rn = tl.max_contiguous(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), 1)  # one column per thread
     n_mask = _below(rn, N, EVEN_N)
     acc0 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)  # row 1 (BLOCK_M = 2)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
-        rr = k0 // 8 + tl.arange(0, BLOCK_R)
-        r_mask = _below(rr, k_end // 8, EVEN_K)
-        words = tl.load(w_ptr + rr[:, None] * stride_w + rn[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
-        zeros, scales = _gptq_zeros_and_scales(zeros_ptr, scales_ptr, k0 // group_size, rn, n_mask, N, ZERO_OFFSET)
-        x0 = x_ptr + rr * 8  # input 8r of row 0; + p for plane p
-        x1_mask = r_mask & (tl.full((BLOCK_R,), 1, tl.int32) < M)  # a second row, if there is one
-        high = words >> 16
-        tile0 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-        tile1 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-        for p in tl.static_range(8):
-            half = words if p < 4 else high
-            shifted_zero = zeros * (1 << (4 * (p % 4))) + _FLOAT_2_23  # 2^23 + zero * 16^pos
-            plane = ((half & (0xF << (4 * (p % 4)))) | exponent_bits).to(tl.float32, bitcast=True) - shifted_zero[None, :]
-            unshift = 1.0 / (1 << (4 * (p % 4)))
-            tile0 += (tl.load(x0 + p, mask=r_mask, other=0.0).to(tl.float32) * unshift)[:, None] * plane
-            if BLOCK_M > 1:
-                x1 = tl.load(x0 + stride_xm + p, mask=x1_mask, other=0.0).to(tl.float32)
-                tile1 += (x1 * unshift)[:, None] * plane
-        acc0 += tile0 * scales[None, :]
+        if WIDE:
+            tile0, tile1, scales = _planar_wide_tile(
+                x_ptr, w_ptr, zeros_ptr, scales_ptr, k0, k_end, rn, n_mask, M, N, stride_xm, stride_w, group_size,
+                exponent_bits, ZERO_OFFSET, EVEN_K, TILE_GROUPS, BLOCK_M, BLOCK_R)
+        else:
+            tile0, tile1, scales = _planar_tile(
+                x_ptr, w_ptr, zeros_ptr, scales_ptr, k0, k_end, rn, n_mask, M, N, stride_xm, stride_w, group_size,
+                exponent_bits, ZERO_OFFSET, EVEN_K, BLOCK_M, BLOCK_R)
+        acc0 += tile0 * scales
         if BLOCK_M > 1:
-            acc1 += tile1 * scales[None, :]
+            acc1 += tile1 * scales
     if BLOCK_M > 1:
         sums = tl.trans(tl.join(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0)))  # [2, BLOCK_N]
     else:
         sums = tl.sum(acc0, axis=0)[None, :]
     _finish(sums, rm, rn, rm < M, n_mask, pid_k, pid_n, M, N, split, partial_ptr, counter_ptr,
             scales_ptr, bias_ptr, out_ptr, GPTQ, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _planar_tile(x_ptr, w_ptr, zeros_ptr, scales_ptr, k0, k_end, rn, n_mask, M, N, stride_xm, stride_w, group_size,
+                 exponent_bits, ZERO_OFFSET: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """`_planar_kernel`'s K-tile: (row 0's, row 1's unscaled [BLOCK_R, BLOCK_N] sums, scales)."""
+    rr = k0 // 8 + tl.arange(0, BLOCK_R)
+    r_mask = _below(rr, k_end // 8, EVEN_K)
+    words = tl.load(w_ptr + rr[:, None] * stride_w + rn[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
+    zeros, scales = _gptq_zeros_and_scales(zeros_ptr, scales_ptr, k0 // group_size, rn, n_mask, N, ZERO_OFFSET)
+    x0 = x_ptr + rr * 8  # input 8r of row 0; + p for plane p
+    x1_mask = r_mask & (tl.full((BLOCK_R,), 1, tl.int32) < M)  # a second row, if there is one
+    high = words >> 16
+    tile0 = tl.zeros(words.shape, dtype=tl.float32)
+    tile1 = tl.zeros(words.shape, dtype=tl.float32)
+    for p in tl.static_range(8):
+        half = words if p < 4 else high
+        shifted_zero = zeros * (1 << (4 * (p % 4))) + _FLOAT_2_23  # 2^23 + zero * 16^pos
+        plane = ((half & (0xF << (4 * (p % 4)))) | exponent_bits).to(tl.float32, bitcast=True) - shifted_zero[None, :]
+        unshift = 1.0 / (1 << (4 * (p % 4)))
+        tile0 += (tl.load(x0 + p, mask=r_mask, other=0.0).to(tl.float32) * unshift)[:, None] * plane
+        if BLOCK_M > 1:
+            x1 = tl.load(x0 + stride_xm + p, mask=x1_mask, other=0.0).to(tl.float32)
+            tile1 += (x1 * unshift)[:, None] * plane
+    return tile0, tile1, scales[None, :]
+
+
+@triton.jit
+def _planar_wide_tile(x_ptr, w_ptr, zeros_ptr, scales_ptr, k0, k_end, rn, n_mask, M, N, stride_xm, stride_w,
+                      group_size, exponent_bits, ZERO_OFFSET: tl.constexpr, EVEN_K: tl.constexpr,
+                      TILE_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """`_planar_kernel`'s K-tile with WIDE: (row 0's, row 1's unscaled [BLOCK_R, BLOCK_N] sums, scales).
+
+    The same planes as `_planar_tile`, fewer instructions per weight (sm_90 SASS of the K loop, 64 x 128
+    tiles, 2 warps: 4.4 / 5.8 per weight at 1 / 2 rows against 8.2 / 16.6):
+    - 8 consecutive columns a thread (words layout sizePerThread [1, 8], threadsPerWarp [4, 8]: 2 word
+      rows each), not 1, so each x value a thread loads and converts serves 8 weights, not 1. Triton
+      vectorizes as the widest load of the tile's shape allows: the scales, read here as [BLOCK_R,
+      BLOCK_N] (16 bytes a thread; every row the same), set 8 columns (4 byte words alone would set 4).
+    - x is not scaled by 16^-pos: a nibble at bits s..s+3 (s <= 19, `high` holds nibbles 5..7 at bits
+      8..19), masked in place and OR-ed with the exponent bits of 2^(23 - s), is the float
+      2^(23 - s) + q exactly; the zero, placed the same way, 2^(23 - s) + zero; their difference q - zero
+      (exact, as the default form's). Per weight: one LOP3, one FADD, one FFMA per row.
+    - 16-bit x is read 4 inputs (8 bytes) at a time (`_x_plane`), which Triton pipelines with cp.async.
+    - Row 1 of a one-row call reads row 0 again (its sums are never stored): no masks on x.
+    Left over: the 5 zero vectors (one per s) reach the words' layout through shared memory, 5 layout
+    conversions (10 barriers) a K-tile, and the scales are converted to fp32 once per word, not per column."""
+    rr = k0 // 8 + tl.arange(0, BLOCK_R)
+    r_mask = _below(rr, k_end // 8, EVEN_K)
+    words = tl.load(w_ptr + rr[:, None] * stride_w + rn[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
+    if TILE_GROUPS:  # group_size is BLOCK_K: no integer division
+        group = k0 // (BLOCK_R * 8)
+    else:
+        group = k0 // group_size
+    zero_words = tl.load(zeros_ptr + group * (N // 8) + rn // 8, mask=n_mask, other=0)
+    zeros = (((zero_words >> ((rn % 8) * 4)) & 0xF) + ZERO_OFFSET)[None, :]
+    # The scales as [BLOCK_R, BLOCK_N] (every row the same), in the words' layout: 16 bytes (8 columns) a thread
+    rn2 = rn[None, :] + 0 * rr[:, None]
+    scales = tl.load(scales_ptr + group * N + rn2, mask=n_mask[None, :], other=0.0).to(tl.float32)
+    # Row 1 is row 0 again when M = 1 (its sums are not stored): no masks
+    x1_ptr = x_ptr + tl.minimum(M - 1, 1) * stride_xm
+    high = words >> 12  # nibbles 5..7 to bits 8..19 (nibbles 0..4 are read in place, bits 0..19)
+    tile0 = tl.zeros(words.shape, dtype=tl.float32)
+    tile1 = tl.zeros(words.shape, dtype=tl.float32)
+    for p in tl.static_range(8):
+        half = words if p < 5 else high
+        shift = 4 * p - 12 * (p // 5)  # the nibble's bits in `half`: shift..shift + 3 (<= 19)
+        # 2^(23 - shift): exponent bits 2^23's less shift (exponent_bits is a register: the mask stays LOP3's
+        # one immediate)
+        plane_bits = (half & (0xF << shift)) | (exponent_bits - (shift << 23))
+        zero_bits = (zeros << shift) | (exponent_bits - (shift << 23))  # 2^(23 - shift) + zero
+        plane = plane_bits.to(tl.float32, bitcast=True) - zero_bits.to(tl.float32, bitcast=True)
+        tile0 += _x_plane(x_ptr, rr, r_mask, p)[:, None] * plane
+        if BLOCK_M > 1:
+            tile1 += _x_plane(x1_ptr, rr, r_mask, p)[:, None] * plane
+    return tile0, tile1, scales
+
+
+@triton.jit
+def _x_plane(x_ptr, rr, r_mask, P: tl.constexpr):
+    """x's inputs 8 rr + P as fp32. 16-bit x (8-byte aligned rows): inputs 8r..8r+3 and 8r+4..8r+7 are
+    read as two int64 (the loads of planes sharing one are merged) and split, one instruction an input."""
+    if x_ptr.dtype.element_ty.primitive_bitwidth == 16:
+        quad = tl.load(x_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + rr * 2 + P // 4, mask=r_mask, other=0)
+        pair = (quad >> (32 * ((P // 2) % 2))).to(tl.int32)
+        if x_ptr.dtype.element_ty == tl.bfloat16:  # bf16 is fp32's upper half
+            if P % 2 == 0:
+                return (pair << 16).to(tl.float32, bitcast=True)
+            else:
+                return (pair & -65536).to(tl.float32, bitcast=True)
+        else:
+            return (pair >> (16 * (P % 2))).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+    else:
+        return tl.load(x_ptr + rr * 8 + P, mask=r_mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -450,10 +553,13 @@ def _quant_matmul(x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor | N
                   NUM_STAGES=tiles.num_stages, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     bias_or_any = bias if bias is not None else scales
     if tiles.planar:
+        wide = dict(WIDE=True, TILE_GROUPS=block_k == group_size) if tiles.wide else {}
+        if tiles.wide and x2.element_size() == 2 and (x2.data_ptr() % 8 or x2.stride(0) % 4):
+            x2 = x2.clone()  # WIDE reads 16-bit x 4 inputs (8 aligned bytes) at a time
         _planar_kernel[(num_tiles, split)](
             x2, weight, zeros, scales, bias_or_any, out2, partial, counters,
             M, N, K, x2.stride(0), weight.stride(0), group_size, k_per_split, split, FLOAT_2_23_BITS,
-            ZERO_OFFSET=zero_offset, **common,
+            ZERO_OFFSET=zero_offset, **wide, **common,
         )
         return out
     _quant_matmul_kernel[(num_tiles, split)](

@@ -3,6 +3,7 @@ torch matmul, on Llama-3.1-8B's projection shapes at batch 1, 16 and 256.
 
     python perf/quant_bench.py --out perf/quant_bench.json
     python perf/quant_bench.py --tiles default gemv small --kernels bf16 awq-g128 int8 --layers qkv gate_up
+    python perf/quant_bench.py --tiles default planar-wide --kernels bf16 gptq-g128 awq-gptq-g128 --batches 1 2
 
 Each (kernel, layer, batch) is first checked against the dequantize-then-matmul reference, then warmed
 up (Triton compiles every kernel variant it needs here, outside the timer). Then `--iters` back-to-back
@@ -140,7 +141,7 @@ def tiles_label(M: int, kernel: str) -> str:
 
     t = triton_quant.tiles_for(M, planar_ok=kernel in ("gptq-g128", "awq-gptq-g128"))
     return (f"{t.block_m}x{t.block_n}x{t.block_k}/w{t.num_warps}s{t.num_stages}p{t.programs_per_sm}"
-            + ("/planar" if t.planar else ""))
+            + ("/planar" if t.planar else "") + ("-wide" if t.wide else ""))
 
 
 def print_best_tiles(rows: list[dict]) -> None:
@@ -174,7 +175,7 @@ def main() -> None:
     kernels = [k for k in args.kernels if k != "bnb-int8" or importlib.util.find_spec("bitsandbytes")]
     torch.manual_seed(0)
     rows = []
-    print(f"{'layer':>8} {'K':>6} {'N':>6} {'M':>4} {'kernel':>14} {'tiles':>10} {'launch':>22} {'us':>9} {'GB/s':>7} "
+    print(f"{'layer':>8} {'K':>6} {'N':>6} {'M':>4} {'kernel':>14} {'tiles':>10} {'launch':>27} {'us':>9} {'GB/s':>7} "
           f"{'vs bf16':>8}")
     for name, (K, N) in zip(SHAPE_NAMES, LLAMA_8B_SHAPES):
         if name not in args.layers:
@@ -198,7 +199,7 @@ def main() -> None:
                     baseline = next((r["us"] for r in rows if r["kernel"] == "bf16" and r["layer"] == name
                                      and r["M"] == M), None)
                     speedup = f"{baseline / us:7.2f}x" if baseline else ""
-                    print(f"{name:>8} {K:>6} {N:>6} {M:>4} {kernel:>14} {tiles:>10} {launch:>22} {us:9.1f} "
+                    print(f"{name:>8} {K:>6} {N:>6} {M:>4} {kernel:>14} {tiles:>10} {launch:>27} {us:9.1f} "
                           f"{row['gb_per_s']:7.0f} {speedup:>8}", flush=True)
             triton_quant.TILES = triton_quant.CANDIDATE_TILES["default"]
             del copies, weight

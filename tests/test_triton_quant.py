@@ -145,6 +145,23 @@ for table in triton_quant.CANDIDATE_TILES.values():
 print("ok")
 """
 
+# The planar kernel (1 and 2 rows of GPTQ's layout) in each planar tile table, in the three dtypes (its
+# 16-bit forms read x differently from fp32; bf16 as the engine runs it), K-tiles that are and are not
+# one group, v1 and v2 zeros, and rows that are not 8-byte aligned (bf16 x, copied for the WIDE form).
+_PLANAR_SCRIPT = _INTERPRETER_PRELUDE + """
+triton_quant.TILES = triton_quant.CANDIDATE_TILES[TABLE]
+assert all(triton_quant.tiles_for(M, planar_ok=True).planar for M in (1, 2))
+for variant in ("gptq-v1-g128", "gptq-v2-g128", "gptq-v1-g32", "gptq-per-channel"):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        layer = random_layer(variant, 256, 96, dtype, "cpu")
+        for M in (1, 2):
+            check_kernel(variant, layer, torch.randn(M, 256).to(dtype))
+x = torch.randn(2, 257)[:, 1:].bfloat16()  # rows 257 inputs apart
+check_kernel("gptq-v1-g128", random_layer("gptq-v1-g128", 256, 96, torch.bfloat16, "cpu"), x,
+             bias=torch.randn(96).bfloat16())
+print("ok")
+"""
+
 
 def run_under_the_interpreter(script: str) -> None:
     pytest.importorskip("triton")
@@ -162,6 +179,11 @@ def test_triton_quant_kernels_match_the_reference_under_the_interpreter():
 @pytest.mark.slow
 def test_every_candidate_tile_table_matches_the_reference_under_the_interpreter():
     run_under_the_interpreter(_CANDIDATE_TILES_SCRIPT)
+
+
+@pytest.mark.parametrize("table", ["default", "planar-wide"])
+def test_planar_kernel_matches_the_reference_under_the_interpreter(table):
+    run_under_the_interpreter(_PLANAR_SCRIPT.replace("TABLE", repr(table)))
 
 
 # ---------------------------------------------------------------------------------------------
