@@ -19,12 +19,12 @@ pipeline (`tl.range(..., num_stages)`: cp.async copies run num_stages - 1 K-tile
 A second kernel, `_planar_kernel`, takes 1 or 2 rows of GPTQ's layout (no act-order; the engine repacks
 AWQ checkpoints into it at load, `ops.quant_ref.awq_to_gptq`): there nibble p of a word is input
 8r + p, so each nibble plane meets x's inputs 8r + p directly (x read with a stride of 8) and nothing
-is interleaved or transposed; see its docstring. On the H100 (perf/RESULTS.md, 2026-11-26) it takes 16%
-less time than the tl.dot path at two rows (the engine's batch-1 decode: one sequence pads to 2) and
-8% less at one; an earlier 3-D form ran one row at 0.9-1.1x bf16's speed but two rows as slowly as
-tl.dot. `perf/quant_bench.py --tiles default dot planar-n128` compares them. Its WIDE form (the
-"planar-wide" table, not yet timed) gives each thread 8 columns and takes about half the instructions
-per weight at one row and a third at two (sm_90 SASS); `--tiles default planar-wide` compares them.
+is interleaved or transposed; see its docstring. Its WIDE form (the default) gives each thread 8
+columns, so every x value it loads serves 8 weights: on the H100 (perf/RESULTS.md, 2026-11-26, session
+6) the four layers of a Llama-3.1-8B decoder layer take 68 us at one row and 87 us at two (the engine's
+batch-1 decode: one sequence pads to 2), against bf16 cuBLAS's 162 us and 225 / 204 us for the
+one-column-a-thread form ("planar-narrow"); Llama-3.1-8B AWQ batch 1 went from 124 to 236 tok/s.
+`perf/quant_bench.py --tiles default planar-narrow dot` compares them.
 
 When the output tiles alone are too few to occupy the GPU (small M), K is cut into `split` ranges, one
 program per (tile, range) ("split-K"). Each program writes its fp32 partial tile to a workspace, and
@@ -99,24 +99,21 @@ _PREFILL_TILES = (
     (1 << 62, Tiles(256, 128, 64, 8, 3, 1)),  # each weight tile dequantized once per 256 rows
 )
 # 1 and 2 rows of GPTQ's layout (and AWQ's, which the engine repacks into it) through the planar
-# kernel; other formats skip these entries. 64 columns, 2 warps: faster than 128 (and 256) columns at
-# one and two rows on the H100 (quant_bench --tiles, 2026-11-26).
+# kernel's WIDE form; other formats skip these entries. 64 columns, 2 warps, 159 / 168 registers at 1 /
+# 2 rows (6 programs an SM): on the H100 faster than 128 columns (4 warps) and than splitting K up to 12
+# programs an SM (quant_bench --tiles, 2026-11-26, session 6).
 _PLANAR_TILES = (
-    (1, Tiles(1, 64, 128, 2, 3, 8, planar=True)),
-    (2, Tiles(2, 64, 128, 2, 3, 8, planar=True)),
+    (1, Tiles(1, 64, 128, 2, 3, 6, planar=True, wide=True)),
+    (2, Tiles(2, 64, 128, 2, 3, 6, planar=True, wide=True)),
 )
 CANDIDATE_TILES: dict[str, TileTable] = {
     # Decode: 1..2 rows planar (GPTQ layout), up to 16 through tl.dot with split-K; the GEMM tiles above.
     "default": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
+    # The planar kernel's first form: one column a thread (the default until session 6; 3x slower).
+    "planar-narrow": ((1, Tiles(1, 64, 128, 2, 3, 8, planar=True)), (2, Tiles(2, 64, 128, 2, 3, 8, planar=True)),
+                      (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
     # The same without the planar kernel (every format through tl.dot from 1 row).
     "dot": ((16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
-    # Planar with 128-column tiles (4 warps).
-    "planar-n128": ((1, Tiles(1, 128, 128, 4, 3, 4, planar=True)), (2, Tiles(2, 128, 128, 4, 3, 4, planar=True)),
-                    (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
-    # Planar in its WIDE form (same 64 x 128 tiles and 2 warps; 159/168 registers at 1/2 rows: 6 programs an SM).
-    "planar-wide": ((1, Tiles(1, 64, 128, 2, 3, 6, planar=True, wide=True)),
-                    (2, Tiles(2, 64, 128, 2, 3, 6, planar=True, wide=True)),
-                    (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
     # One row through the GEMV (no tensor cores); 2..16 rows as "default".
     "gemv": ((1, Tiles(1, 128, 128, 4, 4, 3)), (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
     # Half-depth K-tiles (fewer registers and less shared memory: more programs per SM), 128-row GEMM tiles.
@@ -127,7 +124,10 @@ CANDIDATE_TILES: dict[str, TileTable] = {
     ),
 }
 # ENGINE_QUANT_TILES=NAME runs the engine on another candidate table (benchmarks: the same model with another tile set).
-TILES: TileTable = CANDIDATE_TILES[os.environ.get("ENGINE_QUANT_TILES", "default")]
+_TABLE_NAME = os.environ.get("ENGINE_QUANT_TILES", "default")
+if _TABLE_NAME not in CANDIDATE_TILES:
+    raise ValueError(f"ENGINE_QUANT_TILES={_TABLE_NAME!r} is not a tile table; tables: {', '.join(CANDIDATE_TILES)}")
+TILES: TileTable = CANDIDATE_TILES[_TABLE_NAME]
 
 _MAX_SPLIT_K = 16  # K ranges per output tile at most: the last program sums this many partials
 _MAX_SPLIT_K_TILES = 1 << 16  # output tiles one split-K launch may have (one int32 counter each)
@@ -328,8 +328,8 @@ def _planar_kernel(
 
     Compiled for sm_90 with 64 columns and 2 warps, each thread owns one column of 16 word rows, so each
     x value it loads (a 2-byte load), converts and scales serves one weight: 8.2 instructions per weight
-    in the K loop at one row, 16.6 at two (255 registers and spills). WIDE (tiles.wide, the
-    "planar-wide" table) takes `_planar_wide_tile` instead; TILE_GROUPS: the K-tile is one whole group
+    in the K loop at one row, 16.6 at two (255 registers and spills): that form is the "planar-narrow"
+    table now. WIDE (tiles.wide, the default) takes `_planar_wide_tile` instead: 4.4 and 5.8; TILE_GROUPS: the K-tile is one whole group
     (no integer division for its index)."""
     BLOCK_R: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)

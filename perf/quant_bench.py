@@ -3,7 +3,7 @@ torch matmul, on Llama-3.1-8B's projection shapes at batch 1, 16 and 256.
 
     python perf/quant_bench.py --out perf/quant_bench.json
     python perf/quant_bench.py --tiles default gemv small --kernels bf16 awq-g128 int8 --layers qkv gate_up
-    python perf/quant_bench.py --tiles default planar-wide --kernels bf16 gptq-g128 awq-gptq-g128 --batches 1 2
+    python perf/quant_bench.py --tiles default planar-narrow --kernels bf16 gptq-g128 awq-gptq-g128 --batches 1 2
 
 Each (kernel, layer, batch) is first checked against the dequantize-then-matmul reference, then warmed
 up (Triton compiles every kernel variant it needs here, outside the timer). Then `--iters` back-to-back
