@@ -247,10 +247,8 @@ class ModelRunner:
         if graphs is not None and meta.max_query_len == 1 and meta.num_seqs <= graphs.max_batch_size:
             hidden = graphs.run(input_ids, positions, meta)
         else:
-            # A one-token batch runs uncompiled: dynamo would specialize size 1 and compile again.
-            forward = self.model if input_ids.shape[0] == 1 else self.forward
             with set_forward_context(ForwardContext(meta, self.kv_caches, self.attention_backend)):
-                hidden = forward(input_ids, positions)
+                hidden = self.forward(input_ids, positions)
         return None if logits_rows is None else self.model.compute_logits(hidden[logits_rows])
 
     def _prepare(self, scheduled: list[ScheduledSequence]) -> PreparedBatch:

@@ -1,7 +1,10 @@
 """torch.compile of the model forward, with the attention op opaque inside it.
 
-One compile with a dynamic token dimension serves every batch shape (dynamo still specializes a
-batch of exactly one token, so expect two graphs). Inductor's cache lives on disk under
+One compile with a dynamic token dimension serves every batch shape, one token included: the token
+dimension of the inputs is marked "unbacked" on every call, so dynamo does not specialize the sizes 0
+and 1 (a second compile, +70 s of start-up on the H100, when a one-token batch came), and the decode
+graphs can have a bucket of 1 (one sequence used to pad to 2 rows, which cost the 4-bit kernels a
+second row's work). Inductor's cache lives on disk under
 ~/.cache/engine/torchinductor unless TORCHINDUCTOR_CACHE_DIR says otherwise, so a second start
 reuses the compiled kernels.
 """
@@ -13,6 +16,7 @@ import os
 from typing import Callable
 
 import torch
+from torch._dynamo.decorators import mark_unbacked
 
 logger = logging.getLogger("engine")
 
@@ -20,8 +24,15 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser
 
 
 def compile_model(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The model's forward(input_ids, positions), compiled by inductor."""
-    return torch.compile(model.forward, fullgraph=True, dynamic=True)
+    """The model's forward(input_ids, positions), compiled by inductor for any number of tokens."""
+    compiled = torch.compile(model.forward, fullgraph=True, dynamic=True)
+
+    def forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        mark_unbacked(input_ids, 0)
+        mark_unbacked(positions, 0)
+        return compiled(input_ids, positions)
+
+    return forward
 
 
 def num_compiled_graphs() -> int:

@@ -26,13 +26,10 @@ logger = logging.getLogger("engine")
 
 
 def default_batch_sizes(max_num_seqs: int) -> list[int]:
-    """2, 4, 8, then every 8 up to 256, then every 16 up to 512 — capped at max_num_seqs.
-
-    No bucket of 1: dynamo specializes a dimension of size 1 and would compile the model a second
-    time for it (seen on the H100: +70 s of start-up); one sequence pads to 2 at no real cost."""
-    sizes = [2, 4, 8] + list(range(16, 257, 8)) + list(range(272, 513, 16))
+    """1, 2, 4, 8, then every 8 up to 256, then every 16 up to 512 — capped at max_num_seqs."""
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 8)) + list(range(272, 513, 16))
     capped = [s for s in sizes if s < max_num_seqs]
-    return capped + [max(max_num_seqs, 2)] if max_num_seqs <= 512 else sizes
+    return capped + [max_num_seqs] if max_num_seqs <= 512 else sizes
 
 
 class CudaGraphRunner:

@@ -22,7 +22,7 @@ AWQ checkpoints into it at load, `ops.quant_ref.awq_to_gptq`): there nibble p of
 is interleaved or transposed; see its docstring. Its WIDE form (the default) gives each thread 8
 columns, so every x value it loads serves 8 weights: on the H100 (perf/RESULTS.md, 2026-11-26, session
 6) the four layers of a Llama-3.1-8B decoder layer take 68 us at one row and 87 us at two (the engine's
-batch-1 decode: one sequence pads to 2), against bf16 cuBLAS's 162 us and 225 / 204 us for the
+batch-1 decode then padded one sequence to 2), against bf16 cuBLAS's 162 us and 225 / 204 us for the
 one-column-a-thread form ("planar-narrow"); Llama-3.1-8B AWQ batch 1 went from 124 to 236 tok/s.
 `perf/quant_bench.py --tiles default planar-narrow dot` compares them.
 

@@ -48,7 +48,7 @@ import ops.quant_matmul  # noqa: E402,F401  (registers torch.ops.engine.bnb_int8
 from tests.test_triton_quant import LLAMA_8B_SHAPES, TOLERANCE, random_layer  # noqa: E402
 
 SHAPE_NAMES = ["qkv", "o", "gate_up", "down"]  # the order of LLAMA_8B_SHAPES
-BATCHES = (1, 2, 4, 16, 256)  # one sequence's decode pads to 2 (graphs/cuda_graph.py)
+BATCHES = (1, 2, 4, 16, 256)
 L2_DEFEAT_BYTES = 256 << 20
 KERNELS = ["bf16", "awq-g128", "awq-gptq-g128", "gptq-g128", "gptq-act-g128", "int8", "bnb-int8"]
 VARIANT_OF = {"awq-g128": "awq-g128", "awq-gptq-g128": "awq-g128", "gptq-g128": "gptq-v1-g128", "gptq-act-g128": "gptq-act-order-g128",

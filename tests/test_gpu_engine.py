@@ -16,8 +16,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-# Graph buckets 2, 4, 8, 16 and 24 (one sequence pads to 2): the tests hit each edge and one past it.
-BUCKETS = [2, 4, 8, 16, 24]
+# Graph buckets 1, 2, 4, 8, 16 and 24: the tests hit each edge and one past it.
+BUCKETS = [1, 2, 4, 8, 16, 24]
 EDGE_BATCH_SIZES = [1, 2, 3, 4, 5, 8, 9, 16, 17, 24, 25]
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine.weight_loader import load_model
+from graphs.compile import compile_model, num_compiled_graphs
 from ops.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from tests.conftest import TINY_CHECKPOINTS
 
@@ -170,3 +171,36 @@ def test_rope_settings_read_from_transformers_4_style_config():
 
     old_style = SimpleNamespace(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 2.0})
     assert rope_parameters(old_style) == {"type": "linear", "factor": 2.0, "rope_theta": 500000.0, "rope_type": "linear"}
+
+
+class _Compiled(torch.nn.Module):
+    """A model whose forward is graphs.compile's (the engine's compiled forward on GPUs)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.inner, self.config = model, model.config
+        self.forward_fn = compile_model(model)
+
+    def forward(self, input_ids, positions):
+        return self.forward_fn(input_ids, positions)
+
+    def compute_logits(self, hidden):
+        return self.inner.compute_logits(hidden)
+
+
+@pytest.mark.slow
+def test_the_compiled_forward_serves_one_token_and_many_with_one_graph(tiny_checkpoints):
+    """Inductor on the CPU: one compile covers a prefill, a one-token decode (dynamo would specialize
+    size 1 and compile again, unless the token dimension is unbacked) and a two-sequence decode, and
+    gives the eager model's logits."""
+    path = tiny_checkpoints["llama"]
+    eager, compiled = PagedRun(engine_model(path)), PagedRun(_Compiled(engine_model(path)))
+    graphs_before = num_compiled_graphs()
+    table_a, table_b = [9, 2, 14, 3], [5, 7]
+    b = [0, 17, 99, 5, 600]
+    steps = [[(PROMPT, 0, table_a)], [([301], len(PROMPT), table_a)], [(b, 0, table_b)],
+             [([302], len(PROMPT) + 1, table_a), ([77], len(b), table_b)]]
+    for seqs in steps:
+        for want, got in zip(eager.step(seqs), compiled.step(seqs)):
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert num_compiled_graphs() - graphs_before == 1
