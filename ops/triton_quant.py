@@ -24,7 +24,9 @@ columns, so every x value it loads serves 8 weights: on the H100 (perf/RESULTS.m
 6) the four layers of a Llama-3.1-8B decoder layer take 68 us at one row and 87 us at two (the engine's
 batch-1 decode then padded one sequence to 2), against bf16 cuBLAS's 162 us and 225 / 204 us for the
 one-column-a-thread form ("planar-narrow"); Llama-3.1-8B AWQ batch 1 went from 124 to 236 tok/s.
-`perf/quant_bench.py --tiles default planar-narrow dot` compares them.
+`perf/quant_bench.py --tiles default planar-narrow dot` compares them. The WIDE2 form ("planar-wide2",
+not yet timed) keeps WIDE's per-weight instructions and trims those around them (sm_90 SASS of the K
+loop: 4.16 / 5.38 instructions a weight at 1 / 2 rows against 4.45 / 5.76; `_planar_wide2_tile`).
 
 When the output tiles alone are too few to occupy the GPU (small M), K is cut into `split` ranges, one
 program per (tile, range) ("split-K"). Each program writes its fp32 partial tile to a workspace, and
@@ -87,6 +89,7 @@ class Tiles:
     programs_per_sm: int  # split K up to about this many programs per SM (and at most _MAX_SPLIT_K ranges)
     planar: bool = False  # GPTQ's layout without act-order only: `_planar_kernel` (block_m rows at most)
     wide: bool = False  # planar only: its WIDE form (8 columns a thread, x read unscaled; see `_planar_wide_tile`)
+    wide2: bool = False  # wide only: its WIDE2 form (fewer instructions around the same; `_planar_wide2_tile`)
 
 
 # (largest batch, tiles) in increasing order; batches above the last take the last. programs_per_sm is
@@ -112,6 +115,16 @@ CANDIDATE_TILES: dict[str, TileTable] = {
     # The planar kernel's first form: one column a thread (the default until session 6; 3x slower).
     "planar-narrow": ((1, Tiles(1, 64, 128, 2, 3, 8, planar=True)), (2, Tiles(2, 64, 128, 2, 3, 8, planar=True)),
                       (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
+    # As "default", the planar kernel's WIDE2 form (fewer instructions around the same per-weight ones;
+    # sm_90 SASS, not yet timed).
+    "planar-wide2": ((1, Tiles(1, 64, 128, 2, 3, 6, planar=True, wide=True, wide2=True)),
+                     (2, Tiles(2, 64, 128, 2, 3, 6, planar=True, wide=True, wide2=True)),
+                     (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
+    # WIDE2 with one warp a program (4 word rows a thread, twice the weights a K-tile over which its fixed
+    # costs spread: 3.85 / 5.09 instructions a weight at 1 / 2 rows), as many warps an SM as "planar-wide2".
+    "planar-wide2-w1": ((1, Tiles(1, 64, 128, 1, 3, 12, planar=True, wide=True, wide2=True)),
+                        (2, Tiles(2, 64, 128, 1, 3, 12, planar=True, wide=True, wide2=True)),
+                        (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
     # The same without the planar kernel (every format through tl.dot from 1 row).
     "dot": ((16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
     # One row through the GEMV (no tensor cores); 2..16 rows as "default".
@@ -315,6 +328,7 @@ def _planar_kernel(
     ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, WIDE: tl.constexpr = False, TILE_GROUPS: tl.constexpr = False,
+    WIDE2: tl.constexpr = False, PIECE_R: tl.constexpr = 8,
 ):
     """One or two rows (M <= BLOCK_M <= 2) times a GPTQ-layout weight (no act-order), on the FMA units.
 
@@ -329,8 +343,9 @@ def _planar_kernel(
     Compiled for sm_90 with 64 columns and 2 warps, each thread owns one column of 16 word rows, so each
     x value it loads (a 2-byte load), converts and scales serves one weight: 8.2 instructions per weight
     in the K loop at one row, 16.6 at two (255 registers and spills): that form is the "planar-narrow"
-    table now. WIDE (tiles.wide, the default) takes `_planar_wide_tile` instead: 4.4 and 5.8; TILE_GROUPS: the K-tile is one whole group
-    (no integer division for its index)."""
+    table now. WIDE (tiles.wide, the default) takes `_planar_wide_tile` instead: 4.4 and 5.8; WIDE2
+    (tiles.wide2, the "planar-wide2" table) `_planar_wide2_tile`: 4.2 and 5.4, its sums [PIECE_R,
+    BLOCK_N]; TILE_GROUPS: the K-tile is one whole group (no integer division for its index)."""
     BLOCK_R: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -340,12 +355,17 @@ def _planar_kernel(
     else:
         rn = tl.max_contiguous(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), 1)  # one column per thread
     n_mask = _below(rn, N, EVEN_N)
-    acc0 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)  # row 1 (BLOCK_M = 2)
+    ACC_R: tl.constexpr = PIECE_R if WIDE2 else BLOCK_R
+    acc0 = tl.zeros((ACC_R, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((ACC_R, BLOCK_N), dtype=tl.float32)  # row 1 (BLOCK_M = 2)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
-        if WIDE:
+        if WIDE2:
+            tile0, tile1, scales = _planar_wide2_tile(
+                x_ptr, w_ptr, zeros_ptr, scales_ptr, k0, k_end, rn, n_mask, M, N, stride_xm, stride_w, group_size,
+                exponent_bits, ZERO_OFFSET, EVEN_K, TILE_GROUPS, BLOCK_M, BLOCK_R, PIECE_R)
+        elif WIDE:
             tile0, tile1, scales = _planar_wide_tile(
                 x_ptr, w_ptr, zeros_ptr, scales_ptr, k0, k_end, rn, n_mask, M, N, stride_xm, stride_w, group_size,
                 exponent_bits, ZERO_OFFSET, EVEN_K, TILE_GROUPS, BLOCK_M, BLOCK_R)
@@ -439,6 +459,120 @@ def _planar_wide_tile(x_ptr, w_ptr, zeros_ptr, scales_ptr, k0, k_end, rn, n_mask
         if BLOCK_M > 1:
             tile1 += _x_plane(x1_ptr, rr, r_mask, p)[:, None] * plane
     return tile0, tile1, scales
+
+
+@triton.jit
+def _planar_wide2_tile(x_ptr, w_ptr, zeros_ptr, scales_ptr, k0, k_end, rn, n_mask, M, N, stride_xm, stride_w,
+                       group_size, exponent_bits, ZERO_OFFSET: tl.constexpr, EVEN_K: tl.constexpr,
+                       TILE_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                       PIECE_R: tl.constexpr):
+    """`_planar_kernel`'s K-tile with WIDE2: (row 0's, row 1's unscaled [PIECE_R, BLOCK_N] sums, scales).
+
+    `_planar_wide_tile`'s planes and exactness (a nibble at bits s..s+3 OR-ed with 2^(23 - s)'s exponent
+    bits is 2^(23 - s) + q, the zero built alike, their difference q - zero exactly), with less around
+    them (sm_90 SASS of the K loop, 64 x 128 tiles, 2 warps, bf16 x: 532 / 689 instructions a K-tile
+    at 1 / 2 rows, 4.16 / 5.38 a weight, against WIDE's 569 / 737, 4.45 / 5.76):
+    - The tile's BLOCK_R word rows are read as BLOCK_R / PIECE_R pieces of PIECE_R rows (the host picks
+      PIECE_R so that a piece is one word row a thread, 8 columns each) and every piece's products go
+      into one [PIECE_R, BLOCK_N] sum: a thread's rows are summed in its FMA chain, so the scales (read
+      as [PIECE_R, BLOCK_N], 16 bytes a thread) are converted and applied once per column a thread,
+      not once per word.
+    - Nibbles 0..3 in place, 4..7 from `words >> 16` (one shift a word, as before): every plane sits at
+      bits 0, 4, 8 or 12, so 4 zero vectors (not 5). They are made one column a thread, joined and moved
+      to the words' layout together (two shared-memory round trips as Triton lowers it, 3 barriers)
+      where WIDE moved five apart (10 barriers). The sum over a size-1 axis keeps Triton from moving the
+      conversion back to the zero words (it would convert them once and rebuild the 4 vectors 8 columns
+      a thread: 24 more FADDs); without the join it converts the 4 vectors one by one.
+    - The shift amount 16 is computed from `exponent_bits` (a register): with a constant, LLVM turns
+      `(words >> 16) & 15` into a bit-field extract of its own (2 instructions a word more).
+    - 16-bit x: a piece's 8 inputs a row are one 16-byte read ([PIECE_R, 2] int64), not two of 8.
+    - Group and first word row by unsigned shifts, loads at a per-tile base pointer plus loop-invariant
+      offsets (fewer address instructions).
+    Left: per weight the LOP3, FADD and FFMA a row; per word the shift; per input and row one
+    instruction converting bf16 x; per K-tile about 115 instructions of addresses, cp.async, stage
+    indices, the zeros' conversion and the scales (0.9 a weight at 128 weights a thread; one warp a
+    program, "planar-wide2-w1", spreads them over 256: 3.85 / 5.09 a weight)."""
+    ku = tl.cast(k0, tl.uint32)  # k0 >= 0: unsigned division is a shift
+    if TILE_GROUPS:
+        group = (ku // (BLOCK_R * 8)).to(tl.int32)
+    else:
+        group = k0 // group_size
+    row0 = (ku // 8).to(tl.int32)  # the K-tile's first word row
+    # The 4 zero vectors 2^(23 - s) + zero (s = 0, 4, 8, 12), one column a thread, then together to the words' layout
+    zero_words = tl.load(zeros_ptr + group * (N // 8) + rn // 8, mask=n_mask, other=0)
+    z0 = ((((zero_words >> ((rn % 8) * 4)) & 0xF) + ZERO_OFFSET) | exponent_bits).to(tl.float32, bitcast=True)
+    z4 = z0 + (_FLOAT_2_23 / 16 - _FLOAT_2_23)  # exact: every value here is an integer below 2^24
+    z8 = z0 + (_FLOAT_2_23 / 256 - _FLOAT_2_23)
+    z12 = z0 + (_FLOAT_2_23 / 4096 - _FLOAT_2_23)
+    zeros = tl.sum(tl.join(tl.join(z0, z8), tl.join(z4, z12))[:, :, :, None], axis=3)  # [BLOCK_N, 2, 2]
+    zeros_even, zeros_odd = tl.split(zeros)
+    zero0, zero8 = tl.split(zeros_even)
+    zero4, zero12 = tl.split(zeros_odd)
+    rp = tl.arange(0, PIECE_R)
+    # The scales as [PIECE_R, BLOCK_N] (every row the same): 16 bytes (8 columns) a thread
+    scales = tl.load((scales_ptr + group * N) + (rn[None, :] + 0 * rp[:, None]), mask=n_mask[None, :],
+                     other=0.0).to(tl.float32)
+    w_tile = w_ptr + row0 * stride_w
+    x0_tile = x_ptr + k0
+    x1_tile = x_ptr + tl.minimum(M - 1, 1) * stride_xm + k0  # row 0 again when M = 1 (its sums are not stored)
+    tile0 = tl.zeros(scales.shape, dtype=tl.float32)
+    tile1 = tl.zeros(scales.shape, dtype=tl.float32)
+    sixteen = (exponent_bits >> 23) - 134  # 16, opaque to LLVM (see above)
+    for piece in tl.static_range(BLOCK_R // PIECE_R):
+        rr = piece * PIECE_R + rp  # word rows in the tile
+        r_mask = _below(row0 + rr, k_end // 8, EVEN_K)
+        words = tl.load(w_tile + (rr[:, None] * stride_w + rn[None, :]), mask=r_mask[:, None] & n_mask[None, :],
+                        other=0)
+        high = words >> sixteen  # nibbles 4..7 to bits 0..15
+        x0 = _x_quads(x0_tile, rr, r_mask)
+        x1 = _x_quads(x1_tile, rr, r_mask)
+        for p in tl.static_range(8):
+            half = words if p < 4 else high
+            shift = 4 * (p % 4)
+            if shift == 0:
+                zero = zero0
+            elif shift == 4:
+                zero = zero4
+            elif shift == 8:
+                zero = zero8
+            else:
+                zero = zero12
+            plane = (((half & (0xF << shift)) | (exponent_bits - (shift << 23))).to(tl.float32, bitcast=True)
+                     - zero[None, :])
+            tile0 += _x_quad_plane(x0, x0_tile, rr, r_mask, p)[:, None] * plane
+            if BLOCK_M > 1:
+                tile1 += _x_quad_plane(x1, x1_tile, rr, r_mask, p)[:, None] * plane
+    return tile0, tile1, scales
+
+
+@triton.jit
+def _x_quads(x_ptr, rr, r_mask):
+    """16-bit x: inputs 8 rr .. 8 rr + 7 as [R, 2] int64 (one 16-byte read a row); other x: nothing (each
+    plane's inputs are read by `_x_quad_plane`)."""
+    if x_ptr.dtype.element_ty.primitive_bitwidth == 16:
+        q = tl.arange(0, 2)
+        return tl.load(x_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + (rr[:, None] * 2 + q[None, :]),
+                       mask=r_mask[:, None], other=0)
+    else:
+        return rr
+
+
+@triton.jit
+def _x_quad_plane(quads, x_ptr, rr, r_mask, P: tl.constexpr):
+    """x's inputs 8 rr + P as fp32: from `_x_quads`' [R, 2] int64 (16-bit x, one instruction an input) or
+    read here (fp32 x)."""
+    if x_ptr.dtype.element_ty.primitive_bitwidth == 16:
+        quad0, quad1 = tl.split(quads)
+        pair = ((quad0 if P < 4 else quad1) >> (32 * ((P // 2) % 2))).to(tl.int32)
+        if x_ptr.dtype.element_ty == tl.bfloat16:  # bf16 is fp32's upper half
+            if P % 2 == 0:
+                return (pair << 16).to(tl.float32, bitcast=True)
+            else:
+                return (pair & -65536).to(tl.float32, bitcast=True)
+        else:
+            return (pair >> (16 * (P % 2))).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+    else:
+        return tl.load(x_ptr + rr * 8 + P, mask=r_mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -554,6 +688,8 @@ def _quant_matmul(x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor | N
     bias_or_any = bias if bias is not None else scales
     if tiles.planar:
         wide = dict(WIDE=True, TILE_GROUPS=block_k == group_size) if tiles.wide else {}
+        if tiles.wide2:  # a piece of the K-tile: one word row a thread, 8 columns each
+            wide.update(WIDE2=True, PIECE_R=max(1, min(block_k // 8, 32 * tiles.num_warps * 8 // tiles.block_n)))
         if tiles.wide and x2.element_size() == 2 and (x2.data_ptr() % 8 or x2.stride(0) % 4):
             x2 = x2.clone()  # WIDE reads 16-bit x 4 inputs (8 aligned bytes) at a time
         _planar_kernel[(num_tiles, split)](

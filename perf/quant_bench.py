@@ -141,7 +141,7 @@ def tiles_label(M: int, kernel: str) -> str:
 
     t = triton_quant.tiles_for(M, planar_ok=kernel in ("gptq-g128", "awq-gptq-g128"))
     return (f"{t.block_m}x{t.block_n}x{t.block_k}/w{t.num_warps}s{t.num_stages}p{t.programs_per_sm}"
-            + ("/planar" if t.planar else "") + ("-wide" if t.wide else ""))
+            + ("/planar" if t.planar else "") + ("-wide2" if t.wide2 else "-wide" if t.wide else ""))
 
 
 def print_best_tiles(rows: list[dict]) -> None:
