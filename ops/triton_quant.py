@@ -45,6 +45,18 @@ interleaved back into order:
   output n in nibble n % 8; scales [groups, N]; the v1 format stores zero - 1 (ZERO_OFFSET = 1).
 - int8: weight [N, K] with one scale per output, applied to the fp32 accumulator after the K loop.
 
+GPTQ's layout without act-order and 16-bit x can take a second unpacking (`Tiles.packed`,
+`_gptq_tile_16bit`): two weights at a time in x's own 16-bit type. A nibble OR-ed into the low
+mantissa bits of 128.0 (bf16) or 1024.0 (fp16) is 128 + q (1024 + q) exactly, so per word (8 weights)
+one shift, then per pair of nibbles one PRMT, one LOP3, one packed add of -(128 + zero) (exact) and
+the scale: one packed multiply (fp16), or for bf16 x a multiply by s_lo and an FMA with s_hi, the fp16
+scale split into two bf16 (s = s_hi + s_lo exactly): 17 / 21 instructions a word against the fp32
+form's 28 and its conversions to x's type, rounded once as the fp32 form is (bit for bit the same
+tile). With `Tiles.w_as_b` the dequantized tile is wgmma's B operand, stored to shared memory once
+(STS.128, one barrier) and read there by the tensor cores, x being the A operand (from 64 rows);
+without it W's tile is the A operand through registers, which Triton 3.9 moves through shared memory
+in 16-column rounds (eight barriers a 64-deep K-tile).
+
 Nibbles are never converted int-to-float (a quarter-rate instruction): each is masked in place and
 OR-ed with the exponent bits of 2^23, which makes the float 2^23 + q * 16^pos (pos: its place in a
 16-bit half); scaled by 16^-pos and less 2^(23 - 4 pos) + zero, that is q - zero exactly. The result
@@ -90,6 +102,12 @@ class Tiles:
     planar: bool = False  # GPTQ's layout without act-order only: `_planar_kernel` (block_m rows at most)
     wide: bool = False  # planar only: its WIDE form (8 columns a thread, x read unscaled; see `_planar_wide_tile`)
     wide2: bool = False  # wide only: its WIDE2 form (fewer instructions around the same; `_planar_wide2_tile`)
+    packed: bool = False  # tl.dot tiles of GPTQ's layout (no act-order), 16-bit x: `_gptq_tile_16bit`; others skip it
+    w_as_b: bool = False  # packed only, block_m >= 64: W's tile is the dot's B operand (x the A operand)
+    # > 0, packed only: ptxas's register cap (maxnreg), so that programs_per_sm programs fit an SM with
+    # split-K's epilogue or column masks too (they spill there, outside the K loop: sm_90, 128 x 128 x 64 w8: 128
+    # registers unmasked, 174 with split-K uncapped)
+    max_registers: int = 0
 
 
 # (largest batch, tiles) in increasing order; batches above the last take the last. programs_per_sm is
@@ -109,6 +127,17 @@ _PLANAR_TILES = (
     (1, Tiles(1, 64, 128, 2, 3, 6, planar=True, wide=True)),
     (2, Tiles(2, 64, 128, 2, 3, 6, planar=True, wide=True)),
 )
+# 16-bit pairs (`packed`) and W's tile as wgmma's B operand, x read by the tensor cores from shared memory.
+# sm_90 SASS of the K loop (Triton 3.9), bf16 x, GPTQ layout: 128 x 128 x 64, 8 warps: 239 instructions a
+# warp a K-tile (7.5 a weight; fp16 x 204) against the default 256-row tile's 324 (10.1), whose dequantized
+# tile goes through shared memory in four rounds with eight barriers; 128 registers and 97 KB of shared
+# memory: two programs an SM, one dequantizing while the other's wgmma runs (the 256-row tile, 242
+# registers, runs alone and waits for its wgmma every K-tile). 129..256 rows take two row tiles. 64 rows:
+# 4 warps, 318 instructions (5.0 a weight), 168 registers, 63 KB: three programs an SM.
+_WGMMA_B_TILES = (
+    (64, Tiles(64, 128, 64, 4, 4, 3, packed=True, w_as_b=True, max_registers=168)),
+    (1 << 62, Tiles(128, 128, 64, 8, 4, 2, packed=True, w_as_b=True, max_registers=128)),
+)
 CANDIDATE_TILES: dict[str, TileTable] = {
     # Decode: 1..2 rows planar (GPTQ layout), up to 16 through tl.dot with split-K; the GEMM tiles above.
     "default": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
@@ -125,6 +154,16 @@ CANDIDATE_TILES: dict[str, TileTable] = {
     "planar-wide2-w1": ((1, Tiles(1, 64, 128, 1, 3, 12, planar=True, wide=True, wide2=True)),
                         (2, Tiles(2, 64, 128, 1, 3, 12, planar=True, wide=True, wide2=True)),
                         (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
+    # Decode up to 16 rows and the GEMM tiles of GPTQ's layout through `_gptq_tile_16bit`, W's tile the B operand
+    # from 64 rows, 128-row tiles (see _WGMMA_B_TILES); other formats as "default" but for these tile sizes.
+    "wgmma-b": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3, packed=True)), *_WGMMA_B_TILES),
+    # The same with 64-row tiles throughout (three programs an SM): 129..192 rows as 3 x 64, not 2 x 128.
+    "wgmma-b64": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3, packed=True)),
+                  (1 << 62, Tiles(64, 128, 64, 4, 4, 3, packed=True, w_as_b=True, max_registers=168))),
+    # The default tiles with `packed` alone (W's tile still the A operand): what the unpacking alone gains.
+    "packed": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3, packed=True)),
+               (64, Tiles(64, 128, 64, 4, 3, 2, packed=True)), (128, Tiles(128, 128, 128, 8, 3, 1, packed=True)),
+               (1 << 62, Tiles(256, 128, 64, 8, 3, 1, packed=True))),
     # The same without the planar kernel (every format through tl.dot from 1 row).
     "dot": ((16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
     # One row through the GEMV (no tensor cores); 2..16 rows as "default".
@@ -255,6 +294,122 @@ def _gptq_tile(w_ptr, zeros_ptr, scales_ptr, g_idx_ptr, k0, n0, N, K, stride_w, 
     return planes_t.T, scales
 
 
+# Inline assembly does not run under the Triton interpreter: `_nibble_pairs` computes the same bits there.
+_INTERPRETING: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+_NIBBLE_PAIRS_ASM = """{{
+    .reg .b32 u, t0, t1, t2, t3;
+    shr.u32 u, $8, 4;
+    prmt.b32 t0, $8, u, 0x4400;
+    prmt.b32 t1, $8, u, 0x5511;
+    prmt.b32 t2, $8, u, 0x6622;
+    prmt.b32 t3, $8, u, 0x7733;
+    lop3.b32 t0, t0, 0x000F000F, {magic}, 0xEA;
+    lop3.b32 t1, t1, 0x000F000F, {magic}, 0xEA;
+    lop3.b32 t2, t2, 0x000F000F, {magic}, 0xEA;
+    lop3.b32 t3, t3, 0x000F000F, {magic}, 0xEA;
+    add.rn.{type} t0, t0, $9;
+    add.rn.{type} t1, t1, $9;
+    add.rn.{type} t2, t2, $9;
+    add.rn.{type} t3, t3, $9;
+{mul}    mov.b32 {{$0, $1}}, t0;
+    mov.b32 {{$2, $3}}, t1;
+    mov.b32 {{$4, $5}}, t2;
+    mov.b32 {{$6, $7}}, t3;
+}}"""
+_SCALE_F16_ASM = "".join(f"    mul.rn.f16x2 t{i}, t{i}, $10;\n" for i in range(4))
+# bf16: the fp16 scale s is s_hi + s_lo in bf16 ($10, $11; s_lo has at most 3 significant bits, so d * s_lo is
+# exact for |d| <= 16), and fma(d, s_hi, d * s_lo) rounds d * s once, as the reference's fp32 product does.
+_SCALE_BF16_ASM = "".join(f"    mul.rn.bf16x2 u, t{i}, $11;\n    fma.rn.bf16x2 t{i}, t{i}, $10, u;\n" for i in range(4))
+
+
+def _nibble_pairs_asm(magic: int, type_: str, scale: str) -> tl.constexpr:
+    return tl.constexpr(_NIBBLE_PAIRS_ASM.format(magic=f"0x{magic * 0x10001:08X}", type=type_, mul=scale))
+
+
+_NIBBLE_PAIRS_BF16: tl.constexpr = _nibble_pairs_asm(0x4300, "bf16x2", _SCALE_BF16_ASM)
+_NIBBLE_PAIRS_F16: tl.constexpr = _nibble_pairs_asm(0x6400, "f16x2", _SCALE_F16_ASM)
+_NIBBLE_DIFFS_BF16: tl.constexpr = _nibble_pairs_asm(0x4300, "bf16x2", "")  # q - zero: scales unread
+_NIBBLE_DIFFS_F16: tl.constexpr = _nibble_pairs_asm(0x6400, "f16x2", "")
+
+
+@triton.jit
+def _nibble_pairs(words, zeros, scales, DTYPE: tl.constexpr, SCALED: tl.constexpr):
+    """(q_p - zero) * scale (SCALED) or q_p - zero, in DTYPE (bf16 or fp16), for the 8 nibbles q_p of each word,
+    as 8 tensors of words' shape; zeros int32 (0..16) and fp32 scales (exact fp16 values; unread unless
+    SCALED) broadcast against words. Rounded once, as `ops.quant_ref`'s fp32 product rounded to DTYPE.
+
+    PTX per word: u = word >> 4; per byte j, PRMT puts byte j of the word and of u at bytes 0 and 2 (nibbles
+    2j and 2j + 1 at bits 0..3 and 16..19); LOP3 keeps those bits and ORs MAGIC's (128.0 in bf16, 1024.0 in
+    fp16: an ulp of 1), two MAGIC + q exactly; a packed add of -(MAGIC + zero) leaves q - zero exactly; then
+    fp16 one packed multiply by the scale, bf16 a multiply by s_lo and an FMA with s_hi (see _SCALE_BF16_ASM).
+    17 (fp16), 21 (bf16) or 13 (unscaled) instructions for 8 weights."""
+    BF16: tl.constexpr = DTYPE == tl.bfloat16
+    MAGIC: tl.constexpr = 0x4300 if BF16 else 0x6400
+    if _INTERPRETING:  # the reference's formula, which the assembly matches bit for bit
+        if not SCALED:
+            scales = 1.0
+        p0 = ((((words >> 0) & 0xF) - zeros).to(tl.float32) * scales).to(DTYPE)
+        p1 = ((((words >> 4) & 0xF) - zeros).to(tl.float32) * scales).to(DTYPE)
+        p2 = ((((words >> 8) & 0xF) - zeros).to(tl.float32) * scales).to(DTYPE)
+        p3 = ((((words >> 12) & 0xF) - zeros).to(tl.float32) * scales).to(DTYPE)
+        p4 = ((((words >> 16) & 0xF) - zeros).to(tl.float32) * scales).to(DTYPE)
+        p5 = ((((words >> 20) & 0xF) - zeros).to(tl.float32) * scales).to(DTYPE)
+        p6 = ((((words >> 24) & 0xF) - zeros).to(tl.float32) * scales).to(DTYPE)
+        p7 = ((((words >> 28) & 0xF) - zeros).to(tl.float32) * scales).to(DTYPE)
+        return p0, p1, p2, p3, p4, p5, p6, p7
+    neg_zero_pairs = (zeros + (MAGIC | 0x8000)) * 0x10001  # -(MAGIC + zero) in both halves
+    if SCALED:
+        s_hi = scales.to(DTYPE)
+        hi_pairs = (s_hi.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
+        if BF16:
+            s_lo = (scales - s_hi.to(tl.float32)).to(tl.bfloat16)  # exact
+            lo_pairs = (s_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
+            return tl.inline_asm_elementwise(_NIBBLE_PAIRS_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r",
+                                             [words, neg_zero_pairs, hi_pairs, lo_pairs], (tl.bfloat16,) * 8, True, 1)
+        else:
+            return tl.inline_asm_elementwise(_NIBBLE_PAIRS_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
+                                             [words, neg_zero_pairs, hi_pairs], (tl.float16,) * 8, True, 1)
+    elif BF16:
+        return tl.inline_asm_elementwise(_NIBBLE_DIFFS_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r",
+                                         [words, neg_zero_pairs], (tl.bfloat16,) * 8, True, 1)
+    else:
+        return tl.inline_asm_elementwise(_NIBBLE_DIFFS_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r",
+                                         [words, neg_zero_pairs], (tl.float16,) * 8, True, 1)
+
+
+@triton.jit
+def _gptq_tile_16bit(w_ptr, zeros_ptr, scales_ptr, k0, n0, N, K, stride_w, group, ZERO_OFFSET: tl.constexpr,
+                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DTYPE: tl.constexpr, SCALED: tl.constexpr, AS_B: tl.constexpr):
+    """GPTQ's tile of inputs k0.. (one group, no act-order), outputs n0.., in x's 16-bit DTYPE: (tile, scales).
+    The tile is W [BLOCK_K, BLOCK_N] (AS_B) or W^T [BLOCK_N, BLOCK_K], (q - zero) * scale (SCALED; scales is
+    then 1) or q - zero (exact; scales [BLOCK_N] fp32 for the dot's result). Each word's 8 inputs end
+    consecutive in one thread (W^T's rows, or W's columns: K-major shared memory for the B operand, one 16-byte
+    store a word)."""
+    rr = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    if AS_B:  # several columns a thread (16-byte loads): Triton then picks K-major shared memory for the tile
+        rn = n0 + tl.arange(0, BLOCK_N)
+    else:  # one column a thread: its zero and scale serve all its words
+        rn = tl.max_contiguous(n0 + tl.arange(0, BLOCK_N), 1)
+    r_mask = _below(rr, K // 8, EVEN_K)
+    n_mask = _below(rn, N, EVEN_N)
+    words = tl.load(w_ptr + rr[:, None] * stride_w + rn[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
+    zero_words = tl.load(zeros_ptr + group * (N // 8) + rn // 8, mask=n_mask, other=0)
+    zeros = ((zero_words >> ((rn % 8) * 4)) & 0xF) + ZERO_OFFSET  # 0..16
+    scales = tl.load(scales_ptr + group * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _nibble_pairs(words, zeros[None, :], scales[None, :], DTYPE, SCALED)
+    if SCALED:
+        scales = 1.0
+    wt = _interleave8(p0.T, p1.T, p2.T, p3.T, p4.T, p5.T, p6.T, p7.T)  # W^T [BLOCK_N, BLOCK_K]
+    if AS_B:
+        wt = wt.T
+    if not _INTERPRETING:
+        # An opaque copy (ptxas drops it): without it Triton 3.9's OptimizeDotOperands moves the dot operand's
+        # shared-memory store above the interleave and fails ("Illegal shared layout").
+        wt = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [wt], wt.dtype, True, 2)
+    return wt, scales
+
+
 @triton.jit
 def _int8_tile(w_ptr, rk, k_mask, n0, N, stride_w, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr):
     """W's int8 tile [BLOCK_K, BLOCK_N] (from weight [N, K]) as fp32, and 1 (its scales apply after the
@@ -272,6 +427,7 @@ def _quant_matmul_kernel(
     FORMAT: tl.constexpr, ZERO_OFFSET: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PACKED: tl.constexpr = False, W_AS_B: tl.constexpr = False,
 ):
     # Grouped order: programs that run together share W tiles (GROUP_M row tiles per W column tile).
     GROUP_M: tl.constexpr = 8
@@ -292,15 +448,23 @@ def _quant_matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    inv_group = 1.0 / group_size.to(tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = _below(rk, k_end, EVEN_K)
-        group = k0 // group_size  # the whole tile lies in one group (not read with act-order)
+        # k0 // group_size, the whole tile's group (not read with act-order). In fp32, a few instructions against
+        # the integer division's ~25: k0 + 0.5 keeps half an input from either group boundary, more than the
+        # reciprocal's and the product's rounding (a few ulps of k0 / group_size) for K < 2^21.
+        group = ((k0 + 0.5) * inv_group).to(tl.int32)
         # w: q - zero (exact small integers; int8: the weight), with its columns' scales, or 1 where
         # they are applied elsewhere (act-order: in w; int8: after the loop).
         if FORMAT == AWQ:
             w, scales = _awq_tile(w_ptr, zeros_ptr, scales_ptr, rk, k_mask, n0, N, stride_w, group, exponent_bits,
                                   EVEN_N, BLOCK_N)
+        elif FORMAT == GPTQ and PACKED:  # no act-order, 16-bit x: w in x's dtype (W^T unless W_AS_B)
+            w, scales = _gptq_tile_16bit(w_ptr, zeros_ptr, scales_ptr, k0, n0, N, K, stride_w, group, ZERO_OFFSET,
+                                         EVEN_K, EVEN_N, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty,
+                                         W_AS_B or BLOCK_M >= BLOCK_K, W_AS_B)
         elif FORMAT == GPTQ:
             w, scales = _gptq_tile(w_ptr, zeros_ptr, scales_ptr, g_idx_ptr, k0, n0, N, K, stride_w, group,
                                    exponent_bits, ZERO_OFFSET, ACT_ORDER, EVEN_K, EVEN_N, BLOCK_K, BLOCK_N)
@@ -312,7 +476,13 @@ def _quant_matmul_kernel(
         else:
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :],
                         other=0.0)
-            if BLOCK_M < BLOCK_K:  # scale the smaller [BLOCK_M, BLOCK_N] product; q - zero is exact in x's dtype
+            if PACKED and W_AS_B:  # x the A operand (from shared memory), W's scaled tile the B operand
+                acc = tl.dot(x, w, acc)
+            elif PACKED and BLOCK_M < BLOCK_K:  # w: (q - zero)^T
+                acc += tl.dot(w, x.T).T * scales
+            elif PACKED:  # w: ((q - zero) * scale)^T
+                acc = tl.dot(w, x.T, acc.T).T
+            elif BLOCK_M < BLOCK_K:  # scale the smaller [BLOCK_M, BLOCK_N] product; q - zero is exact in x's dtype
                 acc += tl.dot(w.to(x.dtype).T, x.T).T * scales
             else:
                 acc = tl.dot((w * scales).to(x.dtype).T, x.T, acc.T).T
@@ -698,11 +868,14 @@ def _quant_matmul(x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor | N
             ZERO_OFFSET=zero_offset, **wide, **common,
         )
         return out
+    packed = tiles.packed and planar_ok and tiles.block_m >= 16 and x2.element_size() == 2
     _quant_matmul_kernel[(num_tiles, split)](
         x2, weight, zeros if zeros is not None else scales, scales, g_idx if g_idx is not None else scales,
         bias_or_any, out2, partial, counters,
         M, N, K, x2.stride(0), weight.stride(0), group_size, k_per_split, split, FLOAT_2_23_BITS,
         FORMAT=fmt, ZERO_OFFSET=zero_offset, ACT_ORDER=g_idx is not None, **common,
+        **(dict(PACKED=True, W_AS_B=tiles.w_as_b and tiles.block_m >= 64) if packed else {}),
+        **(dict(maxnreg=tiles.max_registers) if packed and tiles.max_registers else {}),
     )
     return out
 
