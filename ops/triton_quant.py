@@ -160,6 +160,14 @@ CANDIDATE_TILES: dict[str, TileTable] = {
     # The same with 64-row tiles throughout (three programs an SM): 129..192 rows as 3 x 64, not 2 x 128.
     "wgmma-b64": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3, packed=True)),
                   (1 << 62, Tiles(64, 128, 64, 4, 4, 3, packed=True, w_as_b=True, max_registers=168))),
+    # "wgmma-b" up to 128 rows, then one 256-row tile (each weight tile dequantized once per 256 rows, not
+    # twice): 8 warps (227 registers, one program an SM) or 16 (118), 3 or 4 stages; no spills (sm_90, offline).
+    "wgmma-b256": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3, packed=True)), *_WGMMA_B_TILES[:1],
+                   (128, _WGMMA_B_TILES[1][1]), (1 << 62, Tiles(256, 128, 64, 8, 3, 1, packed=True, w_as_b=True))),
+    "wgmma-b256w16": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3, packed=True)), *_WGMMA_B_TILES[:1],
+                      (128, _WGMMA_B_TILES[1][1]), (1 << 62, Tiles(256, 128, 64, 16, 3, 1, packed=True, w_as_b=True))),
+    "wgmma-b256w16s4": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3, packed=True)), *_WGMMA_B_TILES[:1],
+                        (128, _WGMMA_B_TILES[1][1]), (1 << 62, Tiles(256, 128, 64, 16, 4, 1, packed=True, w_as_b=True))),
     # The default tiles with `packed` alone (W's tile still the A operand): what the unpacking alone gains.
     "packed": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3, packed=True)),
                (64, Tiles(64, 128, 64, 4, 3, 2, packed=True)), (128, Tiles(128, 128, 128, 8, 3, 1, packed=True)),
