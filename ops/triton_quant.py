@@ -19,14 +19,14 @@ pipeline (`tl.range(..., num_stages)`: cp.async copies run num_stages - 1 K-tile
 A second kernel, `_planar_kernel`, takes 1 or 2 rows of GPTQ's layout (no act-order; the engine repacks
 AWQ checkpoints into it at load, `ops.quant_ref.awq_to_gptq`): there nibble p of a word is input
 8r + p, so each nibble plane meets x's inputs 8r + p directly (x read with a stride of 8) and nothing
-is interleaved or transposed; see its docstring. Its WIDE form (the default) gives each thread 8
-columns, so every x value it loads serves 8 weights: on the H100 (perf/RESULTS.md, 2026-11-26, session
-6) the four layers of a Llama-3.1-8B decoder layer take 68 us at one row and 87 us at two (the engine's
-batch-1 decode then padded one sequence to 2), against bf16 cuBLAS's 162 us and 225 / 204 us for the
-one-column-a-thread form ("planar-narrow"); Llama-3.1-8B AWQ batch 1 went from 124 to 236 tok/s.
-`perf/quant_bench.py --tiles default planar-narrow dot` compares them. The WIDE2 form ("planar-wide2",
-not yet timed) keeps WIDE's per-weight instructions and trims those around them (sm_90 SASS of the K
-loop: 4.16 / 5.38 instructions a weight at 1 / 2 rows against 4.45 / 5.76; `_planar_wide2_tile`).
+is interleaved or transposed; see its docstring. Its WIDE forms give each thread 8 columns, so every
+x value it loads serves 8 weights: on the H100 (perf/RESULTS.md, 2026-11-26, session 6) the four layers
+of a Llama-3.1-8B decoder layer took 68 us at one row and 87 us at two with WIDE, against bf16 cuBLAS's
+162 us and 225 / 204 us for the one-column-a-thread form ("planar-narrow"); Llama-3.1-8B AWQ batch 1
+went from 124 to 236 tok/s. WIDE2 (the default since session 7, one warp a program) keeps WIDE's
+per-weight instructions and trims those around them (sm_90 SASS of the K loop: 3.85 / 5.09
+instructions a weight at 1 / 2 rows against 4.45 / 5.76; `_planar_wide2_tile`): 65 / 76 us.
+`perf/quant_bench.py --tiles default session6 planar-narrow dot` compares them.
 
 When the output tiles alone are too few to occupy the GPU (small M), K is cut into `split` ranges, one
 program per (tile, range) ("split-K"). Each program writes its fp32 partial tile to a workspace, and
@@ -120,58 +120,42 @@ _PREFILL_TILES = (
     (1 << 62, Tiles(256, 128, 64, 8, 3, 1)),  # each weight tile dequantized once per 256 rows
 )
 # 1 and 2 rows of GPTQ's layout (and AWQ's, which the engine repacks into it) through the planar
-# kernel's WIDE form; other formats skip these entries. 64 columns, 2 warps, 159 / 168 registers at 1 /
-# 2 rows (6 programs an SM): on the H100 faster than 128 columns (4 warps) and than splitting K up to 12
-# programs an SM (quant_bench --tiles, 2026-11-26, session 6).
+# kernel; other formats skip these entries. WIDE2 form, 64 columns, 1 warp, 12 programs an SM: 64.8 / 75.8
+# us over an 8B layer's four matmuls at 1 / 2 rows on the H100, against 68.2 / 86.3 for session 6's
+# WIDE form at 2 warps (quant_bench --tiles, 2026-11-26, session 7).
 _PLANAR_TILES = (
+    (1, Tiles(1, 64, 128, 1, 3, 12, planar=True, wide=True, wide2=True)),
+    (2, Tiles(2, 64, 128, 1, 3, 12, planar=True, wide=True, wide2=True)),
+)
+# tl.dot tiles of GPTQ's layout with 16-bit x (`packed`: other formats and fp32 x skip these entries and
+# take the plain ones after them): weights dequantized two at a time in bf16x2/f16x2 and, from 64 rows,
+# W's tile as wgmma's B operand, x read by the tensor cores from shared memory. sm_90 SASS of the K loop
+# (Triton 3.9), bf16 x: 128 x 128 x 64, 8 warps: 239 instructions a warp a K-tile (7.5 a weight) against
+# the plain 256-row tile's 324 (10.1), whose dequantized tile goes through shared memory in four rounds
+# with eight barriers; 128 registers, two programs an SM. 64 rows: 4 warps, 168 registers, three an SM.
+# Above 128 rows one 256-row tile of 16 warps (118 registers), 4 stages. H100, an 8B layer's four
+# matmuls (quant_bench, session 7): 233 / 353 / 380 us at 128 / 160 / 256 rows against 379 / 410 / 436
+# with the plain tiles (bf16 cuBLAS: 178 / 178 / 200).
+_PACKED_TILES = (
+    (16, Tiles(16, 128, 128, 4, 3, 3, packed=True)),
+    (64, Tiles(64, 128, 64, 4, 4, 3, packed=True, w_as_b=True, max_registers=168)),
+    (128, Tiles(128, 128, 64, 8, 4, 2, packed=True, w_as_b=True, max_registers=128)),
+    (1 << 62, Tiles(256, 128, 64, 16, 4, 1, packed=True, w_as_b=True)),
+)
+# Session 6's planar entries (WIDE form, 2 warps).
+_PLANAR_WIDE_TILES = (
     (1, Tiles(1, 64, 128, 2, 3, 6, planar=True, wide=True)),
     (2, Tiles(2, 64, 128, 2, 3, 6, planar=True, wide=True)),
 )
-# 16-bit pairs (`packed`) and W's tile as wgmma's B operand, x read by the tensor cores from shared memory.
-# sm_90 SASS of the K loop (Triton 3.9), bf16 x, GPTQ layout: 128 x 128 x 64, 8 warps: 239 instructions a
-# warp a K-tile (7.5 a weight; fp16 x 204) against the default 256-row tile's 324 (10.1), whose dequantized
-# tile goes through shared memory in four rounds with eight barriers; 128 registers and 97 KB of shared
-# memory: two programs an SM, one dequantizing while the other's wgmma runs (the 256-row tile, 242
-# registers, runs alone and waits for its wgmma every K-tile). 129..256 rows take two row tiles. 64 rows:
-# 4 warps, 318 instructions (5.0 a weight), 168 registers, 63 KB: three programs an SM.
-_WGMMA_B_TILES = (
-    (64, Tiles(64, 128, 64, 4, 4, 3, packed=True, w_as_b=True, max_registers=168)),
-    (1 << 62, Tiles(128, 128, 64, 8, 4, 2, packed=True, w_as_b=True, max_registers=128)),
-)
 CANDIDATE_TILES: dict[str, TileTable] = {
-    # Decode: 1..2 rows planar (GPTQ layout), up to 16 through tl.dot with split-K; the GEMM tiles above.
-    "default": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
+    # Decode: 1..2 rows planar (GPTQ layout); GPTQ's layout with 16-bit x through the packed tiles; every
+    # other format up to 16 rows through tl.dot with split-K, then the GEMM tiles above.
+    "default": (*_PLANAR_TILES, *_PACKED_TILES, (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
+    # Session 6's default: WIDE planar entries, no packed tiles.
+    "session6": (*_PLANAR_WIDE_TILES, (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
     # The planar kernel's first form: one column a thread (the default until session 6; 3x slower).
     "planar-narrow": ((1, Tiles(1, 64, 128, 2, 3, 8, planar=True)), (2, Tiles(2, 64, 128, 2, 3, 8, planar=True)),
                       (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
-    # As "default", the planar kernel's WIDE2 form (fewer instructions around the same per-weight ones;
-    # sm_90 SASS, not yet timed).
-    "planar-wide2": ((1, Tiles(1, 64, 128, 2, 3, 6, planar=True, wide=True, wide2=True)),
-                     (2, Tiles(2, 64, 128, 2, 3, 6, planar=True, wide=True, wide2=True)),
-                     (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
-    # WIDE2 with one warp a program (4 word rows a thread, twice the weights a K-tile over which its fixed
-    # costs spread: 3.85 / 5.09 instructions a weight at 1 / 2 rows), as many warps an SM as "planar-wide2".
-    "planar-wide2-w1": ((1, Tiles(1, 64, 128, 1, 3, 12, planar=True, wide=True, wide2=True)),
-                        (2, Tiles(2, 64, 128, 1, 3, 12, planar=True, wide=True, wide2=True)),
-                        (16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
-    # Decode up to 16 rows and the GEMM tiles of GPTQ's layout through `_gptq_tile_16bit`, W's tile the B operand
-    # from 64 rows, 128-row tiles (see _WGMMA_B_TILES); other formats as "default" but for these tile sizes.
-    "wgmma-b": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3, packed=True)), *_WGMMA_B_TILES),
-    # The same with 64-row tiles throughout (three programs an SM): 129..192 rows as 3 x 64, not 2 x 128.
-    "wgmma-b64": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3, packed=True)),
-                  (1 << 62, Tiles(64, 128, 64, 4, 4, 3, packed=True, w_as_b=True, max_registers=168))),
-    # "wgmma-b" up to 128 rows, then one 256-row tile (each weight tile dequantized once per 256 rows, not
-    # twice): 8 warps (227 registers, one program an SM) or 16 (118), 3 or 4 stages; no spills (sm_90, offline).
-    "wgmma-b256": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3, packed=True)), *_WGMMA_B_TILES[:1],
-                   (128, _WGMMA_B_TILES[1][1]), (1 << 62, Tiles(256, 128, 64, 8, 3, 1, packed=True, w_as_b=True))),
-    "wgmma-b256w16": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3, packed=True)), *_WGMMA_B_TILES[:1],
-                      (128, _WGMMA_B_TILES[1][1]), (1 << 62, Tiles(256, 128, 64, 16, 3, 1, packed=True, w_as_b=True))),
-    "wgmma-b256w16s4": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3, packed=True)), *_WGMMA_B_TILES[:1],
-                        (128, _WGMMA_B_TILES[1][1]), (1 << 62, Tiles(256, 128, 64, 16, 4, 1, packed=True, w_as_b=True))),
-    # The default tiles with `packed` alone (W's tile still the A operand): what the unpacking alone gains.
-    "packed": (*_PLANAR_TILES, (16, Tiles(16, 128, 128, 4, 3, 3, packed=True)),
-               (64, Tiles(64, 128, 64, 4, 3, 2, packed=True)), (128, Tiles(128, 128, 128, 8, 3, 1, packed=True)),
-               (1 << 62, Tiles(256, 128, 64, 8, 3, 1, packed=True))),
     # The same without the planar kernel (every format through tl.dot from 1 row).
     "dot": ((16, Tiles(16, 128, 128, 4, 3, 3)), *_PREFILL_TILES),
     # One row through the GEMV (no tensor cores); 2..16 rows as "default".
@@ -521,8 +505,8 @@ def _planar_kernel(
     Compiled for sm_90 with 64 columns and 2 warps, each thread owns one column of 16 word rows, so each
     x value it loads (a 2-byte load), converts and scales serves one weight: 8.2 instructions per weight
     in the K loop at one row, 16.6 at two (255 registers and spills): that form is the "planar-narrow"
-    table now. WIDE (tiles.wide, the default) takes `_planar_wide_tile` instead: 4.4 and 5.8; WIDE2
-    (tiles.wide2, the "planar-wide2" table) `_planar_wide2_tile`: 4.2 and 5.4, its sums [PIECE_R,
+    table now. WIDE (tiles.wide, the "session6" table) takes `_planar_wide_tile` instead: 4.4 and 5.8;
+    WIDE2 (tiles.wide2, the default) `_planar_wide2_tile`: 4.2 and 5.4 at 2 warps, its sums [PIECE_R,
     BLOCK_N]; TILE_GROUPS: the K-tile is one whole group (no integer division for its index)."""
     BLOCK_R: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
@@ -669,7 +653,7 @@ def _planar_wide2_tile(x_ptr, w_ptr, zeros_ptr, scales_ptr, k0, k_end, rn, n_mas
     Left: per weight the LOP3, FADD and FFMA a row; per word the shift; per input and row one
     instruction converting bf16 x; per K-tile about 115 instructions of addresses, cp.async, stage
     indices, the zeros' conversion and the scales (0.9 a weight at 128 weights a thread; one warp a
-    program, "planar-wide2-w1", spreads them over 256: 3.85 / 5.09 a weight)."""
+    program, as the default tiles run it, spreads them over 256: 3.85 / 5.09 a weight)."""
     ku = tl.cast(k0, tl.uint32)  # k0 >= 0: unsigned division is a shift
     if TILE_GROUPS:
         group = (ku // (BLOCK_R * 8)).to(tl.int32)
@@ -850,7 +834,7 @@ def _quant_matmul(x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor | N
     if M == 0:
         return out
     planar_ok = fmt == GPTQ and g_idx is None
-    tiles = tiles_for(M, planar_ok)
+    tiles = tiles_for(M, planar_ok, packed_ok=planar_ok and x2.element_size() == 2)
     block_k = tiles.block_k
     if g_idx is None and group_size < K:
         block_k = min(block_k, group_size)  # one group per K-tile (group sizes are powers of two >= 32)
@@ -876,7 +860,7 @@ def _quant_matmul(x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor | N
             ZERO_OFFSET=zero_offset, **wide, **common,
         )
         return out
-    packed = tiles.packed and planar_ok and tiles.block_m >= 16 and x2.element_size() == 2
+    packed = tiles.packed  # GPTQ's layout, 16-bit x (tiles_for)
     _quant_matmul_kernel[(num_tiles, split)](
         x2, weight, zeros if zeros is not None else scales, scales, g_idx if g_idx is not None else scales,
         bias_or_any, out2, partial, counters,
@@ -888,9 +872,11 @@ def _quant_matmul(x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor | N
     return out
 
 
-def tiles_for(M: int, planar_ok: bool = False) -> Tiles:
-    """The launch configuration for a batch of M rows (from `TILES`); planar entries only if `planar_ok`."""
-    table = [(max_m, tiles) for max_m, tiles in TILES if planar_ok or not tiles.planar]
+def tiles_for(M: int, planar_ok: bool = False, packed_ok: bool = False) -> Tiles:
+    """The launch configuration for a batch of M rows (from `TILES`): the first entry whose batch bound M is
+    within, planar entries only if `planar_ok`, packed ones only if `packed_ok`."""
+    table = [(max_m, tiles) for max_m, tiles in TILES
+             if (planar_ok or not tiles.planar) and (packed_ok or not tiles.packed)]
     return next((tiles for max_m, tiles in table if M <= max_m), table[-1][1])
 
 

@@ -140,8 +140,8 @@ def tiles_label(M: int, kernel: str) -> str:
     from ops import triton_quant
 
     gptq_layout = kernel in ("gptq-g128", "awq-gptq-g128")
-    t = triton_quant.tiles_for(M, planar_ok=gptq_layout)
-    packed = t.packed and gptq_layout and not t.planar  # the 16-bit unpacking runs (bf16 x)
+    t = triton_quant.tiles_for(M, planar_ok=gptq_layout, packed_ok=gptq_layout)  # bf16 x
+    packed = t.packed
     return (f"{t.block_m}x{t.block_n}x{t.block_k}/w{t.num_warps}s{t.num_stages}p{t.programs_per_sm}"
             + ("/planar" if t.planar else "") + ("-wide2" if t.wide2 else "-wide" if t.wide else "")
             + ("/packed" if packed else "") + ("-b" if packed and t.w_as_b and t.block_m >= 64 else ""))
