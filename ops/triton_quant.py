@@ -110,7 +110,9 @@ class Tiles:
     max_registers: int = 0
 
 
-# (largest batch, tiles) in increasing order; batches above the last take the last. programs_per_sm is
+# (largest batch, tiles): a batch takes the first entry it fits that applies to its format (planar and
+# packed entries apply to GPTQ's layout only, see `tiles_for`), so the entries each format can take come in
+# increasing order, the last of them unbounded (1 << 62). programs_per_sm is
 # how many of the tile's programs an SM holds at once (registers and shared memory, as compiled for sm_90
 # by Triton 3.9), so that split-K fills the GPU in about one wave.
 TileTable = tuple[tuple[int, Tiles], ...]
@@ -135,7 +137,7 @@ _PLANAR_TILES = (
 # with eight barriers; 128 registers, two programs an SM. 64 rows: 4 warps, 168 registers, three an SM.
 # Above 128 rows one 256-row tile of 16 warps (118 registers), 4 stages. H100, an 8B layer's four
 # matmuls (quant_bench, session 7): 233 / 353 / 380 us at 128 / 160 / 256 rows against 379 / 410 / 436
-# with the plain tiles (bf16 cuBLAS: 178 / 178 / 200).
+# with the plain tiles (bf16 cuBLAS: 178 / 186 / 205).
 _PACKED_TILES = (
     (16, Tiles(16, 128, 128, 4, 3, 3, packed=True)),
     (64, Tiles(64, 128, 64, 4, 4, 3, packed=True, w_as_b=True, max_registers=168)),
