@@ -30,10 +30,11 @@
 #           decode 128 / 512, then fixed 256 x 1024 x 256; each run ends with 8 fixed prompts greedy, compared
 #   tp      (2 GPUs) tensor-parallel GPU tests, then Llama-3.1-8B batch-1 decode (async, sync) and fixed 1000 x 256 x 256 at TP=2
 #   quant8b Llama-3.1-8B batch 1 (128 / 512) AWQ, int8; fixed 1000 x 256 x 256 AWQ, int8, bitsandbytes (bf16: llama)
-#   awq-wide the planar kernel's GPU tests, quant_bench of its WIDE form (default) against the one-column form
-#           (planar-narrow) at 1 and 2 rows, and Llama-3.1-8B AWQ batch 1 (128 / 512) with each table
+#   awq-wide the planar kernel's GPU tests, quant_bench of the default tiles against session 6's (session6) at
+#           1 and 2 rows, and Llama-3.1-8B AWQ batch 1 (128 / 512) with each table
 #   quant70b Llama-3.1-70B AWQ (random 4-bit weights, 37 GiB), one GPU: batch 1 (128 / 256), then fixed 1000 x 128 x 512
-#           (a call of its own: each start takes ~130 s); quant70b-fixed: the fixed run alone
+#           (a call of its own: each start takes ~130 s); quant70b-fixed: the fixed run alone, at most 128
+#           sequences a step (one 128-row tile of the 4-bit GEMM)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -131,11 +132,11 @@ for stage in "$@"; do
              bench llama8b_bnb_fixed --model llama-3.1-8b --quantization bitsandbytes --workload fixed --num-requests 1000 --input-len 256 --output-len 256 ;;
     awq-wide) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py \
                 -k "gptq-v2 or gptq-v1-g128 or awq-g128 or per-channel or cuda_graph" 2>&1 | tee "$OUT/quant_wide_tests.log" | tail -4
-              timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --tiles default planar-narrow --kernels bf16 awq-gptq-g128 \
+              timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --tiles default session6 --kernels bf16 awq-gptq-g128 \
                 --batches 1 2 --out "$OUT/quant_bench_wide.json" 2>&1 | tee "$OUT/quant_bench_wide.log" | tail -30
               bench llama8b_awq_bs1 --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512
-              ENGINE_QUANT_TILES=planar-narrow bench llama8b_awq_bs1_narrow --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
-    quant70b-fixed) STAGE_TIMEOUT=${STAGE_TIMEOUT:-580} bench llama70b_awq_fixed --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1000 --input-len 128 --output-len 512 --max-model-len 1024 ;;
+              ENGINE_QUANT_TILES=session6 bench llama8b_awq_bs1_session6 --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
+    quant70b-fixed) STAGE_TIMEOUT=${STAGE_TIMEOUT:-580} bench llama70b_awq_fixed --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1000 --input-len 128 --output-len 512 --max-model-len 1024 --max-num-seqs 128 ;;
     quant70b) bench llama70b_awq_bs1 --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 256 --max-model-len 1024 --max-num-seqs 1
               STAGE_TIMEOUT=${STAGE_TIMEOUT:-540} bench llama70b_awq_fixed --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1000 --input-len 128 --output-len 512 --max-model-len 1024 ;;
   esac
