@@ -26,6 +26,9 @@ _DTYPES = {
     "bf16": torch.bfloat16,
 }
 ATTENTION_BACKENDS = ("auto", "triton", "xformers", "torch")
+# KV-cache element types. "fp8" is e4m3 (vLLM's name for it on CUDA) with a scale of 1.0: keys and values
+# are stored as they are, saturated to +-448, half the bytes of bf16 (twice the tokens in the same memory).
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -42,6 +45,7 @@ class EngineArgs:
     max_num_seqs: int = 256  # most sequences in one batch
     max_num_batched_tokens: int | None = None  # most tokens in one step (decodes + prompt chunks); default 8192
     block_size: int = 16  # tokens per KV-cache block
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8" / "fp8_e4m3" (half the bytes of bf16; attention backends triton and torch)
     seed: int = 0  # seed of the engine's random generator (unseeded requests draw from it)
     enforce_eager: bool = False  # no torch.compile, no CUDA graphs
     async_scheduling: bool = True  # build and launch step N+1 while the device runs step N
@@ -71,6 +75,11 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.attention_backend == "xformers":
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} needs attention_backend 'triton' or 'torch' "
+                             "(xformers' kernels read 16-bit caches only)")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
@@ -106,6 +115,9 @@ class EngineArgs:
         if self.engine_process is not None:
             return self.engine_process
         return self.resolve_device().type == "cuda"
+
+    def resolve_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return KV_CACHE_DTYPES[self.kv_cache_dtype] or model_dtype
 
     def resolve_attention_backend(self, device: torch.device) -> str:
         if self.attention_backend != "auto":

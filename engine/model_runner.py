@@ -68,6 +68,7 @@ class ModelRunner:
         self.num_kv_heads = max(1, total_kv_heads // self.tp_size)  # this rank's: its share, or one replicated head
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.attention_backend = args.resolve_attention_backend(device)
+        self.kv_cache_dtype = args.resolve_kv_cache_dtype(model_config.dtype)
         self._check_attention_backend()
         self.workers: TensorParallelWorkers | None = None
         if self.tp_size > 1 and tp_rank == 0:
@@ -97,8 +98,8 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         max_blocks_per_seq = -(-model_config.max_model_len // self.block_size)
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len %d: %.2fx",
-            self.num_blocks, self.block_size, self.num_blocks * self.block_size,
+            "KV cache: %d blocks of %d tokens = %d tokens (%s); max concurrency at max_model_len %d: %.2fx",
+            self.num_blocks, self.block_size, self.num_blocks * self.block_size, str(self.kv_cache_dtype).removeprefix("torch."),
             model_config.max_model_len, self.num_blocks / max_blocks_per_seq,
         )
         self.forward = self.model
@@ -157,7 +158,7 @@ class ModelRunner:
 
     @property
     def kv_bytes_per_block(self) -> int:
-        itemsize = torch.empty((), dtype=self.model_config.dtype).element_size()
+        itemsize = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * itemsize
 
     def _num_kv_blocks(self) -> int:
@@ -202,7 +203,7 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        dtype = self.model_config.dtype
+        dtype = self.kv_cache_dtype
         return [
             (torch.empty(shape, dtype=dtype, device=self.device), torch.empty(shape, dtype=dtype, device=self.device))
             for _ in range(self.num_layers)
@@ -241,8 +242,8 @@ class ModelRunner:
         if block_copies is not None:
             src, dst = block_copies[:, 0], block_copies[:, 1]
             for k_cache, v_cache in self.kv_caches:
-                k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
-                v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+                k_cache[dst] = k_cache[src]  # (index_copy_ has no float8 kernel on the CPU)
+                v_cache[dst] = v_cache[src]
         graphs = self.graph_runner
         if graphs is not None and meta.max_query_len == 1 and meta.num_seqs <= graphs.max_batch_size:
             hidden = graphs.run(input_ids, positions, meta)

@@ -1,6 +1,7 @@
 """Pure-torch PagedAttention: the reference every GPU kernel is checked against, and the CPU path.
 
-Written for clarity, one sequence at a time; float32 softmax.
+Written for clarity, one sequence at a time; float32 softmax. The cache may hold the model's dtype or
+float8 e4m3 (kv_cache_dtype="fp8": written saturated, read back as float32).
 """
 
 from __future__ import annotations
@@ -23,8 +24,17 @@ def write_kv_cache(
     slots = slot_mapping[valid]
     k_flat = k_cache.view(-1, *k_cache.shape[2:])
     v_flat = v_cache.view(-1, *v_cache.shape[2:])
-    k_flat[slots] = key[:num_tokens][valid].to(k_cache.dtype)
-    v_flat[slots] = value[:num_tokens][valid].to(v_cache.dtype)
+    k_flat[slots] = to_cache_dtype(key[:num_tokens][valid], k_cache.dtype)
+    v_flat[slots] = to_cache_dtype(value[:num_tokens][valid], v_cache.dtype)
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as the cache stores it: an 8-bit float cache (scale 1.0) saturates at its largest finite
+    value, rounding to nearest even once, from float32 (torch's own cast would make NaN past it)."""
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        fmax = torch.finfo(dtype).max
+        return x.float().clamp(-fmax, fmax).to(dtype)
+    return x.to(dtype)
 
 
 def context_slots(block_table: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:

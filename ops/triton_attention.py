@@ -18,7 +18,9 @@ gathered into a contiguous copy) and folds them into an fp32 online softmax:
   Tiles are numbered over the whole flattened batch (a tile finds its sequence by binary search
   in query_start_loc), so the grid depends on host ints only.
 
-Any head_dim is padded to a power of two with masks; any power-of-two block size >= 8 works.
+Any head_dim is padded to a power of two with masks; any power-of-two block size >= 8 works. The
+cache may be float8 e4m3 (kv_cache_dtype="fp8"): the write kernel saturates and rounds into it, the
+attention kernels widen each K/V tile to the query's dtype as they load it (half the bytes read).
 
 CUDA graphs: no function here syncs with the host or reads a device value on the host; every
 grid size and compile-time constant comes from tensor shapes and the host ints
@@ -53,7 +55,7 @@ def _write_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch,
     num_kv_heads, head_dim,
-    BLOCK_SIZE: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -64,6 +66,9 @@ def _write_kv_kernel(
     cache_off = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + heads * stride_ch + dims
     k = tl.load(key_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
     v = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
+    if FP8_MAX > 0:  # an 8-bit float cache: saturate (as ops.torch_ref.to_cache_dtype), round once from fp32
+        k = tl.minimum(tl.maximum(k.to(tl.float32), -FP8_MAX), FP8_MAX)
+        v = tl.minimum(tl.maximum(v.to(tl.float32), -FP8_MAX), FP8_MAX)
     tl.store(k_cache_ptr + cache_off, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + cache_off, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -89,7 +94,7 @@ def _attend_kv_range(
         block = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
         kv_off = (block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch)[:, None] + dims[None, :]
         kv_mask = in_range[:, None] & dim_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)  # (an fp8 cache: widened here)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         visible = (pos[None, :] <= row_pos[:, None]) & in_range[None, :]
         qk = tl.where(visible, qk, float("-inf"))
@@ -97,7 +102,7 @@ def _attend_kv_range(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, m_i, l_i
@@ -262,6 +267,7 @@ def write_kv_cache(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         num_kv_heads, head_dim,
         BLOCK_SIZE=block_size, H_PAD=triton.next_power_of_2(num_kv_heads), D_PAD=triton.next_power_of_2(head_dim),
+        FP8_MAX=torch.finfo(k_cache.dtype).max if k_cache.dtype.itemsize == 1 else 0.0,
     )
 
 

@@ -333,6 +333,8 @@ def test_numpy_numbers_are_welcome_where_python_ones_are(llm):
         ({"max_logprobs": -1}, "max_logprobs must be non-negative"),
         ({"seed": 2**64}, "seed must be a 64-bit integer"),
         ({"device": "meta"}, "device must be one of"),
+        ({"kv_cache_dtype": "int4"}, "kv_cache_dtype must be one of"),
+        ({"kv_cache_dtype": "fp8", "attention_backend": "xformers"}, "needs attention_backend 'triton' or 'torch'"),
     ],
 )
 def test_engine_args_refuse_values_that_cannot_work(kwargs, message):
@@ -377,3 +379,44 @@ def test_a_bad_prompt_in_a_batch_leaves_nothing_queued(llm):
         llm.generate(["fine", ""], SamplingParams(max_tokens=2), use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     assert llm.llm_engine.get_stats().num_used_blocks == 0
+
+
+def fp8_kv_sdpa(module, query, key, value, *args, **kwargs):
+    """transformers' SDPA attention over keys and values rounded to float8 e4m3 (saturated), as a
+    kv_cache_dtype="fp8" cache holds them: the oracle for the fp8 cache."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from ops.torch_ref import to_cache_dtype
+
+    def rounded(t):
+        return to_cache_dtype(t, torch.float8_e4m3fn).to(t.dtype)
+
+    return sdpa_attention_forward(module, query, rounded(key), rounded(value), *args, **kwargs)
+
+
+def test_fp8_kv_cache_holds_four_times_the_tokens_and_matches_transformers_over_fp8_keys(checkpoint):
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("fp8_kv_sdpa", fp8_kv_sdpa)
+    hf_fp8 = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="fp8_kv_sdpa").eval()
+    budget = 1 << 22
+    full = LLM(checkpoint, block_size=4, max_model_len=256, kv_cache_memory=budget)
+    fp8 = LLM(checkpoint, block_size=4, max_model_len=256, kv_cache_memory=budget, kv_cache_dtype="fp8",
+              enable_prefix_caching=True)
+    runner = fp8.llm_engine.runner
+    assert runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+    assert runner.num_blocks == 4 * full.llm_engine.runner.num_blocks  # float32 model: 4 bytes a value -> 1
+    prompts = random_prompts([1, 17, 130], seed=11)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1, n=2)
+    # Twice: the second round reuses the first's cached prompt blocks; n=2 copies a shared partial block.
+    for _ in range(2):
+        outputs = fp8.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        for prompt, output in zip(prompts, outputs):
+            want = hf_generate(hf_fp8, prompt, 16)
+            assert [c.token_ids for c in output.outputs] == [want, want]
+            ids = torch.tensor([prompt + want])
+            with torch.no_grad():
+                hf_logprobs = torch.log_softmax(hf_fp8(ids).logits[0].float(), dim=-1)
+            for step, (token, entry) in enumerate(zip(want, output.outputs[0].logprobs)):
+                assert entry[token].logprob == pytest.approx(hf_logprobs[len(prompt) - 1 + step, token].item(), abs=2e-3)
+    assert outputs[2].num_cached_tokens > 0
