@@ -3,10 +3,11 @@
 # First, here: bash perf/fetch_wheels.sh (wheels the device lacks; the call carries ".whl").
 # Usage (on the lent GPU, from the repo root): bash perf/gpu_check.sh STAGE...
 #   tests   pytest -m gpu
-#   nano    Qwen3-0.6B, nano workload (nano-sync: without async scheduling; nano-nc: graphs without torch.compile)
+#   nano    Qwen3-0.6B, nano workload (nano-sync: without async scheduling; nano-nc: graphs without torch.compile;
+#           nano-fp8: with an fp8 KV cache)
 #   llama1  Llama-3.1-8B, batch 1, 128 in / 512 out
 #           (llama1-sync: without async scheduling)
-#   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out
+#   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out (llama-fp8: with an fp8 KV cache)
 #   hf      nano (first 64 requests) through the engine and transformers, same run
 #   prefix  Qwen3-0.6B, 256 requests sharing a 2,000-token prefix, caching off then on (prefix8: 8 output tokens, not 32)
 #   latency Qwen3-0.6B per-phase decode step times at batch 1/64/256, context 1024 (perf/latency.py)
@@ -52,10 +53,12 @@ for stage in "$@"; do
            timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --out "$OUT/quant_bench.json" 2>&1 | tee "$OUT/quant_bench.log" | tail -80 ;;
     nano) TORCH_LOGS=recompiles bench nano_qwen3 --model qwen3-0.6b --workload nano ;;
     nano-sync) bench nano_qwen3_sync --model qwen3-0.6b --workload nano --no-async-scheduling ;;
+    nano-fp8) TORCH_LOGS=recompiles bench nano_qwen3_fp8 --model qwen3-0.6b --workload nano --kv-cache-dtype fp8 ;;
     nano-nc) bench nano_qwen3_nocompile --model qwen3-0.6b --workload nano --no-compile ;;
     llama1) bench llama8b_bs1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
     llama1-sync) bench llama8b_bs1_sync --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --no-async-scheduling ;;
     llama) bench llama8b_fixed --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 ;;
+    llama-fp8) bench llama8b_fixed_fp8 --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 --kv-cache-dtype fp8 ;;
     prefix) bench prefix_qwen3 --model qwen3-0.6b --workload prefix --num-requests 256 --prefix-len 2000 --suffix-len 32 --output-len 32 ;;
     prefix8) bench prefix8_qwen3 --model qwen3-0.6b --workload prefix --num-requests 256 --prefix-len 2000 --suffix-len 32 --output-len 8 ;;
     window) for spec in "nano_qwen3_window --model qwen3-0.6b --workload nano --profile-steps 200 10" \

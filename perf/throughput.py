@@ -119,6 +119,7 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         compile_model=not args.no_compile,
         async_scheduling=args.async_scheduling,
         attention_backend=args.attention_backend,
+        kv_cache_dtype=args.kv_cache_dtype,
         enable_prefix_caching=args.enable_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
         tensor_parallel_size=args.tensor_parallel_size,
@@ -169,6 +170,7 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         "kv_waste_fraction_mean": stats.kv_waste_fraction_mean,
         "output_token_ids": [o.outputs[0].token_ids for o in outputs] if args.workload == "prefix" else None,
         "attention_backend": runner.attention_backend,
+        "kv_cache_dtype": str(runner.kv_cache_dtype).removeprefix("torch."),
         "compiled": runner.forward is not runner.model,
         "step_timings": {k: v - timings_before[k] for k, v in llm.llm_engine.timings.as_dict().items()},
     }
@@ -262,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "a checkpoint dir: as LLM(quantization=...) (default: the checkpoint's own)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs 0..N-1, one worker process each")
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's) or fp8 (e4m3: half the bytes of bf16)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="CUDA graphs around the eager model, no torch.compile")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
