@@ -25,6 +25,8 @@
 #   quant   Triton quantized-matmul GPU tests (tests/test_triton_quant.py), then perf/quant_bench.py
 #   quant-ncu Nsight Compute on the planar 4-bit kernel at 1 and 2 rows (gate_up; 5 launches each): $OUT/planar.ncu-rep
 #           and a text summary (why two rows cost what they do)
+#   gemm-ncu Nsight Compute on the 4-bit GEMM path (the packed W-as-B tiles) at 128 and 256 rows (gate_up; the
+#           first launches of each): $OUT/gemm.ncu-rep and a text summary (why 256 rows cost 1.6x 128)
 #   tp70    (2 GPUs) Llama-3.1-70B-shaped with 20 of its 80 layers at TP=2: batch-1 decode, fixed 256 x 1024 x 256
 #           (issue 8's stand-in while no 4-GPU machine is lent)
 #   tp4-70b (4 GPUs) Llama-3.1-70B (all 80 layers, bf16, random weights made shard by shard) at TP=4: batch-1
@@ -118,6 +120,10 @@ for stage in "$@"; do
                  python3 perf/quant_bench.py --kernels awq-gptq-g128 --batches 1 2 --layers gate_up --iters 1 --repeats 1 --eager \
                  > "$OUT/planar_ncu.log" 2>&1
                ncu --import "$OUT/planar.ncu-rep" --page details 2>&1 | tee "$OUT/planar_ncu.txt" | grep -E "Duration|Throughput|Registers|Occupancy|Warp Cycles|Stall|Executed Ipc" | head -40 ;;
+    gemm-ncu) timeout "${STAGE_TIMEOUT:-300}" ncu --set full -k regex:_quant_matmul_kernel -c 12 -f -o "$OUT/gemm" \
+                python3 perf/quant_bench.py --kernels awq-gptq-g128 --batches 128 256 --layers gate_up --iters 1 --repeats 1 --eager \
+                > "$OUT/gemm_ncu.log" 2>&1
+              ncu --import "$OUT/gemm.ncu-rep" --page details 2>&1 | tee "$OUT/gemm_ncu.txt" | grep -E "Duration|Throughput|Registers|Occupancy|Warp Cycles|Stall|Executed Ipc|Block Size|Shared Memory" | head -60 ;;
     tp70) bench llama70b20l_bs1_tp2 --model llama-3.1-70b --num-layers 20 --workload fixed --num-requests 1 --input-len 128 --output-len 256 --tensor-parallel-size 2
           bench llama70b20l_fixed_tp2 --model llama-3.1-70b --num-layers 20 --workload fixed --num-requests 256 --input-len 1024 --output-len 256 --tensor-parallel-size 2 ;;
     tp4-70b) nvidia-smi topo -m | tee "$OUT/topo.txt"
