@@ -37,7 +37,8 @@
 #           1 and 2 rows, and Llama-3.1-8B AWQ batch 1 (128 / 512) with each table
 #   quant70b Llama-3.1-70B AWQ (random 4-bit weights, 37 GiB), one GPU: batch 1 (128 / 256), then fixed 1000 x 128 x 512
 #           (a call of its own: each start takes ~130 s); quant70b-fixed: the fixed run alone, at most 128
-#           sequences a step (one 128-row tile of the 4-bit GEMM)
+#           sequences a step (one 128-row tile of the 4-bit GEMM); quant70b-fixed-fp8: with an fp8 KV cache
+#           (room for ~314 sequences) and up to 256 a step
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -146,6 +147,7 @@ for stage in "$@"; do
               bench llama8b_awq_bs1 --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512
               ENGINE_QUANT_TILES=session6 bench llama8b_awq_bs1_session6 --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
     quant70b-fixed) STAGE_TIMEOUT=${STAGE_TIMEOUT:-580} bench llama70b_awq_fixed --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1000 --input-len 128 --output-len 512 --max-model-len 1024 --max-num-seqs 128 ;;
+    quant70b-fixed-fp8) STAGE_TIMEOUT=${STAGE_TIMEOUT:-580} bench llama70b_awq_fixed_fp8 --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1000 --input-len 128 --output-len 512 --max-model-len 1024 --max-num-seqs 256 --kv-cache-dtype fp8 ;;
     quant70b) bench llama70b_awq_bs1 --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 256 --max-model-len 1024 --max-num-seqs 1
               STAGE_TIMEOUT=${STAGE_TIMEOUT:-540} bench llama70b_awq_fixed --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1000 --input-len 128 --output-len 512 --max-model-len 1024 ;;
   esac
