@@ -20,7 +20,8 @@ gathered into a contiguous copy) and folds them into an fp32 online softmax:
 
 Any head_dim is padded to a power of two with masks; any power-of-two block size >= 8 works. The
 cache may be float8 e4m3 (kv_cache_dtype="fp8"): the write kernel saturates and rounds into it, the
-attention kernels widen each K/V tile to the query's dtype as they load it (half the bytes read).
+attention kernels widen each K/V tile to the query's dtype as they load it (half the bytes read),
+fp16 for a bf16 query (see `_q_fp16`).
 
 CUDA graphs: no function here syncs with the host or reads a device value on the host; every
 grid size and compile-time constant comes from tensor shapes and the host ints
@@ -116,7 +117,7 @@ def _decode_kernel(
     stride_cb, stride_cs, stride_ch,
     head_dim, qk_scale, partition_size,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, Q_FP16: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -133,6 +134,7 @@ def _decode_kernel(
     row_mask = rows < tl.where(has_query, GROUP, 0)
     io_mask = row_mask[:, None] & (dims < head_dim)[None, :]
     q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=io_mask, other=0.0)
+    q = q.to(tl.float16) if Q_FP16 else q  # bf16 q over an fp8 cache: dots in fp16 (one conversion a K/V element)
 
     acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
     m_i = tl.full([GROUP_PAD], _MASKED, dtype=tl.float32)
@@ -210,7 +212,7 @@ def _prefill_kernel(
     stride_cb, stride_cs, stride_ch,
     head_dim, qk_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, Q_FP16: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -231,6 +233,7 @@ def _prefill_kernel(
     io_mask = row_mask[:, None] & (dims < head_dim)[None, :]
     q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
                 mask=io_mask, other=0.0)
+    q = q.to(tl.float16) if Q_FP16 else q  # (as in _decode_kernel)
 
     tile_live = q_tile * BLOCK_Q < q_len
     kv_hi = tl.where(tile_live, tl.minimum(seq_len, ctx_len + (q_tile + 1) * BLOCK_Q), 0)
@@ -311,7 +314,7 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out)
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         head_dim, scale * _LOG2E, partition_size,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_PARTITIONS=num_partitions,
-        BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, D_PAD=d_pad,
+        BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, D_PAD=d_pad, Q_FP16=_q_fp16(query, k_cache),
         num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
     )
     if num_partitions > 1:
@@ -364,12 +367,19 @@ def _prefill(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         head_dim, scale * _LOG2E,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, D_PAD=d_pad,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, D_PAD=d_pad, Q_FP16=_q_fp16(query, k_cache),
         num_warps=8 if rows >= 64 else 4, num_stages=2,
     )
 
 
 _LOG2E = 1.4426950408889634
+
+
+def _q_fp16(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Attend in fp16 (bf16 q over an fp8 cache): fp8 widens to fp16 in one conversion (to bf16 it takes
+    two), and fp16 holds every fp8 value exactly; q and the probabilities lose nothing that matters
+    there (|q| stays far below fp16's 65,504 in practice; probabilities in [0, 1] get 3 more mantissa bits than bf16)."""
+    return query.dtype == torch.bfloat16 and k_cache.dtype.itemsize == 1
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
