@@ -44,6 +44,8 @@ from ops.forward_context import AttentionMetadata
 PARTITION_SIZE = 512  # context positions per decode program (flash-decoding split), at most...
 MAX_DECODE_PARTITIONS = 16  # ...partitions beyond which they grow instead (see decode_partitions)
 DECODE_GRID_PROGRAMS = 4096  # unless the decode grid stays under this many programs
+MIN_PARTITION_SIZE = 128  # small batches halve the partitions down to this many positions...
+SMALL_GRID_PROGRAMS = 512  # ...while the decode grid stays within this many programs (about 4 an H100 SM)
 _DECODE_BLOCK_N = 64  # context positions per inner-loop step in decode
 _DECODE_NUM_WARPS = 4
 _DECODE_NUM_STAGES = 2
@@ -337,11 +339,20 @@ def decode_partitions(max_seq_len: int, num_programs: int) -> tuple[int, int]:
     at context 1,024 took 23 ms of forward on the H100 for ≈ 10 ms of KV reads (before this cap;
     not yet re-measured with it). So the count is capped at MAX_DECODE_PARTITIONS, or more while
     the grid stays under DECODE_GRID_PROGRAMS (small batches, where splitting is what keeps the
-    GPU busy), and the partitions grow instead. A max_model_len up to 8,192 is not affected."""
-    num_partitions = max(1, triton.cdiv(max_seq_len, PARTITION_SIZE))
+    GPU busy), and the partitions grow instead. A max_model_len up to 8,192 is not affected.
+
+    The other way, a batch of a few sequences (batch-1 decode: 8 KV heads, 8 partitions of a 4,096
+    bound) has fewer programs than SMs, each walking 512 positions in 8 dependent steps: partitions
+    halve (down to MIN_PARTITION_SIZE) while the grid stays within SMALL_GRID_PROGRAMS, so that the
+    same context is read by more programs in fewer steps each (not yet timed on a GPU)."""
+    size = PARTITION_SIZE
+    while (size // 2 >= MIN_PARTITION_SIZE and max_seq_len > size // 2
+           and num_programs * triton.cdiv(max_seq_len, size // 2) <= SMALL_GRID_PROGRAMS):
+        size //= 2
+    num_partitions = max(1, triton.cdiv(max_seq_len, size))
     cap = max(MAX_DECODE_PARTITIONS, DECODE_GRID_PROGRAMS // max(1, num_programs))
     if num_partitions <= cap:
-        return num_partitions, PARTITION_SIZE
+        return num_partitions, size
     size = triton.cdiv(triton.cdiv(max_seq_len, cap), _DECODE_BLOCK_N) * _DECODE_BLOCK_N
     return triton.cdiv(max_seq_len, size), size
 

@@ -6,7 +6,8 @@
 #   nano    Qwen3-0.6B, nano workload (nano-sync: without async scheduling; nano-nc: graphs without torch.compile;
 #           nano-fp8: with an fp8 KV cache)
 #   llama1  Llama-3.1-8B, batch 1, 128 in / 512 out
-#           (llama1-sync: without async scheduling)
+#           (llama1-sync: without async scheduling; llama1-parts: then again with 512-position decode partitions,
+#           as before small batches got smaller ones)
 #   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out (llama-fp8: with an fp8 KV cache)
 #   hf      nano (first 64 requests) through the engine and transformers, same run
 #   prefix  Qwen3-0.6B, 256 requests sharing a 2,000-token prefix, caching off then on (prefix8: 8 output tokens, not 32)
@@ -59,6 +60,11 @@ for stage in "$@"; do
     nano-fp8) TORCH_LOGS=recompiles bench nano_qwen3_fp8 --model qwen3-0.6b --workload nano --kv-cache-dtype fp8 ;;
     nano-nc) bench nano_qwen3_nocompile --model qwen3-0.6b --workload nano --no-compile ;;
     llama1) bench llama8b_bs1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
+    llama1-parts) bench llama8b_bs1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512
+          # the same without small-batch decode partitions (ops.triton_attention.SMALL_GRID_PROGRAMS = 0: 512 positions each)
+          timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, ops.triton_attention as t; t.SMALL_GRID_PROGRAMS = 0; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+            perf/throughput.py --no-tqdm --json-out "$OUT/llama8b_bs1_parts512.json" --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 2>&1 \
+            | tee "$OUT/llama8b_bs1_parts512.log" | grep -vE "^\{|Capturing" | tail -5 ;;
     llama1-sync) bench llama8b_bs1_sync --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --no-async-scheduling ;;
     llama) bench llama8b_fixed --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 ;;
     llama-fp8) bench llama8b_fixed_fp8 --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 --kv-cache-dtype fp8 ;;

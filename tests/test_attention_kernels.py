@@ -271,15 +271,18 @@ from ops import triton_attention
 from ops import torch_ref
 from tests.test_attention_kernels import make_paged_batch, reference, assert_matches_reference
 triton_attention.PARTITION_SIZE = 128
-grow = [(16, 4096), (2, 0)]  # (MAX_DECODE_PARTITIONS, DECODE_GRID_PROGRAMS): as shipped; partitions grown
+# (MAX_DECODE_PARTITIONS, DECODE_GRID_PROGRAMS, MIN_PARTITION_SIZE): as shipped (no shrinking at these
+# sizes); partitions grown; partitions shrunk to 64 positions
+grow = [(16, 4096, 128), (2, 0, 128), (16, 4096, 64)]
 cases = [  # q_lens, seq_lens, heads, kv heads, head_dim, block size, dtype
     ([1] * 5, [1, 129, 300, 0, 64], 8, 2, 32, 16, torch.float32),
     ([1] * 2, [520, 7], 6, 2, 24, 8, torch.float16),
     ([40, 1, 7, 1, 70], [40, 300, 100, 0, 75], 8, 1, 32, 16, torch.float32),
     ([33, 2], [50, 9], 6, 2, 80, 32, torch.float16),
 ]
-for (max_parts, grid), (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [(g, c) for g in grow for c in cases]:
+for (max_parts, grid, min_size), (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [(g, c) for g in grow for c in cases]:
     triton_attention.MAX_DECODE_PARTITIONS, triton_attention.DECODE_GRID_PROGRAMS = max_parts, grid
+    triton_attention.MIN_PARTITION_SIZE = min_size
     query, k_cache, v_cache, meta = make_paged_batch(q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype, "cpu")
     out = torch.full_like(query, float("nan"))
     triton_attention.paged_attention(query, k_cache, v_cache, meta, head_dim ** -0.5, out)
@@ -334,3 +337,8 @@ def test_decode_partitions_grow_instead_of_multiplying_past_the_cap():
     parts, size = decode_partitions(131072, 64 * 8)
     assert parts <= 16 and parts * size >= 131072
     assert decode_partitions(1, 5) == (1, PARTITION_SIZE)
+    # A few sequences: smaller partitions while the grid stays within SMALL_GRID_PROGRAMS.
+    assert decode_partitions(4096, 1 * 8) == (32, 128)
+    assert decode_partitions(4096, 4 * 8) == (16, 256)
+    assert decode_partitions(4096, 8 * 8) == (8, PARTITION_SIZE)
+    assert decode_partitions(300, 1 * 8) == (3, 128)
