@@ -28,7 +28,9 @@ _DTYPES = {
 ATTENTION_BACKENDS = ("auto", "triton", "xformers", "torch")
 # KV-cache element types. "fp8" is e4m3 (vLLM's name for it on CUDA) with a scale of 1.0: keys and values
 # are stored as they are, saturated to +-448, half the bytes of bf16 (twice the tokens in the same memory).
-KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+# "fp8_e5m2": 2 mantissa bits instead of 3, range +-57,344.
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+                   "fp8_e5m2": torch.float8_e5m2}
 
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -45,7 +47,7 @@ class EngineArgs:
     max_num_seqs: int = 256  # most sequences in one batch
     max_num_batched_tokens: int | None = None  # most tokens in one step (decodes + prompt chunks); default 8192
     block_size: int = 16  # tokens per KV-cache block
-    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8" / "fp8_e4m3" (half the bytes of bf16; attention backends triton and torch)
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype), "fp8" / "fp8_e4m3" or "fp8_e5m2" (half the bytes of bf16; attention backends triton and torch)
     seed: int = 0  # seed of the engine's random generator (unseeded requests draw from it)
     enforce_eager: bool = False  # no torch.compile, no CUDA graphs
     async_scheduling: bool = True  # build and launch step N+1 while the device runs step N

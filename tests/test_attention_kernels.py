@@ -217,13 +217,14 @@ def test_write_kv_cache_stores_tokens_and_skips_padding_slots(backend):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "mixed"])
-def test_triton_reads_an_fp8_cache(decode):
-    """kv_cache_dtype="fp8": the same kernels over a float8 e4m3 cache, against the reference reading it."""
+def test_triton_reads_an_fp8_cache(decode, fp8):
+    """kv_cache_dtype="fp8" / "fp8_e5m2": the same kernels over a float8 cache, against the reference reading it."""
     q_lens, seq_lens = ([1] * len(DECODE_CONTEXTS), DECODE_CONTEXTS) if decode else zip(*MIXED_BATCH)
     query, k_cache, v_cache, meta = make_paged_batch(list(q_lens), list(seq_lens), 32, 8, 128, 16, torch.bfloat16, "cuda")
-    k_cache = torch_ref.to_cache_dtype(k_cache * 4, torch.float8_e4m3fn)
-    v_cache = torch_ref.to_cache_dtype(v_cache, torch.float8_e4m3fn)
+    k_cache = torch_ref.to_cache_dtype(k_cache * 4, fp8)
+    v_cache = torch_ref.to_cache_dtype(v_cache, fp8)
     out = torch.full_like(query, float("nan"))
     get_backend("triton").paged_attention(query, k_cache, v_cache, meta, 128**-0.5, out)
     assert_matches_reference(out, reference(query, k_cache, v_cache, meta, 128**-0.5))
@@ -231,21 +232,22 @@ def test_triton_reads_an_fp8_cache(decode):
 
 @gpu
 @needs_cuda
-def test_triton_writes_an_fp8_cache_as_the_reference_does():
-    """Rounding (to nearest even, once) and saturation at +-448, bit for bit with ops.torch_ref."""
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_triton_writes_an_fp8_cache_as_the_reference_does(fp8):
+    """Rounding (to nearest even, once) and saturation at the format's largest value, bit for bit with ops.torch_ref."""
     num_blocks, block_size, num_kv_heads, head_dim, num_tokens = 64, 16, 8, 128, 300
     key = torch.randn(num_tokens, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16) * 100
-    value = torch.randn_like(key) * 300
+    value = torch.randn_like(key) * 3e4
     slot_mapping = torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens]
     slot_mapping[::3] = -1
-    k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, device="cuda", dtype=torch.float8_e4m3fn)
+    k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, device="cuda", dtype=fp8)
     v_cache = torch.zeros_like(k_cache)
     k_expected, v_expected = k_cache.clone(), v_cache.clone()
     torch_ref.write_kv_cache(key, value, k_expected, v_expected, slot_mapping)
     get_backend("triton").write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
     assert torch.equal(k_cache.view(torch.uint8), k_expected.view(torch.uint8))
     assert torch.equal(v_cache.view(torch.uint8), v_expected.view(torch.uint8))
-    assert v_expected.float().abs().max() == 448
+    assert v_expected.float().abs().max() == torch.finfo(fp8).max
 
 
 @gpu
@@ -295,22 +297,23 @@ for (max_parts, grid, min_size), (q_lens, seq_lens, heads, kv_heads, head_dim, b
 # An fp8 cache (kv_cache_dtype="fp8"): the kernels widen it as they read. Written values are ones fp8 holds
 # exactly, and some past its range (saturated): the interpreter's own float-to-fp8 rounding is wrong where
 # rounding carries into the exponent (31.7 -> 16), so rounding itself is checked on the GPU only.
-fp8 = torch.float8_e4m3fn
-for q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype in cases[::2]:
+for fp8, (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [
+        (torch.float8_e4m3fn, cases[0]), (torch.float8_e5m2, cases[1]), (torch.float8_e4m3fn, cases[2])]:
     query, k_cache, v_cache, meta = make_paged_batch(q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype, "cpu")
     k_cache, v_cache = torch_ref.to_cache_dtype(k_cache * 8, fp8), torch_ref.to_cache_dtype(v_cache, fp8)
     out = torch.full_like(query, float("nan"))
     triton_attention.paged_attention(query, k_cache, v_cache, meta, head_dim ** -0.5, out)
     assert_matches_reference(out, reference(query, k_cache, v_cache, meta, head_dim ** -0.5))
     k_new, v_new = torch_ref.to_cache_dtype(torch.randn(2, query.shape[0], kv_heads, head_dim) * 30, fp8).to(dtype)
-    k_new[:, ::3] = 1000.0
-    v_new[:, ::5] = -1e4
+    k_new[:, ::3] = 6e4  # past both formats' range (e4m3 448, e5m2 57,344)
+    v_new[:, ::5] = -6e4
     k_expected, v_expected = k_cache.clone(), v_cache.clone()
     torch_ref.write_kv_cache(k_new, v_new, k_expected, v_expected, meta.slot_mapping)
     triton_attention.write_kv_cache(k_new, v_new, k_cache, v_cache, meta.slot_mapping)
     assert torch.equal(k_cache.view(torch.uint8), k_expected.view(torch.uint8))
     assert torch.equal(v_cache.view(torch.uint8), v_expected.view(torch.uint8))
-    assert k_expected.float().abs().max() == 448 and v_expected.float().abs().max() == 448
+    fmax = torch.finfo(fp8).max
+    assert k_expected.float().abs().max() == fmax and v_expected.float().abs().max() == fmax
 print("ok")
 """
 

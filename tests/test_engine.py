@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 
 import numpy as np
@@ -381,30 +382,33 @@ def test_a_bad_prompt_in_a_batch_leaves_nothing_queued(llm):
     assert llm.llm_engine.get_stats().num_used_blocks == 0
 
 
-def fp8_kv_sdpa(module, query, key, value, *args, **kwargs):
-    """transformers' SDPA attention over keys and values rounded to float8 e4m3 (saturated), as a
-    kv_cache_dtype="fp8" cache holds them: the oracle for the fp8 cache."""
+def fp8_kv_sdpa(module, query, key, value, *args, cache_dtype, **kwargs):
+    """transformers' SDPA attention over keys and values rounded to an 8-bit float (saturated), as a
+    kv_cache_dtype="fp8" (or "fp8_e5m2") cache holds them: the oracle for the fp8 cache."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from ops.torch_ref import to_cache_dtype
 
     def rounded(t):
-        return to_cache_dtype(t, torch.float8_e4m3fn).to(t.dtype)
+        return to_cache_dtype(t, cache_dtype).to(t.dtype)
 
     return sdpa_attention_forward(module, query, rounded(key), rounded(value), *args, **kwargs)
 
 
-def test_fp8_kv_cache_holds_four_times_the_tokens_and_matches_transformers_over_fp8_keys(checkpoint):
+@pytest.mark.parametrize("kv_cache_dtype, torch_dtype", [("fp8", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)])
+def test_fp8_kv_cache_holds_four_times_the_tokens_and_matches_transformers_over_fp8_keys(checkpoint, kv_cache_dtype,
+                                                                                           torch_dtype):
     from transformers import AttentionInterface
 
-    AttentionInterface.register("fp8_kv_sdpa", fp8_kv_sdpa)
-    hf_fp8 = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="fp8_kv_sdpa").eval()
+    name = f"{kv_cache_dtype}_kv_sdpa"
+    AttentionInterface.register(name, functools.partial(fp8_kv_sdpa, cache_dtype=torch_dtype))
+    hf_fp8 = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation=name).eval()
     budget = 1 << 22
     full = LLM(checkpoint, block_size=4, max_model_len=256, kv_cache_memory=budget)
-    fp8 = LLM(checkpoint, block_size=4, max_model_len=256, kv_cache_memory=budget, kv_cache_dtype="fp8",
+    fp8 = LLM(checkpoint, block_size=4, max_model_len=256, kv_cache_memory=budget, kv_cache_dtype=kv_cache_dtype,
               enable_prefix_caching=True)
     runner = fp8.llm_engine.runner
-    assert runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+    assert runner.kv_caches[0][0].dtype == torch_dtype
     assert runner.num_blocks == 4 * full.llm_engine.runner.num_blocks  # float32 model: 4 bytes a value -> 1
     prompts = random_prompts([1, 17, 130], seed=11)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1, n=2)
