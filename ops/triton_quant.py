@@ -722,19 +722,25 @@ def _x_quads(x_ptr, rr, r_mask):
 
 
 @triton.jit
+def _x_of_pair(pair, x_ptr, P: tl.constexpr):
+    """Input P % 2 of `pair` (int32: two of x's 16-bit inputs, the even one low) as fp32."""
+    if x_ptr.dtype.element_ty == tl.bfloat16:  # bf16 is fp32's upper half
+        if P % 2 == 0:
+            return (pair << 16).to(tl.float32, bitcast=True)
+        else:
+            return (pair & -65536).to(tl.float32, bitcast=True)
+    else:
+        return (pair >> (16 * (P % 2))).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _x_quad_plane(quads, x_ptr, rr, r_mask, P: tl.constexpr):
     """x's inputs 8 rr + P as fp32: from `_x_quads`' [R, 2] int64 (16-bit x, one instruction an input) or
     read here (fp32 x)."""
     if x_ptr.dtype.element_ty.primitive_bitwidth == 16:
         quad0, quad1 = tl.split(quads)
         pair = ((quad0 if P < 4 else quad1) >> (32 * ((P // 2) % 2))).to(tl.int32)
-        if x_ptr.dtype.element_ty == tl.bfloat16:  # bf16 is fp32's upper half
-            if P % 2 == 0:
-                return (pair << 16).to(tl.float32, bitcast=True)
-            else:
-                return (pair & -65536).to(tl.float32, bitcast=True)
-        else:
-            return (pair >> (16 * (P % 2))).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+        return _x_of_pair(pair, x_ptr, P)
     else:
         return tl.load(x_ptr + rr * 8 + P, mask=r_mask, other=0.0).to(tl.float32)
 
@@ -746,13 +752,7 @@ def _x_plane(x_ptr, rr, r_mask, P: tl.constexpr):
     if x_ptr.dtype.element_ty.primitive_bitwidth == 16:
         quad = tl.load(x_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + rr * 2 + P // 4, mask=r_mask, other=0)
         pair = (quad >> (32 * ((P // 2) % 2))).to(tl.int32)
-        if x_ptr.dtype.element_ty == tl.bfloat16:  # bf16 is fp32's upper half
-            if P % 2 == 0:
-                return (pair << 16).to(tl.float32, bitcast=True)
-            else:
-                return (pair & -65536).to(tl.float32, bitcast=True)
-        else:
-            return (pair >> (16 * (P % 2))).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+        return _x_of_pair(pair, x_ptr, P)
     else:
         return tl.load(x_ptr + rr * 8 + P, mask=r_mask, other=0.0).to(tl.float32)
 
