@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
             t = r["step_timings"]
             print(f"  {'':>14}  {t['steps']} steps: schedule {t['schedule_s']:.2f} s, execute {t['execute_s']:.2f} s, update {t['update_s']:.2f} s; startup {r['startup_s']:.1f} s")
             print(f"  {'':>14}  weights {r['weights_gib']:.2f} GiB ({r['quantization'] or 'unquantized'}), "
-                  f"KV cache {r['kv_cache_gib']:.2f} GiB ({r['kv_blocks']} blocks)")
+                  f"KV cache {r['kv_cache_gib']:.2f} GiB ({r['kv_blocks']} blocks, {r['kv_cache_dtype']})")
         if "profile" in r:
             print_summary(r["profile"])
     if args.workload == "prefix" and len(results) == 2:

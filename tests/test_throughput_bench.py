@@ -110,3 +110,17 @@ def test_union_of_intervals_counts_overlaps_once():
 
     assert _union_us([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
     assert _union_us([]) == 0
+
+
+def test_fp8_kv_cache_run_reports_its_dtype_and_half_the_bytes_a_block(tiny_model):
+    runs = {}
+    for kv_cache_dtype in ("auto", "fp8"):
+        record = throughput.main([
+            "--model", tiny_model, "--workload", "fixed", "--num-requests", "2", "--input-len", "8", "--output-len", "4",
+            "--max-model-len", "64", "--max-num-seqs", "4", "--no-tqdm", "--kv-cache-dtype", kv_cache_dtype,
+        ])
+        (runs[kv_cache_dtype],) = record["results"]
+    assert runs["auto"]["kv_cache_dtype"] == "bfloat16" and runs["fp8"]["kv_cache_dtype"] == "float8_e4m3fn"
+    assert runs["fp8"]["output_tokens"] == 2 * 4
+    per_block = {k: r["kv_cache_gib"] / r["kv_blocks"] for k, r in runs.items()}
+    assert per_block["fp8"] == pytest.approx(per_block["auto"] / 2)
