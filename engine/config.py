@@ -61,6 +61,7 @@ class EngineArgs:
     device: str = "auto"  # "auto" (cuda if available), "cuda" or "cpu"
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for
     cuda_graph_sizes: list[int] | None = None  # decode batch sizes to capture; default 1, 2, 4, 8, 16, ... 512
+    mixed_cuda_graph_sizes: list[int] | None = None  # token counts of prefill / mixed steps to capture graphs for too (e.g. 16 32 64 128 256 512; experimental, not yet run on a GPU); none by default
     max_waiting_requests: int | None = None  # reject new requests while this many wait (None = no limit)
     engine_process: bool | None = None  # server: the engine in its own process, so HTTP and the engine's host work do not share a GIL; None: on with a GPU, off on CPU
     stream_interval: int = 1  # server streams: send a request's first token at once, then every this many tokens (fewer chunks under load)
@@ -94,6 +95,9 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.mixed_cuda_graph_sizes is not None and any(t < 2 for t in self.mixed_cuda_graph_sizes):
+            raise ValueError(f"mixed_cuda_graph_sizes are token counts of steps with a prompt: at least 2 each, "
+                             f"got {self.mixed_cuda_graph_sizes}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}")
         if not -(2**63) <= self.seed < 2**64:

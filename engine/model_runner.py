@@ -117,15 +117,19 @@ class ModelRunner:
             logger.info("%s cannot run inside CUDA graphs: compiled, no graphs", blocker)
             return
         sizes = self.args.cuda_graph_sizes or default_batch_sizes(self.args.max_num_seqs)
+        mixed = self.args.mixed_cuda_graph_sizes or None
         self.graph_runner = CudaGraphRunner(
             self.forward, self.kv_caches, self.attention_backend, sizes,
             self.model_config.max_model_len, self.block_size, self.device,
+            mixed_sizes=mixed, max_num_seqs=self.args.max_num_seqs,
         )
         self.graph_runner.capture()
         self.compiled_graphs_after_warmup = num_compiled_graphs()
         logger.info(
-            "compiled the model and captured %d CUDA graphs (batch sizes %d..%d) in %.1f s; %d compiled graphs",
-            len(sizes), min(sizes), max(sizes), time.perf_counter() - start, self.compiled_graphs_after_warmup,
+            "compiled the model and captured %d CUDA graphs (batch sizes %d..%d%s) in %.1f s; %d compiled graphs",
+            len(sizes) + len(mixed or ()), min(sizes), max(sizes),
+            f"; prefill / mixed steps of up to {', '.join(map(str, sorted(mixed)))} tokens" if mixed else "",
+            time.perf_counter() - start, self.compiled_graphs_after_warmup,
         )
 
     def _cuda_graph_blocker(self) -> str | None:
@@ -247,6 +251,8 @@ class ModelRunner:
         graphs = self.graph_runner
         if graphs is not None and meta.max_query_len == 1 and meta.num_seqs <= graphs.max_batch_size:
             hidden = graphs.run(input_ids, positions, meta)
+        elif graphs is not None and meta.max_query_len > 1 and graphs.mixed_bucket_for(input_ids.shape[0], meta.num_seqs):
+            hidden = graphs.run_mixed(input_ids, positions, meta)
         else:
             with set_forward_context(ForwardContext(meta, self.kv_caches, self.attention_backend)):
                 hidden = self.forward(input_ids, positions)

@@ -120,6 +120,7 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         async_scheduling=args.async_scheduling,
         attention_backend=args.attention_backend,
         kv_cache_dtype=args.kv_cache_dtype,
+        mixed_cuda_graph_sizes=args.mixed_cuda_graph_sizes,
         enable_prefix_caching=args.enable_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
         tensor_parallel_size=args.tensor_parallel_size,
@@ -265,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs 0..N-1, one worker process each")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's) or fp8 (e4m3: half the bytes of bf16)")
+    p.add_argument("--mixed-cuda-graph-sizes", type=int, nargs="+", default=None,
+                   help="token counts of prefill / mixed steps to capture CUDA graphs for (default: none)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="CUDA graphs around the eager model, no torch.compile")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,

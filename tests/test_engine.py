@@ -335,6 +335,7 @@ def test_numpy_numbers_are_welcome_where_python_ones_are(llm):
         ({"seed": 2**64}, "seed must be a 64-bit integer"),
         ({"device": "meta"}, "device must be one of"),
         ({"kv_cache_dtype": "int4"}, "kv_cache_dtype must be one of"),
+        ({"mixed_cuda_graph_sizes": [1, 64]}, "at least 2 each"),
         ({"kv_cache_dtype": "fp8", "attention_backend": "xformers"}, "needs attention_backend 'triton' or 'torch'"),
     ],
 )
@@ -424,3 +425,48 @@ def test_fp8_kv_cache_holds_four_times_the_tokens_and_matches_transformers_over_
             for step, (token, entry) in enumerate(zip(want, output.outputs[0].logprobs)):
                 assert entry[token].logprob == pytest.approx(hf_logprobs[len(prompt) - 1 + step, token].item(), abs=2e-3)
     assert outputs[2].num_cached_tokens > 0
+
+
+def test_prefill_and_mixed_steps_padded_into_graph_buckets_keep_the_tokens(checkpoint, hf_model, monkeypatch):
+    """`mixed_cuda_graph_sizes` pads a prefill / mixed step into a token bucket and max_num_seqs + 1
+    sequence slots (graphs.cuda_graph.MixedStepInputs) and replays a CUDA graph of it. Here the same
+    padding runs eagerly on the CPU, for every prefill and mixed step of a run with chunked prefills
+    and decodes side by side: the greedy tokens stay transformers'."""
+    from graphs.cuda_graph import MixedStepInputs
+    from ops.forward_context import ForwardContext, set_forward_context
+
+    llm = LLM(checkpoint, block_size=4, max_model_len=128, max_num_batched_tokens=40, max_num_seqs=6)
+    runner = llm.llm_engine.runner
+    buckets = MixedStepInputs([16, 32, 48], max_seqs=6, max_blocks=128 // 4, device=torch.device("cpu"))
+    unpadded = runner.execute_model
+    padded_steps = []
+
+    def execute_model(input_ids, positions, meta, logits_rows, block_copies=None):
+        t = buckets.bucket_for(input_ids.shape[0], meta.num_seqs)
+        if meta.max_query_len == 1 or t is None or block_copies is not None:
+            return unpadded(input_ids, positions, meta, logits_rows, block_copies)
+        padded_steps.append((input_ids.shape[0], meta.num_seqs, t))
+        buckets.load(t, input_ids, positions, meta)
+        context = ForwardContext(buckets.metadata(t, 128), runner.kv_caches, runner.attention_backend)
+        with set_forward_context(context):
+            hidden = runner.model(buckets.input_ids[t], buckets.positions[t])[: input_ids.shape[0]]
+        return None if logits_rows is None else runner.model.compute_logits(hidden[logits_rows])
+
+    monkeypatch.setattr(runner, "execute_model", execute_model)
+    engine = llm.llm_engine
+    prompts = random_prompts([30, 5, 17, 44, 9, 2, 60, 12], seed=13)
+    arrivals = {0: [0, 1], 2: [2], 5: [3], 6: [4], 11: [5], 14: [6], 20: [7]}  # step -> prompts added before it
+    finished = {}
+    for step in range(300):
+        for i in arrivals.get(step, []):
+            engine.add_request(str(i), prompts[i], GREEDY)
+        for out in engine.step():
+            if out.finished:
+                finished[int(out.request_id)] = out.outputs[0].token_ids
+        if len(finished) == len(prompts):
+            break
+    for i, prompt in enumerate(prompts):
+        assert finished[i] == hf_greedy(hf_model, prompt, 24)
+    assert len({n for n, _, _ in padded_steps}) >= 4  # steps of several sizes, each padded in turn
+    assert any(n < t for n, _, t in padded_steps)  # padding tokens
+    assert any(s > 1 for _, s, _ in padded_steps)  # several sequences (decodes beside a prompt chunk)

@@ -20,6 +20,7 @@ pytestmark = [
 BUCKETS = [1, 2, 4, 8, 16, 24]
 EDGE_BATCH_SIZES = [1, 2, 3, 4, 5, 8, 9, 16, 17, 24, 25]
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+GREEDY_TOP2 = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2)
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +66,15 @@ def test_compiled_and_graphed_greedy_equals_eager_at_bucket_edges(eager, graphed
     there the graphed path may take the other one (seen once in 220 rows on the H100, at batch 24,
     step 14), and that row is compared no further since the two continuations differ."""
     prompts = prompts_for(batch_size, seed=batch_size)
-    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2)
-    want = [o.outputs[0] for o in eager.generate(prompts, params, use_tqdm=False)]
-    got = [o.outputs[0] for o in graphed.generate(prompts, params, use_tqdm=False)]
+    want = [o.outputs[0] for o in eager.generate(prompts, GREEDY_TOP2, use_tqdm=False)]
+    got = [o.outputs[0] for o in graphed.generate(prompts, GREEDY_TOP2, use_tqdm=False)]
+    assert_same_greedy_but_ties(want, got)
+
+
+
+def assert_same_greedy_but_ties(want, got) -> None:
+    """want / got: CompletionOutputs of GREEDY_TOP2 (eager's first)."""
+    batch_size = len(want)
     ties = 0
     for row, (w, g) in enumerate(zip(want, got)):
         assert len(g.token_ids) == len(w.token_ids) == 20
@@ -167,3 +174,28 @@ def test_async_scheduling_reads_a_steps_tokens_without_waiting_for_the_next_step
                            use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 6 for o in outputs)
     assert len(busy_after_read) >= 6 and all(busy_after_read), busy_after_read
+
+
+def test_prefill_and_mixed_step_graphs_give_eager_tokens(checkpoint, eager):
+    """mixed_cuda_graph_sizes: prompt chunks beside decodes (requests arriving while others decode,
+    chunked by a small token budget) replay token-bucket graphs; the tokens are eager's, no recompiles."""
+    llm = LLM(checkpoint, dtype="float32", max_model_len=512, max_num_seqs=32, cuda_graph_sizes=BUCKETS,
+              max_num_batched_tokens=96, mixed_cuda_graph_sizes=[16, 32, 64, 96])
+    runner = llm.llm_engine.runner
+    assert sorted(runner.graph_runner.mixed_graphs) == [16, 32, 64, 96]
+    replays = []
+    run_mixed = runner.graph_runner.run_mixed
+    runner.graph_runner.run_mixed = lambda ids, pos, meta: replays.append(ids.shape[0]) or run_mixed(ids, pos, meta)
+    prompts = prompts_for(12, seed=7)
+    engine, finished = llm.llm_engine, {}
+    for step in range(400):
+        if step % 3 == 0 and step // 3 < len(prompts):
+            engine.add_request(str(step // 3), prompts[step // 3]["prompt_token_ids"], GREEDY_TOP2)
+        for out in engine.step():
+            if out.finished:
+                finished[int(out.request_id)] = out.outputs[0]
+        if len(finished) == len(prompts):
+            break
+    want = [o.outputs[0] for o in eager.generate(prompts, GREEDY_TOP2, use_tqdm=False)]
+    assert_same_greedy_but_ties(want, [finished[i] for i in range(len(prompts))])
+    assert len(set(replays)) >= 3 and runner.recompiles_since_warmup() == 0
