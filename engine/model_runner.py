@@ -127,8 +127,8 @@ class ModelRunner:
         self.compiled_graphs_after_warmup = num_compiled_graphs()
         logger.info(
             "compiled the model and captured %d CUDA graphs (batch sizes %d..%d%s) in %.1f s; %d compiled graphs",
-            len(sizes) + len(mixed or ()), min(sizes), max(sizes),
-            f"; prefill / mixed steps of up to {', '.join(map(str, sorted(mixed)))} tokens" if mixed else "",
+            len(sizes) + len(set(mixed or ())), min(sizes), max(sizes),
+            f"; prefill / mixed steps of up to {', '.join(map(str, sorted(set(mixed))))} tokens" if mixed else "",
             time.perf_counter() - start, self.compiled_graphs_after_warmup,
         )
 
