@@ -128,7 +128,7 @@ class ModelRunner:
         logger.info(
             "compiled the model and captured %d CUDA graphs (batch sizes %d..%d%s) in %.1f s; %d compiled graphs",
             len(sizes) + len(set(mixed or ())), min(sizes), max(sizes),
-            f"; prefill / mixed steps of up to {', '.join(map(str, sorted(set(mixed))))} tokens" if mixed else "",
+            f"; prefill / mixed steps in token buckets {', '.join(map(str, sorted(set(mixed))))}" if mixed else "",
             time.perf_counter() - start, self.compiled_graphs_after_warmup,
         )
 
