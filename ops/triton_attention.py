@@ -81,7 +81,7 @@ def _attend_kv_range(
     acc, m_i, l_i, q, row_pos, kv_lo, kv_hi,
     k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
     stride_cb, stride_cs, stride_ch, head_dim, qk_scale,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, OFFSETS_64: tl.constexpr,
 ):
     """Fold context positions [kv_lo, kv_hi) into the online softmax of the rows of `q`.
 
@@ -94,7 +94,11 @@ def _attend_kv_range(
     for start in range(kv_lo, kv_hi, BLOCK_N):
         pos = start + offs_n
         in_range = pos < kv_hi
-        block = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+        block = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=in_range, other=0)
+        # 32-bit offsets into the cache unless one layer's cache has 2^31 elements or more: the
+        # [BLOCK_N, D_PAD] 64-bit addresses took most of the registers (sm_90, decode: 254 and spills
+        # with them, 176 and none without).
+        block = block.to(tl.int64) if OFFSETS_64 else block
         kv_off = (block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch)[:, None] + dims[None, :]
         kv_mask = in_range[:, None] & dim_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)  # (an fp8 cache: widened here)
@@ -120,6 +124,7 @@ def _decode_kernel(
     head_dim, qk_scale, partition_size,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, Q_FP16: tl.constexpr = False,
+    OFFSETS_64: tl.constexpr = True,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -145,7 +150,7 @@ def _decode_kernel(
     acc, m_i, l_i = _attend_kv_range(
         acc, m_i, l_i, q, row_pos, kv_lo, kv_hi, k_cache_ptr, v_cache_ptr,
         block_tables_ptr + seq.to(tl.int64) * stride_bt, kv_head, stride_cb, stride_cs, stride_ch,
-        head_dim, qk_scale, BLOCK_SIZE, BLOCK_N, D_PAD,
+        head_dim, qk_scale, BLOCK_SIZE, BLOCK_N, D_PAD, OFFSETS_64,
     )
     if NUM_PARTITIONS == 1 or seq_len <= partition_size:
         # One partition covers the context: its result is final (the reduce kernel skips this row).
@@ -215,6 +220,7 @@ def _prefill_kernel(
     head_dim, qk_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, Q_FP16: tl.constexpr = False,
+    OFFSETS_64: tl.constexpr = True,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -245,7 +251,7 @@ def _prefill_kernel(
     acc, m_i, l_i = _attend_kv_range(
         acc, m_i, l_i, q, ctx_len + tok, 0, kv_hi, k_cache_ptr, v_cache_ptr,
         block_tables_ptr + seq.to(tl.int64) * stride_bt, kv_head, stride_cb, stride_cs, stride_ch,
-        head_dim, qk_scale, BLOCK_SIZE, BLOCK_N, D_PAD,
+        head_dim, qk_scale, BLOCK_SIZE, BLOCK_N, D_PAD, OFFSETS_64,
     )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (padding row): zeros
     tl.store(out_ptr + (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
@@ -317,6 +323,7 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out)
         head_dim, scale * _LOG2E, partition_size,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_PARTITIONS=num_partitions,
         BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, D_PAD=d_pad, Q_FP16=_q_fp16(query, k_cache),
+        OFFSETS_64=_offsets_64(k_cache),
         num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
     )
     if num_partitions > 1:
@@ -379,6 +386,7 @@ def _prefill(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
         head_dim, scale * _LOG2E,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, D_PAD=d_pad, Q_FP16=_q_fp16(query, k_cache),
+        OFFSETS_64=_offsets_64(k_cache),
         num_warps=8 if rows >= 64 else 4, num_stages=2,
     )
 
@@ -391,6 +399,14 @@ def _q_fp16(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
     two), and fp16 holds every fp8 value exactly; q and the probabilities lose nothing that matters
     there (|q| stays far below fp16's 65,504 in practice; probabilities in [0, 1] get 3 more mantissa bits than bf16)."""
     return query.dtype == torch.bfloat16 and k_cache.dtype.itemsize == 1
+
+
+def _offsets_64(k_cache: torch.Tensor) -> bool:
+    """Whether element offsets into one layer's cache need 64 bits (see `_attend_kv_range`)."""
+    return k_cache.numel() >= 2**31 or OFFSETS_64_ALWAYS
+
+
+OFFSETS_64_ALWAYS = False  # tests: the 64-bit path on small caches
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:

@@ -217,6 +217,18 @@ def test_write_kv_cache_stores_tokens_and_skips_padding_slots(backend):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "mixed"])
+def test_triton_64_bit_cache_offsets_match_reference(decode, monkeypatch):
+    """Caches of 2^31 elements or more address K/V with 64-bit offsets (32-bit below): that path too."""
+    from ops import triton_attention
+
+    monkeypatch.setattr(triton_attention, "OFFSETS_64_ALWAYS", True)
+    q_lens, seq_lens = ([1] * len(DECODE_CONTEXTS), DECODE_CONTEXTS) if decode else zip(*MIXED_BATCH)
+    run_backend("triton", list(q_lens), list(seq_lens), 32, 8, 128, 16)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "mixed"])
 def test_triton_reads_an_fp8_cache(decode, fp8):
@@ -276,15 +288,17 @@ triton_attention.PARTITION_SIZE = 128
 # (MAX_DECODE_PARTITIONS, DECODE_GRID_PROGRAMS, MIN_PARTITION_SIZE): as shipped (no shrinking at these
 # sizes); partitions grown; partitions shrunk to 64 positions
 grow = [(16, 4096, 128), (2, 0, 128), (16, 4096, 64)]
+offsets_64 = [False, True, False]  # the 64-bit cache offsets (for caches of 2^31 elements or more) in one round
 cases = [  # q_lens, seq_lens, heads, kv heads, head_dim, block size, dtype
     ([1] * 5, [1, 129, 300, 0, 64], 8, 2, 32, 16, torch.float32),
     ([1] * 2, [520, 7], 6, 2, 24, 8, torch.float16),
     ([40, 1, 7, 1, 70], [40, 300, 100, 0, 75], 8, 1, 32, 16, torch.float32),
     ([33, 2], [50, 9], 6, 2, 80, 32, torch.float16),
 ]
-for (max_parts, grid, min_size), (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [(g, c) for g in grow for c in cases]:
+for (max_parts, grid, min_size), wide, (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [
+        (g, w, c) for g, w in zip(grow, offsets_64) for c in cases]:
     triton_attention.MAX_DECODE_PARTITIONS, triton_attention.DECODE_GRID_PROGRAMS = max_parts, grid
-    triton_attention.MIN_PARTITION_SIZE = min_size
+    triton_attention.MIN_PARTITION_SIZE, triton_attention.OFFSETS_64_ALWAYS = min_size, wide
     query, k_cache, v_cache, meta = make_paged_batch(q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype, "cpu")
     out = torch.full_like(query, float("nan"))
     triton_attention.paged_attention(query, k_cache, v_cache, meta, head_dim ** -0.5, out)
@@ -297,6 +311,7 @@ for (max_parts, grid, min_size), (q_lens, seq_lens, heads, kv_heads, head_dim, b
 # An fp8 cache (kv_cache_dtype="fp8"): the kernels widen it as they read. Written values are ones fp8 holds
 # exactly, and some past its range (saturated): the interpreter's own float-to-fp8 rounding is wrong where
 # rounding carries into the exponent (31.7 -> 16), so rounding itself is checked on the GPU only.
+triton_attention.OFFSETS_64_ALWAYS = False
 for fp8, (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [
         (torch.float8_e4m3fn, cases[0]), (torch.float8_e5m2, cases[1]), (torch.float8_e4m3fn, cases[2])]:
     query, k_cache, v_cache, meta = make_paged_batch(q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype, "cpu")
