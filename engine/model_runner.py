@@ -117,7 +117,7 @@ class ModelRunner:
             logger.info("%s cannot run inside CUDA graphs: compiled, no graphs", blocker)
             return
         sizes = self.args.cuda_graph_sizes or default_batch_sizes(self.args.max_num_seqs)
-        mixed = self.args.mixed_cuda_graph_sizes or None
+        mixed = self.args.resolve_mixed_cuda_graph_sizes() or None
         self.graph_runner = CudaGraphRunner(
             self.forward, self.kv_caches, self.attention_backend, sizes,
             self.model_config.max_model_len, self.block_size, self.device,

@@ -1,5 +1,5 @@
-"""CUDA graphs for decode steps, one per batch-size bucket, and (optionally) for small prefill and
-mixed steps, one per token-count bucket.
+"""CUDA graphs for decode steps, one per batch-size bucket, and for prefill and mixed steps of up to
+2,048 tokens (by default), one per token-count bucket.
 
 A decode batch of n sequences is padded up to the nearest captured bucket and replayed. All inputs
 live in static buffers the graphs were captured with; padding rows get slot -1 (the KV write skips
@@ -11,9 +11,11 @@ The attention op reads its metadata from the forward context at capture time, so
 kernels keep pointing at these buffers. `max_seq_len` is fixed at max_model_len when capturing: the
 decode kernel sizes its grid from it (an upper bound), and the real lengths come from `seq_lens`.
 
-Prefill and mixed steps (some query longer than one token) run the compiled model without graphs,
+Prefill and mixed steps (some query longer than one token) without graphs run the compiled model,
 and with dynamic shapes its Python launches cost more than the GPU work of a short step (Qwen3-0.6B,
-a 1,024-token prefill: ~15 ms of host time for 3.8 ms of device time, H100). `mixed_sizes` captures
+a 1,024-token prefill: ~15 ms of host time for 3.8 ms of device time, H100; with graphs a 16-token
+Llama-3.1-8B prefill went from 19.3 to 8.4 ms and the median TTFT at concurrency 1 from 17.9 to
+12.4 ms, throughput unchanged). `mixed_sizes` captures
 graphs for steps of up to that many tokens (`MixedStepInputs`): the tokens are padded to the bucket,
 the sequences to max_num_seqs + 1 (the last one holds the padding tokens, with context length 0:
 the attention kernels write it zeros, the KV write skips its slots), and the prefill kernel's grid

@@ -26,8 +26,9 @@
 #   quant   Triton quantized-matmul GPU tests (tests/test_triton_quant.py), then perf/quant_bench.py
 #   quant-ncu Nsight Compute on the planar 4-bit kernel at 1 and 2 rows (gate_up; 5 launches each): $OUT/planar.ncu-rep
 #           and a text summary (why two rows cost what they do)
-#   mixed   prefill / mixed-step CUDA graphs (--mixed-cuda-graph-sizes, off by default): Llama-3.1-8B prefill time at 16 /
-#           128 / 512 / 2,048 tokens without and with them (perf/latency.py), then the 8B server at concurrency 1 with them
+#   mixed   prefill / mixed-step CUDA graphs (on by default; --mixed-cuda-graph-sizes 0: none): Llama-3.1-8B prefill time
+#           at 16 / 128 / 512 / 2,048 tokens without and with them (perf/latency.py)
+#   c1-pair the 8B server at concurrency 1 (128 / 256, 24 prompts) without (--mixed-cuda-graph-sizes 0) then with mixed-step graphs
 #   gemm-ncu Nsight Compute on the 4-bit GEMM path (the packed W-as-B tiles) at 128 and 256 rows (gate_up; the
 #           first launches of each): $OUT/gemm.ncu-rep and a text summary (why 256 rows cost 1.6x 128)
 #   tp70    (2 GPUs) Llama-3.1-70B-shaped with 20 of its 80 layers at TP=2: batch-1 decode, fixed 256 x 1024 x 256
@@ -129,21 +130,23 @@ for stage in "$@"; do
                  python3 perf/quant_bench.py --kernels awq-gptq-g128 --batches 1 2 --layers gate_up --iters 1 --repeats 1 --eager \
                  > "$OUT/planar_ncu.log" 2>&1
                ncu --import "$OUT/planar.ncu-rep" --page details 2>&1 | tee "$OUT/planar_ncu.txt" | grep -E "Duration|Throughput|Registers|Occupancy|Warp Cycles|Stall|Executed Ipc" | head -40 ;;
-    mixed) # prefill / mixed-step CUDA graphs (mixed_cuda_graph_sizes) against none: prefill wall time by prompt length,
-           # then the 8B server at concurrency 1 (TTFT target 15 ms) with them
-           sizes="16 32 64 128 256 512 1024 2048"
-           for flags in "" "--mixed-cuda-graph-sizes $sizes"; do
+    mixed) # prefill / mixed-step CUDA graphs (on by default) against none: Llama-3.1-8B prefill wall time by prompt length
+           for flags in "--mixed-cuda-graph-sizes 0" ""; do
              timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model llama-3.1-8b --max-model-len 4096 --prefill-lens 16 128 512 2048 \
-               --batch-sizes 1 --context-lens 128 --iters 5 $flags --out "$OUT/latency8b_mixed${flags:+_on}.json" 2>&1 | tail -14
-           done
+               --batch-sizes 1 --context-lens 128 --iters 5 $flags --out "$OUT/latency8b_mixed_$([ -n "$flags" ] && echo off || echo on).json" 2>&1 | tail -14
+           done ;;
+    c1-pair) # the 8B server at concurrency 1 (128 in / 256 out), without then with prefill / mixed-step graphs, same call
            dir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('llama-3.1-8b'))")
-           python3 -m engine.serve --model "$dir" --load-format dummy --max-model-len 4096 --port 8013 --served-model-name llama8b \
-             --mixed-cuda-graph-sizes $sizes > "$OUT/serve8b_mixed_server.log" 2>&1 & server=$!
-           for _ in $(seq 240); do curl -sf localhost:8013/health >/dev/null && break; sleep 1; done
-           timeout 200 python3 perf/serve_bench.py --base-url http://127.0.0.1:8013 --model llama8b --ignore-eos --disable-tqdm \
-             --dataset fixed --input-len 128 --output-len 256 --num-prompts 24 --max-concurrency 1 --label c1-mixed \
-             --result-json "$OUT/serve8b_c1_mixed.json" 2>&1 | tail -22
-           kill $server; wait $server ;;
+           for flags in "--mixed-cuda-graph-sizes 0" ""; do
+             label=c1${flags:+-nomixed}
+             python3 -m engine.serve --model "$dir" --load-format dummy --max-model-len 4096 --port 8014 --served-model-name llama8b \
+               $flags > "$OUT/serve8b_$label.log" 2>&1 & server=$!
+             for _ in $(seq 240); do curl -sf localhost:8014/health >/dev/null && break; sleep 1; done
+             timeout 200 python3 perf/serve_bench.py --base-url http://127.0.0.1:8014 --model llama8b --ignore-eos --disable-tqdm \
+               --dataset fixed --input-len 128 --output-len 256 --num-prompts 24 --max-concurrency 1 --label $label \
+               --result-json "$OUT/serve8b_$label.json" 2>&1 | grep -E "TTFT|TPOT|throughput"
+             kill $server; wait $server
+           done ;;
     gemm-ncu) timeout "${STAGE_TIMEOUT:-300}" ncu --set full -k regex:_quant_matmul_kernel -c 12 -f -o "$OUT/gemm" \
                 python3 perf/quant_bench.py --kernels awq-gptq-g128 --batches 128 256 --layers gate_up --iters 1 --repeats 1 --eager \
                 > "$OUT/gemm_ncu.log" 2>&1

@@ -164,6 +164,7 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         "kv_blocks": runner.num_blocks,
         "startup_s": startup,
         "cuda_graphs": len(runner.graph_runner.graphs) if runner.graph_runner else 0,
+        "mixed_cuda_graphs": sorted(runner.graph_runner.mixed_graphs) if runner.graph_runner else [],
         "recompiles_after_warmup": runner.recompiles_since_warmup(),
         "preemptions": stats.num_preemptions_total,
         "prefix_caching": args.enable_prefix_caching,
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's) or fp8 (e4m3: half the bytes of bf16)")
     p.add_argument("--mixed-cuda-graph-sizes", type=int, nargs="+", default=None,
-                   help="token counts of prefill / mixed steps to capture CUDA graphs for (default: none)")
+                   help="token counts of prefill / mixed steps to capture CUDA graphs for (default: 16 32 ... 2048 on one GPU; 0: none)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="CUDA graphs around the eager model, no torch.compile")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,

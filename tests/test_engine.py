@@ -336,6 +336,7 @@ def test_numpy_numbers_are_welcome_where_python_ones_are(llm):
         ({"device": "meta"}, "device must be one of"),
         ({"kv_cache_dtype": "int4"}, "kv_cache_dtype must be one of"),
         ({"mixed_cuda_graph_sizes": [1, 64]}, "at least 2 each"),
+        ({"mixed_cuda_graph_sizes": [0, 64]}, "0 alone"),
         ({"kv_cache_dtype": "fp8", "attention_backend": "xformers"}, "needs attention_backend 'triton' or 'torch'"),
     ],
 )
@@ -349,6 +350,16 @@ def test_device_cuda_without_cuda_fails_when_the_engine_is_built(checkpoint):
     args = EngineArgs(model=checkpoint, device="cuda")  # fine to describe (a Ray head deploys GPU replicas so)
     with pytest.raises(ValueError, match="no CUDA device is available here"):
         LLMEngine(args)
+
+
+def test_prefill_graph_buckets_by_default_on_one_gpu_none_with_tp_or_when_zero():
+    from engine.serve import build_parser
+    assert EngineArgs(model="unused").resolve_mixed_cuda_graph_sizes() == [16, 32, 64, 128, 256, 512, 1024, 2048]
+    assert EngineArgs(model="unused", max_num_batched_tokens=600).resolve_mixed_cuda_graph_sizes() == [16, 32, 64, 128, 256, 512]
+    assert EngineArgs(model="unused", tensor_parallel_size=2).resolve_mixed_cuda_graph_sizes() == []
+    assert EngineArgs(model="unused", mixed_cuda_graph_sizes=[64, 8]).resolve_mixed_cuda_graph_sizes() == [64, 8]
+    flags = build_parser().parse_args(["--mixed-cuda-graph-sizes", "0"])
+    assert EngineArgs(model="unused", mixed_cuda_graph_sizes=flags.mixed_cuda_graph_sizes).resolve_mixed_cuda_graph_sizes() == []
 
 
 def test_the_server_engine_runs_in_its_own_process_by_default_only_with_a_gpu():
