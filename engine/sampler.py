@@ -4,6 +4,11 @@ Everything runs on the logits' device in a handful of batched ops; the only host
 the sampled ids back. Random draws use gpt-fast's trick, argmax(probs / Exponential(1)), which is
 an exact sample from probs; seeded rows draw their noise from their own generator, so a seeded
 request gives the same tokens whatever else is in the batch.
+
+On a GPU, a batch without top-k / top-p / min-p filtering samples in one Triton kernel instead
+(`ops.triton_sampling`: the same draw, Gumbel-max, in one read of the logits rather than about
+eleven); each row's noise comes from a seed drawn for it this step, from its own generator when
+the request is seeded.
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ import torch
 
 from engine.device_io import host_to_device
 from engine.sampling_params import SamplingParams
+
+# Devices whose sampling without top-k / top-p / min-p takes the fused Triton kernel.
+FUSED_SAMPLING_DEVICES = ("cuda",)
+_SEED_BOUND = 2**62
 
 
 @dataclass
@@ -58,6 +67,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, max_logprobs: int) -> Sam
 
     if all(p.greedy for p in params):
         token_ids = logits.argmax(dim=-1)
+    elif device.type in FUSED_SAMPLING_DEVICES and not _needs_filter(params, vocab):
+        token_ids = _sample_fused(logits, batch)
     else:
         temperature = host_to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
         probs = _filter(logits / temperature[:, None], params).softmax(dim=-1)
@@ -80,14 +91,31 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, max_logprobs: int) -> Sam
     return out
 
 
+def _sample_fused(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Temperature + draw + argmax in one kernel (greedy rows: temperature 0, the plain argmax)."""
+    from ops.triton_sampling import gumbel_argmax
+
+    device = logits.device
+    temperature = host_to_device([0.0 if p.greedy else p.temperature for p in batch.params], torch.float32, device)
+    seeds = torch.randint(0, _SEED_BOUND, (logits.shape[0],), device=device)  # the engine's generator
+    for i, generator in enumerate(batch.generators):
+        if generator is not None:
+            seeds[i] = torch.randint(0, _SEED_BOUND, (), generator=generator, device=device)
+    return gumbel_argmax(logits, temperature, seeds)
+
+
+def _needs_filter(params: list[SamplingParams], vocab: int) -> bool:
+    return any(0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p for p in params)
+
+
 def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """top-k, top-p and min-p: set the logits of excluded tokens to -inf."""
     device = logits.device
+    if not _needs_filter(params, logits.shape[1]):
+        return logits
     top_k = [min(p.top_k, logits.shape[1]) if p.top_k > 0 else logits.shape[1] for p in params]
     top_p = [p.top_p for p in params]
     min_p = [p.min_p for p in params]
-    if all(k == logits.shape[1] for k in top_k) and all(p >= 1.0 for p in top_p) and not any(min_p):
-        return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[1], device=device)[None, :]
     remove = ranks >= host_to_device(top_k, torch.long, device)[:, None]

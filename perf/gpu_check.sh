@@ -2,7 +2,7 @@
 # One device call: GPU tests and/or benchmarks. Logs and JSON land in $OUT.
 # First, here: bash perf/fetch_wheels.sh (wheels the device lacks; the call carries ".whl").
 # Usage (on the lent GPU, from the repo root): bash perf/gpu_check.sh STAGE...
-#   tests   pytest -m gpu
+#   tests   pytest -m gpu (attention kernels, the GPU engine, the fused sampler)
 #   nano    Qwen3-0.6B, nano workload (nano-sync: without async scheduling; nano-nc: graphs without torch.compile;
 #           nano-fp8: with an fp8 KV cache)
 #   llama1  Llama-3.1-8B, batch 1, 128 in / 512 out
@@ -28,6 +28,7 @@
 #           and a text summary (why two rows cost what they do)
 #   mixed   prefill / mixed-step CUDA graphs (on by default; --mixed-cuda-graph-sizes 0: none): Llama-3.1-8B prefill time
 #           at 16 / 128 / 512 / 2,048 tokens without and with them (perf/latency.py)
+#   sampler the fused sampling kernel's GPU tests, then perf/sampler_bench.py (torch path vs fused, 1 / 64 / 256 rows)
 #   c1-pair the 8B server at concurrency 1 (128 / 256, 24 prompts) without (--mixed-cuda-graph-sizes 0) then with mixed-step graphs
 #   gemm-ncu Nsight Compute on the 4-bit GEMM path (the packed W-as-B tiles) at 128 and 256 rows (gate_up; the
 #           first launches of each): $OUT/gemm.ncu-rep and a text summary (why 256 rows cost 1.6x 128)
@@ -55,7 +56,7 @@ bench() { local name=$1; shift; timeout "${STAGE_TIMEOUT:-300}" python3 perf/thr
 for stage in "$@"; do
   echo "=== $stage"
   case $stage in
-    tests) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_attention_kernels.py tests/test_gpu_engine.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    tests) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_attention_kernels.py tests/test_gpu_engine.py tests/test_triton_sampling.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     quant) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py 2>&1 | tee "$OUT/quant_tests.log" | tail -15
            timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --out "$OUT/quant_bench.json" 2>&1 | tee "$OUT/quant_bench.log" | tail -80 ;;
     nano) TORCH_LOGS=recompiles bench nano_qwen3 --model qwen3-0.6b --workload nano ;;
@@ -135,6 +136,8 @@ for stage in "$@"; do
              timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model llama-3.1-8b --max-model-len 4096 --prefill-lens 16 128 512 2048 \
                --batch-sizes 1 --context-lens 128 --iters 5 $flags --out "$OUT/latency8b_mixed_$([ -n "$flags" ] && echo off || echo on).json" 2>&1 | tail -14
            done ;;
+    sampler) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_sampling.py 2>&1 | tail -3
+             timeout "${STAGE_TIMEOUT:-300}" python3 perf/sampler_bench.py 2>&1 | tee "$OUT/sampler_bench.txt" ;;
     c1-pair) # the 8B server at concurrency 1 (128 in / 256 out), without then with prefill / mixed-step graphs, same call
            dir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('llama-3.1-8b'))")
            for flags in "--mixed-cuda-graph-sizes 0" ""; do

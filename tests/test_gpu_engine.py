@@ -124,9 +124,11 @@ def test_greedy_equals_transformers_in_bf16_where_margins_allow(checkpoint, grap
     assert exact >= 0.8 * total, f"only {exact}/{total} tokens are float32's argmax"
 
 
-def test_async_scheduling_launches_a_step_without_waiting_for_the_device(checkpoint, monkeypatch):
+@pytest.mark.parametrize("filtered", [True, False], ids=["top-p-sorting-sampler", "fused-sampler"])
+def test_async_scheduling_launches_a_step_without_waiting_for_the_device(checkpoint, monkeypatch, filtered):
     """Async scheduling only pays if launching step N+1 does not wait for step N: nothing in
-    `launch` may synchronize with the device (a read-back, or a copy from pageable host memory)."""
+    `launch` may synchronize with the device (a read-back, or a copy from pageable host memory).
+    Both samplers: with top-p / top-k (sorting) and without (the fused Triton kernel)."""
     llm = LLM(checkpoint, dtype="bfloat16", async_scheduling=True, max_model_len=512, max_num_seqs=32,
               cuda_graph_sizes=BUCKETS)
     runner = llm.llm_engine.runner
@@ -141,7 +143,8 @@ def test_async_scheduling_launches_a_step_without_waiting_for_the_device(checkpo
             launches.append(1)
 
     monkeypatch.setattr(runner, "launch", strict_launch)
-    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_tokens=12, seed=i, ignore_eos=True)
+    filters = {"top_p": 0.9, "top_k": 50} if filtered else {}
+    params = [SamplingParams(temperature=0.8, max_tokens=12, seed=i if i % 2 else None, ignore_eos=True, **filters)
               for i in range(6)] + [GREEDY]
     outputs = llm.generate(prompts_for(7, seed=5), params, use_tqdm=False)
     assert launches and all(len(o.outputs[0].token_ids) == p.max_tokens for o, p in zip(outputs, params))
@@ -199,3 +202,16 @@ def test_prefill_and_mixed_step_graphs_give_eager_tokens(checkpoint, eager):
     want = [o.outputs[0] for o in eager.generate(prompts, GREEDY_TOP2, use_tqdm=False)]
     assert_same_greedy_but_ties(want, [finished[i] for i in range(len(prompts))])
     assert len(set(replays)) >= 3 and runner.recompiles_since_warmup() == 0
+
+
+def test_seeded_sampling_gives_the_same_tokens_alone_and_in_a_batch(graphed):
+    """The fused sampler draws a seeded row's noise from its own seed: the batch around it changes
+    nothing (float32, so the rows' logits themselves agree)."""
+    seeded = SamplingParams(temperature=0.9, max_tokens=16, seed=7, ignore_eos=True)
+    noisy = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    prompt, others = prompts_for(1, seed=11), prompts_for(6, seed=12)
+    alone = graphed.generate(prompt, seeded, use_tqdm=False)[0].outputs[0].token_ids
+    batch = graphed.generate(others[:3] + prompt + others[3:], [noisy] * 3 + [seeded] + [noisy] * 3, use_tqdm=False)
+    assert batch[3].outputs[0].token_ids == alone
+    again = graphed.generate(others[:3], [noisy] * 3, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] != [o.outputs[0].token_ids for o in batch[:3]]  # unseeded rows vary

@@ -1,0 +1,136 @@
+"""The fused sampling kernel (`ops.triton_sampling`) and the sampler's path through it.
+
+On CPU the kernel runs under the Triton interpreter on small cases (a fresh process: TRITON_INTERPRET
+is read when a kernel is decorated); on the GPU (`pytest -m gpu`) at full size, against
+torch.argmax for greedy rows and against softmax(logits / T) for sampled ones.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def check_greedy_rows_are_torch_argmax(device: str, vocab: int, dtype: torch.dtype) -> None:
+    from ops.triton_sampling import gumbel_argmax
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, vocab, generator=gen).to(dtype)
+    logits[1, 5] = logits[1, vocab - 3] = 50  # a tie: the first index wins
+    logits[2] = float("-inf")  # nothing drawable: index 0, as torch.argmax
+    logits[3] = float("-inf")
+    logits[3, vocab - 1] = 1  # the last (masked-tail) block
+    logits[4, 0] = 80
+    logits = logits.to(device)
+    out = torch.full((7,), -1, dtype=torch.long, device=device)  # poisoned: every row must be written
+    gumbel_argmax(logits, torch.zeros(7, device=device), torch.arange(7, device=device), out=out)
+    assert out.tolist() == logits.float().argmax(dim=-1).tolist()
+
+
+def check_sampled_rows_follow_softmax(device: str, rows: int, tolerance: float) -> None:
+    from ops.triton_sampling import gumbel_argmax
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5, -3.0], device=device)
+    vocab = logits.numel()
+    for temperature in (0.6, 1.0, 1.7):
+        seeds = torch.randint(0, 2**62, (rows,), generator=torch.Generator().manual_seed(1)).to(device)
+        out = gumbel_argmax(logits.expand(rows, vocab).contiguous(), torch.full((rows,), temperature, device=device), seeds)
+        freq = torch.bincount(out, minlength=vocab).double().cpu() / rows
+        expected = (logits.double().cpu() / temperature).softmax(dim=-1)
+        assert freq[4] == 0, "a -inf logit was drawn"
+        assert (freq - expected).abs().max() < tolerance, (temperature, freq.tolist(), expected.tolist())
+
+
+def check_a_row_depends_on_its_seed_only(device: str) -> None:
+    from ops.triton_sampling import gumbel_argmax
+
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 300, generator=gen).to(device)
+    temps = torch.tensor([1.0, 0.0, 2.0, 1.0, 0.5, 1.0], device=device)
+    seeds = torch.tensor([11, 12, 13, 14, 15, 16], device=device)
+    together = gumbel_argmax(logits, temps, seeds)
+    alone = torch.cat([gumbel_argmax(logits[i : i + 1], temps[i : i + 1], seeds[i : i + 1]) for i in range(6)])
+    assert together.tolist() == alone.tolist()
+    flat = torch.zeros(64, 300, device=device)  # uniform: other seeds give other draws
+    draws = gumbel_argmax(flat, torch.ones(64, device=device), torch.arange(64, device=device))
+    assert len(set(draws.tolist())) > 40
+
+
+def check_the_sampler_takes_the_fused_path(device: str) -> None:
+    """engine.sampler.sample on the fused path: greedy rows are argmax, seeded rows repeat whatever
+    the batch, logit_bias reaches the kernel, and rows with top_p keep the sorting path."""
+    from engine import sampler
+    from engine.sampling_params import SamplingParams
+
+    calls = []
+    fused = sampler._sample_fused
+    sampler._sample_fused = lambda logits, batch: calls.append(len(batch.params)) or fused(logits, batch)
+    sampler.FUSED_SAMPLING_DEVICES = (torch.device(device).type,)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        logits = torch.randn(4, 500, generator=gen).to(device)
+
+        def batch_of(params, seeds):
+            gens = [None if s is None else torch.Generator(device).manual_seed(s) for s in seeds]
+            return sampler.SamplingBatch(params=params, generators=gens, token_ids=[[1, 2]] * len(params),
+                                         num_prompt_tokens=[2] * len(params), eos_token_ids={0})
+
+        seeded = SamplingParams(temperature=0.9, seed=5)
+        greedy = SamplingParams(temperature=0)
+        biased = SamplingParams(temperature=1.0, logit_bias={7: 100.0})
+        out = sampler.sample(logits, batch_of([greedy, seeded, biased, seeded], [None, 5, None, 5]), max_logprobs=5)
+        assert calls == [4]
+        ids = out.token_ids.tolist()
+        assert ids[0] == logits[0].argmax().item()
+        assert ids[2] == 7
+        alone = sampler.sample(logits[1:2], batch_of([seeded], [5]), max_logprobs=5).token_ids.tolist()
+        assert alone == [ids[1]]
+        sampler.sample(logits[:2], batch_of([seeded, SamplingParams(temperature=1.0, top_p=0.5)], [5, None]), max_logprobs=5)
+        assert calls == [4, 1]  # the top_p batch went the sorting way
+    finally:
+        sampler._sample_fused = fused
+        sampler.FUSED_SAMPLING_DEVICES = ("cuda",)
+
+
+_INTERPRETER_SCRIPT = """
+import torch
+import tests.test_triton_sampling as t
+t.check_greedy_rows_are_torch_argmax("cpu", 3000, torch.float32)
+t.check_greedy_rows_are_torch_argmax("cpu", 1024, torch.float16)
+t.check_sampled_rows_follow_softmax("cpu", 300, 0.11)
+t.check_a_row_depends_on_its_seed_only("cpu")
+t.check_the_sampler_takes_the_fused_path("cpu")
+print("ok")
+"""
+
+
+def test_fused_sampling_kernel_under_the_interpreter():
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-4000:]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("vocab", [151_936, 128_256, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_rows_equal_torch_argmax_on_gpu(vocab, dtype):
+    check_greedy_rows_are_torch_argmax("cuda", vocab, dtype)
+
+
+@gpu
+@needs_cuda
+def test_sampled_rows_follow_softmax_on_gpu():
+    check_sampled_rows_follow_softmax("cuda", 400_000, 0.004)
+    check_a_row_depends_on_its_seed_only("cuda")
+    check_the_sampler_takes_the_fused_path("cuda")
