@@ -9,6 +9,8 @@
 #           (llama1-sync: without async scheduling; llama1-parts: then again with 512-position decode partitions,
 #           as before small batches got smaller ones)
 #   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out (llama-fp8: with an fp8 KV cache)
+#   window-nano nano with an fp8 cache profiled at step 200 (full batch) and step 900 (its tail)
+#   nano-parts nano (bf16, fp8 caches) with 1,024- and 2,048-position decode partitions (run `nano` / `nano-fp8` beside it)
 #   hf      nano (first 64 requests) through the engine and transformers, same run
 #   prefix  Qwen3-0.6B, 256 requests sharing a 2,000-token prefix, caching off then on (prefix8: 8 output tokens, not 32)
 #   latency Qwen3-0.6B per-phase decode step times at batch 1/64/256, context 1024 (perf/latency.py)
@@ -81,6 +83,19 @@ for stage in "$@"; do
               timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" "$@" 2>&1 \
                 | grep -vE "^\{|Capturing" | grep -A40 "requests$"
             done ;;
+    window-nano) # nano with an fp8 cache, profiled at full batch (step 200) and in its tail (step 900, a few dozen
+           # sequences left): is the tail host-bound?
+           for steps in "200 10" "900 10"; do
+             timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --model qwen3-0.6b --workload nano \
+               --kv-cache-dtype fp8 --profile-steps $steps 2>&1 | grep -vE "^\{|Capturing" | grep -A40 "requests$"
+           done ;;
+    nano-parts) # nano (bf16 and fp8 caches) with decode partitions of 1,024 and 2,048 positions at full batch
+           # instead of 512: fewer partials to write and merge (contexts reach ~2,000), fewer programs
+           for kv in auto fp8; do for size in 1024 2048; do
+             timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, ops.triton_attention as t; t.PARTITION_SIZE = $size; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+               perf/throughput.py --no-tqdm --json-out "$OUT/nano_${kv}_parts$size.json" --model qwen3-0.6b --workload nano --kv-cache-dtype $kv 2>&1 \
+               | grep -E "engine:|steps:" | sed "s/^/[$kv, partitions of $size] /"
+           done; done ;;
     hf) bench nano64_vs_hf --model qwen3-0.6b --workload nano --limit 64 --compare-hf ;;
     latency) timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model qwen3-0.6b --prefill-lens 1024 --batch-sizes 1 64 256 \
                --context-lens 1024 --out "$OUT/latency_qwen3.json" 2>&1 | tee "$OUT/latency_qwen3.log" | tail -25 ;;
