@@ -106,6 +106,36 @@ class ModelRunner:
         self.graph_runner: CudaGraphRunner | None = None
         if device.type == "cuda" and not args.enforce_eager:
             self._compile_and_capture()
+        if device.type == "cuda":
+            self._warm_up_logits_and_sampling()
+
+    @torch.inference_mode()
+    def _warm_up_logits_and_sampling(self) -> None:
+        """Run the LM head and every sampler path once at start (they run outside the CUDA graphs),
+        so the first request does not pay for them: CUDA loads a kernel's module on its first
+        launch, cuBLAS picks its kernels on a shape's first call, and the fused sampler is compiled
+        by Triton on its first (the 8B server's first request took 99-146 ms to its first token,
+        the next ones ~12-18 ms, before this). Every rank runs the LM head (its all-gather is a
+        collective); rank 0 samples."""
+        from engine.sampling_params import SamplingParams
+
+        start = time.perf_counter()
+        hidden_size = self.model_config.hf_config.hidden_size
+        variants = [SamplingParams(temperature=0), SamplingParams(temperature=1.0),
+                    SamplingParams(temperature=1.0, top_p=0.9, logprobs=1)]
+        for rows in sorted({1, self.args.max_num_seqs}):
+            hidden = torch.zeros(rows, hidden_size, dtype=self.model_config.dtype, device=self.device)
+            logits = self.model.compute_logits(hidden)
+            if self.tp_rank != 0:
+                continue
+            for params in variants:
+                seeded = torch.Generator(self.device).manual_seed(0)
+                batch = SamplingBatch(params=[params] * rows, generators=[seeded] + [None] * (rows - 1),
+                                      token_ids=[[0]] * rows, num_prompt_tokens=[1] * rows, eos_token_ids=set())
+                sample(logits, batch, self.args.max_logprobs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        logger.info("warmed up the LM head and the sampler in %.1f s", time.perf_counter() - start)
 
     def _compile_and_capture(self) -> None:
         """torch.compile the forward, then capture decode CUDA graphs per batch-size bucket."""
