@@ -125,7 +125,7 @@ class ModelRunner:
                     SamplingParams(temperature=1.0, top_p=0.9, logprobs=1)]
         for rows in sorted({1, self.args.max_num_seqs}):
             hidden = torch.zeros(rows, hidden_size, dtype=self.model_config.dtype, device=self.device)
-            logits = self.model.compute_logits(hidden)
+            logits = self.model.compute_logits(hidden, upcast=False)
             if self.tp_rank != 0:
                 continue
             for params in variants:
@@ -271,8 +271,9 @@ class ModelRunner:
     def execute_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                       logits_rows: torch.Tensor | None, block_copies: torch.Tensor | None = None) -> torch.Tensor | None:
         """What every tensor-parallel rank runs in lockstep, the same way (its collectives inside):
-        the copy-on-write block copies [K, 2] (src, dst), the forward, then the float32 logits of
-        `logits_rows` (None: no row needs them)."""
+        the copy-on-write block copies [K, 2] (src, dst), the forward, then the logits of
+        `logits_rows` in the model's dtype (None: no row needs them; the sampler widens them to
+        float32 where it needs to)."""
         if block_copies is not None:
             src, dst = block_copies[:, 0], block_copies[:, 1]
             for k_cache, v_cache in self.kv_caches:
@@ -286,7 +287,7 @@ class ModelRunner:
         else:
             with set_forward_context(ForwardContext(meta, self.kv_caches, self.attention_backend)):
                 hidden = self.forward(input_ids, positions)
-        return None if logits_rows is None else self.model.compute_logits(hidden[logits_rows])
+        return None if logits_rows is None else self.model.compute_logits(hidden[logits_rows], upcast=False)
 
     def _prepare(self, scheduled: list[ScheduledSequence]) -> PreparedBatch:
         bs = self.block_size
@@ -420,7 +421,7 @@ class ModelRunner:
         for index, rows, targets in batch.prompt_logprob_rows:
             seq = scheduled[index].seq
             k = min(seq.params.prompt_logprobs, self.args.max_logprobs)
-            logprobs = torch.log_softmax(logits[start : start + len(rows)], dim=-1)
+            logprobs = torch.log_softmax(logits[start : start + len(rows)].float(), dim=-1)
             start += len(rows)
             target = host_to_device(targets, torch.long, self.device)[:, None]
             chosen = logprobs.gather(1, target)

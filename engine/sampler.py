@@ -53,21 +53,29 @@ class SamplerOutput:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, max_logprobs: int) -> SamplerOutput:
-    """logits: [N, vocab] float32 (one row per sampled sequence)."""
+    """logits: [N, vocab], one row per sampled sequence, in float32 or the model's dtype (widened
+    here unless the rows only need an argmax or the fused kernel, which read them as they are)."""
     num_rows, vocab = logits.shape
     device = logits.device
     params = batch.params
+    greedy_only = all(p.greedy for p in params)
+    fused = not greedy_only and device.type in FUSED_SAMPLING_DEVICES and not _needs_filter(params, vocab)
     # Logprobs are of the model's own distribution, before penalties and temperature (as vLLM).
     want_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+    blocked = _min_token_blocks(batch, vocab)
+    edits = blocked or _has_penalties(params) or any(p.logit_bias for p in params)
+    if want_logprobs is not None or edits or not (greedy_only or fused):
+        logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs is not None else None
 
-    logits = _apply_logit_bias(logits, params)
-    logits = _apply_penalties(logits, batch)
-    logits = _block_eos_before_min_tokens(logits, batch)
+    if edits:
+        logits = _apply_logit_bias(logits, params)
+        logits = _apply_penalties(logits, batch)
+        logits = _block(logits, blocked)
 
-    if all(p.greedy for p in params):
+    if greedy_only:
         token_ids = logits.argmax(dim=-1)
-    elif device.type in FUSED_SAMPLING_DEVICES and not _needs_filter(params, vocab):
+    elif fused:
         token_ids = _sample_fused(logits, batch)
     else:
         temperature = host_to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
@@ -138,9 +146,13 @@ def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> tor
     return logits.index_put(index, host_to_device(list(biases), torch.float32, device), accumulate=True)
 
 
+def _has_penalties(params: list[SamplingParams]) -> bool:
+    return any(p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1 for p in params)
+
+
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     params = batch.params
-    if all(p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1 for p in params):
+    if not _has_penalties(params):
         return logits
     num_rows, vocab = logits.shape
     device = logits.device
@@ -168,12 +180,17 @@ def _token_counts(token_lists: list[list[int]], num_rows: int, vocab: int, devic
     return torch.zeros(num_rows, vocab + 1, device=device).scatter_add_(1, padded, ones)[:, :vocab]
 
 
-def _block_eos_before_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def _min_token_blocks(batch: SamplingBatch, vocab: int) -> list[tuple[int, int]]:
+    """(row, token) of every stop token a row may not produce yet (min_tokens not reached)."""
     rows = []
     for i, (p, tokens, num_prompt) in enumerate(zip(batch.params, batch.token_ids, batch.num_prompt_tokens)):
         if len(tokens) - num_prompt < p.min_tokens:
             stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else batch.eos_token_ids)
-            rows.extend((i, t) for t in stop_ids if 0 <= t < logits.shape[1])
+            rows.extend((i, t) for t in stop_ids if 0 <= t < vocab)
+    return rows
+
+
+def _block(logits: torch.Tensor, rows: list[tuple[int, int]]) -> torch.Tensor:
     if not rows:
         return logits
     logits = logits.clone()

@@ -94,6 +94,12 @@ def check_the_sampler_takes_the_fused_path(device: str) -> None:
         assert alone == [ids[1]]
         sampler.sample(logits[:2], batch_of([seeded, SamplingParams(temperature=1.0, top_p=0.5)], [5, None]), max_logprobs=5)
         assert calls == [4, 1]  # the top_p batch went the sorting way
+        # logits in the model's 16-bit dtype go to the kernel as they are: the same draws as widened
+        half = logits.half()
+        params = [greedy, seeded, SamplingParams(temperature=0.7, seed=9)]
+        as_half = sampler.sample(half[:3], batch_of(params, [None, 5, 9]), max_logprobs=5).token_ids.tolist()
+        as_float = sampler.sample(half[:3].float(), batch_of(params, [None, 5, 9]), max_logprobs=5).token_ids.tolist()
+        assert as_half == as_float and calls == [4, 1, 3, 3]
     finally:
         sampler._sample_fused = fused
         sampler.FUSED_SAMPLING_DEVICES = ("cuda",)

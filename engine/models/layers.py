@@ -388,10 +388,13 @@ class ParallelLMHead(VocabParallelEmbedding):
         weight = tied_to.weight if tied_to is not None else None
         super().__init__(num_embeddings, embedding_dim, tp_rank, tp_size, weight)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """Vocabulary logits, in float32 (upcast=False: the model's dtype, for a consumer that reads
+        them once and widens them itself, as the fused sampler does)."""
         logits = F.linear(hidden, self.weight)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits)
             logits = torch.cat(parts, dim=-1)
-        return logits[..., : self.num_embeddings].float()
+        logits = logits[..., : self.num_embeddings]
+        return logits.float() if upcast else logits
