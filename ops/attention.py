@@ -51,6 +51,9 @@ def paged_attention(
         return
     backend = get_backend(ctx.backend)
     k_cache, v_cache = ctx.kv_caches[layer_idx]
+    if hasattr(backend, "write_kv_and_attend"):  # one kernel where the backend can (triton: decode)
+        backend.write_kv_and_attend(query, key, value, k_cache, v_cache, meta, scale, out)
+        return
     backend.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
     backend.paged_attention(query, k_cache, v_cache, meta, scale, out)
 

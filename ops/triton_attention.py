@@ -119,12 +119,14 @@ def _attend_kv_range(
 def _decode_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    key_ptr, value_ptr, slot_mapping_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     stride_cb, stride_cs, stride_ch,
+    stride_kt, stride_kh, stride_vt, stride_vh,
     head_dim, qk_scale, partition_size,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, Q_FP16: tl.constexpr = False,
-    OFFSETS_64: tl.constexpr = True,
+    OFFSETS_64: tl.constexpr = True, WRITE_KV: tl.constexpr = False, FP8_MAX: tl.constexpr = 0.0,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -147,11 +149,43 @@ def _decode_kernel(
     m_i = tl.full([GROUP_PAD], _MASKED, dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     row_pos = tl.zeros([GROUP_PAD], dtype=tl.int32) + seq_len - 1
+    if WRITE_KV:
+        # This step's K/V (the query token's own, at position seq_len - 1) are not in the cache yet:
+        # the partition holding that position stores them and folds them in from registers, so no
+        # program reads a slot another one writes, and no separate KV-write kernel runs.
+        slot = tl.load(slot_mapping_ptr + token, mask=has_query, other=-1).to(tl.int64)
+        last = seq_len - 1
+        writer = (slot >= 0) & (kv_lo <= last) & (last < kv_lo + partition_size)
+        kv_hi = tl.where(writer, last, kv_hi)
     acc, m_i, l_i = _attend_kv_range(
         acc, m_i, l_i, q, row_pos, kv_lo, kv_hi, k_cache_ptr, v_cache_ptr,
         block_tables_ptr + seq.to(tl.int64) * stride_bt, kv_head, stride_cb, stride_cs, stride_ch,
         head_dim, qk_scale, BLOCK_SIZE, BLOCK_N, D_PAD, OFFSETS_64,
     )
+    if WRITE_KV:
+        new_mask = dims < tl.where(writer, head_dim, 0)
+        k_new = tl.load(key_ptr + token * stride_kt + kv_head * stride_kh + dims, mask=new_mask, other=0.0)
+        v_new = tl.load(value_ptr + token * stride_vt + kv_head * stride_vh + dims, mask=new_mask, other=0.0)
+        if FP8_MAX > 0:  # as _write_kv_kernel: saturate, round once from fp32
+            k_new = tl.minimum(tl.maximum(k_new.to(tl.float32), -FP8_MAX), FP8_MAX)
+            v_new = tl.minimum(tl.maximum(v_new.to(tl.float32), -FP8_MAX), FP8_MAX)
+        k_new = k_new.to(k_cache_ptr.dtype.element_ty)
+        v_new = v_new.to(v_cache_ptr.dtype.element_ty)
+        cache_off = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kv_head * stride_ch + dims
+        tl.store(k_cache_ptr + cache_off, k_new, mask=new_mask)
+        tl.store(v_cache_ptr + cache_off, v_new, mask=new_mask)
+        # The position as the cache would give it back (widened as _attend_kv_range widens), one
+        # more step of the online softmax; rows of other programs: score -inf, no change.
+        k_new = k_new.to(q.dtype).to(tl.float32)
+        v_new = v_new.to(q.dtype).to(tl.float32)
+        qk = tl.sum(q.to(tl.float32) * k_new[None, :], 1) * qk_scale
+        qk = tl.where(writer, qk, float("-inf"))
+        m_new = tl.maximum(m_i, qk)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v_new[None, :]
+        m_i = m_new
     if NUM_PARTITIONS == 1 or seq_len <= partition_size:
         # One partition covers the context: its result is final (the reduce kernel skips this row).
         if part == 0:
@@ -282,6 +316,29 @@ def write_kv_cache(
     )
 
 
+def write_kv_and_attend(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """`write_kv_cache` then `paged_attention`, as one kernel for a decode step (FUSE_DECODE_KV_WRITE):
+    the decode kernel stores each sequence's new K/V itself and attends to them from registers."""
+    if not (FUSE_DECODE_KV_WRITE and meta.max_query_len == 1 and meta.num_seqs > 0):
+        write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        paged_attention(query, k_cache, v_cache, meta, scale, out)
+        return
+    _check_cache(k_cache, v_cache)
+    if out.stride(-1) != 1:
+        raise ValueError("out must be contiguous in its last dimension")
+    _decode(_last_dim_contiguous(query), k_cache, v_cache, meta, scale, out,
+            _last_dim_contiguous(key), _last_dim_contiguous(value))
+
+
 def paged_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,
@@ -303,7 +360,8 @@ def paged_attention(
         _prefill(query, k_cache, v_cache, meta, scale, out)
 
 
-def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:
+def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out, key=None, value=None) -> None:
+    """Flash-decoding; with key / value, this step's K/V are written by the kernel too."""
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     num_seqs, num_heads = meta.num_seqs, query.shape[1]
     group = num_heads // num_kv_heads
@@ -315,15 +373,20 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out)
         part_max = torch.empty((num_seqs, num_heads, num_partitions), dtype=torch.float32, device=query.device)
         part_sum = torch.empty_like(part_max)
         part_acc = torch.empty((num_seqs, num_heads, num_partitions, d_pad), dtype=torch.float32, device=query.device)
+    write = key is not None
+    key, value = (key, value) if write else (query, query)  # (unread without WRITE_KV)
     _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
         out, part_acc, part_max, part_sum,
         query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        key, value, meta.slot_mapping,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         head_dim, scale * _LOG2E, partition_size,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_PARTITIONS=num_partitions,
         BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, D_PAD=d_pad, Q_FP16=_q_fp16(query, k_cache),
-        OFFSETS_64=_offsets_64(k_cache),
+        OFFSETS_64=_offsets_64(k_cache), WRITE_KV=write,
+        FP8_MAX=torch.finfo(k_cache.dtype).max if write and k_cache.dtype.itemsize == 1 else 0.0,
         num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
     )
     if num_partitions > 1:
@@ -407,6 +470,9 @@ def _offsets_64(k_cache: torch.Tensor) -> bool:
 
 
 OFFSETS_64_ALWAYS = False  # tests: the 64-bit path on small caches
+# Decode steps: the decode kernel writes the step's K/V itself (write_kv_and_attend), one launch a
+# layer fewer. False: the separate _write_kv_kernel first, as prefill steps always do.
+FUSE_DECODE_KV_WRITE = True
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:

@@ -108,6 +108,16 @@ def test_decode_matches_reference(backend, block_size, head_dim, group):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_decode_with_the_kv_write_fused_in_matches_writing_first(block_size, head_dim, group, cache_dtype):
+    check_fused_decode_write(DECODE_CONTEXTS, 2 * group, 2, head_dim, block_size, torch.bfloat16, "cuda", cache_dtype)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("block_size,head_dim,group", [(64, 64, 1), (64, 128, 8), (128, 128, 4)])
 def test_xformers_paged_decode_matches_reference(block_size, head_dim, group):
     n = len(DECODE_CONTEXTS)
@@ -329,8 +339,41 @@ for fp8, (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [
     assert torch.equal(v_cache.view(torch.uint8), v_expected.view(torch.uint8))
     fmax = torch.finfo(fp8).max
     assert k_expected.float().abs().max() == fmax and v_expected.float().abs().max() == fmax
+# Decode with the K/V write inside the decode kernel (write_kv_and_attend): the output and the cache
+# of writing first, then attending; over partitions of every size above, a bf16-like and an fp8 cache.
+from tests.test_attention_kernels import check_fused_decode_write
+for (max_parts, grid, min_size), case in [(g, c) for g in grow for c in cases[:2]]:
+    triton_attention.MAX_DECODE_PARTITIONS, triton_attention.DECODE_GRID_PROGRAMS = max_parts, grid
+    triton_attention.MIN_PARTITION_SIZE = min_size
+    check_fused_decode_write(*case[1:], "cpu", cache_dtype=None)
+    check_fused_decode_write(*case[1:], "cpu", cache_dtype=torch.float8_e4m3fn)
 print("ok")
 """
+
+
+def check_fused_decode_write(seq_lens, heads, kv_heads, head_dim, block_size, dtype, device, cache_dtype=None):
+    """triton_attention.write_kv_and_attend on a decode batch against torch_ref's write, then the
+    reference attention: the same output, and bit-equal caches. A last row of padding (slot -1)."""
+    from ops import triton_attention
+
+    query, k_cache, v_cache, meta = make_paged_batch([1] * len(seq_lens), seq_lens, heads, kv_heads, head_dim,
+                                                     block_size, dtype, device)
+    k_new, v_new = torch.randn(2, query.shape[0], kv_heads, head_dim, device=device).to(dtype)
+    if cache_dtype is not None:  # values an fp8 cache holds exactly, some saturating (as the write test above)
+        k_cache = torch_ref.to_cache_dtype(k_cache * 8, cache_dtype)
+        v_cache = torch_ref.to_cache_dtype(v_cache, cache_dtype)
+        k_new = torch_ref.to_cache_dtype(k_new * 30, cache_dtype).to(dtype)
+        v_new = torch_ref.to_cache_dtype(v_new, cache_dtype).to(dtype)
+        k_new[::3, 0] = 6e4
+    meta.slot_mapping[-1] = -1
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    torch_ref.write_kv_cache(k_new, v_new, k_expected, v_expected, meta.slot_mapping)
+    scale = head_dim**-0.5
+    out = torch.full_like(query, float("nan"))
+    triton_attention.write_kv_and_attend(query, k_new, v_new, k_cache, v_cache, meta, scale, out)
+    assert torch.equal(k_cache.view(torch.uint8), k_expected.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_expected.view(torch.uint8))
+    assert_matches_reference(out, reference(query, k_expected, v_expected, meta, scale))
 
 
 def test_triton_kernels_match_reference_under_interpreter():
