@@ -11,6 +11,7 @@
 #   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out (llama-fp8: with an fp8 KV cache)
 #   window-nano nano with an fp8 cache profiled at step 200 (full batch) and step 900 (its tail)
 #   nano-parts nano (bf16, fp8 caches) with 1,024- and 2,048-position decode partitions (run `nano` / `nano-fp8` beside it)
+#   nofuse  llama1 and nano with the KV write as its own kernel in decode steps (run `llama1 nano` beside it)
 #   hf      nano (first 64 requests) through the engine and transformers, same run
 #   prefix  Qwen3-0.6B, 256 requests sharing a 2,000-token prefix, caching off then on (prefix8: 8 output tokens, not 32)
 #   latency Qwen3-0.6B per-phase decode step times at batch 1/64/256, context 1024 (perf/latency.py)
@@ -96,6 +97,14 @@ for stage in "$@"; do
                perf/throughput.py --no-tqdm --json-out "$OUT/nano_${kv}_parts$size.json" --model qwen3-0.6b --workload nano --kv-cache-dtype $kv 2>&1 \
                | grep -E "engine:|steps:" | sed "s/^/[$kv, partitions of $size] /"
            done; done ;;
+    nofuse) # llama1 and nano with the separate KV-write kernel in decode steps (FUSE_DECODE_KV_WRITE = False), to set
+           # against `llama1` / `nano` in the same call
+           for spec in "llama8b_bs1_nofuse --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512" \
+                       "nano_qwen3_nofuse --model qwen3-0.6b --workload nano"; do
+             set -- $spec; name=$1; shift
+             timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, ops.triton_attention as t; t.FUSE_DECODE_KV_WRITE = False; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+               perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" "$@" 2>&1 | grep -E "engine:|steps:" | sed "s/^/[$name] /"
+           done ;;
     hf) bench nano64_vs_hf --model qwen3-0.6b --workload nano --limit 64 --compare-hf ;;
     latency) timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model qwen3-0.6b --prefill-lens 1024 --batch-sizes 1 64 256 \
                --context-lens 1024 --out "$OUT/latency_qwen3.json" 2>&1 | tee "$OUT/latency_qwen3.log" | tail -25 ;;
