@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: GPU tests and/or benchmarks. Logs and JSON land in $OUT.
+# One device call: GPU tests and/or benchmarks. Logs and JSON land in $OUT (packed into results.tgz when
+# there are more than the 8 files the device tool brings back).
 # First, here: bash perf/fetch_wheels.sh (wheels the device lacks; the call carries ".whl").
 # Usage (on the lent GPU, from the repo root): bash perf/gpu_check.sh STAGE...
 #   tests   pytest -m gpu (attention kernels, the GPU engine, the fused sampler)
@@ -50,6 +51,16 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# The device tool brings back at most 8 files from $OUT: at exit, more than that are packed into
+# $OUT/results.tgz (Nsight reports stay beside it; unpack with `tar xzf results.tgz`).
+pack_results() {
+  local n; n=$(find "$OUT" -mindepth 1 ! -name '*.ncu-rep' | wc -l)
+  if [ "$n" -gt 7 ]; then
+    tar czf /tmp/results.tgz -C "$OUT" --exclude='*.ncu-rep' . \
+      && find "$OUT" -mindepth 1 -maxdepth 1 ! -name '*.ncu-rep' -exec rm -rf {} + && mv /tmp/results.tgz "$OUT/"
+  fi
+}
+trap pack_results EXIT
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
