@@ -63,7 +63,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, max_logprobs: int) -> Sam
     # Logprobs are of the model's own distribution, before penalties and temperature (as vLLM).
     want_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
     blocked = _min_token_blocks(batch, vocab)
-    edits = blocked or _has_penalties(params) or any(p.logit_bias for p in params)
+    edits = bool(blocked) or _has_penalties(params) or any(p.logit_bias for p in params)
     if want_logprobs is not None or edits or not (greedy_only or fused):
         logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs is not None else None

@@ -9,9 +9,9 @@ The same draw, written the Gumbel-max way: argmax(logits / T + G) with G = -log(
 uniform, is an exact sample from softmax(logits / T) (argmax(log p - log E), E = -log U ~ Exp(1)),
 and needs no normalisation: each program reads its share of a row's logits once (a row is split
 over a few programs so that small batches fill the GPU too), keeps a running (max, index) per lane
-and reduces them; two small torch ops pick each row's winner among its splits. U comes from Triton's Philox generator keyed by
-the row's seed and the token's index, so a row's draw depends on its seed alone, never on the other
-rows of the batch. A temperature of 0 is greedy: the plain argmax, first index on ties (as
+and reduces them; two small torch ops pick each row's winner among its splits. U comes from
+Triton's Philox generator keyed by the row's seed and the token's index, so a row's draw depends on
+its seed alone, never on the other rows of the batch or on how its vocabulary was split. A temperature of 0 is greedy: the plain argmax, first index on ties (as
 torch.argmax). Logits of -inf (logit_bias, blocked stop tokens) are never drawn.
 
 No host sync; not used inside CUDA graphs (sampling runs after the graph, on the real rows).
