@@ -1,6 +1,8 @@
 """Serving benchmark: load on any OpenAI-compatible server, measured on the client.
 
-Sends exactly --num-prompts streamed requests to --base-url + --endpoint and stops. Prompts are
+Sends --num-warmups copies of the first request before the clock starts (default 1, as vLLM's
+benchmark: the client's first connection and the server's first-request costs stay out of the
+numbers), then exactly --num-prompts streamed requests to --base-url + --endpoint, and stops. Prompts are
 token ids (the completions API takes a list of ints), so input lengths are exact whatever the
 tokenizer; output tokens are counted from the server's usage (stream_options.include_usage).
 TTFT, TPOT, ITL and E2EL are measured as vLLM's benchmark_serving measures them (see
@@ -248,6 +250,11 @@ async def run_benchmark(args: argparse.Namespace, requests: list[BenchRequest]) 
         if args.endpoint == CHAT_ENDPOINT:
             await prompts_as_text(client, requests, args.tokenizer)
         bodies = [request_body(args, r) for r in requests]
+        for _ in range(args.num_warmups if requests else 0):  # as vLLM's benchmark: the first request, untimed, uncounted
+            warmup = await send_request(client, args.endpoint, bodies[0], requests[0].prompt_len)
+            if not warmup.success:
+                raise SetupError(f"the warm-up request failed ({warmup.error}); check the benchmark's arguments, "
+                                 "or pass --num-warmups 0 to count such failures in the run")
         start = time.perf_counter()
 
         async def one(i: int) -> RequestResult:
@@ -297,6 +304,7 @@ def result_record(args: argparse.Namespace, results: list[RequestResult], durati
         "request_rate": _rate_label(args.request_rate),
         "burstiness": args.burstiness,
         "max_concurrency": args.max_concurrency,
+        "num_warmups": args.num_warmups,
         "ignore_eos": args.ignore_eos,
         "temperature": args.temperature,
         "seed": args.seed,
@@ -382,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the random dataset and the arrival times")
     p.add_argument("--goodput", nargs="+", default=[], metavar="NAME:MS",
                    help="SLOs for goodput, e.g. ttft:200 tpot:20 e2el:5000 (milliseconds)")
+    p.add_argument("--num-warmups", type=int, default=1,
+                   help="send the first request this many times before the clock starts, not counted: the client's "
+                        "first connection and the server's first-request costs stay out of the numbers (default: 1)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for any one read (default: %(default)s)")
     p.add_argument("--label", default=None, help="a name for this run in plots")
     p.add_argument("--result-json", default=None, help="write the results here")
@@ -400,6 +411,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(exc))
     if args.max_concurrency is not None and args.max_concurrency < 1:
         parser.error("--max-concurrency must be at least 1")
+    if args.num_warmups < 0:
+        parser.error("--num-warmups must be non-negative")
     _raise_open_file_limit()
     try:
         results, duration = asyncio.run(run_benchmark(args, requests))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import matplotlib.image
 import numpy as np
+import httpx
 import pytest
 
 from perf import latency, plot, serve_bench
@@ -96,11 +97,30 @@ def test_serve_bench_chat_with_a_concurrency_cap(server, vocab_size, capsys):
 
 
 def test_serve_bench_counts_refused_requests_as_failed(server, vocab_size, capsys):
-    run = bench(server, vocab_size, "--num-prompts", "2", "--input-len", str(MAX_MODEL_LEN), "--output-len", "4")
+    run = bench(server, vocab_size, "--num-prompts", "2", "--input-len", str(MAX_MODEL_LEN), "--output-len", "4",
+                "--num-warmups", "0")
     assert (run["completed"], run["failed"]) == (0, 2)
     assert all("HTTP 400" in error for error in run["errors"])
     assert run["median_ttft_ms"] is None and run["request_throughput"] == 0
     assert "error: HTTP 400" in capsys.readouterr().out
+
+
+def _finished_requests(server) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("engine_request_success_total"))
+
+
+def test_serve_bench_warm_up_requests_run_before_the_clock_and_are_not_counted(server, vocab_size):
+    before = _finished_requests(server)
+    run = bench(server, vocab_size, "--num-prompts", "2", "--input-len", "16", "--output-len", "3", "--ignore-eos",
+                "--num-warmups", "2")
+    assert (run["completed"], run["num_warmups"]) == (2, 2) and len(run["ttfts"]) == 2
+    assert _finished_requests(server) - before == 4  # the server saw the two warm-ups too
+
+
+def test_serve_bench_stops_when_its_warm_up_request_fails(server, vocab_size):
+    with pytest.raises(SystemExit, match="the warm-up request failed .*HTTP 400"):
+        bench(server, vocab_size, "--num-prompts", "2", "--input-len", str(MAX_MODEL_LEN), "--output-len", "4")
 
 
 # ---- the arithmetic -------------------------------------------------------------------------------
