@@ -33,7 +33,8 @@
 #   mixed   prefill / mixed-step CUDA graphs (on by default; --mixed-cuda-graph-sizes 0: none): Llama-3.1-8B prefill time
 #           at 16 / 128 / 512 / 2,048 tokens without and with them (perf/latency.py)
 #   sampler the fused sampling kernel's GPU tests, then perf/sampler_bench.py (torch path vs fused, 1 / 64 / 256 rows)
-#   c1-pair the 8B server at concurrency 1 (128 / 256, 24 prompts) without (--mixed-cuda-graph-sizes 0) then with mixed-step graphs
+#   c1-pair the 8B server at concurrency 1 (128 / 256, 24 prompts, no warm-up request: the first one's TTFT is printed)
+#           without (--mixed-cuda-graph-sizes 0) then with mixed-step graphs
 #   gemm-ncu Nsight Compute on the 4-bit GEMM path (the packed W-as-B tiles) at 128 and 256 rows (gate_up; the
 #           first launches of each): $OUT/gemm.ncu-rep and a text summary (why 256 rows cost 1.6x 128)
 #   tp70    (2 GPUs) Llama-3.1-70B-shaped with 20 of its 80 layers at TP=2: batch-1 decode, fixed 256 x 1024 x 256
@@ -182,7 +183,8 @@ for stage in "$@"; do
              for _ in $(seq 240); do curl -sf localhost:8014/health >/dev/null && break; sleep 1; done
              timeout 200 python3 perf/serve_bench.py --base-url http://127.0.0.1:8014 --model llama8b --ignore-eos --disable-tqdm \
                --dataset fixed --input-len 128 --output-len 256 --num-prompts 24 --max-concurrency 1 --label $label \
-               --result-json "$OUT/serve8b_$label.json" 2>&1 | grep -E "TTFT|TPOT|throughput"
+               --num-warmups 0 --result-json "$OUT/serve8b_$label.json" 2>&1 | grep -E "TTFT|TPOT|throughput"
+             python3 -c "import json; print('$label first-request TTFT ms:', round(1e3 * json.load(open('$OUT/serve8b_$label.json'))['ttfts'][0], 2))"
              kill $server; wait $server
            done ;;
     gemm-ncu) timeout "${STAGE_TIMEOUT:-300}" ncu --set full -k regex:_quant_matmul_kernel -c 12 -f -o "$OUT/gemm" \
