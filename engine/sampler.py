@@ -5,10 +5,11 @@ the sampled ids back. Random draws use gpt-fast's trick, argmax(probs / Exponent
 an exact sample from probs; seeded rows draw their noise from their own generator, so a seeded
 request gives the same tokens whatever else is in the batch.
 
-On a GPU, a batch without top-k / top-p / min-p filtering samples in one Triton kernel instead
-(`ops.triton_sampling`: the same draw, Gumbel-max, in one read of the logits rather than about
-eleven); each row's noise comes from a seed drawn for it this step, from its own generator when
-the request is seeded.
+On a GPU every batch with a sampled row draws in one Triton kernel instead (`ops.triton_sampling`:
+the same draw, Gumbel-max, in one read of the logits rather than about eleven; top-k / top-p /
+min-p still sort first and leave -inf where they cut). Each row's noise comes from a seed drawn
+for it this step, from its own generator when the request is seeded: one draw a step whatever the
+other rows ask for, so a seeded request repeats in any batch there too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from engine.device_io import host_to_device
 from engine.sampling_params import SamplingParams
 
-# Devices whose sampling without top-k / top-p / min-p takes the fused Triton kernel.
+# Devices whose sampled rows draw in the fused Triton kernel.
 FUSED_SAMPLING_DEVICES = ("cuda",)
 _SEED_BOUND = 2**62
 
@@ -59,12 +60,13 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, max_logprobs: int) -> Sam
     device = logits.device
     params = batch.params
     greedy_only = all(p.greedy for p in params)
-    fused = not greedy_only and device.type in FUSED_SAMPLING_DEVICES and not _needs_filter(params, vocab)
+    fused = not greedy_only and device.type in FUSED_SAMPLING_DEVICES
+    filtered = _needs_filter(params, vocab)
     # Logprobs are of the model's own distribution, before penalties and temperature (as vLLM).
     want_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
     blocked = _min_token_blocks(batch, vocab)
     edits = bool(blocked) or _has_penalties(params) or any(p.logit_bias for p in params)
-    if want_logprobs is not None or edits or not (greedy_only or fused):
+    if want_logprobs is not None or edits or filtered or not (greedy_only or fused):
         logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs is not None else None
 
@@ -76,7 +78,12 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, max_logprobs: int) -> Sam
     if greedy_only:
         token_ids = logits.argmax(dim=-1)
     elif fused:
-        token_ids = _sample_fused(logits, batch)
+        temperatures = [0.0 if p.greedy else p.temperature for p in params]
+        if filtered:  # top-k / top-p / min-p act on the tempered distribution: temper and cut, then draw at T = 1
+            tempered = host_to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
+            logits = _filter(logits / tempered[:, None], params)
+            temperatures = [0.0 if p.greedy else 1.0 for p in params]
+        token_ids = _sample_fused(logits, batch, temperatures)
     else:
         temperature = host_to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
         probs = _filter(logits / temperature[:, None], params).softmax(dim=-1)
@@ -99,12 +106,12 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, max_logprobs: int) -> Sam
     return out
 
 
-def _sample_fused(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Temperature + draw + argmax in one kernel (greedy rows: temperature 0, the plain argmax)."""
+def _sample_fused(logits: torch.Tensor, batch: SamplingBatch, temperatures: list[float]) -> torch.Tensor:
+    """Temperature + draw + argmax in one kernel (temperature 0: the plain argmax)."""
     from ops.triton_sampling import gumbel_argmax
 
     device = logits.device
-    temperature = host_to_device([0.0 if p.greedy else p.temperature for p in batch.params], torch.float32, device)
+    temperature = host_to_device(temperatures, torch.float32, device)
     seeds = torch.randint(0, _SEED_BOUND, (logits.shape[0],), device=device)  # the engine's generator
     for i, generator in enumerate(batch.generators):
         if generator is not None:

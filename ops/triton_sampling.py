@@ -29,8 +29,8 @@ from triton.language.extra.cuda import libdevice
 _BLOCK = 1024  # vocabulary entries a loop step
 _NUM_WARPS = 4
 _TARGET_PROGRAMS = 1024  # rows x vocabulary splits: ~8 programs an H100 SM, so the reads overlap
-# lg2.approx (one MUFU op) instead of libdevice's exact log2 polynomial, which made the kernel
-# compute-bound offline (sm_90: ~120 instructions a logit). The Triton interpreter has no libdevice.
+# lg2.approx (one MUFU op) for the noise's outer log instead of libdevice's exact log2 polynomial
+# (sm_90 offline: both logs exact, ~120 instructions a logit). The Triton interpreter has no libdevice.
 _FAST_LOG = os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
@@ -61,10 +61,15 @@ def _gumbel_argmax_kernel(logits_ptr, stride_row, temperature_ptr, seed_ptr, par
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(row_ptr + cols, mask=cols < hi, other=float("-inf")).to(tl.float32)
         u = tl.rand(seed, cols)  # keyed by the global column: the split does not change the draw
-        # Gumbel noise -ln(-ln u) = -ln2 * log2(-ln2 * log2 u); u = 0 gives -inf: never chosen
-        gumbel = -0.6931471805599453 * _log2(-0.6931471805599453 * _log2(u, FAST_LOG), FAST_LOG)
+        # Gumbel noise -ln(E), E = -ln u ~ Exp(1); u = 0 gives -inf: never chosen. The inner log is
+        # the exact one: near u = 1 (u reaches 1 - 2^-24) E is ~1e-7, below lg2.approx's absolute
+        # error (2^-22), which could return 0 there (noise +inf: a random token wins). The outer
+        # log's argument is never near 1 in a way that matters (an error of 2^-22 in the noise).
+        exponential = -0.6931471805599453 * tl.log2(u)
+        gumbel = -0.6931471805599453 * _log2(exponential, FAST_LOG)
         # greedy rows take x itself (x * 1 + gumbel * 0 would be NaN where gumbel is -inf)
         score = tl.where(sampled, x * inv_temperature + gumbel, x)
+        score = tl.where(score != score, float("inf"), score)  # NaN wins, as in torch.argmax
         better = score > best  # strict: each lane keeps its first index of its maximum
         best = tl.where(better, score, best)
         best_index = tl.where(better, cols, best_index)

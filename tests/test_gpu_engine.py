@@ -124,11 +124,11 @@ def test_greedy_equals_transformers_in_bf16_where_margins_allow(checkpoint, grap
     assert exact >= 0.8 * total, f"only {exact}/{total} tokens are float32's argmax"
 
 
-@pytest.mark.parametrize("filtered", [True, False], ids=["top-p-sorting-sampler", "fused-sampler"])
+@pytest.mark.parametrize("filtered", [True, False], ids=["top-p-top-k", "temperature-only"])
 def test_async_scheduling_launches_a_step_without_waiting_for_the_device(checkpoint, monkeypatch, filtered):
     """Async scheduling only pays if launching step N+1 does not wait for step N: nothing in
     `launch` may synchronize with the device (a read-back, or a copy from pageable host memory).
-    Both samplers: with top-p / top-k (sorting) and without (the fused Triton kernel)."""
+    The sampler with top-p / top-k (a sort, then the fused draw) and without (the fused draw alone)."""
     llm = LLM(checkpoint, dtype="bfloat16", async_scheduling=True, max_model_len=512, max_num_seqs=32,
               cuda_graph_sizes=BUCKETS)
     runner = llm.llm_engine.runner

@@ -22,15 +22,16 @@ def check_greedy_rows_are_torch_argmax(device: str, vocab: int, dtype: torch.dty
     from ops.triton_sampling import gumbel_argmax
 
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(7, vocab, generator=gen).to(dtype)
+    logits = torch.randn(8, vocab, generator=gen).to(dtype)
+    logits[7, 5] = float("nan")  # torch.argmax answers a NaN's index
     logits[1, 5] = logits[1, vocab - 3] = 50  # a tie: the first index wins
     logits[2] = float("-inf")  # nothing drawable: index 0, as torch.argmax
     logits[3] = float("-inf")
     logits[3, vocab - 1] = 1  # the last (masked-tail) block
     logits[4, 0] = 80
     logits = logits.to(device)
-    out = torch.full((7,), -1, dtype=torch.long, device=device)  # poisoned: every row must be written
-    gumbel_argmax(logits, torch.zeros(7, device=device), torch.arange(7, device=device), out=out)
+    out = torch.full((8,), -1, dtype=torch.long, device=device)  # poisoned: every row must be written
+    gumbel_argmax(logits, torch.zeros(8, device=device), torch.arange(8, device=device), out=out)
     assert out.tolist() == logits.float().argmax(dim=-1).tolist()
 
 
@@ -71,7 +72,7 @@ def check_the_sampler_takes_the_fused_path(device: str) -> None:
 
     calls = []
     fused = sampler._sample_fused
-    sampler._sample_fused = lambda logits, batch: calls.append(len(batch.params)) or fused(logits, batch)
+    sampler._sample_fused = lambda logits, batch, temps: calls.append(len(batch.params)) or fused(logits, batch, temps)
     sampler.FUSED_SAMPLING_DEVICES = (torch.device(device).type,)
     try:
         gen = torch.Generator().manual_seed(3)
@@ -92,14 +93,19 @@ def check_the_sampler_takes_the_fused_path(device: str) -> None:
         assert ids[2] == 7
         alone = sampler.sample(logits[1:2], batch_of([seeded], [5]), max_logprobs=5).token_ids.tolist()
         assert alone == [ids[1]]
-        sampler.sample(logits[:2], batch_of([seeded, SamplingParams(temperature=1.0, top_p=0.5)], [5, None]), max_logprobs=5)
-        assert calls == [4, 1]  # the top_p batch went the sorting way
+        # A neighbour with top-p / top-k: the batch sorts first, and still draws in the kernel, so the
+        # seeded row's draw is the same; a top_k=1 row can only give its argmax.
+        top1 = SamplingParams(temperature=1.5, top_k=1)
+        mixed = sampler.sample(logits[1:3], batch_of([seeded, top1], [5, None]), max_logprobs=5).token_ids.tolist()
+        assert calls == [4, 1, 2] and mixed == [ids[1], logits[2].argmax().item()]
+        nucleus = SamplingParams(temperature=1.0, top_p=0.5)
+        assert sampler.sample(logits[1:3], batch_of([seeded, nucleus], [5, None]), max_logprobs=5).token_ids[0] == ids[1]
         # logits in the model's 16-bit dtype go to the kernel as they are: the same draws as widened
         half = logits.half()
         params = [greedy, seeded, SamplingParams(temperature=0.7, seed=9)]
         as_half = sampler.sample(half[:3], batch_of(params, [None, 5, 9]), max_logprobs=5).token_ids.tolist()
         as_float = sampler.sample(half[:3].float(), batch_of(params, [None, 5, 9]), max_logprobs=5).token_ids.tolist()
-        assert as_half == as_float and calls == [4, 1, 3, 3]
+        assert as_half == as_float and calls == [4, 1, 2, 2, 3, 3]
     finally:
         sampler._sample_fused = fused
         sampler.FUSED_SAMPLING_DEVICES = ("cuda",)
@@ -132,6 +138,22 @@ def test_fused_sampling_kernel_under_the_interpreter():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_rows_equal_torch_argmax_on_gpu(vocab, dtype):
     check_greedy_rows_are_torch_argmax("cuda", vocab, dtype)
+
+
+@gpu
+@needs_cuda
+def test_a_dominant_token_is_always_drawn_at_full_vocabulary_size():
+    """With one logit 40 above the rest, anything else has probability ~6e-13 a row. Noise computed
+    with lg2.approx for log(u) near u = 1 would give some rows +inf noise on a random token
+    (about vocab x 2^-24, ~1% of rows at this vocabulary)."""
+    from ops.triton_sampling import gumbel_argmax
+
+    rows, vocab = 4096, 151_936
+    logits = torch.full((rows, vocab), -20.0, device="cuda")
+    logits[:, 0] = 20.0
+    seeds = torch.randint(0, 2**62, (rows,), device="cuda")
+    out = gumbel_argmax(logits, torch.ones(rows, device="cuda"), seeds)
+    assert (out == 0).all(), f"{int((out != 0).sum())} of {rows} rows drew another token"
 
 
 @gpu
