@@ -14,6 +14,7 @@ other rows ask for, so a seeded request repeats in any batch there too.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,8 @@ import torch
 from engine.device_io import host_to_device
 from engine.sampling_params import SamplingParams
 
-# Devices whose sampled rows draw in the fused Triton kernel.
-FUSED_SAMPLING_DEVICES = ("cuda",)
+# Devices whose sampled rows draw in the fused Triton kernel (none where triton is not installed).
+FUSED_SAMPLING_DEVICES = ("cuda",) if importlib.util.find_spec("triton") is not None else ()
 _SEED_BOUND = 2**62
 
 
