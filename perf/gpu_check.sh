@@ -13,6 +13,9 @@
 #   window-nano nano with an fp8 cache profiled at step 200 (full batch) and step 900 (its tail)
 #   nano-parts nano (bf16, fp8 caches) with 1,024- and 2,048-position decode partitions (run `nano` / `nano-fp8` beside it)
 #   nofuse  llama1 and nano with the KV write as its own kernel in decode steps (run `llama1 nano` beside it)
+#   nano-ab nano four times in one call: as it is, with the KV write as its own kernel (FUSE_DECODE_KV_WRITE = False),
+#           with the torch sampler (engine.sampler.FUSED_SAMPLING_DEVICES = ()), and as it is again (the first run
+#           of a call pays for Triton compiles an empty cache makes, see "Triton compiles in the timed run")
 #   hf      nano (first 64 requests) through the engine and transformers, same run
 #   prefix  Qwen3-0.6B, 256 requests sharing a 2,000-token prefix, caching off then on (prefix8: 8 output tokens, not 32)
 #   latency Qwen3-0.6B per-phase decode step times at batch 1/64/256, context 1024 (perf/latency.py)
@@ -32,6 +35,10 @@
 #           and a text summary (why two rows cost what they do)
 #   mixed   prefill / mixed-step CUDA graphs (on by default; --mixed-cuda-graph-sizes 0: none): Llama-3.1-8B prefill time
 #           at 16 / 128 / 512 / 2,048 tokens without and with them (perf/latency.py)
+#   gemv    the Triton GEMV's GPU tests (tests/test_triton_gemv.py), then perf/gemv_bench.py --sweep --int8 (every tile
+#           of a grid against cuBLAS on Llama-3.1-8B's shapes at 1 and 2 rows)
+#   nogemv  llama1 with cuBLAS for every dense matmul (ENGINE_GEMV=0: no GEMV), to set against `llama1` in the same call
+#   c1-gemv the 8B server at concurrency 1 as c1-pair (default graphs), without (ENGINE_GEMV=0) then with the GEMV
 #   sampler the fused sampling kernel's GPU tests, then perf/sampler_bench.py (torch path vs fused, 1 / 64 / 256 rows)
 #   c1-pair the 8B server at concurrency 1 (128 / 256, 24 prompts, no warm-up request: the first one's TTFT is printed)
 #           without (--mixed-cuda-graph-sizes 0) then with mixed-step graphs
@@ -107,7 +114,7 @@ for stage in "$@"; do
            for kv in auto fp8; do for size in 1024 2048; do
              timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, ops.triton_attention as t; t.PARTITION_SIZE = $size; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
                perf/throughput.py --no-tqdm --json-out "$OUT/nano_${kv}_parts$size.json" --model qwen3-0.6b --workload nano --kv-cache-dtype $kv 2>&1 \
-               | grep -E "engine:|steps:" | sed "s/^/[$kv, partitions of $size] /"
+               | grep -E "engine:|steps:|Triton compiles" | sed "s/^/[$kv, partitions of $size] /"
            done; done ;;
     nofuse) # llama1 and nano with the separate KV-write kernel in decode steps (FUSE_DECODE_KV_WRITE = False), to set
            # against `llama1` / `nano` in the same call
@@ -115,8 +122,15 @@ for stage in "$@"; do
                        "nano_qwen3_nofuse --model qwen3-0.6b --workload nano"; do
              set -- $spec; name=$1; shift
              timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, ops.triton_attention as t; t.FUSE_DECODE_KV_WRITE = False; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
-               perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" "$@" 2>&1 | grep -E "engine:|steps:" | sed "s/^/[$name] /"
+               perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" "$@" 2>&1 | grep -E "engine:|steps:|Triton compiles" | sed "s/^/[$name] /"
            done ;;
+    nano-ab) for spec in "nano_default;pass" "nano_nofuse;import ops.triton_attention as t; t.FUSE_DECODE_KV_WRITE = False" \
+                      "nano_torch_sampler;import engine.sampler as t; t.FUSED_SAMPLING_DEVICES = ()" "nano_default_again;pass"; do
+               name=${spec%%;*}; setup=${spec#*;}
+               timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys; $setup; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+                 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano 2>&1 \
+                 | tee "$OUT/$name.log" | grep -E "engine:|steps:|Triton compiles" | sed "s/^/[$name] /"
+             done ;;
     hf) bench nano64_vs_hf --model qwen3-0.6b --workload nano --limit 64 --compare-hf ;;
     latency) timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model qwen3-0.6b --prefill-lens 1024 --batch-sizes 1 64 256 \
                --context-lens 1024 --out "$OUT/latency_qwen3.json" 2>&1 | tee "$OUT/latency_qwen3.log" | tail -25 ;;
@@ -172,13 +186,19 @@ for stage in "$@"; do
              timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model llama-3.1-8b --max-model-len 4096 --prefill-lens 16 128 512 2048 \
                --batch-sizes 1 --context-lens 128 --iters 5 $flags --out "$OUT/latency8b_mixed_$([ -n "$flags" ] && echo off || echo on).json" 2>&1 | tail -14
            done ;;
+    gemv) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_gemv.py 2>&1 | tee "$OUT/gemv_tests.log" | tail -3
+          timeout "${STAGE_TIMEOUT:-300}" python3 perf/gemv_bench.py --sweep --int8 --out "$OUT/gemv_bench.json" 2>&1 \
+            | tee "$OUT/gemv_bench.log" | tail -60 ;;
+    nogemv) ENGINE_GEMV=0 bench llama8b_bs1_nogemv --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
     sampler) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_sampling.py 2>&1 | tail -3
              timeout "${STAGE_TIMEOUT:-300}" python3 perf/sampler_bench.py 2>&1 | tee "$OUT/sampler_bench.txt" ;;
-    c1-pair) # the 8B server at concurrency 1 (128 in / 256 out), without then with prefill / mixed-step graphs, same call
+    c1-pair|c1-gemv) # the 8B server at concurrency 1 (128 in / 256 out): c1-pair without then with prefill / mixed-step
+           # graphs, c1-gemv without then with the GEMV; same call
            dir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('llama-3.1-8b'))")
-           for flags in "--mixed-cuda-graph-sizes 0" ""; do
-             label=c1${flags:+-nomixed}
-             python3 -m engine.serve --model "$dir" --load-format dummy --max-model-len 4096 --port 8014 --served-model-name llama8b \
+           if [ "$stage" = c1-pair ]; then runs=("c1-nomixed;--mixed-cuda-graph-sizes 0;1" "c1;;1"); else runs=("c1-nogemv;;0" "c1;;1"); fi
+           for run in "${runs[@]}"; do
+             IFS=';' read -r label flags gemv <<< "$run"
+             ENGINE_GEMV=$gemv python3 -m engine.serve --model "$dir" --load-format dummy --max-model-len 4096 --port 8014 --served-model-name llama8b \
                $flags > "$OUT/serve8b_$label.log" 2>&1 & server=$!
              for _ in $(seq 240); do curl -sf localhost:8014/health >/dev/null && break; sleep 1; done
              timeout 200 python3 perf/serve_bench.py --base-url http://127.0.0.1:8014 --model llama8b --ignore-eos --disable-tqdm \

@@ -140,9 +140,12 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
     timings_before = llm.llm_engine.timings.as_dict()
     before = llm.llm_engine.get_stats()
     llm_stats_before = (before.prefix_cache_hits_total, before.prefix_cache_queries_total)
+    triton_before = triton_kernel_variants()
     start = time.perf_counter()
     outputs = llm.generate(inputs, params, use_tqdm=not args.no_tqdm)
     elapsed = time.perf_counter() - start
+    triton_compiled = {name: n - triton_before.get(name, 0) for name, n in triton_kernel_variants().items()
+                       if n > triton_before.get(name, 0)}
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     in_tokens = sum(len(p) for p in prompts)
     decode_rates = []
@@ -166,6 +169,9 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         "cuda_graphs": len(runner.graph_runner.graphs) if runner.graph_runner else 0,
         "mixed_cuda_graphs": sorted(runner.graph_runner.mixed_graphs) if runner.graph_runner else [],
         "recompiles_after_warmup": runner.recompiles_since_warmup(),
+        # Triton kernels (ops/) compiled for a new specialization while the timer ran (rank 0), by name:
+        # each is a JIT compile (~1 s with an empty Triton cache) inside the timed run.
+        "triton_compiles_in_timed_run": triton_compiled,
         "preemptions": stats.num_preemptions_total,
         "prefix_caching": args.enable_prefix_caching,
         "prefix_cache_hit_rate": (stats.prefix_cache_hits_total - hits_before) / max(stats.prefix_cache_queries_total - queries_before, 1),
@@ -194,6 +200,23 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         result["profile"] = window.summary()
     llm.llm_engine.shutdown()  # tensor-parallel workers: the next engine of this process needs the group
     return result
+
+
+def triton_kernel_variants() -> dict[str, int]:
+    """Compiled variants (specializations) of each Triton kernel in ops/ so far, by kernel name."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return {}
+    counts = {}
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("ops.") or module is None:
+            continue
+        for obj in vars(module).values():
+            fn = getattr(obj, "fn", obj)  # an autotuner wraps its JITFunction
+            if isinstance(fn, JITFunction) and hasattr(fn, "device_caches"):
+                counts[fn.__name__] = sum(len(cache[0]) for cache in fn.device_caches.values())
+    return counts
 
 
 def run_transformers(args, model_dir: str, dummy: bool, prompts, max_tokens) -> dict:
@@ -335,6 +358,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {'':>14}  {t['steps']} steps: schedule {t['schedule_s']:.2f} s, execute {t['execute_s']:.2f} s, update {t['update_s']:.2f} s; startup {r['startup_s']:.1f} s")
             print(f"  {'':>14}  weights {r['weights_gib']:.2f} GiB ({r['quantization'] or 'unquantized'}), "
                   f"KV cache {r['kv_cache_gib']:.2f} GiB ({r['kv_blocks']} blocks, {r['kv_cache_dtype']})")
+            compiled = r.get("triton_compiles_in_timed_run") or {}
+            print(f"  {'':>14}  Triton compiles in the timed run: {sum(compiled.values())}"
+                  + (f" ({', '.join(f'{k} {v}' for k, v in compiled.items())})" if compiled else ""))
         if "profile" in r:
             print_summary(r["profile"])
     if args.workload == "prefix" and len(results) == 2:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ops.attention  # noqa: F401  (registers torch.ops.engine.paged_attention)
+from ops.linear import dense_linear
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +178,8 @@ class LinearMethod(Protocol):
 
 
 class UnquantizedLinearMethod:
-    """A dense weight [out, in] in the model dtype; `F.linear`."""
+    """A dense weight [out, in] in the model dtype; `F.linear` (on CUDA, one or two rows through the Triton
+    GEMV: `ops.linear.dense_linear`)."""
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], weight_loader) -> None:
         weight = nn.Parameter(torch.empty(sum(output_sizes), input_size), requires_grad=False)
@@ -185,7 +187,7 @@ class UnquantizedLinearMethod:
         layer.weight = weight
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        return dense_linear(x, layer.weight, bias)
 
 
 class LinearBase(nn.Module):
@@ -391,7 +393,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         """Vocabulary logits, in float32 (upcast=False: the model's dtype, for a consumer that reads
         them once and widens them itself, as the fused sampler does)."""
-        logits = F.linear(hidden, self.weight)
+        logits = dense_linear(hidden, self.weight)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits)

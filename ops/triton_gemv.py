@@ -1,0 +1,133 @@
+"""A Triton GEMV for decode's smallest batches: y = x @ W.T for one or two rows of x and a dense weight
+W [N, K] in nn.Linear's layout (bf16 / fp16; int8 with one scale per output).
+
+Why: at one or two rows a linear layer is a read of its weight and nothing else, so its time is the
+weight's bytes over the memory bandwidth. cuBLAS's kernels for these shapes read Llama-3.1-8B's
+decoder-layer weights at about 2.6 TB/s on the H100 (166.5 us for 436 MB, perf/RESULTS.md, session 7's
+quant_bench), and at batch 1 those reads are ~85% of a decode step.
+
+How: each program owns BLOCK_N rows of W (whole rows are contiguous along K, so every load is a run of
+BLOCK_K * 2 bytes) and streams them through a software pipeline (`tl.range(..., num_stages)`: cp.async
+copies run ahead of the FMAs). Each row of x keeps a [BLOCK_N, BLOCK_K] fp32 sum through the K loop,
+reduced over K once at the end, so the loop is one conversion and one FMA a weight a row. When the
+rows alone make too few programs to keep every SM's loads in flight, K is split into ranges, one
+program each, summed deterministically by the range's last program (`ops.triton_quant._finish`: the
+split-K scheme the quantized kernels use, its workspace and self-resetting counters). Nothing here
+syncs with the host, so it can be captured in CUDA graphs.
+
+`gemv` is the entry point; `torch.ops.engine.dense_linear` (ops/dense_linear.py) sends decode's small
+batches here on CUDA and everything else to F.linear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ops.triton_quant import INT8, GPTQ, _finish, _split_k, _split_k_counters
+
+MAX_ROWS = 2  # rows of x the kernel takes (each keeps its own sum through the K loop)
+
+
+@dataclass(frozen=True)
+class GemvTiles:
+    block_n: int  # rows of W (outputs) per program
+    block_k: int  # inputs per K-tile
+    num_warps: int
+    num_stages: int  # K-tiles in the software pipeline
+    programs_per_sm: int  # split K until about this many programs per SM
+
+
+# The launch configuration for 1 and 2 rows of x.
+TILES: dict[str, GemvTiles] = {
+    "default": GemvTiles(block_n=8, block_k=512, num_warps=4, num_stages=3, programs_per_sm=4),
+}
+CANDIDATE_TILES: dict[str, GemvTiles] = dict(TILES)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+    M, N, K, stride_xm, stride_w, k_per_split, split,
+    HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """Rows 0..M-1 (M <= BLOCK_M <= 2) of x times BLOCK_N rows of W over one K range."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    # Rows past N re-read the last one (their sums are not stored), so no load in the loop needs a row mask.
+    w_rows = w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_w
+    x1_ptr = x_ptr + tl.minimum(M - 1, 1) * stride_xm  # row 0 again when M = 1 (its sums are not stored)
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        k = k0 + rk
+        if EVEN_K:
+            w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
+            x0 = tl.load(x_ptr + k)
+        else:
+            k_mask = k < k_end
+            w = tl.load(w_rows + k[None, :], mask=k_mask[None, :], other=0, eviction_policy="evict_first")
+            x0 = tl.load(x_ptr + k, mask=k_mask, other=0.0)
+        w = w.to(tl.float32)
+        acc0 += w * x0.to(tl.float32)[None, :]
+        if BLOCK_M > 1:
+            if EVEN_K:
+                x1 = tl.load(x1_ptr + k)
+            else:
+                x1 = tl.load(x1_ptr + k, mask=k_mask, other=0.0)
+            acc1 += w * x1.to(tl.float32)[None, :]
+    if BLOCK_M > 1:
+        sums = tl.trans(tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1)))  # [2, BLOCK_N]
+    else:
+        sums = tl.sum(acc0, axis=1)[None, :]
+    rm = tl.arange(0, BLOCK_M)
+    _finish(sums, rm, rn, rm < M, n_mask, pid_k, pid_n, M, N, split, partial_ptr, counter_ptr, scales_ptr, bias_ptr,
+            out_ptr, INT8 if HAS_SCALES else GPTQ, HAS_BIAS, SPLIT_K)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+         tiles: GemvTiles | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (at most MAX_ROWS rows) @ weight [N, K].T (times `scales` [N] per output, for int8 weights)
+    plus bias -> [..., N] in x's dtype (into `out` if given)."""
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} inputs, the weight {K}")
+    if weight.stride(1) != 1:
+        raise ValueError("the weight must be contiguous along its inputs")
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    if M > MAX_ROWS:
+        raise ValueError(f"the GEMV takes at most {MAX_ROWS} rows, not {M}")
+    if out is None:
+        out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out
+    tiles = tiles or TILES["default"]
+    num_tiles = triton.cdiv(N, tiles.block_n)
+    split = _split_k(num_tiles, K, tiles.block_k, tiles.programs_per_sm, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(K, split), tiles.block_k) * tiles.block_k
+    split = triton.cdiv(K, k_per_split)
+    out2 = out.view(-1, N)
+    partial = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out2
+    counters = _split_k_counters(x.device) if split > 1 else out2
+    _gemv_kernel[(num_tiles, split)](
+        x2, weight, scales if scales is not None else weight, bias if bias is not None else weight, out2, partial,
+        counters, M, N, K, x2.stride(0), weight.stride(0), k_per_split, split,
+        HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, SPLIT_K=split > 1,
+        EVEN_K=K % tiles.block_k == 0, BLOCK_M=max(M, 1), BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, NUM_STAGES=tiles.num_stages, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )
+    return out
