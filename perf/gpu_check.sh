@@ -16,6 +16,9 @@
 #   nano-ab nano four times in one call: as it is, with the KV write as its own kernel (FUSE_DECODE_KV_WRITE = False),
 #           with the torch sampler (engine.sampler.FUSED_SAMPLING_DEVICES = ()), and as it is again (the first run
 #           of a call pays for Triton compiles an empty cache makes, see "Triton compiles in the timed run")
+#   nano-gc nano with empty compile caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR fresh), as it is, then with
+#           gc.freeze() after the engine starts, then warm (the second run's caches) as it is: is the slow first run
+#           of a call the garbage collector walking what a cold compile left behind? (the "GC:" line)
 #   hf      nano (first 64 requests) through the engine and transformers, same run
 #   prefix  Qwen3-0.6B, 256 requests sharing a 2,000-token prefix, caching off then on (prefix8: 8 output tokens, not 32)
 #   latency Qwen3-0.6B per-phase decode step times at batch 1/64/256, context 1024 (perf/latency.py)
@@ -114,7 +117,7 @@ for stage in "$@"; do
            for kv in auto fp8; do for size in 1024 2048; do
              timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, ops.triton_attention as t; t.PARTITION_SIZE = $size; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
                perf/throughput.py --no-tqdm --json-out "$OUT/nano_${kv}_parts$size.json" --model qwen3-0.6b --workload nano --kv-cache-dtype $kv 2>&1 \
-               | grep -E "engine:|steps:|Triton compiles" | sed "s/^/[$kv, partitions of $size] /"
+               | grep -E "engine:|steps:|Triton compiles|GC:" | sed "s/^/[$kv, partitions of $size] /"
            done; done ;;
     nofuse) # llama1 and nano with the separate KV-write kernel in decode steps (FUSE_DECODE_KV_WRITE = False), to set
            # against `llama1` / `nano` in the same call
@@ -122,14 +125,23 @@ for stage in "$@"; do
                        "nano_qwen3_nofuse --model qwen3-0.6b --workload nano"; do
              set -- $spec; name=$1; shift
              timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, ops.triton_attention as t; t.FUSE_DECODE_KV_WRITE = False; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
-               perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" "$@" 2>&1 | grep -E "engine:|steps:|Triton compiles" | sed "s/^/[$name] /"
+               perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" "$@" 2>&1 | grep -E "engine:|steps:|Triton compiles|GC:" | sed "s/^/[$name] /"
            done ;;
     nano-ab) for spec in "nano_default;pass" "nano_nofuse;import ops.triton_attention as t; t.FUSE_DECODE_KV_WRITE = False" \
                       "nano_torch_sampler;import engine.sampler as t; t.FUSED_SAMPLING_DEVICES = ()" "nano_default_again;pass"; do
                name=${spec%%;*}; setup=${spec#*;}
                timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys; $setup; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
                  perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano 2>&1 \
-                 | tee "$OUT/$name.log" | grep -E "engine:|steps:|Triton compiles" | sed "s/^/[$name] /"
+                 | tee "$OUT/$name.log" | grep -E "engine:|steps:|Triton compiles|GC:" | sed "s/^/[$name] /"
+             done ;;
+    nano-gc) freeze="import gc, engine.llm as m; init = m.LLM.__init__; m.LLM.__init__ = lambda self, *a, **k: (init(self, *a, **k), gc.collect(), gc.freeze()) and None"
+             for spec in "nano_cold|pass|cold" "nano_cold_freeze|$freeze|cold" "nano_warm|pass|warm"; do
+               IFS='|' read -r name setup caches <<< "$spec"
+               if [ "$caches" = cold ]; then cache=$(mktemp -d); fi
+               TORCHINDUCTOR_CACHE_DIR=$cache/inductor TRITON_CACHE_DIR=$cache/triton timeout "${STAGE_TIMEOUT:-300}" \
+                 python3 -c "import runpy, sys; $setup; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+                 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano 2>&1 \
+                 | tee "$OUT/$name.log" | grep -E "engine:|steps:|Triton compiles|GC:" | sed "s/^/[$name] /"
              done ;;
     hf) bench nano64_vs_hf --model qwen3-0.6b --workload nano --limit 64 --compare-hf ;;
     latency) timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model qwen3-0.6b --prefill-lens 1024 --batch-sizes 1 64 256 \

@@ -141,8 +141,10 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
     before = llm.llm_engine.get_stats()
     llm_stats_before = (before.prefix_cache_hits_total, before.prefix_cache_queries_total)
     triton_before = triton_kernel_variants()
+    gc_watch = GcWatch()
     start = time.perf_counter()
-    outputs = llm.generate(inputs, params, use_tqdm=not args.no_tqdm)
+    with gc_watch:
+        outputs = llm.generate(inputs, params, use_tqdm=not args.no_tqdm)
     elapsed = time.perf_counter() - start
     triton_compiled = {name: n - triton_before.get(name, 0) for name, n in triton_kernel_variants().items()
                        if n > triton_before.get(name, 0)}
@@ -172,6 +174,9 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         # Triton kernels (ops/) compiled for a new specialization while the timer ran (rank 0), by name:
         # each is a JIT compile (~1 s with an empty Triton cache) inside the timed run.
         "triton_compiles_in_timed_run": triton_compiled,
+        # Python's garbage collector during the timed run (rank 0's process): objects it tracked at
+        # the start, then its collections and their summed pauses, by generation.
+        "gc": gc_watch.summary(),
         "preemptions": stats.num_preemptions_total,
         "prefix_caching": args.enable_prefix_caching,
         "prefix_cache_hit_rate": (stats.prefix_cache_hits_total - hits_before) / max(stats.prefix_cache_queries_total - queries_before, 1),
@@ -200,6 +205,39 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         result["profile"] = window.summary()
     llm.llm_engine.shutdown()  # tensor-parallel workers: the next engine of this process needs the group
     return result
+
+
+class GcWatch:
+    """The garbage collector's collections and pauses while the `with` body runs (gc.callbacks)."""
+
+    def __init__(self):
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self.tracked = 0
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.pauses.setdefault(info["generation"], []).append(time.perf_counter() - self._start)
+
+    def __enter__(self):
+        import gc
+
+        self.tracked = len(gc.get_objects())
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict:
+        return {"tracked_objects_at_start": self.tracked,
+                "collections": {g: len(p) for g, p in self.pauses.items()},
+                "pause_s": {g: round(sum(p), 4) for g, p in self.pauses.items()},
+                "longest_pause_s": round(max((max(p) for p in self.pauses.values() if p), default=0.0), 4)}
 
 
 def triton_kernel_variants() -> dict[str, int]:
@@ -358,6 +396,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {'':>14}  {t['steps']} steps: schedule {t['schedule_s']:.2f} s, execute {t['execute_s']:.2f} s, update {t['update_s']:.2f} s; startup {r['startup_s']:.1f} s")
             print(f"  {'':>14}  weights {r['weights_gib']:.2f} GiB ({r['quantization'] or 'unquantized'}), "
                   f"KV cache {r['kv_cache_gib']:.2f} GiB ({r['kv_blocks']} blocks, {r['kv_cache_dtype']})")
+            g = r.get("gc")
+            if g:
+                print(f"  {'':>14}  GC: {g['tracked_objects_at_start']} objects tracked; collections by generation "
+                      f"{g['collections']}, paused {sum(g['pause_s'].values()):.3f} s (longest {g['longest_pause_s']:.3f} s)")
             compiled = r.get("triton_compiles_in_timed_run") or {}
             print(f"  {'':>14}  Triton compiles in the timed run: {sum(compiled.values())}"
                   + (f" ({', '.join(f'{k} {v}' for k, v in compiled.items())})" if compiled else ""))
