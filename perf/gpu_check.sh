@@ -52,6 +52,9 @@
 #   tp4-70b (4 GPUs) Llama-3.1-70B (all 80 layers, bf16, random weights made shard by shard) at TP=4: batch-1
 #           decode 128 / 512, then fixed 256 x 1024 x 256; each run ends with 8 fixed prompts greedy, compared
 #   tp      (2 GPUs) tensor-parallel GPU tests, then Llama-3.1-8B batch-1 decode (async, sync) and fixed 1000 x 256 x 256 at TP=2
+#   quant1  the int8 quant GPU tests (one and two rows now go through the GEMV), then Llama-3.1-8B batch 1 (128 / 512) AWQ
+#           and int8
+#   tp-quick (2 GPUs) Llama-3.1-8B batch 1 (128 / 512) at TP=2, then TP=1 (GPU 0), same call; then the TP GPU tests
 #   quant8b Llama-3.1-8B batch 1 (128 / 512) AWQ, int8; fixed 1000 x 256 x 256 AWQ, int8, bitsandbytes (bf16: llama)
 #   awq-wide the planar kernel's GPU tests, quant_bench of the default tiles against session 6's (session6) at
 #           1 and 2 rows, and Llama-3.1-8B AWQ batch 1 (128 / 512) with each table
@@ -237,6 +240,13 @@ for stage in "$@"; do
         bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
         bench llama8b_bs1_tp2_sync --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --no-async-scheduling
         bench llama8b_fixed_tp2 --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 --tensor-parallel-size 2 ;;
+    quant1) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py -k "int8 or cuda_graph" 2>&1 \
+              | tee "$OUT/quant_int8_tests.log" | tail -3
+            for q in awq int8; do bench llama8b_${q}_bs1 --model llama-3.1-8b --quantization $q --workload fixed --num-requests 1 --input-len 128 --output-len 512; done ;;
+    tp-quick) bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
+              bench llama8b_bs1_tp1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512
+              timeout 150 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -5
+              timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k "not worker_exception" 2>&1 | tee "$OUT/tp_tests.log" | tail -15 ;;
     quant8b) for q in awq int8; do bench llama8b_${q}_bs1 --model llama-3.1-8b --quantization $q --workload fixed --num-requests 1 --input-len 128 --output-len 512; done
              for q in awq int8; do bench llama8b_${q}_fixed --model llama-3.1-8b --quantization $q --workload fixed --num-requests 1000 --input-len 256 --output-len 256; done
              # bitsandbytes runs compiled without CUDA graphs (its outlier search reads the device on the host)
