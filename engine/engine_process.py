@@ -28,7 +28,7 @@ from typing import Any, Callable
 from transformers import AutoTokenizer
 
 from engine.config import EngineArgs
-from engine.llm_engine import EngineStats, LLMEngine
+from engine.llm_engine import EngineStats, LLMEngine, freeze_gc_heap
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.tensor_parallel import TensorParallelError
 
@@ -203,6 +203,7 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
         engine = LLMEngine(args)
         if on_start is not None:
             on_start(engine)
+        freeze_gc_heap()  # this process keeps this engine for its life
     except Exception as exc:
         conn.send(("error", (_kind(exc), str(exc)), None, False))
         return

@@ -31,6 +31,7 @@ from api.app import DEFAULT_MAX_BODY_BYTES, begin_shutdown, build_app
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineArgs
 from engine.demo_model import DEMO_NAME, demo_model_path
+from engine.llm_engine import freeze_gc_heap
 
 logger = logging.getLogger("engine.serve")
 
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("--chat-template %s does not render a one-message conversation: %s", args.chat_template, exc)
             engine.shutdown()
             return 1
+    freeze_gc_heap()  # this process keeps this engine (or its handle to the engine process) for its life
     app = build_app(engine, **app_kwargs)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=10)

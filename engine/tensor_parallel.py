@@ -344,6 +344,7 @@ def run_worker(rank: int, args: EngineArgs, model_config: ModelConfig, store_por
 
 def _serve_steps(rank: int, args: EngineArgs, model_config: ModelConfig, store_port: int,
                  conn: multiprocessing.connection.Connection) -> None:
+    from engine.llm_engine import freeze_gc_heap
     from engine.model_runner import ModelRunner  # the runner starts workers: import it here, not at the top
 
     device = rank_device(args.resolve_device(), rank)
@@ -358,6 +359,7 @@ def _serve_steps(rank: int, args: EngineArgs, model_config: ModelConfig, store_p
                             world_size=args.tensor_parallel_size, timeout=COLLECTIVE_TIMEOUT,
                             device_id=device if device.type == "cuda" else None)
     runner = ModelRunner(args, model_config, device, tp_rank=rank)
+    freeze_gc_heap()  # this worker keeps this runner for its life
     while True:
         command, *sizes = _HEADER.unpack(conn.recv_bytes())
         if command == _STOP:

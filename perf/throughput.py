@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.quantization import QUANTIZATION_METHODS  # noqa: E402
+from engine.llm_engine import freeze_gc_heap  # noqa: E402
 from engine.weight_loader import weight_memory  # noqa: E402
 from perf.step_profile import StepWindow, print_summary  # noqa: E402
 
@@ -127,6 +128,7 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         quantization=args.quantization,
     )
     startup = time.perf_counter() - start
+    freeze_gc_heap()  # as the server and its engine process do after start-up (unfrozen when this run ends)
     params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=m) for m in max_tokens]
     inputs = [{"prompt_token_ids": p} for p in prompts]
     # Warm-up outside the timer: a short generate exercising prefill and decode.
@@ -204,6 +206,7 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
             llm.generate(inputs, params, use_tqdm=False)
         result["profile"] = window.summary()
     llm.llm_engine.shutdown()  # tensor-parallel workers: the next engine of this process needs the group
+    gc.unfreeze()  # so that the next engine of this process can have this one's memory
     return result
 
 
