@@ -67,7 +67,7 @@ def time_graph(fn, iters_inside: int, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sweep", action="store_true", help="every tile of a grid, not just ops.triton_gemv.TILES")
+    parser.add_argument("--sweep", action="store_true", help="every tile of a grid too, not just ops.triton_gemv.CANDIDATE_TILES")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--int8", action="store_true", help="also int8 weights: the GEMV vs ops.triton_quant")

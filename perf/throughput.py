@@ -238,8 +238,8 @@ class GcWatch:
 
     def summary(self) -> dict:
         return {"tracked_objects_at_start": self.tracked,
-                "collections": {g: len(p) for g, p in self.pauses.items()},
-                "pause_s": {g: round(sum(p), 4) for g, p in self.pauses.items()},
+                "collections": {str(g): len(p) for g, p in self.pauses.items()},  # str: JSON's keys
+                "pause_s": {str(g): round(sum(p), 4) for g, p in self.pauses.items()},
                 "longest_pause_s": round(max((max(p) for p in self.pauses.values() if p), default=0.0), 4)}
 
 
