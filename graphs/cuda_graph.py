@@ -166,6 +166,15 @@ class CudaGraphRunner:
                     (self.mixed_outputs if mixed else self.outputs)[size] = self.forward(ids, positions)
             pool = graph.pool()
             (self.mixed_graphs if mixed else self.graphs)[size] = graph
+        # Launch every graph once more, on its padding inputs (no KV written): CUDA uploads an instantiated
+        # graph to the device on its first launch, which would otherwise fall on the first request to use
+        # it (the 8B server's first request waited 93-143 ms for its first token, the next ones ~13 ms;
+        # perf/RESULTS.md, session 9; that this is the cause is not yet measured).
+        for size, graph in self.mixed_graphs.items():
+            self.mixed.load_empty(size)
+            graph.replay()
+        for graph in self.graphs.values():
+            graph.replay()
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
