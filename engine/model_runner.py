@@ -123,7 +123,7 @@ class ModelRunner:
         hidden_size = self.model_config.hf_config.hidden_size
         variants = [SamplingParams(temperature=0), SamplingParams(temperature=1.0),
                     SamplingParams(temperature=1.0, top_p=0.9, logprobs=1)]
-        for rows in sorted({1, self.args.max_num_seqs}):
+        for rows in sorted({1, 2, self.args.max_num_seqs}):  # 1 and 2: the LM head's GEMV variants
             hidden = torch.zeros(rows, hidden_size, dtype=self.model_config.dtype, device=self.device)
             logits = self.model.compute_logits(hidden, upcast=False)
             if self.tp_rank != 0:

@@ -10,6 +10,7 @@ without the custom op's dispatch cost.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -29,11 +30,18 @@ def _gemv_module():
     return importlib.import_module("ops.triton_gemv")
 
 
+@functools.cache
+def _capable(device: torch.device) -> bool:
+    """bf16 needs sm_80 in Triton; older cards keep cuBLAS for every dtype."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type not in GEMV_DEVICES or weight.dtype not in GEMV_DTYPES or x.dtype != weight.dtype:
         return False
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return 0 < rows <= _gemv_module().MAX_ROWS and weight.stride(1) == 1
+    return (0 < rows <= _gemv_module().MAX_ROWS and weight.shape[0] > 0 and weight.stride(1) == 1
+            and _capable(x.device))
 
 
 def _dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -117,7 +117,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"the GEMV takes at most {MAX_ROWS} rows, not {M}")
     if out is None:
         out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
-    if M == 0:
+    elif out.shape != (*x.shape[:-1], N) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(*x.shape[:-1], N)}")
+    if M == 0 or N == 0:
         return out
     tiles = tiles or CANDIDATE_TILES["default"]
     num_tiles = triton.cdiv(N, tiles.block_n)

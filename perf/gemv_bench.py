@@ -104,7 +104,7 @@ def main() -> None:
                 if not args.sweep or name in ("cublas", "default"):
                     print(f"{shape:>12} rows={rows} {name:>20}: {seconds * 1e6:8.1f} us {gbps:7.0f} GB/s", flush=True)
         if args.int8:
-            from ops.triton_quant import int8_matmul
+            from ops.triton_quant import INT8, _quant_matmul  # its own tiles: int8_matmul sends 1-2 rows to the GEMV
 
             w8 = [torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
                   for _ in range(max(2, -(-L2_DEFEAT_BYTES // (N * K))))]
@@ -112,7 +112,7 @@ def main() -> None:
             for rows in args.rows:
                 x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
                 ref = (x.float() @ w8[0].float().T) * scale.float()
-                for name, call in (("int8-quant", lambda w: int8_matmul(x, w, scale)),
+                for name, call in (("int8-quant", lambda w: _quant_matmul(x, w, None, scale, None, N, K, INT8, K, 0, None, None)),
                                    ("int8-gemv", lambda w: gemv(x, w, scales=scale))):
                     err = ((call(w8[0]).float() - ref).abs().max() / ref.abs().max()).item()
                     seconds = time_graph(lambda: [call(w) for w in w8], len(w8), args.repeats)

@@ -215,7 +215,7 @@ class GcWatch:
 
     def __init__(self):
         self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
-        self.tracked = 0
+        self.tracked = self.frozen = 0
         self._start = 0.0
 
     def _callback(self, phase: str, info: dict) -> None:
@@ -228,6 +228,7 @@ class GcWatch:
         import gc
 
         self.tracked = len(gc.get_objects())
+        self.frozen = gc.get_freeze_count()
         gc.callbacks.append(self._callback)
         return self
 
@@ -237,7 +238,7 @@ class GcWatch:
         gc.callbacks.remove(self._callback)
 
     def summary(self) -> dict:
-        return {"tracked_objects_at_start": self.tracked,
+        return {"tracked_objects_at_start": self.tracked, "frozen_objects": self.frozen,
                 "collections": {str(g): len(p) for g, p in self.pauses.items()},  # str: JSON's keys
                 "pause_s": {str(g): round(sum(p), 4) for g, p in self.pauses.items()},
                 "longest_pause_s": round(max((max(p) for p in self.pauses.values() if p), default=0.0), 4)}
@@ -254,7 +255,9 @@ def triton_kernel_variants() -> dict[str, int]:
         if not name.startswith("ops.") or module is None:
             continue
         for obj in vars(module).values():
-            fn = getattr(obj, "fn", obj)  # an autotuner wraps its JITFunction
+            fn = obj
+            while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):  # an autotuner wraps its JITFunction
+                fn = fn.fn
             if isinstance(fn, JITFunction) and hasattr(fn, "device_caches"):
                 counts[fn.__name__] = sum(len(cache[0]) for cache in fn.device_caches.values())
     return counts
@@ -401,7 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"KV cache {r['kv_cache_gib']:.2f} GiB ({r['kv_blocks']} blocks, {r['kv_cache_dtype']})")
             g = r.get("gc")
             if g:
-                print(f"  {'':>14}  GC: {g['tracked_objects_at_start']} objects tracked; collections by generation "
+                print(f"  {'':>14}  GC: {g['tracked_objects_at_start']} objects tracked ({g.get('frozen_objects', 0)} frozen); "
+                      f"collections by generation "
                       f"{g['collections']}, paused {sum(g['pause_s'].values()):.3f} s (longest {g['longest_pause_s']:.3f} s)")
             compiled = r.get("triton_compiles_in_timed_run") or {}
             print(f"  {'':>14}  Triton compiles in the timed run: {sum(compiled.values())}"
