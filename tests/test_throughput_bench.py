@@ -124,3 +124,25 @@ def test_fp8_kv_cache_run_reports_its_dtype_and_half_the_bytes_a_block(tiny_mode
     assert runs["fp8"]["output_tokens"] == 2 * 4
     per_block = {k: r["kv_cache_gib"] / r["kv_blocks"] for k, r in runs.items()}
     assert per_block["fp8"] == pytest.approx(per_block["auto"] / 2)
+
+
+def test_triton_kernel_variants_counts_each_ops_kernels_compiled_variants():
+    """The "Triton compiles in the timed run" figure: a new entry in a kernel's compile cache counts for it
+    (a fake entry here: compiling needs a GPU). Session 9's version counted nothing."""
+    pytest.importorskip("triton")
+    from triton.runtime.jit import JITFunction
+
+    import ops.triton_gemv
+
+    kernel = ops.triton_gemv._gemv_kernel
+    if not isinstance(kernel, JITFunction):
+        pytest.skip("the Triton interpreter is on: kernels are not compiled")
+    before = throughput.triton_kernel_variants()
+    assert "_gemv_kernel" in before
+    kernel.device_caches["fake-device"] = ({"a": None, "b": None}, None, None, None, None)
+    try:
+        after = throughput.triton_kernel_variants()
+    finally:
+        del kernel.device_caches["fake-device"]
+    assert after["_gemv_kernel"] == before["_gemv_kernel"] + 2
+    assert {k: v for k, v in after.items() if k != "_gemv_kernel"} == {k: v for k, v in before.items() if k != "_gemv_kernel"}
