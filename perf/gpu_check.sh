@@ -3,7 +3,7 @@
 # there are more than the 8 files the device tool brings back).
 # First, here: bash perf/fetch_wheels.sh (wheels the device lacks; the call carries ".whl").
 # Usage (on the lent GPU, from the repo root): bash perf/gpu_check.sh STAGE...
-#   tests   pytest -m gpu (attention kernels, the GPU engine, the fused sampler)
+#   tests   pytest -m gpu (attention kernels, the GPU engine, the fused sampler, the GEMV)
 #   nano    Qwen3-0.6B, nano workload (nano-sync: without async scheduling; nano-nc: graphs without torch.compile;
 #           nano-fp8: with an fp8 KV cache)
 #   llama1  Llama-3.1-8B, batch 1, 128 in / 512 out
@@ -84,7 +84,7 @@ bench() { local name=$1; shift; timeout "${STAGE_TIMEOUT:-300}" python3 perf/thr
 for stage in "$@"; do
   echo "=== $stage"
   case $stage in
-    tests) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_attention_kernels.py tests/test_gpu_engine.py tests/test_triton_sampling.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    tests) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_attention_kernels.py tests/test_gpu_engine.py tests/test_triton_sampling.py tests/test_triton_gemv.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     quant) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py 2>&1 | tee "$OUT/quant_tests.log" | tail -15
            timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --out "$OUT/quant_bench.json" 2>&1 | tee "$OUT/quant_bench.log" | tail -80 ;;
     nano) TORCH_LOGS=recompiles bench nano_qwen3 --model qwen3-0.6b --workload nano ;;
