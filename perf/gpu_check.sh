@@ -41,6 +41,7 @@
 #   gemv    the Triton GEMV's GPU tests (tests/test_triton_gemv.py), then perf/gemv_bench.py --sweep --int8 (every tile
 #           of a grid against cuBLAS on Llama-3.1-8B's shapes at 1 and 2 rows)
 #   nogemv  llama1 with cuBLAS for every dense matmul (ENGINE_GEMV=0: no GEMV), to set against `llama1` in the same call
+#   c1      the 8B server at concurrency 1 as it is (128 / 256, 24 prompts, no warm-up request: the first one's TTFT)
 #   c1-gemv the 8B server at concurrency 1 as c1-pair (default graphs), without (ENGINE_GEMV=0) then with the GEMV
 #   sampler the fused sampling kernel's GPU tests, then perf/sampler_bench.py (torch path vs fused, 1 / 64 / 256 rows)
 #   c1-pair the 8B server at concurrency 1 (128 / 256, 24 prompts, no warm-up request: the first one's TTFT is printed)
@@ -207,10 +208,10 @@ for stage in "$@"; do
     nogemv) ENGINE_GEMV=0 bench llama8b_bs1_nogemv --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
     sampler) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_sampling.py 2>&1 | tail -3
              timeout "${STAGE_TIMEOUT:-300}" python3 perf/sampler_bench.py 2>&1 | tee "$OUT/sampler_bench.txt" ;;
-    c1-pair|c1-gemv) # the 8B server at concurrency 1 (128 in / 256 out): c1-pair without then with prefill / mixed-step
-           # graphs, c1-gemv without then with the GEMV; same call
+    c1|c1-pair|c1-gemv) # the 8B server at concurrency 1 (128 in / 256 out): c1 as it is, c1-pair without then with
+           # prefill / mixed-step graphs, c1-gemv without then with the GEMV; same call
            dir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('llama-3.1-8b'))")
-           if [ "$stage" = c1-pair ]; then runs=("c1-nomixed;--mixed-cuda-graph-sizes 0;1" "c1;;1"); else runs=("c1-nogemv;;0" "c1;;1"); fi
+           case $stage in c1) runs=("c1;;1") ;; c1-pair) runs=("c1-nomixed;--mixed-cuda-graph-sizes 0;1" "c1;;1") ;; *) runs=("c1-nogemv;;0" "c1;;1") ;; esac
            for run in "${runs[@]}"; do
              IFS=';' read -r label flags gemv <<< "$run"
              ENGINE_GEMV=$gemv python3 -m engine.serve --model "$dir" --load-format dummy --max-model-len 4096 --port 8014 --served-model-name llama8b \
