@@ -27,9 +27,10 @@
 #   profile torch-profiler tables (top kernels) of a Qwen3-0.6B prefill of 1024 and decode at 256 x 1024,
 #           and a Llama-3.1-8B batch-1 decode step, in $OUT/trace/*.txt
 #   serve   the server's cost on nano-like traffic (perf/latency.py --server: engine vs async front vs HTTP,
-#           256 requests; then the same requests against `python -m engine.serve --engine-process`, to
-#           set against latency.py's engine figure), then a Llama-3.1-8B server (python -m engine.serve, dummy weights) under
-#           perf/serve_bench.py: concurrency 1 at 128 in / 256 out, and random 1024 / 128 at rates 1, 4, 16, inf
+#           256 requests, with its prefill and decode-step sweeps; then the same requests against `python -m engine.serve
+#           --engine-process`, to set against latency.py's engine figure), then a Llama-3.1-8B server (python -m
+#           engine.serve, dummy weights) under perf/serve_bench.py: concurrency 1 at 128 in / 256 out, random 1024 / 128
+#           at rates 1, 4, 16, inf and at concurrency 4, 16, 64 (then here: python3 perf/plot.py *.json)
 #   serve-c1 the same without the request-rate sweep
 #   serve-spy py-spy (carried as a wheel) samples the Qwen3-0.6B server's threads, in-process and with
 #           --engine-process, during the 256-request run above; raw stacks in $OUT/spy_*.txt
@@ -156,8 +157,10 @@ for stage in "$@"; do
                  --trace "$OUT/trace" --trace-steps 2 --model $args 2>&1 | tail -8
              done
              for f in "$OUT"/trace/*.txt; do echo "--- $f"; head -30 "$f"; done ;;
-    serve|serve-c1) timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model qwen3-0.6b --max-model-len 4096 --server --skip-sweeps \
-             --server-requests 256 --input-len 550 --output-len 520 --out "$OUT/serve_overhead_qwen3.json" 2>&1 | tail -12
+    serve|serve-c1) sweeps=--skip-sweeps  # serve: also prefill / decode-step sweeps (the plots' step time against batch size)
+           [ "$stage" = serve ] && sweeps="--prefill-lens 128 512 2048 --batch-sizes 1 8 32 64 128 256 --context-lens 1024"
+           timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model qwen3-0.6b --max-model-len 4096 --server $sweeps \
+             --server-requests 256 --input-len 550 --output-len 520 --label qwen3-0.6b --out "$OUT/serve_overhead_qwen3.json" 2>&1 | tail -24
            qdir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('qwen3-0.6b'))")
            vocab=$(python3 -c "from transformers import AutoConfig, AutoTokenizer as T; import sys; d=sys.argv[1]; print(min(AutoConfig.from_pretrained(d).vocab_size, len(T.from_pretrained(d))))" "$qdir")
            python3 -m engine.serve --model "$qdir" --load-format dummy --max-model-len 4096 --port 8012 --engine-process \
@@ -173,10 +176,15 @@ for stage in "$@"; do
              --served-model-name llama8b > "$OUT/serve8b_server.log" 2>&1 & server=$!
            for _ in $(seq 240); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
            sb() { timeout 200 python3 perf/serve_bench.py --base-url http://127.0.0.1:8011 --model llama8b --ignore-eos --disable-tqdm "$@" 2>&1 | tail -22; }
-           sb --dataset fixed --input-len 128 --output-len 256 --num-prompts 24 --max-concurrency 1 --label c1 --result-json "$OUT/serve8b_c1.json"
-           [ "$stage" = serve-c1 ] || for rate in 1 4 16 inf; do n=$([ $rate = 1 ] && echo 30 || ([ $rate = 4 ] && echo 80 || echo 200))
-             sb --dataset random --input-len 1024 --output-len 128 --num-prompts $n --request-rate $rate --label rate$rate --result-json "$OUT/serve8b_rate$rate.json"
-           done
+           sb --dataset fixed --input-len 128 --output-len 256 --num-prompts 24 --max-concurrency 1 --label "llama8b 128/256" --result-json "$OUT/serve8b_c1.json"
+           if [ "$stage" = serve ]; then  # one label for each sweep: one line in each plot
+             for rate in 1 4 16 inf; do n=$([ $rate = 1 ] && echo 30 || ([ $rate = 4 ] && echo 80 || echo 200))
+               sb --dataset random --input-len 1024 --output-len 128 --num-prompts $n --request-rate $rate --label "llama8b 1024/128" --result-json "$OUT/serve8b_rate$rate.json"
+             done
+             for c in 4 16 64; do
+               sb --dataset random --input-len 1024 --output-len 128 --num-prompts $((c * 4)) --max-concurrency $c --label "llama8b 1024/128" --result-json "$OUT/serve8b_conc$c.json"
+             done
+           fi
            kill $server; wait $server ;;
     serve-spy) qdir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('qwen3-0.6b'))")
            vocab=$(python3 -c "from transformers import AutoConfig, AutoTokenizer as T; import sys; d=sys.argv[1]; print(min(AutoConfig.from_pretrained(d).vocab_size, len(T.from_pretrained(d))))" "$qdir")
@@ -236,7 +244,7 @@ for stage in "$@"; do
             "$OUT/llama70b_bs1_tp4.json" "$OUT/llama70b_fixed_tp4.json" ;;
     tp) # the worker-failure test first, in a pytest of its own (it must come last in a process, and the
         # greedy ones took the whole stage's time in session 6)
-        timeout 150 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -5
+        timeout 240 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -12
         timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k "not worker_exception" 2>&1 | tee "$OUT/tp_tests.log" | tail -15
         bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
         bench llama8b_bs1_tp2_sync --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --no-async-scheduling
@@ -246,7 +254,7 @@ for stage in "$@"; do
             for q in awq int8; do bench llama8b_${q}_bs1 --model llama-3.1-8b --quantization $q --workload fixed --num-requests 1 --input-len 128 --output-len 512; done ;;
     tp-quick) bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
               bench llama8b_bs1_tp1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512
-              timeout 150 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -5
+              timeout 240 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -12
               timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k "not worker_exception" 2>&1 | tee "$OUT/tp_tests.log" | tail -15 ;;
     quant8b) for q in awq int8; do bench llama8b_${q}_bs1 --model llama-3.1-8b --quantization $q --workload fixed --num-requests 1 --input-len 128 --output-len 512; done
              for q in awq int8; do bench llama8b_${q}_fixed --model llama-3.1-8b --quantization $q --workload fixed --num-requests 1000 --input-len 256 --output-len 256; done
