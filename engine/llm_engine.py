@@ -51,9 +51,11 @@ class StepTimings:
     schedule: float = 0.0
     execute: float = 0.0
     update: float = 0.0  # detokenize, stop checks, outputs
+    device_wait: float = 0.0  # of `execute`: the host blocked, waiting for sampled ids from the device
 
     def as_dict(self) -> dict:
-        return {"steps": self.steps, "schedule_s": self.schedule, "execute_s": self.execute, "update_s": self.update}
+        return {"steps": self.steps, "schedule_s": self.schedule, "execute_s": self.execute, "update_s": self.update,
+                "device_wait_s": self.device_wait}
 
 
 @dataclass
@@ -310,6 +312,7 @@ class LLMEngine:
 
     def _apply_tokens(self, scheduled: list[ScheduledSequence], result) -> list[RequestOutput]:
         """Book a step's sampled tokens: append, detokenize, stop checks, finished requests."""
+        self.timings.device_wait += result.device_wait_s
         now = time.time()
         touched: dict[str, Request] = {}
         share_blocks = self.args.enable_prefix_caching

@@ -39,6 +39,7 @@ class ModelRunnerOutput:
     sampled: dict[int, int] = field(default_factory=dict)  # seq id -> next token
     logprobs: dict[int, PositionLogprobs] = field(default_factory=dict)  # seq id -> that token's logprobs
     prompt_logprobs: dict[int, list[PositionLogprobs]] = field(default_factory=dict)  # seq id -> this chunk's
+    device_wait_s: float = 0.0  # how long the host waited for the sampled ids to arrive
 
 
 @dataclass
@@ -452,7 +453,10 @@ class SampledRows:
 
 def _collect_sampling(sampled: SampledRows, out: ModelRunnerOutput) -> None:
     """Wait for a step's sampled tokens (and logprobs) to reach the host; book them in `out`."""
-    token_ids, *logprobs = (t.tolist() for t in sampled.host.wait())
+    start = time.perf_counter()
+    host_tensors = sampled.host.wait()
+    out.device_wait_s += time.perf_counter() - start
+    token_ids, *logprobs = (t.tolist() for t in host_tensors)
     for seq, token in zip(sampled.seqs, token_ids):
         out.sampled[seq.seq_id] = token
     if not logprobs:

@@ -360,11 +360,18 @@ def _serve_steps(rank: int, args: EngineArgs, model_config: ModelConfig, store_p
                             device_id=device if device.type == "cuda" else None)
     runner = ModelRunner(args, model_config, device, tp_rank=rank)
     freeze_gc_heap()  # this worker keeps this runner for its life
+    steps, idle_s, busy_s = 0, 0.0, 0.0  # logged at the end: is this worker (idle ~ 0) what holds rank 0 up?
     while True:
+        start = time.perf_counter()
         command, *sizes = _HEADER.unpack(conn.recv_bytes())
+        received = time.perf_counter()
         if command == _STOP:
             break
         runner.execute_model(*receive_step(tuple(sizes), device))
+        steps, idle_s, busy_s = steps + 1, idle_s + received - start, busy_s + time.perf_counter() - received
+    if steps:
+        logger.info("tensor-parallel worker rank %d: %d steps; a step %.3f ms of host work, %.3f ms waiting for the "
+                    "next from rank 0", rank, steps, 1e3 * busy_s / steps, 1e3 * idle_s / steps)
     del runner  # its CUDA graphs hold collectives: free them before the group goes
     dist.destroy_process_group()
 

@@ -400,6 +400,10 @@ def main(argv: list[str] | None = None) -> dict:
         if "step_timings" in r:
             t = r["step_timings"]
             print(f"  {'':>14}  {t['steps']} steps: schedule {t['schedule_s']:.2f} s, execute {t['execute_s']:.2f} s, update {t['update_s']:.2f} s; startup {r['startup_s']:.1f} s")
+            if t["steps"]:
+                busy = t["schedule_s"] + t["execute_s"] + t["update_s"] - t["device_wait_s"]
+                print(f"  {'':>14}  a step: {1e3 * busy / t['steps']:.3f} ms of host work, {1e3 * t['device_wait_s'] / t['steps']:.3f} ms "
+                      "waiting for the device (host-bound when the wait is near 0)")
             print(f"  {'':>14}  weights {r['weights_gib']:.2f} GiB ({r['quantization'] or 'unquantized'}), "
                   f"KV cache {r['kv_cache_gib']:.2f} GiB ({r['kv_blocks']} blocks, {r['kv_cache_dtype']})")
             g = r.get("gc")
