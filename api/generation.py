@@ -5,6 +5,7 @@ each choice has been sent so far, and the usage they add up to."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterable
@@ -16,6 +17,8 @@ from api.server import Server
 from engine.async_engine import AsyncLLMEngine, RequestStream
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("api")
 
 # Prompts up to this many characters are tokenized on the event loop (well under a millisecond, less
 # than a hop to a worker thread); longer ones in a worker thread, so a huge one holds up no one.
@@ -93,11 +96,17 @@ class Generation:
             for stream in streams:
                 stream.abort()
             raise
+        # With the engine's per-step lines (debug too), a request's timeline: accepted, steps, first output.
+        logger.debug("%s: %d prompt(s) accepted by the engine in %.2f ms", request_id, len(prompts), 1e3 * (time.time() - now))
         return cls(streams, server.metrics)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         if len(self.streams) == 1:  # the common case, without a task per output
+            first = logger.isEnabledFor(logging.DEBUG)
             async for output in self.streams[0]:
+                if first:
+                    logger.debug("%s: first output", output.request_id)
+                    first = False
                 self.trackers[0].observe(output)
                 yield 0, output
             return

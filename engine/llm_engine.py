@@ -166,6 +166,7 @@ class LLMEngine:
             request.seqs.append(Sequence(request, index, generator))
         self.requests[request_id] = request
         self.scheduler.add_request(request)
+        logger.debug("request %s added: %d prompt tokens", request_id, len(token_ids))
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -251,6 +252,7 @@ class LLMEngine:
         """One scheduler step. With async scheduling the step launched here returns its tokens at
         the next call, so the outputs returned are those of the previous step."""
         t0 = time.perf_counter()
+        wait_before = self.timings.device_wait
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None and self._needs_sync():
             batch = None  # drain: launch nothing until the step in flight is read back
@@ -284,9 +286,9 @@ class LLMEngine:
         timings.update += t3 - t2
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
-                "step %d: %d seqs, %d tokens; schedule %.2f ms, execute + update %.2f ms",
+                "step %d: %d seqs, %d tokens; schedule %.2f ms, execute + update %.2f ms (of which waiting for the device %.2f ms)",
                 timings.steps, len(batch.scheduled) if batch else 0, batch.num_batched_tokens if batch else 0,
-                1e3 * (t1 - t0), 1e3 * (t2 - t1),
+                1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (timings.device_wait - wait_before),
             )
         return outputs
 

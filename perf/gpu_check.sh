@@ -42,6 +42,7 @@
 #   gemv    the Triton GEMV's GPU tests (tests/test_triton_gemv.py), then perf/gemv_bench.py --sweep --int8 (every tile
 #           of a grid against cuBLAS on Llama-3.1-8B's shapes at 1 and 2 rows)
 #   nogemv  llama1 with cuBLAS for every dense matmul (ENGINE_GEMV=0: no GEMV), to set against `llama1` in the same call
+#   c1-first the 8B server at debug level, 3 requests one at a time: the log lines from the first request's arrival on
 #   c1      the 8B server at concurrency 1 as it is (128 / 256, 24 prompts, no warm-up request: the first one's TTFT)
 #   c1-gemv the 8B server at concurrency 1 as c1-pair (default graphs), without (ENGINE_GEMV=0) then with the GEMV
 #   sampler the fused sampling kernel's GPU tests, then perf/sampler_bench.py (torch path vs fused, 1 / 64 / 256 rows)
@@ -216,6 +217,19 @@ for stage in "$@"; do
     nogemv) ENGINE_GEMV=0 bench llama8b_bs1_nogemv --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
     sampler) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_sampling.py 2>&1 | tail -3
              timeout "${STAGE_TIMEOUT:-300}" python3 perf/sampler_bench.py 2>&1 | tee "$OUT/sampler_bench.txt" ;;
+    c1-first) # why the first request after a start waits ~90 ms for its first token (the rest ~12 ms): the 8B server
+           # at debug level (per-step lines, request accepted / first output), 3 requests one at a time
+           dir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('llama-3.1-8b'))")
+           python3 -m engine.serve --model "$dir" --load-format dummy --max-model-len 4096 --port 8015 --served-model-name llama8b \
+             --log-level debug > "$OUT/serve8b_first.log" 2>&1 & server=$!
+           for _ in $(seq 240); do curl -sf localhost:8015/health >/dev/null && break; sleep 1; done
+           timeout 100 python3 perf/serve_bench.py --base-url http://127.0.0.1:8015 --model llama8b --ignore-eos --disable-tqdm \
+             --dataset fixed --input-len 128 --output-len 16 --num-prompts 3 --max-concurrency 1 --num-warmups 0 \
+             --result-json "$OUT/serve8b_first.json" 2>&1 | grep -E "TTFT"
+           python3 -c "import json; print('TTFTs ms:', [round(1e3 * t, 2) for t in json.load(open('$OUT/serve8b_first.json'))['ttfts']])"
+           kill $server; wait $server
+           n=$(grep -n -m 1 "accepted by the engine" "$OUT/serve8b_first.log" | cut -d: -f1)
+           [ -n "$n" ] && sed -n "$((n > 5 ? n - 5 : 1)),$((n + 40))p" "$OUT/serve8b_first.log" | cut -c1-200 ;;
     c1|c1-pair|c1-gemv) # the 8B server at concurrency 1 (128 in / 256 out): c1 as it is, c1-pair without then with
            # prefill / mixed-step graphs, c1-gemv without then with the GEMV; same call
            dir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('llama-3.1-8b'))")
