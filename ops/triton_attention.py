@@ -115,7 +115,10 @@ def _attend_kv_range(
     return acc, m_i, l_i
 
 
-@triton.jit
+# Integer arguments that change from step to step are not specialized on (Triton otherwise compiles a
+# variant for each of "== 1", "divisible by 16" and neither): a variant first met in a timed run
+# costs a compile there (~1 s with an empty cache). Only the block tables' width is such here.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -246,7 +249,7 @@ def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])  # they change from step to step (see _decode_kernel)
 def _prefill_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     num_seqs, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,

@@ -414,7 +414,7 @@ def _int8_tile(w_ptr, rk, k_mask, n0, N, stride_w, EVEN_N: tl.constexpr, BLOCK_N
     return w.to(tl.float32), 1.0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # the rows change from step to step: one compile per tile, not three
 def _quant_matmul_kernel(
     x_ptr, w_ptr, zeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
     M, N, K, stride_xm, stride_w, group_size, k_per_split, split, exponent_bits,

@@ -95,6 +95,39 @@ def run_backend(name, q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block
     assert_matches_reference(out, reference(query, k_cache, v_cache, meta, scale))
 
 
+def compiled_variants(kernel) -> int:
+    return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+
+@gpu
+@needs_cuda
+def test_one_compiled_variant_serves_every_batch_size_and_block_table_width():
+    """The sequences in a step and the block tables' width change from step to step; were the kernels
+    specialized on them (Triton's "== 1" / "divisible by 16" variants), a variant first met mid-run
+    would compile there (~1 s with an empty cache). Results are checked against the reference too."""
+    import dataclasses
+
+    from ops import triton_attention
+
+    counts = []
+    for num_seqs, max_seq_len in [(1, 40), (16, 15 * 16), (17, 16 * 16), (3, 31 * 16), (32, 17 * 16)]:
+        run_backend("triton", [40] * num_seqs, [40] * num_seqs, 4, 2, 64, 16, max_seq_len=max_seq_len)
+        counts.append(compiled_variants(triton_attention._prefill_kernel))
+    assert counts[1:] == counts[:1] * (len(counts) - 1), f"prefill kernel variants after each call: {counts}"
+
+    backend = get_backend("triton")
+    query, k_cache, v_cache, meta = make_paged_batch([1] * 4, [300, 5, 17, 64], 4, 2, 64, 16, torch.bfloat16, "cuda")
+    want = reference(query, k_cache, v_cache, meta, 0.125)
+    counts = []
+    for extra in (0, 16 - meta.block_tables.shape[1], 17 - meta.block_tables.shape[1], 40):
+        tables = torch.cat([meta.block_tables, meta.block_tables.new_zeros(4, extra)], dim=1)
+        out = torch.full_like(query, float("nan"))
+        backend.paged_attention(query, k_cache, v_cache, dataclasses.replace(meta, block_tables=tables), 0.125, out)
+        assert_matches_reference(out, want)
+        counts.append(compiled_variants(triton_attention._decode_kernel))
+    assert counts[1:] == counts[:1] * (len(counts) - 1), f"decode kernel variants after each call: {counts}"
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("group", [1, 2, 4, 8])

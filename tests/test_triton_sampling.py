@@ -162,3 +162,19 @@ def test_sampled_rows_follow_softmax_on_gpu():
     check_sampled_rows_follow_softmax("cuda", 400_000, 0.004)
     check_a_row_depends_on_its_seed_only("cuda")
     check_the_sampler_takes_the_fused_path("cuda")
+
+
+@gpu
+@needs_cuda
+def test_one_compiled_variant_serves_every_row_count():
+    """The vocabulary's split over programs changes with the rows; were the kernel specialized on it,
+    a row count first met mid-run would compile a variant there (~1 s with an empty cache)."""
+    from ops.triton_sampling import _gumbel_argmax_kernel, gumbel_argmax
+
+    counts = []
+    for rows in (256, 1, 2, 17, 100):
+        logits = torch.randn(rows, 151_936, device="cuda")
+        out = gumbel_argmax(logits, torch.zeros(rows, device="cuda"), torch.arange(rows, device="cuda"))
+        assert out.tolist() == logits.argmax(dim=-1).tolist()
+        counts.append(sum(len(cache[0]) for cache in _gumbel_argmax_kernel.device_caches.values()))
+    assert counts[1:] == counts[:1] * (len(counts) - 1), f"variants after each row count: {counts}"
