@@ -3,6 +3,7 @@ draining, the served model's name) and reading a request body (`read_json`)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import TypeVar
@@ -13,6 +14,8 @@ from starlette.requests import Request
 from api.errors import APIError
 from api.metrics import ServerMetrics
 from engine.async_engine import AsyncLLMEngine
+
+logger = logging.getLogger("api")
 
 T = TypeVar("T")
 
@@ -56,6 +59,7 @@ class Server:
 
 
 async def read_json(request: Request, body_type: type[T], limit: int) -> T:
+    logger.debug("%s %s: handler entered", request.method, request.url.path)  # the start of a request's timeline
     declared = request.headers.get("content-length", "")
     too_large = declared.isdigit() and int(declared) > limit
     chunks, size = [], 0
