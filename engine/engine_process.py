@@ -7,6 +7,12 @@ runs in a child process and `RemoteEngine` stands in for it behind the few calls
 makes (add_request, abort_request, step, get_stats, has_unfinished_requests, shutdown): each is one
 message over a pipe and one reply, which also carries the engine's stats.
 
+The engine process runs one step ahead: right after answering "step" with a step's outputs it runs
+the next step, so the device is busy while the front sends those outputs to its clients instead of
+waiting for the front's next "step" (at 256 Qwen3-0.6B streams the server reached 0.82 of the
+engine's throughput without this, H100). Adds and aborts sent meanwhile are answered once that step
+is done; outputs it made for a request aborted since are dropped.
+
 Outputs cross as deltas (the text and tokens new since the last one), since resending every
 request's whole output each step would cost the front more than it saves; `RemoteEngine` puts the
 cumulative outputs back together. The child exits when its parent dies; an engine process that dies
@@ -209,30 +215,53 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
         return
     conn.send(("ok", engine.model_config, engine.get_stats(), False))
     sent: dict[str, _Sent] = {}  # what each request's outputs have sent so far
+    ahead: _Ahead | None = None  # the step run ahead of the front's next "step", not yet sent
+
+    def run_step() -> _Ahead:
+        try:
+            return _Ahead([_delta(output, sent) for output in engine.step()])
+        except Exception as exc:
+            logging.getLogger("engine").exception("engine process: step failed")
+            return _Ahead([], (_kind(exc), str(exc)))
+
+    def reply(status: str, result: Any) -> None:
+        # "Unfinished" while a step run ahead is unsent: its outputs may finish the last requests.
+        conn.send((status, result, engine.get_stats(), engine.has_unfinished_requests() or ahead is not None))
+
     while True:
         command, payload = conn.recv()
         try:
             if command == "add":
                 engine.add_request(*payload)
-                result = None
+                reply("ok", None)
             elif command == "abort":
                 engine.abort_request(payload[0])
                 for request_id in payload[0]:
                     sent.pop(request_id, None)
-                result = None
+                if ahead is not None:  # outputs of a step run before the abort: not theirs to see any more
+                    ahead.deltas = [d for d in ahead.deltas if d[0] not in payload[0]]
+                reply("ok", None)
             elif command == "step":
-                result = [_delta(output, sent) for output in engine.step()]
+                done, ahead = ahead or run_step(), None
+                if done.error is None:
+                    reply("ok", done.deltas)
+                else:
+                    reply("error", done.error)
+                # Run the next step now, while the front sends these outputs: the device gets its next
+                # step without waiting for the front's next call (adds and aborts sent meanwhile wait for
+                # it, at most one step). A failed step is not repeated ahead: the front aborts first.
+                if done.error is None and engine.has_unfinished_requests():
+                    ahead = run_step()
             elif command == "shutdown":
                 engine.shutdown()
                 conn.send(("ok", None, None, False))
                 return
             else:
                 raise ValueError(f"unknown command {command!r}")
-            conn.send(("ok", result, engine.get_stats(), engine.has_unfinished_requests()))
         except Exception as exc:
             if not isinstance(exc, ValueError):
                 logging.getLogger("engine").exception("engine process: %s failed", command)
-            conn.send(("error", (_kind(exc), str(exc)), engine.get_stats(), engine.has_unfinished_requests()))
+            reply("error", (_kind(exc), str(exc)))
 
 
 def _kind(exc: Exception) -> str:
@@ -241,6 +270,14 @@ def _kind(exc: Exception) -> str:
     if isinstance(exc, ValueError):
         return "ValueError"
     return type(exc).__name__
+
+
+@dataclass
+class _Ahead:
+    """A step the engine process ran before the front asked for it: its output deltas, or its error."""
+
+    deltas: list[tuple]
+    error: tuple[str, str] | None = None
 
 
 @dataclass

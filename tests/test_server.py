@@ -721,6 +721,35 @@ def test_the_engine_process_gives_the_outputs_of_the_engine_in_process(llama_che
     assert len(here[0].prompt_logprobs) == 200
 
 
+def test_the_engine_process_runs_a_step_ahead_and_drops_its_outputs_of_aborted_requests(llama_checkpoint):
+    from engine.engine_process import RemoteEngine
+
+    engine = RemoteEngine(EngineArgs(model=llama_checkpoint, max_model_len=256, num_gpu_blocks_override=64))
+    try:
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        engine.add_request("kept", {"prompt_token_ids": [5, 6, 7]}, params)
+        engine.add_request("aborted", {"prompt_token_ids": [8, 9]}, params)
+        engine.step()  # answered, then the engine process runs the next step ahead
+        engine.abort_request("aborted")  # that step's outputs include it: they must not reach the front
+        tokens, finished = {}, set()
+        for _ in range(10):
+            if not engine.has_unfinished_requests():
+                break
+            for output in engine.step():
+                tokens[output.request_id] = output.outputs[0].token_ids
+                if output.finished:
+                    finished.add(output.request_id)
+        assert finished == {"kept"} and set(tokens) == {"kept"} and len(tokens["kept"]) == 4
+        assert not engine.has_unfinished_requests()
+        # The same tokens as a request alone (greedy): the run-ahead changed what was computed when, not what.
+        engine.add_request("again", {"prompt_token_ids": [5, 6, 7]}, params)
+        while engine.has_unfinished_requests():
+            outputs = engine.step()
+        assert [o.outputs[0].token_ids for o in outputs if o.request_id == "again"] == [tokens["kept"]]
+    finally:
+        engine.shutdown()
+
+
 def test_an_engine_process_that_dies_fails_its_requests_and_the_server_answers_503(llama_checkpoint, tmp_path):
     proc = ServerProcess(tmp_path / "server.log", "--model", llama_checkpoint, "--max-model-len", "256",
                          "--num-gpu-blocks-override", "64", "--engine-process")
