@@ -32,6 +32,7 @@
 #           engine.serve, dummy weights) under perf/serve_bench.py: concurrency 1 at 128 in / 256 out, random 1024 / 128
 #           at rates 1, 4, 16, inf and at concurrency 4, 16, 64 (then here: python3 perf/plot.py *.json)
 #   serve-c1 the same without the request-rate sweep
+#   serve-ratio the server / offline part of serve alone (Qwen3-0.6B, 256 requests: engine, async front, HTTP, engine process)
 #   serve-spy py-spy (carried as a wheel) samples the Qwen3-0.6B server's threads, in-process and with
 #           --engine-process, during the 256-request run above; raw stacks in $OUT/spy_*.txt
 #   quant   Triton quantized-matmul GPU tests (tests/test_triton_quant.py), then perf/quant_bench.py
@@ -159,6 +160,20 @@ for stage in "$@"; do
                  --trace "$OUT/trace" --trace-steps 2 --model $args 2>&1 | tail -8
              done
              for f in "$OUT"/trace/*.txt; do echo "--- $f"; head -30 "$f"; done ;;
+    serve-ratio) # the server / offline ratio alone: latency.py's engine / async front / HTTP layers, then the same 256
+           # requests against `python -m engine.serve --engine-process` (as in serve)
+           timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model qwen3-0.6b --max-model-len 4096 --server --skip-sweeps \
+             --server-requests 256 --input-len 550 --output-len 520 --label qwen3-0.6b --out "$OUT/serve_overhead_qwen3.json" 2>&1 | tail -12
+           qdir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('qwen3-0.6b'))")
+           vocab=$(python3 -c "from transformers import AutoConfig, AutoTokenizer as T; import sys; d=sys.argv[1]; print(min(AutoConfig.from_pretrained(d).vocab_size, len(T.from_pretrained(d))))" "$qdir")
+           python3 -m engine.serve --model "$qdir" --load-format dummy --max-model-len 4096 --port 8012 --engine-process \
+             > "$OUT/serve_ep_server.log" 2>&1 & epserver=$!
+           for _ in $(seq 240); do curl -sf localhost:8012/health >/dev/null && break; sleep 1; done
+           echo "--- the same 256 requests, server with --engine-process (compare with the engine line above)"
+           timeout 200 python3 perf/serve_bench.py --base-url http://127.0.0.1:8012 --dataset random --num-prompts 256 \
+             --input-len 550 --output-len 520 --vocab-size "$vocab" --seed 0 --ignore-eos --disable-tqdm \
+             --result-json "$OUT/serve_ep_qwen3.json" 2>&1 | grep -E "throughput|TTFT|TPOT"
+           kill $epserver; wait $epserver ;;
     serve|serve-c1) sweeps=--skip-sweeps  # serve: also prefill / decode-step sweeps (the plots' step time against batch size)
            [ "$stage" = serve ] && sweeps="--prefill-lens 128 512 2048 --batch-sizes 1 8 32 64 128 256 --context-lens 1024"
            timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model qwen3-0.6b --max-model-len 4096 --server $sweeps \
