@@ -82,11 +82,14 @@ def _attend_kv_range(
     k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
     stride_cb, stride_cs, stride_ch, head_dim, qk_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, OFFSETS_64: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """Fold context positions [kv_lo, kv_hi) into the online softmax of the rows of `q`.
 
     Row r may see positions <= row_pos[r] (causality). Scores are in log2 units (qk_scale
     includes log2(e)); m_i is the running max, l_i the running sum, acc the unnormalized output.
+    IEEE (a float32 model): full float32 products, not tl.dot's default TF32 (10-bit mantissas),
+    which gave TP=2 and TP=1 different greedy tokens on a float32 model (session 10, two H100s).
     """
     offs_n = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, D_PAD)
@@ -102,7 +105,10 @@ def _attend_kv_range(
         kv_off = (block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch)[:, None] + dims[None, :]
         kv_mask = in_range[:, None] & dim_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)  # (an fp8 cache: widened here)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        else:
+            qk = tl.dot(q, tl.trans(k)) * qk_scale
         visible = (pos[None, :] <= row_pos[:, None]) & in_range[None, :]
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -110,7 +116,10 @@ def _attend_kv_range(
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -130,6 +139,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, Q_FP16: tl.constexpr = False,
     OFFSETS_64: tl.constexpr = True, WRITE_KV: tl.constexpr = False, FP8_MAX: tl.constexpr = 0.0,
+    IEEE: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -163,7 +173,7 @@ def _decode_kernel(
     acc, m_i, l_i = _attend_kv_range(
         acc, m_i, l_i, q, row_pos, kv_lo, kv_hi, k_cache_ptr, v_cache_ptr,
         block_tables_ptr + seq.to(tl.int64) * stride_bt, kv_head, stride_cb, stride_cs, stride_ch,
-        head_dim, qk_scale, BLOCK_SIZE, BLOCK_N, D_PAD, OFFSETS_64,
+        head_dim, qk_scale, BLOCK_SIZE, BLOCK_N, D_PAD, OFFSETS_64, IEEE,
     )
     if WRITE_KV:
         new_mask = dims < tl.where(writer, head_dim, 0)
@@ -257,7 +267,7 @@ def _prefill_kernel(
     head_dim, qk_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, Q_FP16: tl.constexpr = False,
-    OFFSETS_64: tl.constexpr = True,
+    OFFSETS_64: tl.constexpr = True, IEEE: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -288,7 +298,7 @@ def _prefill_kernel(
     acc, m_i, l_i = _attend_kv_range(
         acc, m_i, l_i, q, ctx_len + tok, 0, kv_hi, k_cache_ptr, v_cache_ptr,
         block_tables_ptr + seq.to(tl.int64) * stride_bt, kv_head, stride_cb, stride_cs, stride_ch,
-        head_dim, qk_scale, BLOCK_SIZE, BLOCK_N, D_PAD, OFFSETS_64,
+        head_dim, qk_scale, BLOCK_SIZE, BLOCK_N, D_PAD, OFFSETS_64, IEEE,
     )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (padding row): zeros
     tl.store(out_ptr + (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
@@ -390,7 +400,7 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
         BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, D_PAD=d_pad, Q_FP16=_q_fp16(query, k_cache),
         OFFSETS_64=_offsets_64(k_cache), WRITE_KV=write,
         FP8_MAX=torch.finfo(k_cache.dtype).max if write and k_cache.dtype.itemsize == 1 else 0.0,
-        num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
+        IEEE=query.dtype == torch.float32, num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
     )
     if num_partitions > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -452,7 +462,7 @@ def _prefill(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
         head_dim, scale * _LOG2E,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, D_PAD=d_pad, Q_FP16=_q_fp16(query, k_cache),
-        OFFSETS_64=_offsets_64(k_cache),
+        OFFSETS_64=_offsets_64(k_cache), IEEE=query.dtype == torch.float32,
         num_warps=8 if rows >= 64 else 4, num_stages=2,
     )
 

@@ -95,6 +95,21 @@ def run_backend(name, q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block
     assert_matches_reference(out, reference(query, k_cache, v_cache, meta, scale))
 
 
+@gpu
+@needs_cuda
+def test_float32_attention_is_computed_in_float32_not_tf32():
+    """tl.dot rounds float32 inputs to TF32 (10-bit mantissas) unless told not to: errors ~1e-3, enough
+    to flip near-tied greedy tokens between TP=2 and TP=1 on a float32 model. In float32 the kernels
+    must agree with the reference to float32 rounding."""
+    backend = get_backend("triton")
+    for q_lens, seq_lens in [([1] * 4, [300, 5, 17, 64]), ([40, 1, 7], [40, 300, 100])]:
+        query, k_cache, v_cache, meta = make_paged_batch(q_lens, seq_lens, 8, 2, 64, 16, torch.float32, "cuda")
+        out = torch.full_like(query, float("nan"))
+        backend.paged_attention(query, k_cache, v_cache, meta, 0.125, out)
+        error = (out - reference(query, k_cache, v_cache, meta, 0.125)).abs().max().item()
+        assert error < 2e-5, f"max abs error {error:.2e} (q_lens {q_lens}): TF32?"
+
+
 def compiled_variants(kernel) -> int:
     return sum(len(cache[0]) for cache in kernel.device_caches.values())
 
