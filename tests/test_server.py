@@ -750,6 +750,52 @@ def test_the_engine_process_runs_a_step_ahead_and_drops_its_outputs_of_aborted_r
         engine.shutdown()
 
 
+def test_steps_the_engine_process_ran_ahead_reach_the_front_merged_and_add_up(llama_checkpoint):
+    # A front busier than the engine: the steps run meanwhile come back as one merged delta per
+    # request, which must add up to the in-process engine's outputs (text, tokens, logprobs, finish).
+    from engine.engine_process import MAX_STEPS_AHEAD, RemoteEngine
+    from engine.llm_engine import LLMEngine
+
+    args = EngineArgs(model=llama_checkpoint, max_model_len=256, num_gpu_blocks_override=64)
+    requests = {
+        "greedy": ({"prompt_token_ids": [5, 6, 7, 8]}, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                                        logprobs=2, prompt_logprobs=1)),
+        "sampled": ({"prompt_token_ids": [9, 10]}, SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=10,
+                                                                   ignore_eos=True, logprobs=1)),
+    }
+
+    def run(engine, pause_after_first_step: float) -> tuple[dict, int]:
+        for request_id, (prompt, params) in requests.items():
+            engine.add_request(request_id, prompt, params)
+        finals, most_new_tokens, seen = {}, 0, {}
+        first = True
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                tokens = len(output.outputs[0].token_ids)
+                most_new_tokens = max(most_new_tokens, tokens - seen.get(output.request_id, tokens))
+                seen[output.request_id] = tokens
+                if output.finished:
+                    finals[output.request_id] = output
+            if first:
+                time.sleep(pause_after_first_step)  # the engine process runs ahead meanwhile
+                first = False
+        return finals, most_new_tokens
+
+    here, _ = run(LLMEngine(args), 0.0)
+    remote = RemoteEngine(args)
+    try:
+        there, most_new_tokens = run(remote, 2.0)
+    finally:
+        remote.shutdown()
+    assert most_new_tokens == MAX_STEPS_AHEAD, "the steps run ahead should come back together"
+    assert set(there) == set(here) == set(requests)
+    for request_id, a in here.items():
+        b = there[request_id]
+        assert (b.prompt_token_ids, b.prompt_logprobs, b.finished) == (a.prompt_token_ids, a.prompt_logprobs, a.finished)
+        assert [(c.text, c.token_ids, c.logprobs, c.cumulative_logprob, c.finish_reason) for c in b.outputs] == \
+            [(c.text, c.token_ids, c.logprobs, c.cumulative_logprob, c.finish_reason) for c in a.outputs]
+
+
 def test_an_engine_process_that_dies_fails_its_requests_and_the_server_answers_503(llama_checkpoint, tmp_path):
     proc = ServerProcess(tmp_path / "server.log", "--model", llama_checkpoint, "--max-model-len", "256",
                          "--num-gpu-blocks-override", "64", "--engine-process")
