@@ -134,7 +134,8 @@ def test_one_compiled_variant_serves_every_batch_size_and_block_table_width():
     query, k_cache, v_cache, meta = make_paged_batch([1] * 4, [300, 5, 17, 64], 4, 2, 64, 16, torch.bfloat16, "cuda")
     want = reference(query, k_cache, v_cache, meta, 0.125)
     counts = []
-    for extra in (0, 16 - meta.block_tables.shape[1], 17 - meta.block_tables.shape[1], 40):
+    width = meta.block_tables.shape[1]  # 20: 19 blocks for 300 tokens and a spare
+    for extra in (0, 32 - width, 33 - width, 64 - width):  # widths 20, 32, 33, 64
         tables = torch.cat([meta.block_tables, meta.block_tables.new_zeros(4, extra)], dim=1)
         out = torch.full_like(query, float("nan"))
         backend.paged_attention(query, k_cache, v_cache, dataclasses.replace(meta, block_tables=tables), 0.125, out)
