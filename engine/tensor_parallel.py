@@ -48,6 +48,7 @@ logger = logging.getLogger("engine")
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # start-up or a step that hangs this long fails instead
 STOP_TIMEOUT_S = 10.0  # how long a shutdown waits for workers to exit before killing them
 FAILURE_REPORT_WAIT_S = 2.0  # how long a failed step waits for a worker to say what went wrong
+ABORT_WAIT_S = 10.0  # how long an NCCL abort may take before rank 0 goes on without it
 
 # command, num_tokens, num_seqs, block-table width, logits rows, block copies, max_query_len, max_seq_len
 _HEADER = struct.Struct("<8q")
@@ -141,6 +142,8 @@ class TensorParallelWorkers:
         self._failed = threading.Event()
         self._stopping = False
         self._closed = False
+        self._abort_lock = threading.Lock()
+        self._abort_started = False
         self._procs: list[multiprocessing.Process] = []
         self._conns: list[multiprocessing.connection.Connection] = []
         self._monitor: threading.Thread | None = None
@@ -269,7 +272,23 @@ class TensorParallelWorkers:
         if self.backend == "nccl" and not self._stopping and dist.is_initialized():
             # A collective waiting for the dead rank would never return: abort it, so rank 0's
             # step fails now instead of at the timeout.
-            dist.distributed_c10d._abort_process_group()
+            self._abort_nccl()
+
+    def _abort_nccl(self) -> None:
+        """Abort the NCCL group, once, waiting at most ABORT_WAIT_S. On two H100s (session 10) the
+        abort itself never returned after a worker died mid-step (the monitor thread and then the
+        main thread sat in `_abort_process_group` for minutes): rank 0 must still fail the step
+        and stop its workers, so the abort runs in a thread of its own and is left behind if stuck."""
+        with self._abort_lock:
+            if self._abort_started:
+                return
+            self._abort_started = True
+        aborting = threading.Thread(target=dist.distributed_c10d._abort_process_group, name="engine-tp-abort", daemon=True)
+        aborting.start()
+        aborting.join(ABORT_WAIT_S)
+        if aborting.is_alive():
+            logger.error("aborting the NCCL process group did not finish in %.0f s; going on without it (this "
+                         "process's GPU state is broken: restart it to use tensor parallelism again)", ABORT_WAIT_S)
 
     def shutdown(self, graceful: bool = True) -> None:
         """Stop every worker and leave the process group. `graceful=False` (a step failed, the ranks
@@ -300,7 +319,7 @@ class TensorParallelWorkers:
             proc.join(5.0)
         if dist.is_initialized():  # not graceful: the ranks are out of step
             if self.backend == "nccl":
-                dist.distributed_c10d._abort_process_group()  # destroying would wait on the broken collective
+                self._abort_nccl()  # destroying would wait on the broken collective
             else:
                 dist.destroy_process_group()
         if self._monitor is not None:
