@@ -161,21 +161,7 @@ for stage in "$@"; do
                  --trace "$OUT/trace" --trace-steps 2 --model $args 2>&1 | tail -8
              done
              for f in "$OUT"/trace/*.txt; do echo "--- $f"; head -30 "$f"; done ;;
-    serve-ratio) # the server / offline ratio alone: latency.py's engine / async front / HTTP layers, then the same 256
-           # requests against `python -m engine.serve --engine-process` (as in serve)
-           timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model qwen3-0.6b --max-model-len 4096 --server --skip-sweeps \
-             --server-requests 256 --input-len 550 --output-len 520 --label qwen3-0.6b --out "$OUT/serve_overhead_qwen3.json" 2>&1 | tail -12
-           qdir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('qwen3-0.6b'))")
-           vocab=$(python3 -c "from transformers import AutoConfig, AutoTokenizer as T; import sys; d=sys.argv[1]; print(min(AutoConfig.from_pretrained(d).vocab_size, len(T.from_pretrained(d))))" "$qdir")
-           python3 -m engine.serve --model "$qdir" --load-format dummy --max-model-len 4096 --port 8012 --engine-process \
-             > "$OUT/serve_ep_server.log" 2>&1 & epserver=$!
-           for _ in $(seq 240); do curl -sf localhost:8012/health >/dev/null && break; sleep 1; done
-           echo "--- the same 256 requests, server with --engine-process (compare with the engine line above)"
-           timeout 200 python3 perf/serve_bench.py --base-url http://127.0.0.1:8012 --dataset random --num-prompts 256 \
-             --input-len 550 --output-len 520 --vocab-size "$vocab" --seed 0 --ignore-eos --disable-tqdm \
-             --result-json "$OUT/serve_ep_qwen3.json" 2>&1 | grep -E "throughput|TTFT|TPOT"
-           kill $epserver; wait $epserver ;;
-    serve|serve-c1) sweeps=--skip-sweeps  # serve: also prefill / decode-step sweeps (the plots' step time against batch size)
+    serve|serve-c1|serve-ratio) sweeps=--skip-sweeps  # serve: also prefill / decode-step sweeps (the plots' step time against batch size)
            [ "$stage" = serve ] && sweeps="--prefill-lens 128 512 2048 --batch-sizes 1 8 32 64 128 256 --context-lens 1024"
            timeout "${STAGE_TIMEOUT:-300}" python3 perf/latency.py --model qwen3-0.6b --max-model-len 4096 --server $sweeps \
              --server-requests 256 --input-len 550 --output-len 520 --label qwen3-0.6b --out "$OUT/serve_overhead_qwen3.json" 2>&1 | tail -24
@@ -189,6 +175,7 @@ for stage in "$@"; do
              --input-len 550 --output-len 520 --vocab-size "$vocab" --seed 0 --ignore-eos --disable-tqdm \
              --result-json "$OUT/serve_ep_qwen3.json" 2>&1 | tail -22
            kill $epserver; wait $epserver
+           [ "$stage" = serve-ratio ] && continue  # the server / offline ratio alone
            dir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('llama-3.1-8b'))")
            python3 -m engine.serve --model "$dir" --load-format dummy --max-model-len 4096 --port 8011 \
              --served-model-name llama8b > "$OUT/serve8b_server.log" 2>&1 & server=$!
