@@ -262,6 +262,8 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
                 reply("ok", None)
             elif command == "step":
                 done, ahead = ahead or run_step(), None
+                if done.error is not None and done.deltas:  # steps that went well before one that failed:
+                    done, ahead = _Ahead(done.deltas), _Ahead([], done.error)  # their outputs first
                 if done.error is None:
                     reply("ok", done.deltas)
                 else:
@@ -269,7 +271,7 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
                 # Run the next steps now, while the front sends these outputs: the device gets its next
                 # step without waiting for the front's next call (adds and aborts sent meanwhile wait for
                 # the step under way, at most one).
-                if done.error is None:
+                if done.error is None and ahead is None:
                     ahead = run_ahead()
             elif command == "shutdown":
                 engine.shutdown()

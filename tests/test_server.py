@@ -796,6 +796,38 @@ def test_steps_the_engine_process_ran_ahead_reach_the_front_merged_and_add_up(ll
             [(c.text, c.token_ids, c.logprobs, c.cumulative_logprob, c.finish_reason) for c in a.outputs]
 
 
+def _step_fails_on_its_fourth_call(engine) -> None:
+    step, calls = engine.step, []
+
+    def failing():
+        calls.append(None)
+        if len(calls) == 4:
+            raise RuntimeError("injected step failure")
+        return step()
+
+    engine.step = failing
+
+
+def test_a_step_run_ahead_that_fails_comes_after_the_outputs_of_the_steps_before_it(llama_checkpoint):
+    from engine.engine_process import RemoteEngine
+
+    engine = RemoteEngine(EngineArgs(model=llama_checkpoint, max_model_len=256, num_gpu_blocks_override=64),
+                          on_start=_step_fails_on_its_fourth_call)
+    try:
+        engine.add_request("r", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+        first = engine.step()  # step 1; then steps 2 and 3 run ahead, and step 4 fails
+        time.sleep(2.0)
+        merged = engine.step()
+        tokens_before = len(first[0].outputs[0].token_ids) if first else 0  # (async scheduling: none yet)
+        assert [o.request_id for o in merged] == ["r"]
+        assert len(merged[0].outputs[0].token_ids) == tokens_before + 2
+        assert engine.has_unfinished_requests()  # the failure is still to come
+        with pytest.raises(RuntimeError, match="injected step failure"):
+            engine.step()
+    finally:
+        engine.shutdown()
+
+
 def test_an_engine_process_that_dies_fails_its_requests_and_the_server_answers_503(llama_checkpoint, tmp_path):
     proc = ServerProcess(tmp_path / "server.log", "--model", llama_checkpoint, "--max-model-len", "256",
                          "--num-gpu-blocks-override", "64", "--engine-process")
