@@ -143,7 +143,8 @@ class PhaseTimer:
 
     @staticmethod
     def engine_timings(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-        """The engine's own StepTimings (schedule, execute, update) summed over the span, in seconds."""
+        """The engine's own StepTimings (schedule, execute, update; device_wait, the part of execute spent
+        waiting for sampled ids) summed over the span, in seconds."""
         keys = [k for k in after if k.startswith("engine_") and k.endswith("_s")]
         return {k[len("engine_"):-len("_s")]: after[k] - before[k] for k in keys}
 
