@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine import LLM, SamplingParams  # noqa: E402
+from engine import LLM, SamplingParams, tensor_parallel  # noqa: E402
 from engine.quantization import QUANTIZATION_METHODS  # noqa: E402
 from engine.llm_engine import freeze_gc_heap  # noqa: E402
 from engine.weight_loader import weight_memory  # noqa: E402
@@ -109,24 +109,34 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # a previous engine of this process has been dropped
     start = time.perf_counter()
-    llm = LLM(
-        model_dir,
-        dtype="bfloat16",
-        load_format=load_format,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enforce_eager=args.enforce_eager,
-        compile_model=not args.no_compile,
-        async_scheduling=args.async_scheduling,
-        attention_backend=args.attention_backend,
-        kv_cache_dtype=args.kv_cache_dtype,
-        mixed_cuda_graph_sizes=args.mixed_cuda_graph_sizes,
-        enable_prefix_caching=args.enable_prefix_caching,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        tensor_parallel_size=args.tensor_parallel_size,
-        quantization=args.quantization,
-    )
+    trigger, run_worker = None, tensor_parallel.run_worker
+    if args.profile_steps and args.tensor_parallel_size > 1:
+        # The workers profile the same window as rank 0 (see _profiling_worker), once the file exists.
+        trigger = os.path.join(tempfile.mkdtemp(prefix="engine-profile-"), "go")
+        os.environ["ENGINE_PROFILE_WORKER"] = "{},{},{}".format(trigger, *args.profile_steps)
+        tensor_parallel.run_worker = _profiling_worker
+    try:
+        llm = LLM(
+            model_dir,
+            dtype="bfloat16",
+            load_format=load_format,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            enforce_eager=args.enforce_eager,
+            compile_model=not args.no_compile,
+            async_scheduling=args.async_scheduling,
+            attention_backend=args.attention_backend,
+            kv_cache_dtype=args.kv_cache_dtype,
+            mixed_cuda_graph_sizes=args.mixed_cuda_graph_sizes,
+            enable_prefix_caching=args.enable_prefix_caching,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            tensor_parallel_size=args.tensor_parallel_size,
+            quantization=args.quantization,
+        )
+    finally:  # the workers have started (and read the setting) by now
+        tensor_parallel.run_worker = run_worker
+        os.environ.pop("ENGINE_PROFILE_WORKER", None)
     startup = time.perf_counter() - start
     freeze_gc_heap()  # as the server and its engine process do after start-up (unfrozen when this run ends)
     params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=m) for m in max_tokens]
@@ -202,12 +212,51 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         # The same workload once more, profiled over a window of steps (the timed run above was not).
         first, count = args.profile_steps
         window = StepWindow(llm.llm_engine, first, count, args.trace_out)
+        if trigger is not None:
+            open(trigger, "w").close()
         with window:
             llm.generate(inputs, params, use_tqdm=False)
         result["profile"] = window.summary()
+        if trigger is not None:
+            shutil.rmtree(os.path.dirname(trigger), ignore_errors=True)
     llm.llm_engine.shutdown()  # tensor-parallel workers: the next engine of this process needs the group
     gc.unfreeze()  # so that the next engine of this process can have this one's memory
     return result
+
+
+def _profiling_worker(*args) -> None:
+    """`tensor_parallel.run_worker` for --profile-steps with tensor parallelism: the worker profiles
+    its calls [FIRST, FIRST + COUNT) counted from when rank 0 creates the trigger file (its profiled
+    run starts then), and prints the same summary as rank 0's (GPU busy a step, top ops): whether
+    the workers' GPUs idle too, and on what. ENGINE_PROFILE_WORKER = "trigger,first,count"."""
+    import functools
+    import types
+
+    from engine.model_runner import ModelRunner
+
+    trigger, first, count = os.environ["ENGINE_PROFILE_WORKER"].split(",")
+    first, count = int(first), int(count)
+    original = ModelRunner.execute_model
+    state: dict = {"window": None}
+
+    def execute_model(self, *inputs):
+        window = state["window"]
+        if window == "done" or (window is None and not os.path.exists(trigger)):
+            return original(self, *inputs)
+        if window is None:
+            window = state["window"] = StepWindow(types.SimpleNamespace(step=functools.partial(original, self)), first, count)
+            window.__enter__()
+        out = window.engine.step(*inputs)
+        if window.calls == first + count - 1:
+            window.__exit__(None, None, None)
+            state["window"] = "done"
+            print(f"tensor-parallel worker (pid {os.getpid()}), its window:", flush=True)
+            print_summary(window.summary())
+            sys.stdout.flush()
+        return out
+
+    ModelRunner.execute_model = execute_model
+    tensor_parallel.run_worker(*args)
 
 
 class GcWatch:

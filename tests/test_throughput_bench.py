@@ -99,6 +99,21 @@ def test_profile_window_covers_the_steps_asked_and_finds_the_work(tiny_model, tm
     assert any("linear" in e.get("name", "") or "mm" in e.get("name", "") for e in trace["traceEvents"])
 
 
+def test_profile_window_with_tensor_parallelism_profiles_each_worker_too(tiny_model, capfd):
+    from engine import tensor_parallel
+
+    run_worker = tensor_parallel.run_worker
+    record = throughput.main([
+        "--model", tiny_model, "--workload", "fixed", "--num-requests", "2", "--input-len", str(INPUT_LEN),
+        "--output-len", "8", "--max-model-len", "64", "--no-tqdm", "--profile-steps", "3", "4",
+        "--tensor-parallel-size", "2",
+    ])
+    assert record["results"][0]["profile"]["steps"] == 4
+    out = capfd.readouterr().out
+    assert "tensor-parallel worker (pid" in out and out.count("profiled steps 3..6") == 2, out[-2000:]
+    assert tensor_parallel.run_worker is run_worker  # put back for whatever starts workers next
+
+
 def test_profile_window_past_the_last_step_is_an_error(tiny_model):
     with pytest.raises(RuntimeError, match="fewer than the window's first"):
         throughput.main(["--model", tiny_model, "--workload", "fixed", "--num-requests", "1", "--input-len", "8",
