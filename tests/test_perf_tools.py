@@ -118,6 +118,21 @@ def test_serve_bench_warm_up_requests_run_before_the_clock_and_are_not_counted(s
     assert _finished_requests(server) - before == 4  # the server saw the two warm-ups too
 
 
+def test_serve_bench_opens_its_connection_before_the_clock_even_with_model_given(server, vocab_size, capsys):
+    # The server's access log: /v1/models comes before the timed requests, which then find the
+    # connection open (a fresh client's first connection is the client's cost, not the server's).
+    name = bench(server, vocab_size, "--num-prompts", "1", "--input-len", "8", "--output-len", "2")["model"]
+    log_before = server.log()
+    run = bench(server, vocab_size, "--model", name, "--num-warmups", "0", "--num-prompts", "2", "--input-len", "8",
+                "--output-len", "2", "--ignore-eos")
+    assert run["completed"] == 2
+    new_lines = [line for line in server.log()[len(log_before):].splitlines() if '"GET /v1/models' in line or '"POST' in line]
+    assert '"GET /v1/models' in new_lines[0] and all('"POST' in line for line in new_lines[1:3]), new_lines
+    bench(server, vocab_size, "--model", "not-served", "--num-warmups", "0", "--num-prompts", "1", "--input-len", "8",
+          "--output-len", "2")
+    assert "--model 'not-served' is not among the models the server lists" in capsys.readouterr().err
+
+
 def test_serve_bench_stops_when_its_warm_up_request_fails(server, vocab_size):
     with pytest.raises(SystemExit, match="the warm-up request failed .*HTTP 400"):
         bench(server, vocab_size, "--num-prompts", "2", "--input-len", str(MAX_MODEL_LEN), "--output-len", "4")
