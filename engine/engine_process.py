@@ -231,16 +231,20 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
         """Steps while the front is busy (no message waiting) and requests are unfinished, up to
         MAX_STEPS_AHEAD; their deltas merged, so a front that fell behind catches up in one call."""
         result = None
-        for _ in range(MAX_STEPS_AHEAD):
-            if not engine.has_unfinished_requests() or (result is not None and conn.poll(0)):
-                break
-            step = run_step()
-            if result is None or step.error is not None:
-                result = step if result is None else _Ahead(result.deltas, step.error)
-            else:
-                result.deltas = _merged(result.deltas + step.deltas)
-            if step.error is not None:
-                break  # a failed step is not repeated ahead: the front aborts first
+        try:  # never raises: the "step" it follows has had its one reply
+            for _ in range(MAX_STEPS_AHEAD):
+                if not engine.has_unfinished_requests() or (result is not None and conn.poll(0)):
+                    break
+                step = run_step()
+                if result is None or step.error is not None:
+                    result = step if result is None else _Ahead(result.deltas, step.error)
+                else:
+                    result.deltas = _merged(result.deltas + step.deltas)
+                if step.error is not None:
+                    break  # a failed step is not repeated ahead: the front aborts first
+        except Exception as exc:
+            logging.getLogger("engine").exception("engine process: running ahead failed")
+            result = _Ahead(result.deltas if result is not None else [], (_kind(exc), str(exc)))
         return result
 
     def reply(status: str, result: Any) -> None:
@@ -258,7 +262,8 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
                 for request_id in payload[0]:
                     sent.pop(request_id, None)
                 if ahead is not None:  # outputs of a step run before the abort: not theirs to see any more
-                    ahead.deltas = [d for d in ahead.deltas if d[0] not in payload[0]]
+                    aborted = set(payload[0])
+                    ahead.deltas = [d for d in ahead.deltas if d[0] not in aborted]
                 reply("ok", None)
             elif command == "step":
                 done, ahead = ahead or run_step(), None

@@ -144,6 +144,7 @@ class TensorParallelWorkers:
         self._closed = False
         self._abort_lock = threading.Lock()
         self._abort_started = False
+        self._abort_done = threading.Event()
         self._procs: list[multiprocessing.Process] = []
         self._conns: list[multiprocessing.connection.Connection] = []
         self._monitor: threading.Thread | None = None
@@ -280,10 +281,18 @@ class TensorParallelWorkers:
         main thread sat in `_abort_process_group` for minutes): rank 0 must still fail the step
         and stop its workers, so the abort runs in a thread of its own and is left behind if stuck."""
         with self._abort_lock:
-            if self._abort_started:
-                return
-            self._abort_started = True
-        aborting = threading.Thread(target=dist.distributed_c10d._abort_process_group, name="engine-tp-abort", daemon=True)
+            started, self._abort_started = self._abort_started, True
+        if started:  # another thread's abort: wait for it as long as it would
+            self._abort_done.wait(ABORT_WAIT_S)
+            return
+
+        def abort() -> None:
+            try:
+                dist.distributed_c10d._abort_process_group()
+            finally:
+                self._abort_done.set()
+
+        aborting = threading.Thread(target=abort, name="engine-tp-abort", daemon=True)
         aborting.start()
         aborting.join(ABORT_WAIT_S)
         if aborting.is_alive():
@@ -323,7 +332,7 @@ class TensorParallelWorkers:
             else:
                 dist.destroy_process_group()
         if self._monitor is not None:
-            self._monitor.join(5.0)  # it ends once every worker has exited; then the pipes can close
+            self._monitor.join(ABORT_WAIT_S + 5.0)  # it ends once every worker has exited (and an abort it started)
         for conn in self._conns:
             conn.close()
         if self._threads_before is not None:

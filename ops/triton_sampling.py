@@ -42,7 +42,7 @@ def _log2(x, FAST_LOG: tl.constexpr):
         return tl.log2(x)
 
 
-@triton.jit(do_not_specialize=["chunk", "num_splits"])  # they change with the rows: one compile, not one a row count
+@triton.jit(do_not_specialize=["num_splits"])  # it changes with the rows: one compile, not one a row count
 def _gumbel_argmax_kernel(logits_ptr, stride_row, temperature_ptr, seed_ptr, part_value_ptr, part_index_ptr,
                           vocab, chunk, num_splits, BLOCK: tl.constexpr, FAST_LOG: tl.constexpr):
     """Program (row, split): the best score and its first index over vocabulary[split * chunk:][:chunk]."""

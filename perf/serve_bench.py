@@ -245,6 +245,8 @@ async def resolve_model(client: httpx.AsyncClient, model: str | None) -> str:
             raise SetupError(f"/v1/models failed ({exc}): pass --model") from exc
         return model  # a server without the listing: the requests will tell
     if model is None:
+        if not served:
+            raise SetupError("the server lists no models at /v1/models: pass --model")
         return served[0]
     if model not in served:
         print(f"warning: --model {model!r} is not among the models the server lists ({', '.join(served)})",

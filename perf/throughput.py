@@ -214,11 +214,13 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         window = StepWindow(llm.llm_engine, first, count, args.trace_out)
         if trigger is not None:
             open(trigger, "w").close()
-        with window:
-            llm.generate(inputs, params, use_tqdm=False)
+        try:
+            with window:
+                llm.generate(inputs, params, use_tqdm=False)
+        finally:
+            if trigger is not None:
+                shutil.rmtree(os.path.dirname(trigger), ignore_errors=True)
         result["profile"] = window.summary()
-        if trigger is not None:
-            shutil.rmtree(os.path.dirname(trigger), ignore_errors=True)
     llm.llm_engine.shutdown()  # tensor-parallel workers: the next engine of this process needs the group
     gc.unfreeze()  # so that the next engine of this process can have this one's memory
     return result
@@ -250,7 +252,8 @@ def _profiling_worker(*args) -> None:
         if window.calls == first + count - 1:
             window.__exit__(None, None, None)
             state["window"] = "done"
-            print(f"tensor-parallel worker (pid {os.getpid()}), its window:", flush=True)
+            print(f"tensor-parallel worker (pid {os.getpid()}), its window (counted in its steps, which skip rank 0's "
+                  "steps that launch nothing):", flush=True)
             print_summary(window.summary())
             sys.stdout.flush()
         return out

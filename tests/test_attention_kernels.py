@@ -124,6 +124,8 @@ def test_one_compiled_variant_serves_every_batch_size_and_block_table_width():
 
     from ops import triton_attention
 
+    for kernel in (triton_attention._prefill_kernel, triton_attention._decode_kernel):
+        kernel.device_caches.clear()  # what earlier tests compiled must not hide a new variant
     counts = []
     for num_seqs, max_seq_len in [(1, 40), (16, 15 * 16), (17, 16 * 16), (3, 31 * 16), (32, 17 * 16)]:
         run_backend("triton", [40] * num_seqs, [40] * num_seqs, 4, 2, 64, 16, max_seq_len=max_seq_len)
