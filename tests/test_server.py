@@ -750,7 +750,41 @@ def test_the_engine_process_runs_a_step_ahead_and_drops_its_outputs_of_aborted_r
         engine.shutdown()
 
 
-def test_steps_the_engine_process_ran_ahead_reach_the_front_merged_and_add_up(llama_checkpoint):
+STEP_COUNT_FILE = "ENGINE_TEST_STEP_COUNT_FILE"  # where the engine process's step hook writes its count
+
+
+def _count_steps(engine, fail_on: int | None = None) -> None:
+    """In the engine process (RemoteEngine's on_start): count engine.step calls into the file named
+    by $ENGINE_TEST_STEP_COUNT_FILE (the test waits on it instead of sleeping); call `fail_on` raises."""
+    step, calls, path = engine.step, [], os.environ[STEP_COUNT_FILE]
+
+    def counted():
+        calls.append(None)
+        try:
+            if len(calls) == fail_on:
+                raise RuntimeError("injected step failure")
+            return step()
+        finally:
+            with open(path + ".tmp", "w") as f:
+                f.write(str(len(calls)))
+            os.replace(path + ".tmp", path)
+
+    engine.step = counted
+
+
+def _step_fails_on_its_fourth_call(engine) -> None:
+    _count_steps(engine, fail_on=4)
+
+
+def wait_for_steps(path: Path, count: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (path.exists() and int(path.read_text() or 0) >= count):
+        assert time.monotonic() < deadline, f"the engine process did not reach step {count}"
+        time.sleep(0.01)
+    time.sleep(0.05)  # the step's reply to the front is built after the count is written
+
+
+def test_steps_the_engine_process_ran_ahead_reach_the_front_merged_and_add_up(llama_checkpoint, tmp_path, monkeypatch):
     # A front busier than the engine: the steps run meanwhile come back as one merged delta per
     # request, which must add up to the in-process engine's outputs (text, tokens, logprobs, finish).
     from engine.engine_process import MAX_STEPS_AHEAD, RemoteEngine
@@ -764,7 +798,7 @@ def test_steps_the_engine_process_ran_ahead_reach_the_front_merged_and_add_up(ll
                                                                    ignore_eos=True, logprobs=1)),
     }
 
-    def run(engine, pause_after_first_step: float) -> tuple[dict, int]:
+    def run(engine, wait_after_first_step) -> tuple[dict, int]:
         for request_id, (prompt, params) in requests.items():
             engine.add_request(request_id, prompt, params)
         finals, most_new_tokens, seen = {}, 0, {}
@@ -777,14 +811,16 @@ def test_steps_the_engine_process_ran_ahead_reach_the_front_merged_and_add_up(ll
                 if output.finished:
                     finals[output.request_id] = output
             if first:
-                time.sleep(pause_after_first_step)  # the engine process runs ahead meanwhile
+                wait_after_first_step()  # the engine process runs ahead meanwhile
                 first = False
         return finals, most_new_tokens
 
-    here, _ = run(LLMEngine(args), 0.0)
-    remote = RemoteEngine(args)
+    here, _ = run(LLMEngine(args), lambda: None)
+    count_file = tmp_path / "steps"
+    monkeypatch.setenv(STEP_COUNT_FILE, str(count_file))
+    remote = RemoteEngine(args, on_start=_count_steps)
     try:
-        there, most_new_tokens = run(remote, 2.0)
+        there, most_new_tokens = run(remote, lambda: wait_for_steps(count_file, 1 + MAX_STEPS_AHEAD))
     finally:
         remote.shutdown()
     assert most_new_tokens == MAX_STEPS_AHEAD, "the steps run ahead should come back together"
@@ -796,27 +832,18 @@ def test_steps_the_engine_process_ran_ahead_reach_the_front_merged_and_add_up(ll
             [(c.text, c.token_ids, c.logprobs, c.cumulative_logprob, c.finish_reason) for c in a.outputs]
 
 
-def _step_fails_on_its_fourth_call(engine) -> None:
-    step, calls = engine.step, []
-
-    def failing():
-        calls.append(None)
-        if len(calls) == 4:
-            raise RuntimeError("injected step failure")
-        return step()
-
-    engine.step = failing
-
-
-def test_a_step_run_ahead_that_fails_comes_after_the_outputs_of_the_steps_before_it(llama_checkpoint):
+def test_a_step_run_ahead_that_fails_comes_after_the_outputs_of_the_steps_before_it(llama_checkpoint, tmp_path,
+                                                                                   monkeypatch):
     from engine.engine_process import RemoteEngine
 
+    count_file = tmp_path / "steps"
+    monkeypatch.setenv(STEP_COUNT_FILE, str(count_file))
     engine = RemoteEngine(EngineArgs(model=llama_checkpoint, max_model_len=256, num_gpu_blocks_override=64),
                           on_start=_step_fails_on_its_fourth_call)
     try:
         engine.add_request("r", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
         first = engine.step()  # step 1; then steps 2 and 3 run ahead, and step 4 fails
-        time.sleep(2.0)
+        wait_for_steps(count_file, 4)
         merged = engine.step()
         tokens_before = len(first[0].outputs[0].token_ids) if first else 0  # (async scheduling: none yet)
         assert [o.request_id for o in merged] == ["r"]
