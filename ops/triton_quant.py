@@ -98,7 +98,7 @@ class Tiles:
     block_k: int  # inputs per K-tile (4-bit formats: at most the group size)
     num_warps: int
     num_stages: int  # K-tiles in the software pipeline
-    programs_per_sm: int  # split K up to about this many programs per SM (and at most _MAX_SPLIT_K ranges)
+    programs_per_sm: int  # split K up to about this many programs per SM (and at most max_split ranges)
     planar: bool = False  # GPTQ's layout without act-order only: `_planar_kernel` (block_m rows at most)
     wide: bool = False  # planar only: its WIDE form (8 columns a thread, x read unscaled; see `_planar_wide_tile`)
     wide2: bool = False  # wide only: its WIDE2 form (fewer instructions around the same; `_planar_wide2_tile`)
@@ -108,6 +108,7 @@ class Tiles:
     # split-K's epilogue or column masks too (they spill there, outside the K loop: sm_90, 128 x 128 x 64 w8: 128
     # registers unmasked, 174 with split-K uncapped)
     max_registers: int = 0
+    max_split: int = 16  # K ranges per output tile at most: the last program of a tile sums this many partials
 
 
 # (largest batch, tiles): a batch takes the first entry it fits that applies to its format (planar and
@@ -175,7 +176,6 @@ if _TABLE_NAME not in CANDIDATE_TILES:
     raise ValueError(f"ENGINE_QUANT_TILES={_TABLE_NAME!r} is not a tile table; tables: {', '.join(CANDIDATE_TILES)}")
 TILES: TileTable = CANDIDATE_TILES[_TABLE_NAME]
 
-_MAX_SPLIT_K = 16  # K ranges per output tile at most: the last program sums this many partials
 _MAX_SPLIT_K_TILES = 1 << 16  # output tiles one split-K launch may have (one int32 counter each)
 _INTERPRETER_SMS = 2  # CPU (Triton interpreter): few enough "SMs" that test shapes stay small, yet split K
 
@@ -847,7 +847,7 @@ def _quant_matmul(x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor | N
     if g_idx is None and group_size < K:
         block_k = min(block_k, group_size)  # one group per K-tile (group sizes are powers of two >= 32)
     num_tiles = triton.cdiv(M, tiles.block_m) * triton.cdiv(N, tiles.block_n)
-    split = _split_k(num_tiles, K, block_k, tiles.programs_per_sm, x.device)
+    split = _split_k(num_tiles, K, block_k, tiles.programs_per_sm, x.device, tiles.max_split)
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     split = triton.cdiv(K, k_per_split)
     partial = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out2
@@ -888,12 +888,14 @@ def tiles_for(M: int, planar_ok: bool = False, packed_ok: bool = False) -> Tiles
     return next((tiles for max_m, tiles in table if M <= max_m), table[-1][1])
 
 
-def _split_k(num_tiles: int, K: int, block_k: int, programs_per_sm: int, device: torch.device) -> int:
-    """How many K ranges to cut each output tile's loop into, for about `programs_per_sm` programs per SM."""
+def _split_k(num_tiles: int, K: int, block_k: int, programs_per_sm: int, device: torch.device,
+             max_split: int = 16) -> int:
+    """How many K ranges (at most `max_split`) to cut each output tile's loop into, for about
+    `programs_per_sm` programs per SM."""
     if num_tiles > _MAX_SPLIT_K_TILES:
         return 1
     sms = _num_sms(device.index) if device.type == "cuda" else _INTERPRETER_SMS
-    return max(1, min(programs_per_sm * sms // num_tiles, triton.cdiv(K, block_k), _MAX_SPLIT_K))
+    return max(1, min(programs_per_sm * sms // num_tiles, triton.cdiv(K, block_k), max_split))
 
 
 @functools.cache

@@ -65,6 +65,9 @@
 #   quant8b Llama-3.1-8B batch 1 (128 / 512) AWQ, int8; fixed 1000 x 256 x 256 AWQ, int8, bitsandbytes (bf16: llama)
 #   awq-wide the planar kernel's GPU tests, quant_bench of the default tiles against session 6's (session6) at
 #           1 and 2 rows, and Llama-3.1-8B AWQ batch 1 (128 / 512) with each table
+#   awq-sweep quant_bench of the one-row planar tiles around the default (--planar-sweep: columns and warps, stages,
+#           programs an SM, K ranges), then Llama-3.1-8B AWQ batch 1 (128 / 512) timed and profiled over steps 100-119
+#           (where a step's 3.4 ms go besides the 4-bit matmuls' ~2.1)
 #   quant70b Llama-3.1-70B AWQ (random 4-bit weights, 37 GiB), one GPU: batch 1 (128 / 256), then fixed 1000 x 128 x 512
 #           (a call of its own: each start takes ~130 s); quant70b-fixed: the fixed run alone, at most 128
 #           sequences a step (one 128-row tile of the 4-bit GEMM); quant70b-fixed-fp8: with an fp8 KV cache
@@ -297,6 +300,10 @@ for stage in "$@"; do
                 --batches 1 2 --out "$OUT/quant_bench_wide.json" 2>&1 | tee "$OUT/quant_bench_wide.log" | tail -30
               bench llama8b_awq_bs1 --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512
               ENGINE_QUANT_TILES=session6 bench llama8b_awq_bs1_session6 --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
+    awq-sweep) timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --planar-sweep --kernels bf16 awq-gptq-g128 \
+                 --batches 1 --out "$OUT/quant_bench_sweep.json" 2>&1 | tee "$OUT/quant_bench_sweep.log" | tail -4
+               bench llama8b_awq_bs1 --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512 --profile-steps 100 20
+               grep -h -A 40 "requests$" "$OUT/llama8b_awq_bs1.log" | grep -vE "^\{|Capturing" | cut -c1-200 ;;
     quant70b-fixed) STAGE_TIMEOUT=${STAGE_TIMEOUT:-580} bench llama70b_awq_fixed --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1000 --input-len 128 --output-len 512 --max-model-len 1024 --max-num-seqs 128 ;;
     quant70b-fixed-fp8) STAGE_TIMEOUT=${STAGE_TIMEOUT:-580} bench llama70b_awq_fixed_fp8 --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1000 --input-len 128 --output-len 512 --max-model-len 1024 --max-num-seqs 256 --kv-cache-dtype fp8 ;;
     quant70b) bench llama70b_awq_bs1 --model llama-3.1-70b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 256 --max-model-len 1024 --max-num-seqs 1

@@ -4,6 +4,7 @@ torch matmul, on Llama-3.1-8B's projection shapes at batch 1, 16 and 256.
     python perf/quant_bench.py --out perf/quant_bench.json
     python perf/quant_bench.py --tiles default gemv small --kernels bf16 awq-g128 int8 --layers qkv gate_up
     python perf/quant_bench.py --tiles default planar-narrow --kernels bf16 gptq-g128 awq-gptq-g128 --batches 1 2
+    python perf/quant_bench.py --planar-sweep --kernels bf16 awq-gptq-g128 --batches 1
 
 Each (kernel, layer, batch) is first checked against the dequantize-then-matmul reference, then warmed
 up (Triton compiles every kernel variant it needs here, outside the timer). Then `--iters` back-to-back
@@ -17,7 +18,9 @@ compares against the device's HBM bandwidth (~3 TB/s copy on the lent H100); at 
 compute and the number is only relative.
 
 `--tiles` runs the Triton kernels once per named table of `ops.triton_quant.CANDIDATE_TILES` and ends
-with the tables ranked per (kernel, batch), by their time summed over the layers.
+with the tables ranked per (kernel, batch), by their time summed over the layers. `--planar-sweep` adds
+tables that differ from the default only in its one-row planar entry (columns and warps a program,
+pipeline stages, programs an SM, K ranges at most; `planar_sweep_tables`), named after those values.
 
 - bf16:          F.linear with a bf16 weight [N, K] (cuBLAS), the unquantized baseline
 - awq-g128:      AWQ GEMM layout, group 128
@@ -136,6 +139,25 @@ def time_us(matmul: Callable, x: torch.Tensor, copies: list[dict], iters: int, r
     return best
 
 
+def planar_sweep_tables() -> dict[str, tuple]:
+    """The default table with its one-row planar (WIDE2) entry replaced, one table per grid point around it
+    (the default: 64 columns, 1 warp, 3 stages, 12 programs an SM, at most 16 K ranges)."""
+    from ops import triton_quant
+
+    default = triton_quant.CANDIDATE_TILES["default"]
+    (max_m, first), rest = default[0], default[1:]
+    assert first.planar and first.block_m == 1, "the default table no longer starts with the one-row planar entry"
+    tables = {}
+    for block_n, warps in ((64, 1), (128, 2), (64, 2)):
+        for stages in (3, 4):
+            for per_sm, max_split in ((12, 16), (16, 32), (24, 32), (32, 32)):
+                tiles = triton_quant.Tiles(1, block_n, first.block_k, warps, stages, per_sm, planar=True, wide=True,
+                                           wide2=True, max_split=max_split)
+                if tiles != first:
+                    tables[f"n{block_n}w{warps}s{stages}p{per_sm}m{max_split}"] = ((max_m, tiles), *rest)
+    return tables
+
+
 def tiles_label(M: int, kernel: str) -> str:
     from ops import triton_quant
 
@@ -144,7 +166,8 @@ def tiles_label(M: int, kernel: str) -> str:
     packed = t.packed
     return (f"{t.block_m}x{t.block_n}x{t.block_k}/w{t.num_warps}s{t.num_stages}p{t.programs_per_sm}"
             + ("/planar" if t.planar else "") + ("-wide2" if t.wide2 else "-wide" if t.wide else "")
-            + ("/packed" if packed else "") + ("-b" if packed and t.w_as_b and t.block_m >= 64 else ""))
+            + ("/packed" if packed else "") + ("-b" if packed and t.w_as_b and t.block_m >= 64 else "")
+            + (f"/m{t.max_split}" if t.max_split != 16 else ""))
 
 
 def print_best_tiles(rows: list[dict]) -> None:
@@ -168,11 +191,17 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--tiles", nargs="+", default=["default"], choices=list(triton_quant.CANDIDATE_TILES),
                         help="tile tables of ops.triton_quant.CANDIDATE_TILES to run the Triton kernels with")
+    parser.add_argument("--planar-sweep", action="store_true",
+                        help="also run tables that differ from the default in the one-row planar entry only")
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eager", action="store_true", help="time plain calls (host overhead included), no graph")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
+    if args.planar_sweep:
+        sweep = planar_sweep_tables()
+        triton_quant.CANDIDATE_TILES.update(sweep)
+        args.tiles = [*dict.fromkeys(["default", *args.tiles]), *sweep]
     if not torch.cuda.is_available():
         sys.exit("quant_bench needs a CUDA GPU")
     kernels = [k for k in args.kernels if k != "bnb-int8" or importlib.util.find_spec("bitsandbytes")]
