@@ -254,9 +254,10 @@ async def resolve_model(client: httpx.AsyncClient, model: str | None) -> str:
     return model
 
 
-async def run_benchmark(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[list[RequestResult], float]:
+async def run_benchmark(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[list[RequestResult], float, float]:
     """Send every request on the arrival schedule (at most --max-concurrency at once); returns the
-    results in request order and the run's duration in seconds."""
+    results in request order, the run's duration in seconds and the CPU seconds this process used in it
+    (near the duration: the client itself, one Python thread, was what limited the numbers)."""
     offsets = arrival_offsets(len(requests), args.request_rate, args.burstiness, args.seed)
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
     bar = tqdm(total=len(requests), desc="requests", disable=args.disable_tqdm, dynamic_ncols=True)
@@ -270,7 +271,7 @@ async def run_benchmark(args: argparse.Namespace, requests: list[BenchRequest]) 
             if not warmup.success:
                 raise SetupError(f"the warm-up request failed ({warmup.error}); check the benchmark's arguments, "
                                  "or pass --num-warmups 0 to count such failures in the run")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
 
         async def one(i: int) -> RequestResult:
             await asyncio.sleep(max(0.0, start + offsets[i] - time.perf_counter()))
@@ -289,9 +290,9 @@ async def run_benchmark(args: argparse.Namespace, requests: list[BenchRequest]) 
             return result
 
         results = await asyncio.gather(*(one(i) for i in range(len(requests))))
-        duration = time.perf_counter() - start
+        duration, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     bar.close()
-    return list(results), duration
+    return list(results), duration, cpu
 
 
 # ---- reporting --------------------------------------------------------------------------------------
@@ -301,7 +302,8 @@ def _rate_label(rate: float) -> str | float:
     return "inf" if math.isinf(rate) else rate
 
 
-def result_record(args: argparse.Namespace, results: list[RequestResult], duration: float, slos: dict) -> dict:
+def result_record(args: argparse.Namespace, results: list[RequestResult], duration: float, slos: dict,
+                  client_cpu_s: float | None = None) -> dict:
     """The JSON for machines: the setup, the summary under vLLM's names, and per-request arrays."""
     errors = [r.error for r in results]
     return {
@@ -325,6 +327,7 @@ def result_record(args: argparse.Namespace, results: list[RequestResult], durati
         "seed": args.seed,
         "goodput_slos_ms": slos or None,
         **summarize(results, duration, slos),
+        "client_cpu_s": client_cpu_s,
         "input_lens": [r.prompt_len for r in results],
         "output_lens": [r.output_tokens for r in results],
         "start_times": [r.start for r in results],
@@ -362,6 +365,9 @@ def format_table(record: dict) -> str:
         row("Output token throughput (tok/s):", record["output_throughput"]),
         row("Total Token throughput (tok/s):", record["total_token_throughput"]),
     ]
+    if record.get("client_cpu_s") is not None and record["duration"]:
+        # Not in vLLM's table: how busy this client's one thread was (near 100%: it, not the server, set the pace)
+        lines.append(row("Client CPU busy (%):", 100 * record["client_cpu_s"] / record["duration"]))
     for metric in METRICS:
         lines.append("{s:{c}^{n}}".format(s=METRIC_NAMES[metric], n=50, c="-"))
         short = metric.upper()
@@ -430,10 +436,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--num-warmups must be non-negative")
     _raise_open_file_limit()
     try:
-        results, duration = asyncio.run(run_benchmark(args, requests))
+        results, duration, client_cpu_s = asyncio.run(run_benchmark(args, requests))
     except (httpx.HTTPError, SetupError) as exc:  # the calls before the clock starts
         sys.exit(f"serve_bench: {args.base_url}: {type(exc).__name__}: {exc}")
-    record = result_record(args, results, duration, slos)
+    record = result_record(args, results, duration, slos, client_cpu_s)
     print(format_table(record))
     if args.result_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.result_json)), exist_ok=True)
