@@ -325,34 +325,62 @@ class AsyncLLMEngine:
             logger.info("engine step loop stopped")
 
     def _drain_inbox(self) -> None:
-        while True:
+        """Handle what the inbox holds now, not what arrives meanwhile: while hundreds of requests
+        arrive, the next step must not wait for the last of them (the device would idle until then).
+        Adds in a row go to the engine together (one round trip to an engine process)."""
+        items = []
+        for _ in range(self._inbox.qsize()):
             try:
-                item = self._inbox.get_nowait()
+                items.append(self._inbox.get_nowait())
             except queue.Empty:
-                return
+                break
+        adds: list[_Add] = []
+        for item in items:
             if isinstance(item, _Add):
-                self._add(item)
-            else:
-                self._abort(item)
+                adds.append(item)
+                continue
+            self._add_all(adds)  # in order: an abort may be for a request posted before it
+            adds = []
+            self._abort(item)
+        self._add_all(adds)
 
-    def _add(self, item: _Add) -> None:
-        self._adds_drained += 1
+    def _add_all(self, items: list[_Add]) -> None:
+        self._adds_drained += len(items)
         if self._inbox_closed:
-            item.stream._settle_add(EngineNotRunningError("the engine is shutting down"))
+            for item in items:
+                item.stream._settle_add(EngineNotRunningError("the engine is shutting down"))
             return
-        try:
-            self.engine.add_request(item.request_id, item.prompt, item.params, arrival_time=item.arrival_time)
-        except Exception as error:  # ValueError for bad input; anything else fails this request only
-            if isinstance(error, _FATAL):  # the engine is gone: stop, and answer 503 from now on
+        if len(items) > 1 and isinstance(self.engine, RemoteEngine):
+            try:
+                errors = self.engine.add_requests(
+                    [(item.request_id, item.prompt, item.params, item.arrival_time) for item in items])
+            except _FATAL as error:
+                errors = [error] * len(items)
+            for item, error in zip(items, errors):
+                self._settle_added(item, error)
+            return
+        for item in items:
+            try:
+                self.engine.add_request(item.request_id, item.prompt, item.params, arrival_time=item.arrival_time)
+            except Exception as error:
+                self._settle_added(item, error)
+            else:
+                self._settle_added(item, None)
+
+    def _settle_added(self, item: _Add, error: Exception | None) -> None:
+        """The add's outcome to its stream: accepted, or the engine's error (ValueError: bad input)."""
+        if error is None:
+            self._streams[item.request_id] = item.stream
+            item.stream._settle_add(None)
+            return
+        if isinstance(error, _FATAL):  # the engine is gone: stop, and answer 503 from now on
+            if not self._stopping:
                 logger.error("adding request %s failed: %s; stopping the step loop", item.request_id, error)
-                self._stopping = True
-                error = EngineNotRunningError(str(error))
-            elif not isinstance(error, ValueError):
-                logger.exception("adding request %s failed", item.request_id)
-            item.stream._settle_add(error)
-            return
-        self._streams[item.request_id] = item.stream
-        item.stream._settle_add(None)
+            self._stopping = True
+            error = EngineNotRunningError(str(error))
+        elif not isinstance(error, ValueError):  # anything else fails this request only
+            logger.error("adding request %s failed", item.request_id, exc_info=error)
+        item.stream._settle_add(error)
 
     def _abort(self, item: _Abort) -> None:
         ids = list(self._streams) if item.request_ids is None else [r for r in item.request_ids if r in self._streams]

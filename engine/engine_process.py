@@ -4,8 +4,8 @@ In one process the API server's event loop and the engine's step thread share on
 hundred streams, sending the chunks and running the engine's host work (scheduling, inputs,
 detokenizing, outputs) take turns instead of overlapping, and the device waits. Here the engine
 runs in a child process and `RemoteEngine` stands in for it behind the few calls the async front
-makes (add_request, abort_request, step, get_stats, has_unfinished_requests, shutdown): each is one
-message over a pipe and one reply, which also carries the engine's stats.
+makes (add_request, add_requests, abort_request, step, get_stats, has_unfinished_requests, shutdown):
+each is one message over a pipe and one reply, which also carries the engine's stats.
 
 The engine process runs ahead: right after answering "step" with a step's outputs it runs the next
 steps (up to MAX_STEPS_AHEAD, while no message waits), so the device is busy while the front sends
@@ -30,6 +30,7 @@ import multiprocessing.connection
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -87,6 +88,11 @@ class RemoteEngine:
 
     def add_request(self, request_id: str, prompt, params=None, arrival_time: float | None = None) -> None:
         self._call("add", request_id, prompt, params, arrival_time)
+
+    def add_requests(self, requests: list[tuple]) -> list[Exception | None]:
+        """Several `add_request` argument tuples in one round trip; each one's error (None: added). One
+        request's bad input fails that request only."""
+        return [None if error is None else _rebuilt(*error) for error in self._call("add_many", requests)]
 
     def abort_request(self, request_ids) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
@@ -219,6 +225,7 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
     conn.send(("ok", engine.model_config, engine.get_stats(), False))
     sent: dict[str, _Sent] = {}  # what each request's outputs have sent so far
     ahead: _Ahead | None = None  # steps run ahead of the front's next "step", not yet sent
+    busy = _BusyPeriod()  # from the first request to the last one's end: logged when it ends
 
     def run_step() -> _Ahead:
         try:
@@ -232,10 +239,12 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
         MAX_STEPS_AHEAD; their deltas merged, so a front that fell behind catches up in one call."""
         result = None
         try:  # never raises: the "step" it follows has had its one reply
-            for _ in range(MAX_STEPS_AHEAD):
+            for n in range(MAX_STEPS_AHEAD):
                 if not engine.has_unfinished_requests() or (result is not None and conn.poll(0)):
                     break
                 step = run_step()
+                busy.steps_ahead += 1
+                busy.full_ahead += n == MAX_STEPS_AHEAD - 1
                 if result is None or step.error is not None:
                     result = step if result is None else _Ahead(result.deltas, step.error)
                 else:
@@ -252,11 +261,26 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
         conn.send((status, result, engine.get_stats(), engine.has_unfinished_requests() or ahead is not None))
 
     while True:
+        work_waits = engine.has_unfinished_requests()  # the device could be running a step meanwhile
+        waited_from = time.perf_counter()
         command, payload = conn.recv()
+        if work_waits:
+            busy.front_wait_s += time.perf_counter() - waited_from
         try:
             if command == "add":
                 engine.add_request(*payload)
                 reply("ok", None)
+            elif command == "add_many":
+                errors = []
+                for request in payload[0]:
+                    try:
+                        engine.add_request(*request)
+                        errors.append(None)
+                    except Exception as exc:
+                        if not isinstance(exc, ValueError):
+                            logging.getLogger("engine").exception("engine process: adding request %s failed", request[0])
+                        errors.append((_kind(exc), str(exc)))
+                reply("ok", errors)
             elif command == "abort":
                 engine.abort_request(payload[0])
                 for request_id in payload[0]:
@@ -266,6 +290,7 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
                     ahead.deltas = [d for d in ahead.deltas if d[0] not in aborted]
                 reply("ok", None)
             elif command == "step":
+                busy.steps += ahead is None
                 done, ahead = ahead or run_step(), None
                 if done.error is not None and done.deltas:  # steps that went well before one that failed:
                     done, ahead = _Ahead(done.deltas), _Ahead([], done.error)  # their outputs first
@@ -288,6 +313,8 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
             if not isinstance(exc, ValueError):
                 logging.getLogger("engine").exception("engine process: %s failed", command)
             reply("error", (_kind(exc), str(exc)))
+        if busy.steps and ahead is None and not engine.has_unfinished_requests():
+            busy.log_and_reset()
 
 
 def _kind(exc: Exception) -> str:
@@ -304,6 +331,24 @@ class _Ahead:
 
     deltas: list[tuple]
     error: tuple[str, str] | None = None
+
+
+@dataclass
+class _BusyPeriod:
+    """The engine process's figures over one busy period (from idle to idle), for the log: where the
+    server falls behind the engine, these say whether the device waited for the front."""
+
+    steps: int = 0  # run when the front asked
+    steps_ahead: int = 0  # run ahead of the front's asking
+    full_ahead: int = 0  # times MAX_STEPS_AHEAD steps ran ahead (then the device waited for the front)
+    front_wait_s: float = 0.0  # waiting for the front's next message while requests were unfinished
+
+    def log_and_reset(self) -> None:
+        logging.getLogger("engine").info(
+            "engine process: %d steps, %d of them run ahead of the front (%d times %d ahead, the most); waited "
+            "%.3f s for the front with requests unfinished", self.steps + self.steps_ahead, self.steps_ahead,
+            self.full_ahead, MAX_STEPS_AHEAD, self.front_wait_s)
+        self.__init__()
 
 
 @dataclass

@@ -750,6 +750,98 @@ def test_the_engine_process_runs_a_step_ahead_and_drops_its_outputs_of_aborted_r
         engine.shutdown()
 
 
+def test_requests_added_to_the_engine_process_together_fail_one_by_one(llama_checkpoint):
+    # The front sends the adds it drains at once in one message: a bad one among them fails alone,
+    # with its ValueError, whether asked directly or through the async front (3 requests in its inbox
+    # before its step thread wakes up are drained, and sent, together).
+    from engine.engine_process import RemoteEngine
+
+    args = EngineArgs(model=llama_checkpoint, max_model_len=256, num_gpu_blocks_override=64)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    prompts = {"a": {"prompt_token_ids": [5, 6, 7]}, "bad": {"prompt_token_ids": list(range(5, 305))},
+               "b": {"prompt_token_ids": [8, 9]}}
+    remote = RemoteEngine(args)
+    try:
+        errors = remote.add_requests([(request_id, prompt, params, None) for request_id, prompt in prompts.items()])
+        assert errors[0] is None and errors[2] is None
+        assert isinstance(errors[1], ValueError) and "leaves no room to generate" in str(errors[1])
+        finals = {}
+        while remote.has_unfinished_requests():
+            finals.update((o.request_id, o.outputs[0].token_ids) for o in remote.step() if o.finished)
+        assert set(finals) == {"a", "b"} and all(len(tokens) == 3 for tokens in finals.values())
+    finally:
+        remote.shutdown()
+
+    async_engine = AsyncLLMEngine(RemoteEngine(args))
+
+    async def main():
+        # The step thread sleeps on `wakeup`: posts set another event until all three are in the inbox.
+        wakeup, async_engine._wakeup = async_engine._wakeup, threading.Event()
+        streams = {request_id: async_engine.submit(request_id, prompt, params) for request_id, prompt in prompts.items()}
+        async_engine._wakeup = wakeup
+        wakeup.set()
+        with pytest.raises(ValueError, match="leaves no room to generate"):
+            await streams.pop("bad").accepted()
+        outputs = {}
+        for request_id, stream in streams.items():
+            await stream.accepted()
+            async for output in stream:
+                outputs[request_id] = output.outputs[0].token_ids
+        return outputs
+
+    try:
+        assert asyncio.run(main()) == finals  # greedy: the same tokens
+    finally:
+        async_engine.shutdown()
+
+
+def test_requests_arriving_while_the_step_thread_adds_others_wait_for_the_next_step(llama_checkpoint):
+    # Hundreds of requests arriving at once: the step thread must not keep adding until the last one
+    # has come (the device would idle meanwhile) but take what had arrived, step, and add the rest next.
+    # Here each add brings the next request in while it is being added: 30 arrivals in a chain.
+    from engine.async_engine import _Add
+    from engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineArgs(model=llama_checkpoint, max_model_len=256, num_gpu_blocks_override=64))
+    async_engine = AsyncLLMEngine(engine)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    arrivals: list[_Add] = []
+    added, adds_before_each_step = [], []
+    real_add, real_step = engine.add_request, engine.step
+
+    def add_request(*args, **kwargs):
+        real_add(*args, **kwargs)
+        added.append(args[0])
+        if arrivals:
+            async_engine._post(arrivals.pop(0))
+
+    def step():
+        adds_before_each_step.append(len(added))
+        return real_step()
+
+    engine.add_request, engine.step = add_request, step
+
+    async def main():
+        streams = [RequestStream(f"r{i}", async_engine) for i in range(30)]
+        arrivals.extend(_Add(f"r{i}", {"prompt_token_ids": [5 + i, 6, 7]}, params, time.time(), streams[i])
+                        for i in range(30))
+        async_engine._post(arrivals.pop(0))
+        tokens = []
+        for stream in streams:
+            await stream.accepted()
+            async for output in stream:
+                pass
+            tokens.append(output.outputs[0].token_ids)
+        return tokens
+
+    try:
+        tokens = asyncio.run(main())
+    finally:
+        async_engine.shutdown()
+    assert len(added) == 30 and all(len(t) == 2 for t in tokens)
+    assert adds_before_each_step[0] == 1, f"the first step waited for {adds_before_each_step[0]} adds"
+
+
 STEP_COUNT_FILE = "ENGINE_TEST_STEP_COUNT_FILE"  # where the engine process's step hook writes its count
 
 
