@@ -60,6 +60,7 @@
 #           and int8
 #   tp-diag (2 GPUs) the TP GPU tests, then TP=2 batch 1 with host-work / wait figures of every rank and a profiled window
 #           on each rank
+#   tp-profile (2 GPUs) tp-diag without its tests: TP=2 batch 1, host work / wait of every rank, each rank's profiled window
 #   tp-tests (2 GPUs) the TP GPU tests alone (the worker-failure one dumps its threads' stacks if it runs past 150 s)
 #   tp-quick (2 GPUs) Llama-3.1-8B batch 1 (128 / 512) at TP=2, then TP=1 (GPU 0), same call; then the TP GPU tests
 #   quant8b Llama-3.1-8B batch 1 (128 / 512) AWQ, int8; fixed 1000 x 256 x 256 AWQ, int8, bitsandbytes (bf16: llama)
@@ -279,6 +280,10 @@ for stage in "$@"; do
              # and 20 steps profiled on rank 0 and on the worker (GPU busy a step, top ops: the worker's in the log)
              timeout 240 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=150 tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -12
              timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k "not worker_exception" 2>&1 | tee "$OUT/tp_tests.log" | tail -15
+             bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --profile-steps 100 20
+             grep -h "tensor-parallel worker rank" "$OUT/llama8b_bs1_tp2.log" | cut -c1-220
+             grep -h -A 20 "its window" "$OUT/llama8b_bs1_tp2.log" | cut -c1-160 ;;
+    tp-profile) # (2 GPUs) tp-diag's TP=2 batch-1 run alone: host work / wait of every rank, 20 steps profiled on each
              bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --profile-steps 100 20
              grep -h "tensor-parallel worker rank" "$OUT/llama8b_bs1_tp2.log" | cut -c1-220
              grep -h -A 20 "its window" "$OUT/llama8b_bs1_tp2.log" | cut -c1-160 ;;
