@@ -13,6 +13,8 @@ fetch() {
 }
 fetch xformers==0.0.35
 fetch starlette uvicorn h11 msgspec prometheus-client openai jiter distro sniffio
+# perf/serve_bench.py's client: aiohttp and what it needs
+fetch aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl
 # openai 3.x talks through httpx2 (not the device's httpx), which needs newer anyio / idna too.
 fetch httpx2 httpcore2 truststore anyio idna
 # openai's models need pydantic (absent there); pydantic pins its compiled core exactly.

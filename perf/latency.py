@@ -59,7 +59,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import EngineArgs, SamplingParams  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.llm_engine import LLMEngine, freeze_gc_heap  # noqa: E402
 from engine.outputs import RequestOutput  # noqa: E402
 from engine.serve import _add_engine_flags  # noqa: E402
 from perf.bench_metrics import ChunkClock, RequestResult, summarize  # noqa: E402
@@ -348,19 +348,13 @@ async def run_async(async_engine, requests: list[BenchRequest], concurrent: bool
 @contextlib.contextmanager
 def http_server(async_engine) -> Iterator[str]:
     """The real app on uvicorn, on a free loopback port, in a thread of this process; yields its URL.
-    The app owns the engine: leaving shuts both down. The heap is frozen while it serves, as
-    `python -m engine.serve` freezes it after start-up (unfrozen here, full collections of what this
-    process holds paused the front for up to ~190 ms at a time: CPU, stub model, 256 streams)."""
-    import gc
-
+    The app owns the engine: leaving shuts both down."""
     import uvicorn
 
     from api.app import build_app
-    from engine.llm_engine import freeze_gc_heap
 
     server = uvicorn.Server(uvicorn.Config(build_app(async_engine), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, name="latency-http-server", daemon=True)
-    freeze_gc_heap()
     thread.start()
     while not server.started:
         if not thread.is_alive():
@@ -371,7 +365,6 @@ def http_server(async_engine) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=60)
-        gc.unfreeze()
 
 
 def run_http(url: str, args: argparse.Namespace, vocab: int, seed: int, concurrent: bool) -> dict:
@@ -400,6 +393,7 @@ def engine_process_layer(engine_args: EngineArgs, args: argparse.Namespace) -> d
 
     on_start = functools.partial(stub_model, step_ms=args.stub_step_ms) if args.stub_model else None
     async_engine = AsyncLLMEngine(RemoteEngine(engine_args, on_start=on_start))
+    freeze_gc_heap()  # as engine.serve does after start-up (see server_comparison)
     try:
         vocab = min(async_engine.model_config.vocab_size, len(async_engine.tokenizer))
         with http_server(async_engine) as url:
@@ -421,6 +415,11 @@ def server_comparison(engine: LLMEngine, args: argparse.Namespace, engine_proces
                 for concurrent, num in ((False, args.sequential_requests), (True, args.server_requests))}
     layers: dict[str, dict[str, dict]] = {"engine": {}, "async": {}, "http": {}}
     modes = {"sequential": False, "concurrent": True}
+    # What this process holds is out of the collector's reach from here on, for every layer alike, as
+    # engine.serve freezes its heap after start-up: unfrozen, full collections paused the in-process
+    # front up to ~190 ms at a time (CPU, stub model, 256 streams), and a heap unfrozen after one layer
+    # paused the next layer's engine (H100, session 11).
+    freeze_gc_heap()
     for mode, concurrent in modes.items():
         layers["engine"][mode] = summarize(*run_engine(engine, requests[concurrent], concurrent))
     async_engine = AsyncLLMEngine(engine)
