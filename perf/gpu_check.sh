@@ -16,6 +16,8 @@
 #   nano-ab nano four times in one call: as it is, with the KV write as its own kernel (FUSE_DECODE_KV_WRITE = False),
 #           with the torch sampler (engine.sampler.FUSED_SAMPLING_DEVICES = ()), and as it is again (the first run
 #           of a call pays for Triton compiles an empty cache makes, see "Triton compiles in the timed run")
+#   merge-ab llama1, AWQ llama1 and nano with the decode partitions merged by their last program (FUSE_DECODE_MERGE,
+#           the default), then each again with _decode_reduce_kernel after the decode kernel, same call
 #   nano-gc nano with empty compile caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR fresh), as it is, then with
 #           gc.freeze() after the engine starts, then warm (the second run's caches) as it is: is the slow first run
 #           of a call the garbage collector walking what a cold compile left behind? (the "GC:" line)
@@ -148,6 +150,15 @@ for stage in "$@"; do
                  perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano 2>&1 \
                  | tee "$OUT/$name.log" | grep -E "engine:|steps:|Triton compiles|GC:" | sed "s/^/[$name] /"
              done ;;
+    merge-ab) nomerge="import ops.triton_attention as t; t.FUSE_DECODE_MERGE = False"
+              for spec in "llama8b_bs1;--model llama-3.1-8b" "llama8b_awq_bs1;--model llama-3.1-8b --quantization awq" \
+                          "nano_qwen3;--model qwen3-0.6b --workload nano"; do
+                name=${spec%%;*}; args=${spec#*;}
+                case $name in nano*) work="";; *) work="--workload fixed --num-requests 1 --input-len 128 --output-len 512";; esac
+                bench ${name}_merged $args $work
+                timeout "${STAGE_TIMEOUT:-300}" python3 -c "$nomerge; import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+                  perf/throughput.py --no-tqdm --json-out "$OUT/${name}_reduce.json" $args $work 2>&1 | tee "$OUT/${name}_reduce.log" | grep -vE "^\{|Capturing" | tail -6
+              done ;;
     nano-gc) freeze="import gc, engine.llm as m; init = m.LLM.__init__; m.LLM.__init__ = lambda self, *a, **k: (init(self, *a, **k), gc.collect(), gc.freeze()) and None"
              for spec in "nano_cold|pass|cold" "nano_cold_freeze|$freeze|cold" "nano_warm|pass|warm"; do
                IFS='|' read -r name setup caches <<< "$spec"
