@@ -16,8 +16,8 @@
 #   nano-ab nano four times in one call: as it is, with the KV write as its own kernel (FUSE_DECODE_KV_WRITE = False),
 #           with the torch sampler (engine.sampler.FUSED_SAMPLING_DEVICES = ()), and as it is again (the first run
 #           of a call pays for Triton compiles an empty cache makes, see "Triton compiles in the timed run")
-#   merge-ab llama1, AWQ llama1 and nano with the decode partitions merged by their last program (FUSE_DECODE_MERGE,
-#           the default), then each again with _decode_reduce_kernel after the decode kernel, same call
+#   merge-ab AWQ 8B batch 1 (128 / 512) with the decode partitions merged by their last program (FUSE_DECODE_MERGE, the
+#           default), then with _decode_reduce_kernel after the decode kernel, same call
 #   nano-gc nano with empty compile caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR fresh), as it is, then with
 #           gc.freeze() after the engine starts, then warm (the second run's caches) as it is: is the slow first run
 #           of a call the garbage collector walking what a cold compile left behind? (the "GC:" line)
@@ -68,6 +68,7 @@
 #   quant8b Llama-3.1-8B batch 1 (128 / 512) AWQ, int8; fixed 1000 x 256 x 256 AWQ, int8, bitsandbytes (bf16: llama)
 #   awq-wide the planar kernel's GPU tests, quant_bench of the default tiles against session 6's (session6) at
 #           1 and 2 rows, and Llama-3.1-8B AWQ batch 1 (128 / 512) with each table
+#   planar-sweep awq-sweep's quant_bench alone
 #   awq-sweep quant_bench of the one-row planar tiles around the default (--planar-sweep: columns and warps, stages,
 #           programs an SM, K ranges), then Llama-3.1-8B AWQ batch 1 (128 / 512) timed and profiled over steps 100-119
 #           (where a step's 3.4 ms go besides the 4-bit matmuls' ~2.1)
@@ -150,15 +151,13 @@ for stage in "$@"; do
                  perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano 2>&1 \
                  | tee "$OUT/$name.log" | grep -E "engine:|steps:|Triton compiles|GC:" | sed "s/^/[$name] /"
              done ;;
-    merge-ab) nomerge="import ops.triton_attention as t; t.FUSE_DECODE_MERGE = False"
-              for spec in "llama8b_bs1;--model llama-3.1-8b" "llama8b_awq_bs1;--model llama-3.1-8b --quantization awq" \
-                          "nano_qwen3;--model qwen3-0.6b --workload nano"; do
-                name=${spec%%;*}; args=${spec#*;}
-                case $name in nano*) work="";; *) work="--workload fixed --num-requests 1 --input-len 128 --output-len 512";; esac
-                bench ${name}_merged $args $work
-                timeout "${STAGE_TIMEOUT:-300}" python3 -c "$nomerge; import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
-                  perf/throughput.py --no-tqdm --json-out "$OUT/${name}_reduce.json" $args $work 2>&1 | tee "$OUT/${name}_reduce.log" | grep -vE "^\{|Capturing" | tail -6
-              done ;;
+    merge-ab) # AWQ 8B batch 1 with the decode partitions merged by their last program (FUSE_DECODE_MERGE, the default),
+              # then with _decode_reduce_kernel after the decode kernel, same call
+              fixed1="--workload fixed --num-requests 1 --input-len 128 --output-len 512"
+              bench llama8b_awq_bs1_merged --model llama-3.1-8b --quantization awq $fixed1
+              timeout "${STAGE_TIMEOUT:-300}" python3 -c "import ops.triton_attention as t; t.FUSE_DECODE_MERGE = False; import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+                perf/throughput.py --no-tqdm --json-out "$OUT/llama8b_awq_bs1_reduce.json" --model llama-3.1-8b --quantization awq $fixed1 2>&1 \
+                | tee "$OUT/llama8b_awq_bs1_reduce.log" | grep -vE "^\{|Capturing" | tail -6 ;;
     nano-gc) freeze="import gc, engine.llm as m; init = m.LLM.__init__; m.LLM.__init__ = lambda self, *a, **k: (init(self, *a, **k), gc.collect(), gc.freeze()) and None"
              for spec in "nano_cold|pass|cold" "nano_cold_freeze|$freeze|cold" "nano_warm|pass|warm"; do
                IFS='|' read -r name setup caches <<< "$spec"
@@ -316,6 +315,8 @@ for stage in "$@"; do
                 --batches 1 2 --out "$OUT/quant_bench_wide.json" 2>&1 | tee "$OUT/quant_bench_wide.log" | tail -30
               bench llama8b_awq_bs1 --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512
               ENGINE_QUANT_TILES=session6 bench llama8b_awq_bs1_session6 --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
+    planar-sweep) timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --planar-sweep --kernels awq-gptq-g128 --batches 1 \
+                    --out "$OUT/quant_bench_planar_sweep.json" 2>&1 | tee "$OUT/quant_bench_planar_sweep.log" | tail -3 ;;
     awq-sweep) timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --planar-sweep --kernels bf16 awq-gptq-g128 \
                  --batches 1 --out "$OUT/quant_bench_sweep.json" 2>&1 | tee "$OUT/quant_bench_sweep.log" | tail -4
                bench llama8b_awq_bs1 --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512 --profile-steps 100 20

@@ -141,20 +141,23 @@ def time_us(matmul: Callable, x: torch.Tensor, copies: list[dict], iters: int, r
 
 def planar_sweep_tables() -> dict[str, tuple]:
     """The default table with its one-row planar (WIDE2) entry replaced, one table per grid point around it
-    (the default: 64 columns, 1 warp, 3 stages, 12 programs an SM, at most 16 K ranges)."""
+    (the default: 64 columns, 1 warp, 3 stages, 12 programs an SM, at most 16 K ranges).
+    `quant_bench.py --planar-sweep` prints each layer's time too: the best table may differ by shape."""
     from ops import triton_quant
 
     default = triton_quant.CANDIDATE_TILES["default"]
     (max_m, first), rest = default[0], default[1:]
     assert first.planar and first.block_m == 1, "the default table no longer starts with the one-row planar entry"
     tables = {}
-    for block_n, warps in ((64, 1), (128, 2), (64, 2)):
-        for stages in (3, 4):
-            for per_sm, max_split in ((12, 16), (16, 32), (24, 32), (32, 32)):
-                tiles = triton_quant.Tiles(1, block_n, first.block_k, warps, stages, per_sm, planar=True, wide=True,
-                                           wide2=True, max_split=max_split)
-                if tiles != first:
-                    tables[f"n{block_n}w{warps}s{stages}p{per_sm}m{max_split}"] = ((max_m, tiles), *rest)
+    # 2 warps (64 or 128 columns) measured slower at every point of session 11's first sweep: 1 warp only.
+    for stages in (3, 4):
+        # more programs (more K ranges, shorter each), then fewer (longer K loops: Llama-3.1-8B's qkv and o
+        # took 11.0 / 8.9 us at 1.2 / 1.0 TB/s in session 11, two K-tiles a program under the default)
+        for per_sm, max_split in ((12, 16), (16, 32), (24, 32), (8, 16), (8, 8), (6, 8), (4, 4)):
+            tiles = triton_quant.Tiles(1, first.block_n, first.block_k, 1, stages, per_sm, planar=True, wide=True,
+                                       wide2=True, max_split=max_split)
+            if tiles != first:
+                tables[f"n{first.block_n}w1s{stages}p{per_sm}m{max_split}"] = ((max_m, tiles), *rest)
     return tables
 
 
