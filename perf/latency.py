@@ -59,7 +59,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import EngineArgs, SamplingParams  # noqa: E402
-from engine.llm_engine import LLMEngine, freeze_gc_heap  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.outputs import RequestOutput  # noqa: E402
 from engine.serve import _add_engine_flags  # noqa: E402
 from perf.bench_metrics import ChunkClock, RequestResult, summarize  # noqa: E402
@@ -393,7 +393,6 @@ def engine_process_layer(engine_args: EngineArgs, args: argparse.Namespace) -> d
 
     on_start = functools.partial(stub_model, step_ms=args.stub_step_ms) if args.stub_model else None
     async_engine = AsyncLLMEngine(RemoteEngine(engine_args, on_start=on_start))
-    freeze_gc_heap()  # as engine.serve does after start-up (see server_comparison)
     try:
         vocab = min(async_engine.model_config.vocab_size, len(async_engine.tokenizer))
         with http_server(async_engine) as url:
@@ -415,11 +414,10 @@ def server_comparison(engine: LLMEngine, args: argparse.Namespace, engine_proces
                 for concurrent, num in ((False, args.sequential_requests), (True, args.server_requests))}
     layers: dict[str, dict[str, dict]] = {"engine": {}, "async": {}, "http": {}}
     modes = {"sequential": False, "concurrent": True}
-    # What this process holds is out of the collector's reach from here on, for every layer alike, as
-    # engine.serve freezes its heap after start-up: unfrozen, full collections paused the in-process
-    # front up to ~190 ms at a time (CPU, stub model, 256 streams), and a heap unfrozen after one layer
-    # paused the next layer's engine (H100, session 11).
-    freeze_gc_heap()
+    # The heap is not frozen here (engine.serve freezes its own after start-up; LLM.generate, the offline
+    # figure, does not): frozen here, the engine layer ran 17-18% slower on the H100 (16,960 and 17,279
+    # against 20,512 out tok/s, session 11, calls B and D1; cause not found), and unfrozen, full
+    # collections pause the in-process front's event loop at times (up to ~190 ms on the CPU stub).
     for mode, concurrent in modes.items():
         layers["engine"][mode] = summarize(*run_engine(engine, requests[concurrent], concurrent))
     async_engine = AsyncLLMEngine(engine)
