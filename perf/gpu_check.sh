@@ -18,6 +18,7 @@
 #           of a call pays for Triton compiles an empty cache makes, see "Triton compiles in the timed run")
 #   merge-ab AWQ 8B batch 1 (128 / 512) with the decode partitions merged by their last program (FUSE_DECODE_MERGE, the
 #           default), then with _decode_reduce_kernel after the decode kernel, same call
+#   nano-merge-ab nano (bf16, fp8 caches) with the fused decode merge, then bf16 with the reduce kernel, same call
 #   nano-gc nano with empty compile caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR fresh), as it is, then with
 #           gc.freeze() after the engine starts, then warm (the second run's caches) as it is: is the slow first run
 #           of a call the garbage collector walking what a cold compile left behind? (the "GC:" line)
@@ -158,6 +159,12 @@ for stage in "$@"; do
               timeout "${STAGE_TIMEOUT:-300}" python3 -c "import ops.triton_attention as t; t.FUSE_DECODE_MERGE = False; import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
                 perf/throughput.py --no-tqdm --json-out "$OUT/llama8b_awq_bs1_reduce.json" --model llama-3.1-8b --quantization awq $fixed1 2>&1 \
                 | tee "$OUT/llama8b_awq_bs1_reduce.log" | grep -vE "^\{|Capturing" | tail -6 ;;
+    nano-merge-ab) # nano (bf16 cache, then fp8) with the fused decode merge (the default), then bf16 with the reduce kernel
+              TORCH_LOGS=recompiles bench nano_qwen3_merged --model qwen3-0.6b --workload nano
+              TORCH_LOGS=recompiles bench nano_qwen3_fp8_merged --model qwen3-0.6b --workload nano --kv-cache-dtype fp8
+              timeout "${STAGE_TIMEOUT:-300}" python3 -c "import ops.triton_attention as t; t.FUSE_DECODE_MERGE = False; import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+                perf/throughput.py --no-tqdm --json-out "$OUT/nano_qwen3_reduce.json" --model qwen3-0.6b --workload nano 2>&1 \
+                | tee "$OUT/nano_qwen3_reduce.log" | grep -vE "^\{|Capturing" | tail -8 ;;
     nano-gc) freeze="import gc, engine.llm as m; init = m.LLM.__init__; m.LLM.__init__ = lambda self, *a, **k: (init(self, *a, **k), gc.collect(), gc.freeze()) and None"
              for spec in "nano_cold|pass|cold" "nano_cold_freeze|$freeze|cold" "nano_warm|pass|warm"; do
                IFS='|' read -r name setup caches <<< "$spec"
