@@ -125,9 +125,11 @@ _PREFILL_TILES = (
 # 1 and 2 rows of GPTQ's layout (and AWQ's, which the engine repacks into it) through the planar
 # kernel; other formats skip these entries. WIDE2 form, 64 columns, 1 warp, 12 programs an SM: 64.8 / 75.8
 # us over an 8B layer's four matmuls at 1 / 2 rows on the H100, against 68.2 / 86.3 for session 6's
-# WIDE form at 2 warps (quant_bench --tiles, 2026-11-26, session 7).
+# WIDE form at 2 warps (quant_bench --tiles, 2026-11-26, session 7). One row: 8 programs an SM (longer
+# K ranges a program): 62.4 us against 64.6 at 12, the fastest of 14 tables (quant_bench --planar-sweep,
+# session 11: 12 programs an SM split qkv's and o's K loops into 16 ranges of two K-tiles each).
 _PLANAR_TILES = (
-    (1, Tiles(1, 64, 128, 1, 3, 12, planar=True, wide=True, wide2=True)),
+    (1, Tiles(1, 64, 128, 1, 3, 8, planar=True, wide=True, wide2=True)),
     (2, Tiles(2, 64, 128, 1, 3, 12, planar=True, wide=True, wide2=True)),
 )
 # tl.dot tiles of GPTQ's layout with 16-bit x (`packed`: other formats and fp32 x skip these entries and

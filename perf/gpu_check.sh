@@ -18,6 +18,8 @@
 #           of a call pays for Triton compiles an empty cache makes, see "Triton compiles in the timed run")
 #   merge-ab AWQ 8B batch 1 (128 / 512) with the decode partitions merged by their last program (FUSE_DECODE_MERGE, the
 #           default), then with _decode_reduce_kernel after the decode kernel, same call
+#   serve-offline the server / offline ratio on one workload: LLM.generate (throughput.py, fixed 256 x 550 x 520, greedy),
+#           then the same requests against `python -m engine.serve --engine-process` (serve_bench --dataset fixed)
 #   nano-merge-ab nano (bf16, fp8 caches) with the fused decode merge, then bf16 with the reduce kernel, same call
 #   nano-gc nano with empty compile caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR fresh), as it is, then with
 #           gc.freeze() after the engine starts, then warm (the second run's caches) as it is: is the slow first run
@@ -159,6 +161,19 @@ for stage in "$@"; do
               timeout "${STAGE_TIMEOUT:-300}" python3 -c "import ops.triton_attention as t; t.FUSE_DECODE_MERGE = False; import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
                 perf/throughput.py --no-tqdm --json-out "$OUT/llama8b_awq_bs1_reduce.json" --model llama-3.1-8b --quantization awq $fixed1 2>&1 \
                 | tee "$OUT/llama8b_awq_bs1_reduce.log" | grep -vE "^\{|Capturing" | tail -6 ;;
+    serve-offline) # the server / offline ratio on the same 256 requests (fixed workload: 550 random ids in, 520 out,
+              # greedy): LLM.generate (perf/throughput.py), then `python -m engine.serve --engine-process` under serve_bench
+              bench fixed256_offline --model qwen3-0.6b --workload fixed --num-requests 256 --input-len 550 --output-len 520 \
+                --temperature 0 --max-model-len 4096
+              qdir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('qwen3-0.6b'))")
+              python3 -m engine.serve --model "$qdir" --load-format dummy --max-model-len 4096 --port 8013 --engine-process \
+                > "$OUT/fixed256_server.log" 2>&1 & epserver=$!
+              for _ in $(seq 240); do curl -sf localhost:8013/health >/dev/null && break; sleep 1; done
+              timeout 200 python3 perf/serve_bench.py --base-url http://127.0.0.1:8013 --dataset fixed --num-prompts 256 \
+                --input-len 550 --output-len 520 --temperature 0 --ignore-eos --disable-tqdm \
+                --result-json "$OUT/fixed256_server.json" 2>&1 | grep -E "duration|Output token|Client|Median T"
+              kill $epserver; wait $epserver
+              grep -h "engine process:" "$OUT/fixed256_server.log" ;;
     nano-merge-ab) # nano (bf16 cache, then fp8) with the fused decode merge (the default), then bf16 with the reduce kernel
               TORCH_LOGS=recompiles bench nano_qwen3_merged --model qwen3-0.6b --workload nano
               TORCH_LOGS=recompiles bench nano_qwen3_fp8_merged --model qwen3-0.6b --workload nano --kv-cache-dtype fp8

@@ -141,7 +141,7 @@ def time_us(matmul: Callable, x: torch.Tensor, copies: list[dict], iters: int, r
 
 def planar_sweep_tables() -> dict[str, tuple]:
     """The default table with its one-row planar (WIDE2) entry replaced, one table per grid point around it
-    (the default: 64 columns, 1 warp, 3 stages, 12 programs an SM, at most 16 K ranges).
+    (the default: 64 columns, 1 warp, 3 stages, 8 programs an SM since session 11, at most 16 K ranges).
     `quant_bench.py --planar-sweep` prints each layer's time too: the best table may differ by shape."""
     from ops import triton_quant
 
@@ -153,7 +153,7 @@ def planar_sweep_tables() -> dict[str, tuple]:
     for stages in (3, 4):
         # more programs (more K ranges, shorter each), then fewer (longer K loops: Llama-3.1-8B's qkv and o
         # took 11.0 / 8.9 us at 1.2 / 1.0 TB/s in session 11, two K-tiles a program under the default)
-        for per_sm, max_split in ((12, 16), (16, 32), (24, 32), (8, 16), (8, 8), (6, 8), (4, 4)):
+        for per_sm, max_split in ((12, 16), (16, 32), (24, 32), (8, 16), (8, 8), (6, 8), (6, 16), (4, 4)):
             tiles = triton_quant.Tiles(1, first.block_n, first.block_k, 1, stages, per_sm, planar=True, wide=True,
                                        wide2=True, max_split=max_split)
             if tiles != first:
