@@ -61,6 +61,7 @@
 #   tp4-70b (4 GPUs) Llama-3.1-70B (all 80 layers, bf16, random weights made shard by shard) at TP=4: batch-1
 #           decode 128 / 512, then fixed 256 x 1024 x 256; each run ends with 8 fixed prompts greedy, compared
 #   tp      (2 GPUs) tensor-parallel GPU tests, then Llama-3.1-8B batch-1 decode (async, sync) and fixed 1000 x 256 x 256 at TP=2
+#   awq1    Llama-3.1-8B AWQ batch 1 (128 / 512) alone
 #   quant1  the int8 quant GPU tests (one and two rows now go through the GEMV), then Llama-3.1-8B batch 1 (128 / 512) AWQ
 #           and int8
 #   tp-diag (2 GPUs) the TP GPU tests, then TP=2 batch 1 with host-work / wait figures of every rank and a profiled window
@@ -304,6 +305,7 @@ for stage in "$@"; do
         bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
         bench llama8b_bs1_tp2_sync --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --no-async-scheduling
         bench llama8b_fixed_tp2 --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 --tensor-parallel-size 2 ;;
+    awq1) bench llama8b_awq_bs1 --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
     quant1) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py -k "int8 or cuda_graph" 2>&1 \
               | tee "$OUT/quant_int8_tests.log" | tail -3
             for q in awq int8; do bench llama8b_${q}_bs1 --model llama-3.1-8b --quantization $q --workload fixed --num-requests 1 --input-len 128 --output-len 512; done ;;
