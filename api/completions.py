@@ -27,11 +27,14 @@ from engine.sampling_params import SamplingParams
 def _completion_prompts(prompt: str | list) -> list[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]
-    if prompt and all(isinstance(p, str) for p in prompt):
+    # The element types in one pass at C speed: a Python-level check per token id took ~0.2 ms of the
+    # event loop for a 550-token prompt, 50 ms of a 256-request burst.
+    kinds = set(map(type, prompt))
+    if kinds == {str}:
         return list(prompt)
-    if prompt and all(isinstance(p, int) for p in prompt):
+    if kinds == {int}:
         return [prompt]
-    if prompt and all(isinstance(p, list) for p in prompt):
+    if kinds == {list}:
         return list(prompt)
     raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of "
                         "token-id lists, and not empty", param="prompt")
