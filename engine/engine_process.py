@@ -225,11 +225,17 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
     conn.send(("ok", engine.model_config, engine.get_stats(), False))
     sent: dict[str, _Sent] = {}  # what each request's outputs have sent so far
     ahead: _Ahead | None = None  # steps run ahead of the front's next "step", not yet sent
-    busy = _BusyPeriod()  # from the first request to the last one's end: logged when it ends
+    busy = _BusyPeriod(device_wait_at_start=engine.timings.device_wait)  # idle to idle: logged when it ends
 
     def run_step() -> _Ahead:
         try:
-            return _Ahead([_delta(output, sent) for output in engine.step()])
+            start = time.perf_counter()
+            outputs = engine.step()
+            stepped = time.perf_counter()
+            deltas = [_delta(output, sent) for output in outputs]
+            busy.step_s += stepped - start
+            busy.delta_s += time.perf_counter() - stepped
+            return _Ahead(deltas)
         except Exception as exc:
             logging.getLogger("engine").exception("engine process: step failed")
             return _Ahead([], (_kind(exc), str(exc)))
@@ -258,7 +264,9 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
 
     def reply(status: str, result: Any) -> None:
         # "Unfinished" while a step run ahead is unsent: its outputs may finish the last requests.
+        start = time.perf_counter()
         conn.send((status, result, engine.get_stats(), engine.has_unfinished_requests() or ahead is not None))
+        busy.reply_s += time.perf_counter() - start
 
     while True:
         work_waits = engine.has_unfinished_requests()  # the device could be running a step meanwhile
@@ -314,7 +322,7 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
                 logging.getLogger("engine").exception("engine process: %s failed", command)
             reply("error", (_kind(exc), str(exc)))
         if busy.steps and ahead is None and not engine.has_unfinished_requests():
-            busy.log_and_reset()
+            busy.log_and_reset(engine.timings.device_wait)
 
 
 def _kind(exc: Exception) -> str:
@@ -342,13 +350,21 @@ class _BusyPeriod:
     steps_ahead: int = 0  # run ahead of the front's asking
     full_ahead: int = 0  # times MAX_STEPS_AHEAD steps ran ahead (then the device waited for the front)
     front_wait_s: float = 0.0  # waiting for the front's next message while requests were unfinished
+    step_s: float = 0.0  # in engine.step() (its host work and its wait for the device)
+    delta_s: float = 0.0  # turning its outputs into deltas
+    reply_s: float = 0.0  # pickling and sending replies
+    device_wait_at_start: float | None = None  # the engine's cumulative device wait when the period began
 
-    def log_and_reset(self) -> None:
+    def log_and_reset(self, device_wait: float) -> None:
+        steps = self.steps + self.steps_ahead
+        waited = device_wait - (self.device_wait_at_start or 0.0)
         logging.getLogger("engine").info(
             "engine process: %d steps, %d of them run ahead of the front (%d times %d ahead, the most); waited "
-            "%.3f s for the front with requests unfinished", self.steps + self.steps_ahead, self.steps_ahead,
-            self.full_ahead, MAX_STEPS_AHEAD, self.front_wait_s)
-        self.__init__()
+            "%.3f s for the front with requests unfinished; a step: %.3f ms in engine.step (of which %.3f ms "
+            "waiting for the device), %.3f ms of deltas, %.3f ms of replies", steps, self.steps_ahead,
+            self.full_ahead, MAX_STEPS_AHEAD, self.front_wait_s, 1e3 * self.step_s / steps, 1e3 * waited / steps,
+            1e3 * self.delta_s / steps, 1e3 * self.reply_s / steps)
+        self.__init__(device_wait_at_start=device_wait)
 
 
 @dataclass

@@ -20,6 +20,7 @@
 #           default), then with _decode_reduce_kernel after the decode kernel, same call
 #   serve-offline the server / offline ratio on one workload: LLM.generate (throughput.py, fixed 256 x 550 x 520, greedy),
 #           then the same requests against `python -m engine.serve --engine-process` (serve_bench --dataset fixed)
+#   nano-fp8-ab nano with the fp8 cache, the fused decode merge then the reduce kernel, same call
 #   nano-merge-ab nano (bf16, fp8 caches) with the fused decode merge, then bf16 with the reduce kernel, same call
 #   nano-gc nano with empty compile caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR fresh), as it is, then with
 #           gc.freeze() after the engine starts, then warm (the second run's caches) as it is: is the slow first run
@@ -175,6 +176,11 @@ for stage in "$@"; do
                 --result-json "$OUT/fixed256_server.json" 2>&1 | grep -E "duration|Output token|Client|Median T"
               kill $epserver; wait $epserver
               grep -h "engine process:" "$OUT/fixed256_server.log" ;;
+    nano-fp8-ab) # nano with the fp8 cache: the fused decode merge (the default), then the reduce kernel, same call
+              TORCH_LOGS=recompiles bench nano_qwen3_fp8_merged --model qwen3-0.6b --workload nano --kv-cache-dtype fp8
+              timeout "${STAGE_TIMEOUT:-300}" python3 -c "import ops.triton_attention as t; t.FUSE_DECODE_MERGE = False; import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+                perf/throughput.py --no-tqdm --json-out "$OUT/nano_qwen3_fp8_reduce.json" --model qwen3-0.6b --workload nano --kv-cache-dtype fp8 2>&1 \
+                | tee "$OUT/nano_qwen3_fp8_reduce.log" | grep -vE "^\{|Capturing" | tail -8 ;;
     nano-merge-ab) # nano (bf16 cache, then fp8) with the fused decode merge (the default), then bf16 with the reduce kernel
               TORCH_LOGS=recompiles bench nano_qwen3_merged --model qwen3-0.6b --workload nano
               TORCH_LOGS=recompiles bench nano_qwen3_fp8_merged --model qwen3-0.6b --workload nano --kv-cache-dtype fp8
