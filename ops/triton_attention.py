@@ -9,10 +9,9 @@ gathered into a contiguous copy) and folds them into an fp32 online softmax:
 - `_decode_kernel` + `_decode_reduce_kernel` (every query length is 1, i.e. `meta.max_query_len ==
   1`): flash-decoding. Grid (seq, kv_head, partition): each program takes ALL query heads of one
   KV head (the GQA group, padded to >= 16 rows for the tensor cores), so each KV block is read
-  once per KV head, over one partition of `PARTITION_SIZE` context positions; the partitions' fp32
-  (max, sum, acc) triples are merged by the last of them to finish (an arrival counter per
-  sequence and KV head, FUSE_DECODE_MERGE), or by a second kernel. With a single partition, or for
-  a sequence whose context fits in one, the first kernel writes the output itself.
+  once per KV head, over one partition of `PARTITION_SIZE` context positions; a second kernel
+  merges the partitions' fp32 (max, sum, acc) triples. With a single partition, or for a sequence
+  whose context fits in one, the first kernel writes the output itself (the merge skips it).
 - `_prefill_kernel` (anything else: prefill, chunked prefill, prefix-cache hits, mixed
   prefill+decode batches): a tile packs BLOCK_Q query tokens x the GQA group's heads into the
   rows of one tl.dot, causal over the query tokens' positions at the tail of the context.
@@ -130,7 +129,7 @@ def _attend_kv_range(
 # costs a compile there (~1 s with an empty cache). Only the block tables' width is such here.
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
-    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, counter_ptr,
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     key_ptr, value_ptr, slot_mapping_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
@@ -140,7 +139,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, Q_FP16: tl.constexpr = False,
     OFFSETS_64: tl.constexpr = True, WRITE_KV: tl.constexpr = False, FP8_MAX: tl.constexpr = 0.0,
-    IEEE: tl.constexpr = False, MERGE: tl.constexpr = False, P_PAD: tl.constexpr = 1,
+    IEEE: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -213,43 +212,6 @@ def _decode_kernel(
         tl.store(part_max_ptr + part_idx, m_i, mask=live)
         tl.store(part_sum_ptr + part_idx, l_i, mask=live)
         tl.store(part_acc_ptr + part_idx[:, None] * D_PAD + dims[None, :], acc, mask=live[:, None])
-        if MERGE:
-            # The last of this (sequence, KV head)'s partitions that cover the context to finish
-            # merges them all, as _decode_reduce_kernel would (one launch a layer fewer). An arrival
-            # counter per (sequence, KV head) says which is last; it resets itself for the next call.
-            num_live = tl.minimum(tl.cdiv(seq_len, partition_size), NUM_PARTITIONS)
-            if part < num_live:
-                tl.debug_barrier()  # every thread's partial is stored before the counter says so
-                counter = counter_ptr + seq * tl.num_programs(1) + kv_head
-                if tl.atomic_add(counter, 1, sem="acq_rel") == num_live - 1:
-                    tl.atomic_xchg(counter, 0)
-                    base = (seq * tl.num_programs(1) * GROUP + heads).to(tl.int64) * NUM_PARTITIONS
-                    _merge_partitions(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-                                      part_acc_ptr, part_max_ptr, part_sum_ptr, base, num_live, row_mask, io_mask,
-                                      dims, GROUP_PAD, P_PAD, D_PAD)
-
-
-@triton.jit
-def _merge_partitions(out_ptrs, part_acc_ptr, part_max_ptr, part_sum_ptr, base, num_live, row_mask, io_mask, dims,
-                      GROUP_PAD: tl.constexpr, P_PAD: tl.constexpr, D_PAD: tl.constexpr):
-    """_decode_reduce_kernel's merge for one KV head's GROUP query heads (rows), in the decode kernel:
-    each partition's (max, sum, acc) weighted by exp2(its max - the rows' max), in partition order.
-    ".cg": read at L2, where the other programs' stores are."""
-    parts = tl.arange(0, P_PAD)
-    mask = row_mask[:, None] & (parts < num_live)[None, :]
-    offsets = base[:, None] + parts[None, :]
-    m = tl.load(part_max_ptr + offsets, mask=mask, other=_MASKED, cache_modifier=".cg")
-    s = tl.load(part_sum_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
-    weight = tl.where(mask, tl.exp2(m - tl.max(m, 1)[:, None]), 0.0)  # [GROUP_PAD, P_PAD]
-    total = tl.sum(weight * s, 1)
-    out = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
-    for p in range(num_live):
-        w = tl.sum(tl.where(parts[None, :] == p, weight, 0.0), 1)  # column p
-        acc = tl.load(part_acc_ptr + (base + p)[:, None] * D_PAD + dims[None, :], mask=row_mask[:, None], other=0.0,
-                      cache_modifier=".cg")
-        out += acc * w[:, None]
-    out = out / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
@@ -426,9 +388,8 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
         part_acc = torch.empty((num_seqs, num_heads, num_partitions, d_pad), dtype=torch.float32, device=query.device)
     write = key is not None
     key, value = (key, value) if write else (query, query)  # (unread without WRITE_KV)
-    counters = _merge_counters(query.device, num_seqs * num_kv_heads) if num_partitions > 1 else None
     _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
-        out, part_acc, part_max, part_sum, counters if counters is not None else part_max,
+        out, part_acc, part_max, part_sum,
         query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         key, value, meta.slot_mapping,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
@@ -439,10 +400,9 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
         BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, D_PAD=d_pad, Q_FP16=_q_fp16(query, k_cache),
         OFFSETS_64=_offsets_64(k_cache), WRITE_KV=write,
         FP8_MAX=torch.finfo(k_cache.dtype).max if write and k_cache.dtype.itemsize == 1 else 0.0,
-        IEEE=query.dtype == torch.float32, MERGE=counters is not None, P_PAD=triton.next_power_of_2(num_partitions),
-        num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
+        IEEE=query.dtype == torch.float32, num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
     )
-    if num_partitions > 1 and counters is None:
+    if num_partitions > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             out, part_acc, part_max, part_sum, meta.seq_lens, meta.query_start_loc,
             out.stride(0), out.stride(1), head_dim, partition_size,
@@ -526,26 +486,6 @@ OFFSETS_64_ALWAYS = False  # tests: the 64-bit path on small caches
 # Decode steps: the decode kernel writes the step's K/V itself (write_kv_and_attend), one launch a
 # layer fewer. False: the separate _write_kv_kernel first, as prefill steps always do.
 FUSE_DECODE_KV_WRITE = True
-# Decode with several partitions: the last partition program of each (sequence, KV head) merges them
-# (`_merge_partitions`), one launch a layer fewer. False: _decode_reduce_kernel after the decode kernel.
-FUSE_DECODE_MERGE = True
-_MAX_MERGE_COUNTERS = 1 << 16  # (sequence, KV head) pairs one fused decode may have (one int32 counter each)
-_merge_counter_buffers: dict[torch.device, torch.Tensor] = {}
-
-
-def _merge_counters(device: torch.device, needed: int) -> torch.Tensor | None:
-    """Zeroed int32 arrival counters for the fused merge, shared by every decode on `device` (each call
-    leaves them zeroed; launches on one stream do not overlap); None: use the reduce kernel (fusing off,
-    too many pairs, or the first need arising inside a CUDA-graph capture, where a new buffer would be
-    the graph's own: the engine's warm-up forward before each capture makes it first)."""
-    if not FUSE_DECODE_MERGE or needed > _MAX_MERGE_COUNTERS:
-        return None
-    counters = _merge_counter_buffers.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _merge_counter_buffers[device] = torch.zeros(_MAX_MERGE_COUNTERS, dtype=torch.int32, device=device)
-    return counters
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:

@@ -16,12 +16,8 @@
 #   nano-ab nano four times in one call: as it is, with the KV write as its own kernel (FUSE_DECODE_KV_WRITE = False),
 #           with the torch sampler (engine.sampler.FUSED_SAMPLING_DEVICES = ()), and as it is again (the first run
 #           of a call pays for Triton compiles an empty cache makes, see "Triton compiles in the timed run")
-#   merge-ab AWQ 8B batch 1 (128 / 512) with the decode partitions merged by their last program (FUSE_DECODE_MERGE, the
-#           default), then with _decode_reduce_kernel after the decode kernel, same call
 #   serve-offline the server / offline ratio on one workload: LLM.generate (throughput.py, fixed 256 x 550 x 520, greedy),
 #           then the same requests against `python -m engine.serve --engine-process` (serve_bench --dataset fixed)
-#   nano-fp8-ab nano with the fp8 cache, the fused decode merge then the reduce kernel, same call
-#   nano-merge-ab nano (bf16, fp8 caches) with the fused decode merge, then bf16 with the reduce kernel, same call
 #   nano-gc nano with empty compile caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR fresh), as it is, then with
 #           gc.freeze() after the engine starts, then warm (the second run's caches) as it is: is the slow first run
 #           of a call the garbage collector walking what a cold compile left behind? (the "GC:" line)
@@ -156,13 +152,6 @@ for stage in "$@"; do
                  perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano 2>&1 \
                  | tee "$OUT/$name.log" | grep -E "engine:|steps:|Triton compiles|GC:" | sed "s/^/[$name] /"
              done ;;
-    merge-ab) # AWQ 8B batch 1 with the decode partitions merged by their last program (FUSE_DECODE_MERGE, the default),
-              # then with _decode_reduce_kernel after the decode kernel, same call
-              fixed1="--workload fixed --num-requests 1 --input-len 128 --output-len 512"
-              bench llama8b_awq_bs1_merged --model llama-3.1-8b --quantization awq $fixed1
-              timeout "${STAGE_TIMEOUT:-300}" python3 -c "import ops.triton_attention as t; t.FUSE_DECODE_MERGE = False; import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
-                perf/throughput.py --no-tqdm --json-out "$OUT/llama8b_awq_bs1_reduce.json" --model llama-3.1-8b --quantization awq $fixed1 2>&1 \
-                | tee "$OUT/llama8b_awq_bs1_reduce.log" | grep -vE "^\{|Capturing" | tail -6 ;;
     serve-offline) # the server / offline ratio on the same 256 requests (fixed workload: 550 random ids in, 520 out,
               # greedy): LLM.generate (perf/throughput.py), then `python -m engine.serve --engine-process` under serve_bench
               bench fixed256_offline --model qwen3-0.6b --workload fixed --num-requests 256 --input-len 550 --output-len 520 \
@@ -176,17 +165,6 @@ for stage in "$@"; do
                 --result-json "$OUT/fixed256_server.json" 2>&1 | grep -E "duration|Output token|Client|Median T"
               kill $epserver; wait $epserver
               grep -h "engine process:" "$OUT/fixed256_server.log" ;;
-    nano-fp8-ab) # nano with the fp8 cache: the fused decode merge (the default), then the reduce kernel, same call
-              TORCH_LOGS=recompiles bench nano_qwen3_fp8_merged --model qwen3-0.6b --workload nano --kv-cache-dtype fp8
-              timeout "${STAGE_TIMEOUT:-300}" python3 -c "import ops.triton_attention as t; t.FUSE_DECODE_MERGE = False; import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
-                perf/throughput.py --no-tqdm --json-out "$OUT/nano_qwen3_fp8_reduce.json" --model qwen3-0.6b --workload nano --kv-cache-dtype fp8 2>&1 \
-                | tee "$OUT/nano_qwen3_fp8_reduce.log" | grep -vE "^\{|Capturing" | tail -8 ;;
-    nano-merge-ab) # nano (bf16 cache, then fp8) with the fused decode merge (the default), then bf16 with the reduce kernel
-              TORCH_LOGS=recompiles bench nano_qwen3_merged --model qwen3-0.6b --workload nano
-              TORCH_LOGS=recompiles bench nano_qwen3_fp8_merged --model qwen3-0.6b --workload nano --kv-cache-dtype fp8
-              timeout "${STAGE_TIMEOUT:-300}" python3 -c "import ops.triton_attention as t; t.FUSE_DECODE_MERGE = False; import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
-                perf/throughput.py --no-tqdm --json-out "$OUT/nano_qwen3_reduce.json" --model qwen3-0.6b --workload nano 2>&1 \
-                | tee "$OUT/nano_qwen3_reduce.log" | grep -vE "^\{|Capturing" | tail -8 ;;
     nano-gc) freeze="import gc, engine.llm as m; init = m.LLM.__init__; m.LLM.__init__ = lambda self, *a, **k: (init(self, *a, **k), gc.collect(), gc.freeze()) and None"
              for spec in "nano_cold|pass|cold" "nano_cold_freeze|$freeze|cold" "nano_warm|pass|warm"; do
                IFS='|' read -r name setup caches <<< "$spec"

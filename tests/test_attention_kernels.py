@@ -369,19 +369,6 @@ for (max_parts, grid, min_size), wide, (q_lens, seq_lens, heads, kv_heads, head_
     torch_ref.write_kv_cache(k_new, v_new, k_expected, v_expected, meta.slot_mapping)
     triton_attention.write_kv_cache(k_new, v_new, k_cache, v_cache, meta.slot_mapping)
     assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
-# The partitions merged by _decode_reduce_kernel instead of by each (sequence, KV head)'s last partition
-# program (FUSE_DECODE_MERGE, on above): both ways, the reference's output.
-triton_attention.FUSE_DECODE_MERGE, triton_attention.OFFSETS_64_ALWAYS = False, False
-for max_parts, grid, min_size in grow:
-    triton_attention.MAX_DECODE_PARTITIONS, triton_attention.DECODE_GRID_PROGRAMS = max_parts, grid
-    triton_attention.MIN_PARTITION_SIZE = min_size
-    for q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype in cases[:2]:
-        query, k_cache, v_cache, meta = make_paged_batch(q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype, "cpu")
-        out = torch.full_like(query, float("nan"))
-        triton_attention.paged_attention(query, k_cache, v_cache, meta, head_dim ** -0.5, out)
-        assert_matches_reference(out, reference(query, k_cache, v_cache, meta, head_dim ** -0.5))
-triton_attention.FUSE_DECODE_MERGE = True
-assert not triton_attention._merge_counter_buffers[torch.device("cpu")].any()  # every counter back to zero
 # An fp8 cache (kv_cache_dtype="fp8"): the kernels widen it as they read. Written values are ones fp8 holds
 # exactly, and some past its range (saturated): the interpreter's own float-to-fp8 rounding is wrong where
 # rounding carries into the exponent (31.7 -> 16), so rounding itself is checked on the GPU only.
