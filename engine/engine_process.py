@@ -38,7 +38,7 @@ from transformers import AutoTokenizer
 
 from engine.config import EngineArgs
 from engine.llm_engine import EngineStats, LLMEngine, freeze_gc_heap
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.tensor_parallel import TensorParallelError
 
 logger = logging.getLogger("engine")
@@ -167,7 +167,7 @@ class RemoteEngine:
         if finished:
             del self._requests[request_id]
         return RequestOutput(request_id, state.prompt, state.prompt_token_ids, state.prompt_logprobs, outputs, finished,
-                             num_cached_tokens, metrics)
+                             num_cached_tokens, None if metrics is None else RequestMetrics(*metrics))
 
 
 @dataclass
@@ -392,8 +392,11 @@ def _delta(output: RequestOutput, sent: dict[str, _Sent]) -> tuple:
     if output.finished:
         del sent[output.request_id]
     prompt_fields = (output.prompt, output.prompt_token_ids) if first else None
+    # The metrics as a tuple of their fields in order (RequestMetrics(*it) in the front): 256 dataclasses a
+    # step took ~2 ms to unpickle in the front and 0.35 ms to pickle here, tuples 0.16 and 0.16 (CPU).
+    metrics = None if output.metrics is None else tuple(vars(output.metrics).values())
     return (output.request_id, prompt_fields, prompt_logprobs, completions, output.finished, output.num_cached_tokens,
-            output.metrics)
+            metrics)
 
 
 def _merged(deltas: list[tuple]) -> list[tuple]:

@@ -714,6 +714,9 @@ def test_the_engine_process_gives_the_outputs_of_the_engine_in_process(llama_che
 
     here = finals(AsyncLLMEngine.from_engine_args(args))
     there = finals(AsyncLLMEngine(RemoteEngine(args)))
+    for b in there:  # the metrics cross as a tuple of their fields: each milestone in its place
+        m = b.metrics
+        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.last_token_time <= m.finished_time
     for a, b in zip(here, there):
         assert len(b.prompt_logprobs or []) == len(a.prompt_logprobs or [])
         assert (b.prompt_token_ids, b.prompt_logprobs, b.finished) == (a.prompt_token_ids, a.prompt_logprobs, a.finished)
