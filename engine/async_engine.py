@@ -334,15 +334,26 @@ class AsyncLLMEngine:
                 items.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
-        adds: list[_Add] = []
-        for item in items:
-            if isinstance(item, _Add):
-                adds.append(item)
-                continue
-            self._add_all(adds)  # in order: an abort may be for a request posted before it
-            adds = []
-            self._abort(item)
-        self._add_all(adds)
+        try:
+            adds: list[_Add] = []
+            for item in items:
+                if isinstance(item, _Add):
+                    adds.append(item)
+                    continue
+                self._add_all(adds)  # in order: an abort may be for a request posted before it
+                adds = []
+                self._abort(item)
+            self._add_all(adds)
+        except BaseException:
+            # The step loop dies with this, and these adds are out of the inbox: each must still hear
+            # (one already answered keeps its answer: a settled future ignores a second one).
+            for item in items:
+                if isinstance(item, _Add):
+                    try:
+                        item.stream._settle_add(EngineNotRunningError("the engine's step loop failed"))
+                    except RuntimeError:
+                        pass  # that event loop is closed
+            raise
 
     def _add_all(self, items: list[_Add]) -> None:
         self._adds_drained += len(items)
@@ -356,9 +367,14 @@ class AsyncLLMEngine:
                     [(item.request_id, item.prompt, item.params, item.arrival_time) for item in items])
             except _FATAL as error:
                 errors = [error] * len(items)
-            for item, error in zip(items, errors):
-                self._settle_added(item, error)
-            return
+            except Exception:  # the batch as a whole (a prompt that cannot be pickled): one by one, below,
+                logger.warning("adding %d requests at once failed; adding them one by one", len(items),
+                               exc_info=True)  # so that only the bad one fails
+                errors = None
+            if errors is not None:
+                for item, error in zip(items, errors, strict=True):
+                    self._settle_added(item, error)
+                return
         for item in items:
             try:
                 self.engine.add_request(item.request_id, item.prompt, item.params, arrival_time=item.arrival_time)
@@ -371,7 +387,14 @@ class AsyncLLMEngine:
         """The add's outcome to its stream: accepted, or the engine's error (ValueError: bad input)."""
         if error is None:
             self._streams[item.request_id] = item.stream
-            item.stream._settle_add(None)
+            try:
+                item.stream._settle_add(None)
+            except RuntimeError:  # that event loop is closed: nobody will read this request
+                del self._streams[item.request_id]
+                try:
+                    self.engine.abort_request([item.request_id])
+                except Exception:
+                    logger.exception("aborting request %s failed", item.request_id)
             return
         if isinstance(error, _FATAL):  # the engine is gone: stop, and answer 503 from now on
             if not self._stopping:
@@ -380,7 +403,10 @@ class AsyncLLMEngine:
             error = EngineNotRunningError(str(error))
         elif not isinstance(error, ValueError):  # anything else fails this request only
             logger.error("adding request %s failed", item.request_id, exc_info=error)
-        item.stream._settle_add(error)
+        try:
+            item.stream._settle_add(error)
+        except RuntimeError:
+            pass  # that event loop is closed: nobody is waiting
 
     def _abort(self, item: _Abort) -> None:
         ids = list(self._streams) if item.request_ids is None else [r for r in item.request_ids if r in self._streams]

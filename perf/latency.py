@@ -588,7 +588,7 @@ def engine_args_from(args: argparse.Namespace) -> tuple[EngineArgs, Callable[[],
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         engine_args, cleanup = engine_args_from(args)
     except ValueError as exc:

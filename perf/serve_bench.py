@@ -193,13 +193,15 @@ async def send_request(client: Client, endpoint: str, body: bytes, prompt_len: i
                 text = await response.text()
                 result.error = f"HTTP {response.status}: {text[:300]}"
                 return result
+            done = False
             async for line in response.content:  # server-sent events: one "data: ..." line each
-                if not line.startswith(b"data:"):
-                    continue
+                if done or not line.startswith(b"data:"):
+                    continue  # read to the end of the body: aiohttp reuses a connection only then
                 now = time.perf_counter()
                 data = line[5:].strip()
                 if data == b"[DONE]":
-                    break
+                    done = True
+                    continue
                 chunk = _decode_chunk(data)
                 if chunk.error is not None:
                     result.error = f"error event: {json.dumps(chunk.error)[:300]}"
@@ -280,7 +282,7 @@ async def resolve_model(client: Client, model: str | None) -> str:
 async def run_benchmark(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[list[RequestResult], float, float]:
     """Send every request on the arrival schedule (at most --max-concurrency at once); returns the
     results in request order, the run's duration in seconds and the CPU seconds this process used in it
-    (near the duration: the client itself, one Python thread, was what limited the numbers)."""
+    (its event loop is one Python thread: near the duration, the client itself set the pace)."""
     offsets = arrival_offsets(len(requests), args.request_rate, args.burstiness, args.seed)
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
     bar = tqdm(total=len(requests), desc="requests", disable=args.disable_tqdm, dynamic_ncols=True)
@@ -390,7 +392,8 @@ def format_table(record: dict) -> str:
         row("Total Token throughput (tok/s):", record["total_token_throughput"]),
     ]
     if record.get("client_cpu_s") is not None and record["duration"]:
-        # Not in vLLM's table: how busy this client's one thread was (near 100%: it, not the server, set the pace)
+        # Not in vLLM's table: this client's CPU time over the run (its event loop is one thread: near 100%,
+        # it, not the server, set the pace)
         lines.append(row("Client CPU busy (%):", 100 * record["client_cpu_s"] / record["duration"]))
     for metric in METRICS:
         lines.append("{s:{c}^{n}}".format(s=METRIC_NAMES[metric], n=50, c="-"))

@@ -776,15 +776,19 @@ def test_requests_added_to_the_engine_process_together_fail_one_by_one(llama_che
     finally:
         remote.shutdown()
 
-    async_engine = AsyncLLMEngine(RemoteEngine(args))
+    remote = RemoteEngine(args)
+    batches = []  # the sizes of the add messages sent
+    add_requests = remote.add_requests
+    remote.add_requests = lambda requests: batches.append(len(requests)) or add_requests(requests)
+    async_engine = AsyncLLMEngine(remote)
 
-    async def main():
+    async def main(prompts, error: type[Exception], match: str | None = None):
         # The step thread sleeps on `wakeup`: posts set another event until all three are in the inbox.
         wakeup, async_engine._wakeup = async_engine._wakeup, threading.Event()
         streams = {request_id: async_engine.submit(request_id, prompt, params) for request_id, prompt in prompts.items()}
         async_engine._wakeup = wakeup
         wakeup.set()
-        with pytest.raises(ValueError, match="leaves no room to generate"):
+        with pytest.raises(error, match=match):
             await streams.pop("bad").accepted()
         outputs = {}
         for request_id, stream in streams.items():
@@ -794,7 +798,13 @@ def test_requests_added_to_the_engine_process_together_fail_one_by_one(llama_che
         return outputs
 
     try:
-        assert asyncio.run(main()) == finals  # greedy: the same tokens
+        assert asyncio.run(main(prompts, ValueError, "leaves no room to generate")) == finals  # greedy: the same tokens
+        assert batches == [3]  # one message for the three
+        # A batch that cannot be sent as a whole (a prompt that cannot be pickled) is sent one by one:
+        # the bad one fails, the others are served.
+        unpicklable = {"a2": prompts["a"], "bad": {"prompt_token_ids": [5, 6], "x": lambda: 0}, "b2": prompts["b"]}
+        outputs = asyncio.run(main(unpicklable, Exception))
+        assert outputs == {"a2": finals["a"], "b2": finals["b"]}
     finally:
         async_engine.shutdown()
 
