@@ -414,10 +414,11 @@ def server_comparison(engine: LLMEngine, args: argparse.Namespace, engine_proces
                 for concurrent, num in ((False, args.sequential_requests), (True, args.server_requests))}
     layers: dict[str, dict[str, dict]] = {"engine": {}, "async": {}, "http": {}}
     modes = {"sequential": False, "concurrent": True}
-    # The heap is not frozen here (engine.serve freezes its own after start-up; LLM.generate, the offline
-    # figure, does not): frozen here, the engine layer ran 17-18% slower on the H100 (16,960 and 17,279
-    # against 20,512 out tok/s, session 11, calls B and D1; cause not found), and unfrozen, full
-    # collections pause the in-process front's event loop at times (up to ~190 ms on the CPU stub).
+    # The heap is not frozen here (engine.serve freezes its own after start-up; LLM.generate does not).
+    # Unfrozen, full collections pause the in-process front's event loop at times (up to ~190 ms on the
+    # CPU stub). The engine layer's own figure was unsteady on the H100 (17.1-20.5k out tok/s in session
+    # 11, frozen or not; cause not found): `gpu_check.sh serve-offline` sets the server against
+    # perf/throughput.py's LLM.generate instead.
     for mode, concurrent in modes.items():
         layers["engine"][mode] = summarize(*run_engine(engine, requests[concurrent], concurrent))
     async_engine = AsyncLLMEngine(engine)
