@@ -57,10 +57,15 @@ def find_stop_string(seq: Sequence, new_text_len: int) -> str | None:
     return None
 
 
-def visible_text(seq: Sequence) -> str:
-    """The output text a caller may see now: while running, hold back the tail that could still
-    turn out to be the start of a stop string (which would then be cut)."""
+def visible_text_len(seq: Sequence) -> int:
+    """How much of the output text a caller may see now: while running, hold back the tail that
+    could still turn out to be the start of a stop string (which would then be cut). Only ever grows:
+    a stop string found later starts at or after this point."""
     hold = seq.params.stop_hold
     if hold == 0 or seq.is_finished:
-        return seq.output_text
-    return seq.output_text[: max(len(seq.output_text) - hold, 0)]
+        return len(seq.output_text)
+    return max(len(seq.output_text) - hold, 0)
+
+
+def visible_text(seq: Sequence) -> str:
+    return seq.output_text[: visible_text_len(seq)]

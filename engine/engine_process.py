@@ -15,9 +15,10 @@ H100). The next "step" gets their outputs merged: a front that fell behind catch
 larger chunks. Adds and aborts sent meanwhile are answered once the step under way is done; outputs
 made for a request aborted since are dropped.
 
-Outputs cross as deltas (the text and tokens new since the last one), since resending every
-request's whole output each step would cost the front more than it saves; `RemoteEngine` puts the
-cumulative outputs back together. The child exits when its parent dies; an engine process that dies
+Outputs cross as deltas (the text and tokens new since the last one): the engine here makes them
+itself (RequestOutputKind.DELTA), since copying every request's whole output each step cost more
+host time than the rest of the step's bookkeeping; `RemoteEngine` puts the cumulative outputs back
+together. The child exits when its parent dies; an engine process that dies
 fails the step it was in, and every later one (`EngineProcessError`).
 """
 
@@ -41,6 +42,7 @@ from transformers import AutoTokenizer
 from engine.config import EngineArgs
 from engine.llm_engine import EngineStats, LLMEngine, freeze_gc_heap
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.tensor_parallel import TensorParallelError
 
 logger = logging.getLogger("engine")
@@ -225,7 +227,7 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
         conn.send(("error", (_kind(exc), str(exc)), None, False))
         return
     conn.send(("ok", engine.model_config, engine.get_stats(), False))
-    sent: dict[str, _Sent] = {}  # what each request's outputs have sent so far
+    seen: set[str] = set()  # requests whose prompt went to the front with an earlier output
     ahead: _Ahead | None = None  # steps run ahead of the front's next "step", not yet sent
     busy = _BusyPeriod(device_wait_at_start=engine.timings.device_wait)  # idle to idle: logged when it ends
 
@@ -234,7 +236,7 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
             start = time.perf_counter()
             outputs = engine.step()
             stepped = time.perf_counter()
-            deltas = [_delta(output, sent) for output in outputs]
+            deltas = [_delta(output, seen) for output in outputs]
             busy.step_s += stepped - start
             busy.delta_s += time.perf_counter() - stepped
             return _Ahead(deltas)
@@ -278,13 +280,13 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
             busy.front_wait_s += time.perf_counter() - waited_from
         try:
             if command == "add":
-                engine.add_request(*payload)
+                _add(engine, *payload)
                 reply("ok", None)
             elif command == "add_many":
                 errors = []
                 for request in payload[0]:
                     try:
-                        engine.add_request(*request)
+                        _add(engine, *request)
                         errors.append(None)
                     except Exception as exc:
                         if not isinstance(exc, ValueError):
@@ -293,8 +295,7 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
                 reply("ok", errors)
             elif command == "abort":
                 engine.abort_request(payload[0])
-                for request_id in payload[0]:
-                    sent.pop(request_id, None)
+                seen.difference_update(payload[0])
                 if ahead is not None:  # outputs of a step run before the abort: not theirs to see any more
                     aborted = set(payload[0])
                     ahead.deltas = [d for d in ahead.deltas if d[0] not in aborted]
@@ -369,39 +370,34 @@ class _BusyPeriod:
         self.__init__(device_wait_at_start=device_wait)
 
 
-@dataclass
-class _Sent:
-    prompt_logprobs: int = 0  # positions sent: they grow while a chunked prefill goes on
-    completions: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # index -> text, tokens, logprobs sent
+def _add(engine: LLMEngine, request_id, prompt, params=None, arrival_time=None) -> None:
+    """`engine.add_request`, asking for its outputs as deltas (this process's own copy of `params`)."""
+    if params is None:
+        params = SamplingParams(output_kind=RequestOutputKind.DELTA)
+    elif isinstance(params, SamplingParams) and params.output_kind is RequestOutputKind.CUMULATIVE:
+        params.output_kind = RequestOutputKind.DELTA  # FINAL_ONLY stays: its one output is its delta from nothing
+    engine.add_request(request_id, prompt, params, arrival_time)
 
 
-def _delta(output: RequestOutput, sent: dict[str, _Sent]) -> tuple:
-    """What `output` adds to what was sent of its request before. Text, token ids and logprobs only
-    ever grow (the text a caller may see holds back what a stop string could still cut)."""
-    first = output.request_id not in sent
-    marks = sent.setdefault(output.request_id, _Sent())
-    completions = []
-    for c in output.outputs:
-        text_at, tokens_at, logprobs_at = marks.completions.get(c.index, (0, 0, 0))
-        logprobs = None if c.logprobs is None else c.logprobs[logprobs_at:]
-        completions.append((c.index, c.text[text_at:], c.token_ids[tokens_at:], c.cumulative_logprob, logprobs,
-                            c.finish_reason, c.stop_reason))
-        marks.completions[c.index] = (len(c.text), len(c.token_ids), 0 if c.logprobs is None else len(c.logprobs))
-    prompt_logprobs = None
-    if output.prompt_logprobs is not None:
-        prompt_logprobs = output.prompt_logprobs[marks.prompt_logprobs:]
-        marks.prompt_logprobs = len(output.prompt_logprobs)
+def _delta(output: RequestOutput, seen: set[str]) -> tuple:
+    """A delta output (what is new since the request's previous output, or, for its first, everything)
+    as the tuple that crosses to the front; its prompt with its first only."""
+    request_id = output.request_id
+    first = request_id not in seen
     if output.finished:
-        del sent[output.request_id]
+        seen.discard(request_id)
+    elif first:
+        seen.add(request_id)
     prompt_fields = (output.prompt, output.prompt_token_ids) if first else None
     # The metrics as a tuple of their fields in order (RequestMetrics(*it) in the front): 256 dataclasses a
     # step took ~2 ms to unpickle in the front and 0.35 ms to pickle here, tuples 0.16 and 0.16 (CPU).
     metrics = None if output.metrics is None else _metrics_fields(output.metrics)
-    return (output.request_id, prompt_fields, prompt_logprobs, completions, output.finished, output.num_cached_tokens,
-            metrics)
+    return (request_id, prompt_fields, output.prompt_logprobs or None, list(map(_completion_fields, output.outputs)),
+            output.finished, output.num_cached_tokens, metrics)
 
 
 _metrics_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(RequestMetrics)))  # -> a tuple, in order
+_completion_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(CompletionOutput)))
 
 
 def _merged(deltas: list[tuple]) -> list[tuple]:

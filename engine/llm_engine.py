@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from engine.block_manager import BlockManager
 from engine.config import EngineArgs, ModelConfig, check_tokenizer_files
-from engine.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
+from engine.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text, visible_text_len
 from engine.model_runner import ModelRunner, SampledRows
 from engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams, is_integer
@@ -332,7 +332,7 @@ class LLMEngine:
             if request.request_id not in self.requests:
                 continue
             finished = request.finished
-            if finished or request.params.output_kind is RequestOutputKind.CUMULATIVE:
+            if finished or request.params.output_kind is not RequestOutputKind.FINAL_ONLY:
                 outputs.append(self._request_output(request, finished))
             if finished:
                 request.metrics.finished_time = now
@@ -386,24 +386,19 @@ class LLMEngine:
                 logprob.decoded_token = self.detokenizer.decode_token(token_id)
 
     def _request_output(self, request: Request, finished: bool | None = None) -> RequestOutput:
-        completions = [
-            CompletionOutput(
-                index=seq.index,
-                text=visible_text(seq),
-                token_ids=seq.output_token_ids,  # a fresh slice: the caller's to keep
-                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
-                logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-            )
-            for seq in request.seqs
-        ]
+        """The request as of now; with RequestOutputKind.DELTA only what its previous output did not
+        have (texts, tokens and logprobs only ever grow, so the deltas add up to the cumulative output)."""
+        delta = request.params.output_kind is RequestOutputKind.DELTA
+        prompt_logprobs = request.prompt_logprobs
+        if delta and prompt_logprobs is not None:
+            prompt_logprobs = prompt_logprobs[request.num_prompt_logprobs_sent :]
+            request.num_prompt_logprobs_sent = len(request.prompt_logprobs)
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
-            prompt_logprobs=request.prompt_logprobs,
-            outputs=completions,
+            prompt_logprobs=prompt_logprobs,
+            outputs=[_new_output(seq) if delta else _whole_output(seq) for seq in request.seqs],
             finished=request.finished if finished is None else finished,
             num_cached_tokens=request.num_cached_tokens,
             metrics=request.metrics,
@@ -431,3 +426,34 @@ class LLMEngine:
             prefix_cache_queries_total=bm.prefix_queries_total,
             prefix_cache_hits_total=bm.prefix_hits_total,
         )
+
+
+def _whole_output(seq: Sequence) -> CompletionOutput:
+    logprobs = seq.params.logprobs is not None
+    return CompletionOutput(
+        index=seq.index,
+        text=visible_text(seq),
+        token_ids=seq.output_token_ids,  # a fresh slice: the caller's to keep
+        cumulative_logprob=seq.cumulative_logprob if logprobs else None,
+        logprobs=list(seq.output_logprobs) if logprobs else None,
+        finish_reason=seq.finish_reason,
+        stop_reason=seq.stop_reason,
+    )
+
+
+def _new_output(seq: Sequence) -> CompletionOutput:
+    """What `_whole_output` would add to the previous one: a few characters and tokens, not a copy
+    of everything generated so far (at hundreds of streams, copying took more than the rest)."""
+    text_at, tokens_at, logprobs_at = seq.num_sent
+    text_end = visible_text_len(seq)
+    logprobs = seq.params.logprobs is not None
+    seq.num_sent = (max(text_end, text_at), seq.num_output_tokens, len(seq.output_logprobs))
+    return CompletionOutput(
+        index=seq.index,
+        text=seq.output_text[text_at:text_end],
+        token_ids=seq.token_ids[seq.num_prompt_tokens + tokens_at :],
+        cumulative_logprob=seq.cumulative_logprob if logprobs else None,
+        logprobs=seq.output_logprobs[logprobs_at:] if logprobs else None,
+        finish_reason=seq.finish_reason,
+        stop_reason=seq.stop_reason,
+    )

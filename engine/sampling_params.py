@@ -30,6 +30,7 @@ class RequestOutputKind(enum.Enum):
     """When `LLMEngine.step` reports a request's progress."""
 
     CUMULATIVE = "cumulative"  # every step it progressed, with everything generated so far
+    DELTA = "delta"  # every step it progressed, with only what is new since its previous output
     FINAL_ONLY = "final_only"  # once, when it finishes (the offline LLM.generate)
 
 
@@ -129,6 +130,8 @@ class SamplingParams:
             self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()}
         if any(not s for s in self.stop_strings):
             raise ValueError("stop strings must be non-empty")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise bad("output_kind", f"must be a RequestOutputKind ({', '.join(k.name for k in RequestOutputKind)})")
 
     @property
     def greedy(self) -> bool:

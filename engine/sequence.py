@@ -30,6 +30,7 @@ class Request:
     arrival_time: float = field(default_factory=time.time)
     seqs: list["Sequence"] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    num_prompt_logprobs_sent: int = 0  # RequestOutputKind.DELTA: positions in an earlier output
     num_cached_tokens: int = 0
     metrics: RequestMetrics = field(init=False)
 
@@ -68,6 +69,8 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        # RequestOutputKind.DELTA: text characters, output tokens and logprobs in earlier outputs.
+        self.num_sent: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def params(self) -> SamplingParams:

@@ -229,6 +229,46 @@ def test_incremental_text_equals_decoding_all_tokens_at_once(llm):
         assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
 
 
+def test_delta_outputs_add_up_to_the_cumulative_ones_at_every_step(checkpoint, llm):
+    # The same seeded requests in two engines, cumulative in one and deltas in the other: at every step
+    # the deltas so far, joined, are the cumulative output (text held back for a stop string, logprobs,
+    # prompt logprobs arriving chunk by chunk, n > 1), and a delta carries only the step's new token.
+    from engine.sampling_params import RequestOutputKind
+
+    prompt = {"prompt_token_ids": random_prompts([40], seed=29)[0]}
+    free = llm.generate(prompt, SamplingParams(temperature=1.0, seed=8, max_tokens=30, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].text
+    stop = free[len(free) // 2 : len(free) // 2 + 3]
+    params = [SamplingParams(temperature=1.0, seed=8, max_tokens=30, ignore_eos=True, stop=[stop, "zzzzz"], logprobs=2),
+              SamplingParams(temperature=1.0, seed=9, n=2, max_tokens=12, ignore_eos=True, prompt_logprobs=1)]
+    engines = {kind: LLMEngine(EngineArgs(model=checkpoint, block_size=4, max_model_len=256, max_num_batched_tokens=16))
+               for kind in RequestOutputKind if kind is not RequestOutputKind.FINAL_ONLY}
+    for kind, engine in engines.items():
+        for i, p in enumerate(params):
+            engine.add_request(str(i), prompt, dataclasses.replace(p, output_kind=kind))
+    joined = [{"prompt_logprobs": []} for _ in params]
+    finished = set()
+    while engines[RequestOutputKind.CUMULATIVE].has_unfinished_requests():
+        wholes, deltas = ([o for o in engine.step()] for engine in engines.values())
+        assert [o.request_id for o in wholes] == [o.request_id for o in deltas]
+        for whole, delta in zip(wholes, deltas):
+            so_far = joined[int(delta.request_id)]
+            so_far["prompt_logprobs"] += delta.prompt_logprobs or []
+            assert so_far["prompt_logprobs"] == (whole.prompt_logprobs or [])
+            for w, d in zip(whole.outputs, delta.outputs, strict=True):
+                assert len(d.token_ids) <= 1
+                text, tokens, logprobs = so_far.get(d.index, ("", [], []))
+                so_far[d.index] = (text + d.text, tokens + d.token_ids, logprobs + (d.logprobs or []))
+                assert so_far[d.index] == (w.text, w.token_ids, w.logprobs or [])
+                assert (d.finish_reason, d.stop_reason, d.cumulative_logprob) == \
+                    (w.finish_reason, w.stop_reason, w.cumulative_logprob)
+            assert delta.finished == whole.finished
+            if whole.finished:
+                finished.add(whole.request_id)
+    assert finished == {"0", "1"} and not engines[RequestOutputKind.DELTA].has_unfinished_requests()
+    assert joined[0][0][0] == free[: free.index(stop)] and len(joined[1]["prompt_logprobs"]) == 40
+
+
 def test_logit_bias_forces_and_bans_tokens(llm):
     prompt = {"prompt_token_ids": random_prompts([9], seed=31)[0]}
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
