@@ -18,6 +18,8 @@
 #           of a call pays for Triton compiles an empty cache makes, see "Triton compiles in the timed run")
 #   serve-offline the server / offline ratio on one workload: LLM.generate (throughput.py, fixed 256 x 550 x 520, greedy),
 #           then the same requests against `python -m engine.serve --engine-process` (serve_bench --dataset fixed)
+#   serve-pin serve-offline, then the server again with its engine process, its front and the client pinned to
+#           physical cores of their own (lscpu's topology in lscpu.txt)
 #   nano-gc nano with empty compile caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR fresh), as it is, then with
 #           gc.freeze() after the engine starts, then warm (the second run's caches) as it is: is the slow first run
 #           of a call the garbage collector walking what a cold compile left behind? (the "GC:" line)
@@ -96,6 +98,23 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 bench() { local name=$1; shift; timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log" | grep -vE "^\{|Capturing" | tail -12; }
+# The fixed 256 x 550 x 520 requests against `python -m engine.serve --engine-process` on Qwen3-0.6B (dummy weights);
+# PIN_FRONT / PIN_ENGINE / PIN_CLIENT: CPU lists (taskset -c) for the server's front, its engine process, the client.
+serve_fixed256() {
+  local name=$1 qdir=$2 epserver engine_pid
+  ${PIN_FRONT:+taskset -c $PIN_FRONT} python3 -m engine.serve --model "$qdir" --load-format dummy --max-model-len 4096 \
+    --port 8013 --engine-process > "$OUT/$name.log" 2>&1 & epserver=$!
+  for _ in $(seq 240); do curl -sf localhost:8013/health >/dev/null && break; sleep 1; done
+  if [ -n "${PIN_ENGINE:-}" ]; then
+    engine_pid=$(grep -oP "engine process \K[0-9]+(?= serves)" "$OUT/$name.log" | head -1)
+    taskset -a -c -p "$PIN_ENGINE" "$engine_pid" | tail -1
+  fi
+  timeout 200 ${PIN_CLIENT:+taskset -c $PIN_CLIENT} python3 perf/serve_bench.py --base-url http://127.0.0.1:8013 \
+    --dataset fixed --num-prompts 256 --input-len 550 --output-len 520 --temperature 0 --ignore-eos --disable-tqdm \
+    --result-json "$OUT/$name.json" 2>&1 | grep -E "duration|Output token|Client|Median T"
+  kill $epserver; wait $epserver
+  grep -h "engine process:" "$OUT/$name.log"
+}
 for stage in "$@"; do
   echo "=== $stage"
   case $stage in
@@ -152,19 +171,21 @@ for stage in "$@"; do
                  perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano 2>&1 \
                  | tee "$OUT/$name.log" | grep -E "engine:|steps:|Triton compiles|GC:" | sed "s/^/[$name] /"
              done ;;
-    serve-offline) # the server / offline ratio on the same 256 requests (fixed workload: 550 random ids in, 520 out,
-              # greedy): LLM.generate (perf/throughput.py), then `python -m engine.serve --engine-process` under serve_bench
+    serve-offline|serve-pin) # the server / offline ratio on the same 256 requests (fixed workload: 550 random ids in, 520
+              # out, greedy): LLM.generate (perf/throughput.py), then `python -m engine.serve --engine-process` under
+              # serve_bench; serve-pin: then again with the engine process, the front and the client each on physical
+              # cores of its own (is the engine process's host work slower for sharing a core with them?)
               bench fixed256_offline --model qwen3-0.6b --workload fixed --num-requests 256 --input-len 550 --output-len 520 \
                 --temperature 0 --max-model-len 4096
               qdir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('qwen3-0.6b'))")
-              python3 -m engine.serve --model "$qdir" --load-format dummy --max-model-len 4096 --port 8013 --engine-process \
-                > "$OUT/fixed256_server.log" 2>&1 & epserver=$!
-              for _ in $(seq 240); do curl -sf localhost:8013/health >/dev/null && break; sleep 1; done
-              timeout 200 python3 perf/serve_bench.py --base-url http://127.0.0.1:8013 --dataset fixed --num-prompts 256 \
-                --input-len 550 --output-len 520 --temperature 0 --ignore-eos --disable-tqdm \
-                --result-json "$OUT/fixed256_server.json" 2>&1 | grep -E "duration|Output token|Client|Median T"
-              kill $epserver; wait $epserver
-              grep -h "engine process:" "$OUT/fixed256_server.log" ;;
+              serve_fixed256 fixed256_server "$qdir"
+              if [ "$stage" = serve-pin ]; then
+                lscpu | grep -E "^(CPU\(s\)|Thread|Core|Socket|Model name|NUMA node)" | tee "$OUT/lscpu.txt"
+                # Physical cores by (package, core id); 0: the engine process, 1-2: the front, 3: the client
+                read -r pin_engine pin_front pin_client < <(python3 perf/cpu_sets.py 1 2 1)
+                echo "pinned: engine process $pin_engine, front $pin_front, client $pin_client"
+                PIN_FRONT=$pin_front PIN_ENGINE=$pin_engine PIN_CLIENT=$pin_client serve_fixed256 fixed256_server_pinned "$qdir"
+              fi ;;
     nano-gc) freeze="import gc, engine.llm as m; init = m.LLM.__init__; m.LLM.__init__ = lambda self, *a, **k: (init(self, *a, **k), gc.collect(), gc.freeze()) and None"
              for spec in "nano_cold|pass|cold" "nano_cold_freeze|$freeze|cold" "nano_warm|pass|warm"; do
                IFS='|' read -r name setup caches <<< "$spec"
