@@ -18,6 +18,7 @@
 #           of a call pays for Triton compiles an empty cache makes, see "Triton compiles in the timed run")
 #   serve-offline the server / offline ratio on one workload: LLM.generate (throughput.py, fixed 256 x 550 x 520, greedy),
 #           then the same requests against `python -m engine.serve --engine-process` (serve_bench --dataset fixed)
+#   serve-spread serve-offline twice, alternating (offline, server, offline, server): the ratio's spread on one machine
 #   serve-pin serve-offline, then the server again with its engine process, its front and the client pinned to
 #           physical cores of their own (lscpu's topology in lscpu.txt)
 #   nano-gc nano with empty compile caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR fresh), as it is, then with
@@ -186,6 +187,13 @@ for stage in "$@"; do
                 echo "pinned: engine process $pin_engine, front $pin_front, client $pin_client"
                 PIN_FRONT=$pin_front PIN_ENGINE=$pin_engine PIN_CLIENT=$pin_client serve_fixed256 fixed256_server_pinned "$qdir"
               fi ;;
+    serve-spread) # serve-offline twice in one call, alternating (offline, server, offline, server): the ratio's spread on one machine
+              qdir=$(python3 -c "from perf.throughput import synthetic_model_dir as d; print(d('qwen3-0.6b'))")
+              for run in 1 2; do
+                bench fixed256_offline_$run --model qwen3-0.6b --workload fixed --num-requests 256 --input-len 550 --output-len 520 \
+                  --temperature 0 --max-model-len 4096
+                serve_fixed256 fixed256_server_$run "$qdir"
+              done ;;
     nano-gc) freeze="import gc, engine.llm as m; init = m.LLM.__init__; m.LLM.__init__ = lambda self, *a, **k: (init(self, *a, **k), gc.collect(), gc.freeze()) and None"
              for spec in "nano_cold|pass|cold" "nano_cold_freeze|$freeze|cold" "nano_warm|pass|warm"; do
                IFS='|' read -r name setup caches <<< "$spec"
