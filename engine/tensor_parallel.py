@@ -22,12 +22,14 @@ stops the workers and kills those that do not stop in time.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import statistics
 import struct
 import sys
 import threading
@@ -50,11 +52,26 @@ STOP_TIMEOUT_S = 10.0  # how long a shutdown waits for workers to exit before ki
 FAILURE_REPORT_WAIT_S = 2.0  # how long a failed step waits for a worker to say what went wrong
 ABORT_WAIT_S = 10.0  # how long an NCCL abort may take before rank 0 goes on without it
 
-# command, num_tokens, num_seqs, block-table width, logits rows, block copies, max_query_len, max_seq_len
-_HEADER = struct.Struct("<8q")
+# command, num_tokens, num_seqs, block-table width, logits rows, block copies, max_query_len, max_seq_len,
+# and when rank 0 sent it (time.perf_counter_ns: CLOCK_MONOTONIC, one clock for every process of the host)
+_HEADER = struct.Struct("<9q")
 _STOP, _STEP = 0, 1
 
 StepInputs = tuple[torch.Tensor, torch.Tensor, AttentionMetadata, "torch.Tensor | None", "torch.Tensor | None"]
+
+
+class StepTimes:
+    """Milliseconds of named parts of each step, over the last 4096 steps: their medians for a log
+    line (unlike means, not moved by a few slow steps: compiles, a profiler's start)."""
+
+    def __init__(self):
+        self.ms: dict[str, collections.deque] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.ms.setdefault(name, collections.deque(maxlen=4096)).append(1e3 * seconds)
+
+    def medians(self) -> str:
+        return ", ".join(f"{name} {statistics.median(values):.3f}" for name, values in self.ms.items())
 
 
 class TensorParallelError(RuntimeError):
@@ -92,7 +109,7 @@ def pack_step(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionM
         parts.append(block_copies.flatten())
         num_copies = block_copies.shape[0]
     header = _HEADER.pack(_STEP, input_ids.shape[0], meta.num_seqs, meta.block_tables.shape[1], num_rows, num_copies,
-                          meta.max_query_len, meta.max_seq_len)
+                          meta.max_query_len, meta.max_seq_len, time.perf_counter_ns())
     return header, torch.cat(parts)
 
 
@@ -149,6 +166,7 @@ class TensorParallelWorkers:
         self._conns: list[multiprocessing.connection.Connection] = []
         self._monitor: threading.Thread | None = None
         self._threads_before: int | None = None  # rank 0's CPU threads, given back at shutdown
+        self.times = StepTimes()  # logged at shutdown, to set against each worker's
         # Rendezvous through a store on a port the OS picks: no port to guess, no file to clean up.
         self._store = dist.TCPStore("127.0.0.1", 0, tp_size, is_master=True, timeout=COLLECTIVE_TIMEOUT,
                                     wait_for_workers=False)
@@ -211,10 +229,12 @@ class TensorParallelWorkers:
             raise TensorParallelError(self.failure)
         with self.lockstep():
             header, payload = pack_step(*inputs)
+            sent = time.perf_counter()
             for conn in self._conns:
                 conn.send_bytes(header)
             dist.broadcast(payload, src=0)
             yield
+            self.times.add("launched", time.perf_counter() - sent)
             if self.failure is not None:
                 # On NCCL a dead worker's collectives were aborted, not failed: this step's results
                 # are garbage even though nothing raised.
@@ -306,11 +326,14 @@ class TensorParallelWorkers:
             return
         self._closed = self._stopping = True
         atexit.unregister(self.shutdown)
+        if self.times.ms:
+            logger.info("tensor-parallel rank 0: a step (medians, ms from sending it to the workers): %s",
+                        self.times.medians())
         self.failure = self.failure or "the tensor-parallel workers were shut down"
         if graceful:
             for conn in self._conns:
                 try:
-                    conn.send_bytes(_HEADER.pack(_STOP, 0, 0, 0, 0, 0, 0, 0))
+                    conn.send_bytes(_HEADER.pack(_STOP, 0, 0, 0, 0, 0, 0, 0, 0))
                 except OSError:
                     pass  # that worker is gone already
             # Every rank leaves the group at once. On 2 GPUs each worker waited out the stop timeout
@@ -388,18 +411,29 @@ def _serve_steps(rank: int, args: EngineArgs, model_config: ModelConfig, store_p
                             device_id=device if device.type == "cuda" else None)
     runner = ModelRunner(args, model_config, device, tp_rank=rank)
     freeze_gc_heap()  # this worker keeps this runner for its life
-    steps, idle_s, busy_s = 0, 0.0, 0.0  # logged at the end: is this worker (idle ~ 0) what holds rank 0 up?
+    # Logged at the end: is this worker (idle ~ 0, or launching later than rank 0) what holds rank 0 up?
+    steps, idle_s, busy_s = 0, 0.0, 0.0
+    times = StepTimes()  # from rank 0's send (medians): to set against rank 0's "launched"
     while True:
         start = time.perf_counter()
-        command, *sizes = _HEADER.unpack(conn.recv_bytes())
+        command, *sizes, sent_ns = _HEADER.unpack(conn.recv_bytes())
         received = time.perf_counter()
         if command == _STOP:
             break
-        runner.execute_model(*receive_step(tuple(sizes), device))
-        steps, idle_s, busy_s = steps + 1, idle_s + received - start, busy_s + time.perf_counter() - received
+        sent = sent_ns / 1e9
+        inputs = receive_step(tuple(sizes), device)
+        unpacked = time.perf_counter()
+        runner.execute_model(*inputs)
+        launched = time.perf_counter()
+        times.add("received", received - sent)
+        times.add("inputs", unpacked - sent)
+        times.add("launched", launched - sent)
+        times.add("waited", received - start)
+        steps, idle_s, busy_s = steps + 1, idle_s + received - start, busy_s + launched - received
     if steps:
         logger.info("tensor-parallel worker rank %d: %d steps; a step %.3f ms of host work, %.3f ms waiting for the "
-                    "next from rank 0", rank, steps, 1e3 * busy_s / steps, 1e3 * idle_s / steps)
+                    "next from rank 0; medians (ms; received, inputs, launched: since rank 0 sent the step): %s", rank, steps, 1e3 * busy_s / steps,
+                    1e3 * idle_s / steps, times.medians())
     del runner  # its CUDA graphs hold collectives: free them before the group goes
     dist.destroy_process_group()
 
