@@ -74,6 +74,39 @@ class StepTimes:
         return ", ".join(f"{name} {statistics.median(values):.3f}" for name, values in self.ms.items())
 
 
+class GpuStepTimes:
+    """This rank's GPU timeline of a step, from CUDA events recorded on its stream at the step's marks:
+    medians of the time between consecutive marks, and the "gap" from a step's last mark to the next
+    step's first (the GPU idle, or running what is queued between steps). Events are read once
+    complete, never waited for. Does nothing off CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.enabled = device.type == "cuda"
+        self.times = StepTimes()
+        self._marks: list[tuple[str, torch.cuda.Event]] = []
+        self._pending: collections.deque[list] = collections.deque()
+        self._last_end: torch.cuda.Event | None = None
+
+    def mark(self, name: str) -> None:
+        if self.enabled:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append((name, event))
+
+    def step_done(self) -> None:
+        if not self.enabled:
+            return
+        self._pending.append(self._marks)
+        self._marks = []
+        while self._pending and self._pending[0][-1][1].query():
+            marks = self._pending.popleft()
+            if self._last_end is not None:
+                self.times.add("gap", self._last_end.elapsed_time(marks[0][1]) / 1e3)
+            for (_, start), (name, end) in zip(marks, marks[1:]):
+                self.times.add(name, start.elapsed_time(end) / 1e3)
+            self._last_end = marks[-1][1]
+
+
 class TensorParallelError(RuntimeError):
     """A rank failed, or the ranks fell out of step: this engine cannot run more steps."""
 
@@ -167,6 +200,7 @@ class TensorParallelWorkers:
         self._monitor: threading.Thread | None = None
         self._threads_before: int | None = None  # rank 0's CPU threads, given back at shutdown
         self.times = StepTimes()  # logged at shutdown, to set against each worker's
+        self.gpu_times = GpuStepTimes(device)  # (and rank 0's GPU timeline a step, against each worker's)
         # Rendezvous through a store on a port the OS picks: no port to guess, no file to clean up.
         self._store = dist.TCPStore("127.0.0.1", 0, tp_size, is_master=True, timeout=COLLECTIVE_TIMEOUT,
                                     wait_for_workers=False)
@@ -228,12 +262,16 @@ class TensorParallelWorkers:
             self.shutdown(graceful=False)
             raise TensorParallelError(self.failure)
         with self.lockstep():
+            self.gpu_times.mark("start")
             header, payload = pack_step(*inputs)
             sent = time.perf_counter()
             for conn in self._conns:
                 conn.send_bytes(header)
             dist.broadcast(payload, src=0)
+            self.gpu_times.mark("broadcast")
             yield
+            self.gpu_times.mark("forward")  # (and the sampling queued with it)
+            self.gpu_times.step_done()
             self.times.add("launched", time.perf_counter() - sent)
             if self.failure is not None:
                 # On NCCL a dead worker's collectives were aborted, not failed: this step's results
@@ -327,8 +365,8 @@ class TensorParallelWorkers:
         self._closed = self._stopping = True
         atexit.unregister(self.shutdown)
         if self.times.ms:
-            logger.info("tensor-parallel rank 0: a step (medians, ms from sending it to the workers): %s",
-                        self.times.medians())
+            logger.info("tensor-parallel rank 0: a step (medians, ms from sending it to the workers): %s; on its GPU "
+                        "(medians, ms): %s", self.times.medians(), self.gpu_times.times.medians())
         self.failure = self.failure or "the tensor-parallel workers were shut down"
         if graceful:
             for conn in self._conns:
@@ -414,6 +452,7 @@ def _serve_steps(rank: int, args: EngineArgs, model_config: ModelConfig, store_p
     # Logged at the end: is this worker (idle ~ 0, or launching later than rank 0) what holds rank 0 up?
     steps, idle_s, busy_s = 0, 0.0, 0.0
     times = StepTimes()  # from rank 0's send (medians): to set against rank 0's "launched"
+    gpu_times = GpuStepTimes(device)  # this GPU's timeline a step: to set against rank 0's
     while True:
         start = time.perf_counter()
         command, *sizes, sent_ns = _HEADER.unpack(conn.recv_bytes())
@@ -421,9 +460,13 @@ def _serve_steps(rank: int, args: EngineArgs, model_config: ModelConfig, store_p
         if command == _STOP:
             break
         sent = sent_ns / 1e9
+        gpu_times.mark("start")
         inputs = receive_step(tuple(sizes), device)
+        gpu_times.mark("broadcast")
         unpacked = time.perf_counter()
         runner.execute_model(*inputs)
+        gpu_times.mark("forward")
+        gpu_times.step_done()
         launched = time.perf_counter()
         times.add("received", received - sent)
         times.add("inputs", unpacked - sent)
@@ -432,8 +475,9 @@ def _serve_steps(rank: int, args: EngineArgs, model_config: ModelConfig, store_p
         steps, idle_s, busy_s = steps + 1, idle_s + received - start, busy_s + launched - received
     if steps:
         logger.info("tensor-parallel worker rank %d: %d steps; a step %.3f ms of host work, %.3f ms waiting for the "
-                    "next from rank 0; medians (ms; received, inputs, launched: since rank 0 sent the step): %s", rank, steps, 1e3 * busy_s / steps,
-                    1e3 * idle_s / steps, times.medians())
+                    "next from rank 0; medians (ms; received, inputs, launched: since rank 0 sent the step): %s; on its GPU "
+                    "(medians, ms): %s", rank, steps, 1e3 * busy_s / steps, 1e3 * idle_s / steps, times.medians(),
+                    gpu_times.times.medians())
     del runner  # its CUDA graphs hold collectives: free them before the group goes
     dist.destroy_process_group()
 

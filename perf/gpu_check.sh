@@ -328,11 +328,11 @@ for stage in "$@"; do
              timeout 240 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=150 tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -12
              timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k "not worker_exception" 2>&1 | tee "$OUT/tp_tests.log" | tail -15
              bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --profile-steps 100 20
-             grep -hE "tensor-parallel (worker )?rank" "$OUT/llama8b_bs1_tp2.log" | cut -c1-400
+             grep -hE "tensor-parallel (worker )?rank" "$OUT/llama8b_bs1_tp2.log" | cut -c1-700
              grep -h -A 20 "its window" "$OUT/llama8b_bs1_tp2.log" | cut -c1-160 ;;
     tp-profile) # (2 GPUs) tp-diag's TP=2 batch-1 run alone: host work / wait of every rank, 20 steps profiled on each
              bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --profile-steps 100 20
-             grep -hE "tensor-parallel (worker )?rank" "$OUT/llama8b_bs1_tp2.log" | cut -c1-400
+             grep -hE "tensor-parallel (worker )?rank" "$OUT/llama8b_bs1_tp2.log" | cut -c1-700
              grep -h -A 20 "its window" "$OUT/llama8b_bs1_tp2.log" | cut -c1-160 ;;
     tp-tests) # (2 GPUs) the TP GPU tests alone: the greedy ones, then the worker-failure one (its threads' stacks are
               # dumped if it still runs after 150 s)

@@ -24,7 +24,7 @@ from engine import LLM, EngineArgs, SamplingParams
 from engine import tensor_parallel
 from engine.config import check_tensor_parallel_sizes
 from engine.demo_model import build_tiny_checkpoint
-from engine.tensor_parallel import TensorParallelError
+from engine.tensor_parallel import GpuStepTimes, TensorParallelError
 from tests.test_engine import hf_greedy, random_prompts
 from tests.test_server import ServerProcess
 
@@ -309,6 +309,27 @@ def gpu_checkpoint(tmp_path_factory) -> str:
 def gpu_generate(llm: LLM, batch_size: int) -> list[list[int]]:
     prompts = [{"prompt_token_ids": p} for p in random_prompts([1 + 7 * i % 90 for i in range(batch_size)], seed=batch_size)]
     return [o.outputs[0].token_ids for o in llm.generate(prompts, GPU_GREEDY, use_tqdm=False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_step_times_read_the_gpu_timeline_between_marks_without_waiting():
+    times = GpuStepTimes(torch.device("cuda"))
+    for i in range(5):
+        times.mark("start")
+        torch.cuda._sleep(1_000_000)  # ~0.5 ms of GPU time at the H100's clocks
+        times.mark("slept")
+        if i == 0:
+            times.step_done()
+            assert len(times._pending) == 1  # still sleeping: read later, not waited for
+            continue
+        if i == 4:
+            torch.cuda.synchronize()
+        times.step_done()
+    ms = times.times.ms
+    assert len(ms["slept"]) == 5 and min(ms["slept"]) > 0.1
+    assert len(ms["gap"]) == 4 and max(ms["gap"]) < 0.1  # queued back to back: the GPU never idled between
+    assert not times._pending
 
 
 @pytest.mark.gpu
