@@ -349,6 +349,19 @@ def run_transformers(args, model_dir: str, dummy: bool, prompts, max_tokens) -> 
     return throughput_figures("transformers", elapsed, len(prompts), sum(len(p) for p in prompts), out_tokens)
 
 
+def library_versions() -> dict[str, str]:
+    """What ran: a peer's speed (transformers) or a kernel's can move with its version."""
+    import importlib.metadata
+
+    versions = {}
+    for name in ("torch", "transformers", "triton"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
 def throughput_figures(system: str, elapsed: float, requests: int, in_tokens: int, out_tokens: int) -> dict:
     """The figures every system compared reports, from one timed run."""
     return {
@@ -441,11 +454,11 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(model_dir, ignore_errors=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     header = {"model": args.model, "workload": args.workload, "quantization": args.quantization, "device": device,
-              "args": vars(args)}
+              "versions": library_versions(), "args": vars(args)}
     for r in results:
         print(json.dumps({k: v for k, v in r.items() if k not in ("output_token_ids", "greedy_token_ids")}))
     print(f"\n{args.model}{' ' + args.quantization if args.quantization else ''} / {args.workload} on {device}: "
-          f"{len(prompts)} requests")
+          f"{len(prompts)} requests ({', '.join(f'{k} {v}' for k, v in header['versions'].items())})")
     for r in results:
         label = r["system"] + (" +cache" if r.get("prefix_caching") else "")
         print(f"  {label:>14}: {r['output_tok_s']:10.1f} output tok/s  {r['total_tok_s']:10.1f} total tok/s  {r['req_s']:8.2f} req/s  ({r['elapsed_s']:.1f} s)")

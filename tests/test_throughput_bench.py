@@ -65,6 +65,8 @@ def test_quantized_run_loads_quantized_layers_and_counts_every_token(tiny_model,
     ])
     assert json.loads(json_out.read_text()) == record
     assert record["quantization"] == quantization
+    assert record["versions"]["torch"] == torch.__version__
+    assert set(record["versions"]) == {"torch", "transformers", "triton"}
     (run,) = record["results"]
     assert run["quantization"] == quantization
     assert (run["requests"], run["prompt_tokens"], run["output_tokens"]) == (
