@@ -60,6 +60,27 @@ def awq_to_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, rows_at_once: int =
     return torch.cat(parts), pack_int4(unpack_awq(qzeros), dim=-1)
 
 
+def sort_by_group(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: int,
+                  columns_at_once: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """A GPTQ act-order weight with its inputs reordered by group, as vLLM's exllama path shuffles it:
+    (qweight [in/8, out] with its input rows in that order, g_idx sorted, the order [in], or None
+    where the inputs were in order already); x gathered by the order times it is x times the weight. Each group's inputs are then contiguous, input k in
+    group k // group_size, so kernels need no g_idx. None where the sorted inputs are not whole
+    groups in order (a row-parallel rank's share of an act-order layer holds parts of groups).
+    `columns_at_once` output columns are unpacked at a time, so the integers never take the whole
+    layer's size."""
+    order = torch.argsort(g_idx, stable=True)
+    groups = g_idx[order]
+    inputs = torch.arange(g_idx.numel(), device=g_idx.device)
+    if not torch.equal(groups.long(), inputs // (g_idx.numel() if group_size == -1 else group_size)):
+        return None
+    if torch.equal(order, inputs):
+        return qweight, groups, None
+    parts = [pack_int4(unpack_int4(qweight[:, i : i + columns_at_once], dim=0)[order], dim=0)
+             for i in range(0, qweight.shape[1], columns_at_once)]
+    return torch.cat(parts, dim=1), groups, order
+
+
 def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """The float32 weight [in, out] of an AWQ GEMM layer."""
     q, zeros = unpack_awq(qweight), unpack_awq(qzeros)

@@ -28,6 +28,8 @@ pipeline stages, programs an SM, K ranges at most; `planar_sweep_tables`), named
                  runs AWQ checkpoints: the planar kernel at 1..2 rows
 - gptq-g128:     GPTQ v1, group 128, no act-order (group of a K-tile from its index)
 - gptq-act-g128: GPTQ v1, group 128, act-order (zeros and scales gathered per input row via g_idx)
+- gptq-act-sorted-g128: the same weights sorted by group (ops.quant_ref.sort_by_group), as the engine
+                 runs act-order checkpoints: x gathered in that order, then the kernels without act-order
 - int8:          weight-only int8 with per-output-channel scales
 - bnb-int8:      bitsandbytes LLM.int8() (threshold 6.0), if bitsandbytes is installed
 """
@@ -53,9 +55,9 @@ from tests.test_triton_quant import LLAMA_8B_SHAPES, TOLERANCE, random_layer  # 
 SHAPE_NAMES = ["qkv", "o", "gate_up", "down"]  # the order of LLAMA_8B_SHAPES
 BATCHES = (1, 2, 4, 16, 256)
 L2_DEFEAT_BYTES = 256 << 20
-KERNELS = ["bf16", "awq-g128", "awq-gptq-g128", "gptq-g128", "gptq-act-g128", "int8", "bnb-int8"]
+KERNELS = ["bf16", "awq-g128", "awq-gptq-g128", "gptq-g128", "gptq-act-g128", "gptq-act-sorted-g128", "int8", "bnb-int8"]
 VARIANT_OF = {"awq-g128": "awq-g128", "awq-gptq-g128": "awq-g128", "gptq-g128": "gptq-v1-g128", "gptq-act-g128": "gptq-act-order-g128",
-              "int8": "int8"}
+              "gptq-act-sorted-g128": "gptq-act-order-g128", "int8": "int8"}
 
 
 def layer_copies(kernel: str, K: int, N: int) -> tuple[list[dict], torch.Tensor | None]:
@@ -85,6 +87,11 @@ def make_layer(kernel: str, K: int, N: int) -> tuple[dict, torch.Tensor | None]:
         g_idx = torch.arange(K, dtype=torch.int32, device="cuda") // layer["group_size"]
         layer = dict(qweight=qweight, qzeros=qzeros, scales=layer["scales"], g_idx=g_idx,
                      group_size=layer["group_size"], act_order=False, zeros_minus_one=False)
+    if kernel == "gptq-act-sorted-g128":
+        from ops.quant_ref import sort_by_group
+
+        qweight, g_idx, order = sort_by_group(layer["qweight"], layer["g_idx"], layer["group_size"])
+        layer = {**layer, "qweight": qweight, "g_idx": g_idx, "act_order": False, "input_order": order}
     return layer, weight
 
 
@@ -101,6 +108,9 @@ def matmul_of(kernel: str) -> Callable[[torch.Tensor, dict], torch.Tensor]:
 
     fmt = "gptq" if kernel == "awq-gptq-g128" else VARIANT_OF[kernel].split("-")[0]
     function = {"awq": triton_quant.awq_matmul, "gptq": triton_quant.gptq_matmul, "int8": triton_quant.int8_matmul}[fmt]
+    if kernel == "gptq-act-sorted-g128":  # the engine's GPTQLinearMethod.apply on a sorted layer
+        return lambda x, layer: function(x.index_select(-1, layer["input_order"]),
+                                         **{k: v for k, v in layer.items() if k != "input_order"})
     return lambda x, layer: function(x, **layer)
 
 

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine import LLM, EngineArgs, SamplingParams
-from engine.models.layers import ColumnParallelLinear, LinearBase
+from engine.models.layers import ColumnParallelLinear, LinearBase, RowParallelLinear
 from engine.models.registry import get_model_class
 from engine.quantization import AWQConfig, GPTQConfig, Int8Config, resolve_quant_config
 from engine.quantization.pack import (pack_awq, pack_int4, quantize_int4, write_int8_dequantized_checkpoint,
@@ -182,6 +182,35 @@ def test_tensor_parallel_shards_put_together_give_the_full_weights(quantized, fm
     assert torch.equal(torch.cat(gate_words, dim=1), tensors[prefix + "mlp.gate_proj.qweight"])
 
 
+@pytest.mark.parametrize("tp_size", [1, 4])
+def test_act_order_layers_are_sorted_by_group_once_loaded_and_keep_their_weight(quantized, tp_size):
+    """After loading, an act-order layer's inputs are reordered by group (qweight's rows, g_idx, and x
+    gathered by `input_order`), so its matmul runs as without act-order; a row-parallel rank's share,
+    which holds parts of groups, keeps act-order."""
+    packed, _, _ = quantized("gptq-asym-act-order")
+    sorted_layers, kept = 0, 0
+    for rank in load_ranks(packed, tp_size):
+        layers = {name: m for name, m in rank.named_modules() if isinstance(m, LinearBase)}
+        before = {name: layer_weight(m) for name, m in layers.items()}
+        with torch.no_grad():
+            for m in layers.values():
+                m.quant_method.process_weights_after_loading(m)
+        for name, m in layers.items():
+            x = torch.randn(3, m.g_idx.numel())
+            torch.testing.assert_close(m.quant_method.apply(m, x, None), x @ before[name].T, rtol=1e-5, atol=1e-5)
+            if m.act_order:
+                assert isinstance(m, RowParallelLinear) and tp_size > 1, name
+                assert m.input_order is None and torch.equal(layer_weight(m), before[name])
+                kept += 1
+            else:
+                group_size = FORMATS["gptq-asym-act-order"]["group_size"]
+                assert torch.equal(m.g_idx.long(), torch.arange(m.g_idx.numel()) // group_size), name
+                assert m.input_order is not None  # a random act-order: never the identity
+                assert torch.equal(layer_weight(m), before[name][:, m.input_order]), name
+                sorted_layers += 1
+    assert sorted_layers > 0 and (kept > 0) == (tp_size > 1)
+
+
 def test_quantization_flag_that_contradicts_the_checkpoint_is_refused(quantized, llama_checkpoint):
     awq, _, _ = quantized("awq-g32")
     with pytest.raises(ValueError, match="quantization='gptq' contradicts the checkpoint, which is quantized with 'awq'"):
@@ -240,6 +269,9 @@ def test_dummy_weights_fill_quantized_layers_with_valid_values(quantized, fmt):
     llm = LLM(packed, load_format="dummy", max_model_len=64)
     output = llm.generate([{"prompt_token_ids": [5, 6, 7]}], GREEDY, use_tqdm=False)[0]
     assert len(output.outputs[0].token_ids) == GREEDY.max_tokens
+    if fmt == "gptq-asym-act-order":  # dummy inputs are in group order: nothing to gather, no act-order left
+        layers = [m for m in llm.llm_engine.runner.model.modules() if isinstance(m, LinearBase)]
+        assert layers and all(not m.act_order and m.input_order is None for m in layers)
 
 
 @pytest.mark.parametrize("fmt", ["awq-g32", "gptq-asym-act-order", "int8"])

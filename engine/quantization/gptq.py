@@ -10,7 +10,7 @@ from torch import nn
 from engine.models.layers import RowParallelLinear
 from engine.quantization.base import QuantizationConfig, check_bits, check_divisible, config_value, quant_param
 import ops.quant_matmul  # noqa: F401  (registers torch.ops.engine.gptq_matmul)
-from ops.quant_ref import PACK_FACTOR
+from ops.quant_ref import PACK_FACTOR, sort_by_group
 
 GPTQ_GROUP_SIZES = (32, 64, 128, -1)  # -1: one group over the whole input
 GPTQ_FORMATS = ("gptq", "gptq_v2")  # v1 stores zero - 1 (AutoGPTQ's historical off-by-one), v2 the zero
@@ -50,6 +50,9 @@ class GPTQLinearMethod:
     input dim; scales and zeros go with them when each rank's inputs are whole groups in order, and
     are kept whole on every rank when they are not (act-order, or one group over all inputs).
     Fused q/k/v (gate/up) parts share their input, hence one act-order g_idx: it is checked.
+
+    Act-order layers are sorted by group once loaded (`process_weights_after_loading`), so that they
+    run the kernels of layers without it.
     """
 
     def __init__(self, config: GPTQConfig):
@@ -89,8 +92,31 @@ class GPTQLinearMethod:
         first_input = layer.tp_rank * input_size if row_parallel else 0
         with torch.no_grad():  # inputs in order, for dummy weights (a checkpoint overwrites it)
             g_idx.copy_(torch.arange(first_input, first_input + input_size) // group_size - first_group)
+        layer.act_order = config.desc_act  # until process_weights_after_loading sorts the inputs by group
+        layer.register_buffer("input_order", None)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Act-order, sorted once (`sort_by_group`): qweight's input rows and g_idx reordered by group
+        and each matmul's x gathered in that order (`input_order`), so the kernels find a K-tile's
+        group from its index, as without act-order, instead of gathering a group for every input row
+        (on the H100 that gather ran 12-25x slower than the planar kernel at one row: gptq-act-g128
+        against gptq-g128 in perf/quant_bench.py). Left as it is where the sorted inputs are not
+        whole groups in order (a row-parallel rank's share)."""
+        if not layer.act_order:
+            return
+        result = sort_by_group(layer.qweight.data, layer.g_idx.data, self.config.group_size)
+        if result is None:
+            return
+        qweight, groups, order = result
+        if order is not None:
+            layer.qweight = nn.Parameter(qweight, requires_grad=False)
+            layer.input_order = order
+        layer.g_idx = nn.Parameter(groups, requires_grad=False)
+        layer.act_order = False
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         config = self.config
+        if layer.input_order is not None:
+            x = x.index_select(-1, layer.input_order)
         return torch.ops.engine.gptq_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, config.group_size,
-                                            config.desc_act, config.checkpoint_format == "gptq", bias)
+                                            layer.act_order, config.checkpoint_format == "gptq", bias)
