@@ -99,9 +99,10 @@ class GPTQLinearMethod:
         """Act-order, sorted once (`sort_by_group`): qweight's input rows and g_idx reordered by group
         and each matmul's x gathered in that order (`input_order`), so the kernels find a K-tile's
         group from its index, as without act-order, instead of gathering a group for every input row
-        (on the H100 that gather ran 12-25x slower than the planar kernel at one row: gptq-act-g128
-        against gptq-g128 in perf/quant_bench.py). Left as it is where the sorted inputs are not
-        whole groups in order (a row-parallel rank's share)."""
+        (on the H100 that gather ran 22-45x slower than the planar kernel at one row and 4-7x at 256
+        rows over Llama-3.1-8B's four shapes: gptq-act-g128 against gptq-g128 in perf/quant_bench.py).
+        Left as it is where the sorted inputs are not whole groups in order (a row-parallel rank's
+        share)."""
         if not layer.act_order:
             return
         result = sort_by_group(layer.qweight.data, layer.g_idx.data, self.config.group_size)
