@@ -238,3 +238,23 @@ def test_quantized_matmul_ops_run_the_triton_kernels_and_replay_in_a_cuda_graph(
             graph.replay()
             want = x.float() @ weight + bias.float()
             assert (out.float() - want).abs().max() <= TOLERANCE[torch.bfloat16] * want.abs().max()
+
+
+@gpu
+def test_act_order_sorted_by_group_runs_the_kernels_without_act_order_and_gives_the_same_product():
+    """What the engine does with a GPTQ act-order layer (`sort_by_group` at load, x gathered by the
+    order each call), on CUDA: every batch class's kernel (planar, split-K, tiled) without act-order."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from ops.quant_ref import sort_by_group
+
+    torch.manual_seed(0)
+    K, N = 4096, 6144
+    tensors, weight = random_layer("gptq-act-order-g128", K, N, torch.bfloat16, "cuda")
+    qweight, g_idx, order = sort_by_group(tensors["qweight"], tensors["g_idx"], tensors["group_size"])
+    assert order is not None and torch.equal(g_idx.long(), torch.arange(K, device="cuda") // 128)
+    sorted_layer = {**tensors, "qweight": qweight, "g_idx": g_idx, "act_order": False}
+    for M in (1, 2, 16, 256):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        check_kernel("gptq-act-order-g128", (sorted_layer, weight[order]), x.index_select(-1, order))
