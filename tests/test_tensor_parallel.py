@@ -234,9 +234,11 @@ def test_a_process_whose_default_group_is_taken_gets_a_clear_error(checkpoints):
         dist.destroy_process_group()
 
 
-# A script that keeps a TP=2 engine busy; it prints its workers' pids first.
+# A script that keeps a TP=2 engine busy; it prints its workers' pids first. It takes Ctrl-C as a
+# terminal's Python does even when the tests run in a background job, whose children ignore SIGINT.
 BUSY_SCRIPT = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from engine import LLM, SamplingParams
 llm = LLM(sys.argv[1], tensor_parallel_size=2, max_model_len=256, num_gpu_blocks_override=256)
 print("workers", *llm.llm_engine.runner.workers.pids, flush=True)
@@ -257,11 +259,16 @@ def busy_engine_process(path: str) -> tuple[subprocess.Popen, list[int]]:
 @pytest.mark.parametrize("how", ["SIGKILL to the engine's process", "Ctrl-C to its process group"])
 def test_no_worker_outlives_an_engine_process_that_ends(checkpoints, how):
     proc, pids = busy_engine_process(checkpoints["qwen2"])
-    if how.startswith("SIGKILL"):
-        proc.kill()  # no atexit, no finally: the workers notice their parent is gone
-    else:
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: every process of the group gets it
-    assert proc.wait(timeout=30) != 0
+    try:
+        if how.startswith("SIGKILL"):
+            proc.kill()  # no atexit, no finally: the workers notice their parent is gone
+        else:
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: every process of the group gets it
+        assert proc.wait(timeout=30) != 0
+    finally:
+        if proc.poll() is None:  # failed: leave no busy engine behind for the tests after this one
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert_gone(pids)
 
 
