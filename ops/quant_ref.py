@@ -61,14 +61,14 @@ def awq_to_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, rows_at_once: int =
 
 
 def sort_by_group(qweight: torch.Tensor, g_idx: torch.Tensor, group_size: int,
-                  columns_at_once: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+                  columns_at_once: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """A GPTQ act-order weight with its inputs reordered by group, as vLLM's exllama path shuffles it:
     (qweight [in/8, out] with its input rows in that order, g_idx sorted, the order [in], or None
-    where the inputs were in order already); x gathered by the order times it is x times the weight. Each group's inputs are then contiguous, input k in
-    group k // group_size, so kernels need no g_idx. None where the sorted inputs are not whole
-    groups in order (a row-parallel rank's share of an act-order layer holds parts of groups).
-    `columns_at_once` output columns are unpacked at a time, so the integers never take the whole
-    layer's size."""
+    where the inputs were in order already); x gathered by the order, times it, is x times the
+    weight. Each group's inputs are then contiguous (input k in group k // group_size), so kernels
+    need no g_idx. None where the sorted inputs are not whole groups in order (a row-parallel
+    rank's share of an act-order layer holds parts of groups). `columns_at_once` output columns are
+    unpacked at a time, so the integers never take the whole layer's size."""
     order = torch.argsort(g_idx, stable=True)
     groups = g_idx[order]
     inputs = torch.arange(g_idx.numel(), device=g_idx.device)
