@@ -93,6 +93,10 @@ class GpuStepTimes:
             event.record()
             self._marks.append((name, event))
 
+    def summary(self) -> str:
+        """For a log line: "; on its GPU (medians, ms): ..." once steps were timed, else nothing."""
+        return f"; on its GPU (medians, ms): {self.times.medians()}" if self.times.ms else ""
+
     def step_done(self) -> None:
         if not self.enabled:
             return
@@ -365,8 +369,8 @@ class TensorParallelWorkers:
         self._closed = self._stopping = True
         atexit.unregister(self.shutdown)
         if self.times.ms:
-            logger.info("tensor-parallel rank 0: a step (medians, ms from sending it to the workers): %s; on its GPU "
-                        "(medians, ms): %s", self.times.medians(), self.gpu_times.times.medians())
+            logger.info("tensor-parallel rank 0: a step (medians, ms from sending it to the workers): %s%s",
+                        self.times.medians(), self.gpu_times.summary())
         self.failure = self.failure or "the tensor-parallel workers were shut down"
         if graceful:
             for conn in self._conns:
@@ -475,9 +479,8 @@ def _serve_steps(rank: int, args: EngineArgs, model_config: ModelConfig, store_p
         steps, idle_s, busy_s = steps + 1, idle_s + received - start, busy_s + launched - received
     if steps:
         logger.info("tensor-parallel worker rank %d: %d steps; a step %.3f ms of host work, %.3f ms waiting for the "
-                    "next from rank 0; medians (ms; received, inputs, launched: since rank 0 sent the step): %s; on its GPU "
-                    "(medians, ms): %s", rank, steps, 1e3 * busy_s / steps, 1e3 * idle_s / steps, times.medians(),
-                    gpu_times.times.medians())
+                    "next from rank 0; medians (ms; received, inputs, launched: since rank 0 sent the step): %s%s", rank,
+                    steps, 1e3 * busy_s / steps, 1e3 * idle_s / steps, times.medians(), gpu_times.summary())
     del runner  # its CUDA graphs hold collectives: free them before the group goes
     dist.destroy_process_group()
 

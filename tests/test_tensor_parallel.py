@@ -318,6 +318,13 @@ def gpu_generate(llm: LLM, batch_size: int) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, GPU_GREEDY, use_tqdm=False)]
 
 
+def test_gpu_step_times_record_nothing_off_cuda_and_add_nothing_to_the_log_line():
+    times = GpuStepTimes(torch.device("cpu"))
+    times.mark("start")
+    times.step_done()
+    assert times.summary() == "" and not times._marks and not times._pending
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_step_times_read_the_gpu_timeline_between_marks_without_waiting():
@@ -337,6 +344,7 @@ def test_gpu_step_times_read_the_gpu_timeline_between_marks_without_waiting():
     assert len(ms["slept"]) == 5 and min(ms["slept"]) > 0.1
     assert len(ms["gap"]) == 4 and max(ms["gap"]) < 0.1  # queued back to back: the GPU never idled between
     assert not times._pending
+    assert times.summary().startswith("; on its GPU (medians, ms): slept ")
 
 
 @pytest.mark.gpu
