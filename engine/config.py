@@ -57,6 +57,7 @@ class EngineArgs:
     async_scheduling: bool = True  # build and launch step N+1 while the device runs step N
     compile_model: bool = True  # torch.compile the forward (CUDA graphs need not: they capture the eager model when off)
     tensor_parallel_size: int = 1  # devices (one process each) to split each layer across; on CPU, processes
+    disable_custom_all_reduce: bool = False  # tensor parallelism on CUDA: NCCL for every all-reduce, not the symmetric-memory one-shot kernel for tensors up to 2 MiB
     quantization: str | None = None  # "awq"/"gptq" (must match the checkpoint), "int8" (quantized at load), "bitsandbytes" (LLM.int8(): at load, or a saved 8-bit checkpoint); None: the checkpoint's
     enable_prefix_caching: bool = False  # reuse KV blocks of earlier prompts with the same prefix
     num_gpu_blocks_override: int | None = None  # exact number of KV blocks, bypassing the memory budget

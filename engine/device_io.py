@@ -10,9 +10,13 @@ pinned blocks and keeps each alive until its copy has finished.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import torch
+
+POLL_S = 50e-6  # how often a wait that can be abandoned looks at the device (~0.1 ms with the OS's sleep)
 
 
 def host_to_device(data: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -43,7 +47,18 @@ class HostCopy:
         self.event = torch.cuda.Event()
         self.event.record()
 
-    def wait(self) -> list[torch.Tensor]:
-        if self.event is not None:
+    def wait(self, give_up: threading.Event | None = None) -> list[torch.Tensor]:
+        """The host copies, once they have landed. With `give_up` the host polls the device instead
+        of blocking and raises RuntimeError once the event is set: with tensor parallelism, a worker
+        that failed in the middle of a step can leave this GPU waiting forever at an all-reduce's
+        barrier (the custom all-reduce's, which no NCCL abort ends)."""
+        if self.event is None:
+            return self.tensors
+        if give_up is None:
             self.event.synchronize()
+            return self.tensors
+        while not self.event.query():
+            if give_up.is_set():
+                raise RuntimeError("gave up waiting for the device: another tensor-parallel rank failed")
+            time.sleep(POLL_S)
         return self.tensors

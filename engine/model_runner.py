@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine import communication
 from engine.config import EngineArgs, ModelConfig
 from engine.device_io import HostCopy, host_to_device
 from engine.outputs import Logprob, PositionLogprobs
@@ -84,6 +85,8 @@ class ModelRunner:
         self.model = load_model(model_config.model, model_config.hf_config, model_config.dtype, device,
                                 self.tp_rank, self.tp_size, model_config.quant_config, load_format=args.load_format)
         logger.info("loaded %s in %.1f s (%s, %s)", model_config.model, time.perf_counter() - start, model_config.dtype, device)
+        if self.tp_size > 1:
+            self._init_all_reduce()
         weights, dense = weight_memory(self.model, model_config.dtype)
         if model_config.quant_config is not None:
             # The KV cache is sized from what is left after the weights, so it gets what they free.
@@ -109,6 +112,16 @@ class ModelRunner:
             self._compile_and_capture()
         if device.type == "cuda":
             self._warm_up_logits_and_sampling()
+
+    def _init_all_reduce(self) -> None:
+        """The layers' all-reduce: the custom one (see engine.communication) unless turned off; before
+        compiling, which traces the choice into the graphs."""
+        if self.args.disable_custom_all_reduce:
+            logger.info("tensor-parallel all-reduce: NCCL / gloo (--disable-custom-all-reduce)")
+            communication.shutdown_custom_all_reduce()
+            return
+        communication.init_custom_all_reduce(self.device, self.model_config.dtype, self.args.max_num_batched_tokens,
+                                             self.model_config.hf_config.hidden_size)
 
     @torch.inference_mode()
     def _warm_up_logits_and_sampling(self) -> None:
@@ -248,6 +261,7 @@ class ModelRunner:
         """Stop the tensor-parallel workers and leave the process group (nothing to do with one rank)."""
         if self.workers is not None:
             self.graph_runner = None  # the graphs hold collectives of the group about to go
+            communication.shutdown_custom_all_reduce()
             self.workers.shutdown()
 
     # ---- one step --------------------------------------------------------------------------------
@@ -362,7 +376,7 @@ class ModelRunner:
     def _sample(self, logits, batch: PreparedBatch, scheduled, eos_token_ids, out: ModelRunnerOutput) -> None:
         sampled = self._launch_sampling(logits, batch, scheduled, eos_token_ids)
         if sampled is not None:
-            _collect_sampling(sampled, out)
+            _collect_sampling(sampled, out, self.workers)
 
     def _launch_sampling(self, logits, batch: PreparedBatch, scheduled, eos_token_ids) -> SampledRows | None:
         """Queue the sampler on the device; nothing is read back."""
@@ -412,7 +426,7 @@ class ModelRunner:
         if sampled is None:
             return out
         with self.workers.lockstep() if self.workers is not None else contextlib.nullcontext():
-            _collect_sampling(sampled, out)
+            _collect_sampling(sampled, out, self.workers)
             if self.workers is not None and self.workers.failure is not None:
                 raise TensorParallelError(self.workers.failure)
         return out
@@ -451,10 +465,11 @@ class SampledRows:
         self.host = HostCopy([r.token_ids] + logprobs)
 
 
-def _collect_sampling(sampled: SampledRows, out: ModelRunnerOutput) -> None:
-    """Wait for a step's sampled tokens (and logprobs) to reach the host; book them in `out`."""
+def _collect_sampling(sampled: SampledRows, out: ModelRunnerOutput, workers: TensorParallelWorkers | None) -> None:
+    """Wait for a step's sampled tokens (and logprobs) to reach the host; book them in `out`. With
+    tensor parallelism the wait gives up once a worker has failed."""
     start = time.perf_counter()
-    host_tensors = sampled.host.wait()
+    host_tensors = sampled.host.wait(workers.failed if workers is not None else None)
     out.device_wait_s += time.perf_counter() - start
     token_ids, *logprobs = (t.tolist() for t in host_tensors)
     for seq, token in zip(sampled.seqs, token_ids):

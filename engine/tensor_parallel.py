@@ -193,7 +193,7 @@ class TensorParallelWorkers:
         self.tp_size = tp_size
         self.backend = process_group_backend(device)
         self.failure: str | None = None  # why no more steps can run
-        self._failed = threading.Event()
+        self.failed = threading.Event()  # set with `failure`: a wait for the device gives up (HostCopy.wait)
         self._stopping = False
         self._closed = False
         self._abort_lock = threading.Lock()
@@ -293,7 +293,7 @@ class TensorParallelWorkers:
             # What a collective (or a pipe) raises when the rank at its other end failed.
             peer_failed = isinstance(exc, (RuntimeError, OSError))
             if peer_failed:
-                self._failed.wait(FAILURE_REPORT_WAIT_S)  # for the worker's own report
+                self.failed.wait(FAILURE_REPORT_WAIT_S)  # for the worker's own report
             self.failure = self.failure or f"tensor-parallel rank 0 failed ({type(exc).__name__}: {exc})"
             self.shutdown(graceful=False)
             if peer_failed:
@@ -331,7 +331,7 @@ class TensorParallelWorkers:
         if self.failure is None:
             self.failure = message
             logger.error("%s; the engine cannot run more steps", message)
-        self._failed.set()
+        self.failed.set()
         if self.backend == "nccl" and not self._stopping and dist.is_initialized():
             # A collective waiting for the dead rank would never return: abort it, so rank 0's
             # step fails now instead of at the timeout.
@@ -402,7 +402,7 @@ class TensorParallelWorkers:
             conn.close()
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
-        self._failed.set()
+        self.failed.set()
 
 
 # ---- ranks 1..N-1 -----------------------------------------------------------------------------------
@@ -437,6 +437,7 @@ def run_worker(rank: int, args: EngineArgs, model_config: ModelConfig, store_por
 
 def _serve_steps(rank: int, args: EngineArgs, model_config: ModelConfig, store_port: int,
                  conn: multiprocessing.connection.Connection) -> None:
+    from engine import communication
     from engine.llm_engine import freeze_gc_heap
     from engine.model_runner import ModelRunner  # the runner starts workers: import it here, not at the top
 
@@ -482,6 +483,7 @@ def _serve_steps(rank: int, args: EngineArgs, model_config: ModelConfig, store_p
                     "next from rank 0; medians (ms; received, inputs, launched: since rank 0 sent the step): %s%s", rank,
                     steps, 1e3 * busy_s / steps, 1e3 * idle_s / steps, times.medians(), gpu_times.summary())
     del runner  # its CUDA graphs hold collectives: free them before the group goes
+    communication.shutdown_custom_all_reduce()
     dist.destroy_process_group()
 
 

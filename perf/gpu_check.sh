@@ -68,6 +68,10 @@
 #           on each rank
 #   tp-profile (2 GPUs) tp-diag without its tests: TP=2 batch 1, host work / wait of every rank, each rank's profiled window
 #   tp-tests (2 GPUs) the TP GPU tests alone (the worker-failure one dumps its threads' stacks if it runs past 150 s)
+#   tp-ar   (2 GPUs) the custom all-reduce (#7): its latency in CUDA graphs against NCCL's (perf/allreduce_bench.py), its
+#           GPU test, then Llama-3.1-8B batch 1 (128 / 512) at TP=2 with it, at TP=2 with NCCL only
+#           (--disable-custom-all-reduce), and at TP=1 (GPU 0), same call; the worker-failure test last
+#   actorder the GPTQ act-order kernels sorted at load (f1b8430): their GPU test and quant_bench against GPTQ without act-order
 #   tp-quick (2 GPUs) Llama-3.1-8B batch 1 (128 / 512) at TP=2, then TP=1 (GPU 0), same call; then the TP GPU tests
 #   quant8b Llama-3.1-8B batch 1 (128 / 512) AWQ, int8; fixed 1000 x 256 x 256 AWQ, int8, bitsandbytes (bf16: llama)
 #   awq-wide the planar kernel's GPU tests, quant_bench of the default tiles against session 6's (session6) at
@@ -338,6 +342,17 @@ for stage in "$@"; do
               # dumped if it still runs after 150 s)
               timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k "not worker_exception" 2>&1 | tee "$OUT/tp_tests.log" | tail -15
               timeout 240 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=150 tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -60 ;;
+    tp-ar) timeout 150 python3 perf/allreduce_bench.py --out "$OUT/allreduce.json" 2>&1 | tee "$OUT/allreduce.log" | tail -12
+           timeout 150 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k custom_all_reduce 2>&1 | tail -3
+           for spec in "llama8b_bs1_tp2 --tensor-parallel-size 2" "llama8b_bs1_tp2_nccl --tensor-parallel-size 2 --disable-custom-all-reduce" \
+                       "llama8b_bs1_tp1"; do
+             set -- $spec
+             bench "$@" --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512
+             grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/$1.log" | cut -c1-600
+           done
+           timeout 200 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=150 tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -12 ;;
+    actorder) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py -k sorted_by_group 2>&1 | tee "$OUT/actorder_tests.log" | tail -3
+              timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --kernels gptq-g128 gptq-act-g128 gptq-act-sorted-g128 2>&1 | tee "$OUT/actorder_bench.log" | tail -30 ;;
     tp-quick) bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
               bench llama8b_bs1_tp1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512
               timeout 240 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=150 tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -12

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine import LLM, SamplingParams, tensor_parallel  # noqa: E402
+from engine import LLM, SamplingParams, communication, tensor_parallel  # noqa: E402
 from engine.quantization import QUANTIZATION_METHODS  # noqa: E402
 from engine.llm_engine import freeze_gc_heap  # noqa: E402
 from engine.weight_loader import weight_memory  # noqa: E402
@@ -132,6 +132,7 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
             enable_prefix_caching=args.enable_prefix_caching,
             gpu_memory_utilization=args.gpu_memory_utilization,
             tensor_parallel_size=args.tensor_parallel_size,
+            disable_custom_all_reduce=args.disable_custom_all_reduce,
             quantization=args.quantization,
         )
     finally:  # the workers have started (and read the setting) by now
@@ -173,6 +174,7 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
     result = {
         **throughput_figures("engine", elapsed, len(prompts), in_tokens, out_tokens),
         "tensor_parallel_size": args.tensor_parallel_size,
+        "custom_all_reduce": communication.custom_all_reduce_on() if args.tensor_parallel_size > 1 else None,
         "quantization": quant_config.name if quant_config is not None else None,  # what the engine loaded
         "weights_gib": weight_bytes / 2**30,  # one rank's
         "kv_cache_gib": runner.num_blocks * runner.kv_bytes_per_block / 2**30,  # one rank's
@@ -397,6 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="random-weight models: awq/gptq declare a 4-bit checkpoint, int8/bitsandbytes quantize at load; "
                         "a checkpoint dir: as LLM(quantization=...) (default: the checkpoint's own)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs 0..N-1, one worker process each")
+    p.add_argument("--disable-custom-all-reduce", action="store_true",
+                   help="tensor parallelism: NCCL for every all-reduce (the engine's --disable-custom-all-reduce)")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's) or fp8 (e4m3: half the bytes of bf16)")
     p.add_argument("--mixed-cuda-graph-sizes", type=int, nargs="+", default=None,

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -372,6 +373,69 @@ def test_gpu_two_ranks_with_graphs_give_the_tokens_of_one_rank(gpu_checkpoint, c
     assert stop_s < 30
     assert_gone(pids)
     assert not dist.is_initialized()
+
+
+def _custom_all_reduce_rank(rank: int, port: int) -> None:
+    """One of two ranks of test_gpu_the_custom_all_reduce_sums_as_nccl_does (any failure raises)."""
+    from engine import communication
+
+    torch.cuda.set_device(rank)
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0)
+    dist.init_process_group("nccl", store=store, rank=rank, world_size=2, device_id=torch.device("cuda", rank))
+    try:
+        hidden = 1024
+        assert communication.init_custom_all_reduce(torch.device("cuda"), torch.bfloat16, 4096, hidden)
+        assert communication.custom_all_reduce_on()
+        custom = communication._custom
+        limit_rows = custom.buffer.numel() // hidden
+        gen = torch.Generator("cuda").manual_seed(rank)
+        for rows in (1, 2, 7, 256, limit_rows, limit_rows + 1):  # the last one is NCCL's, inside the same op
+            x = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+            want = x.clone()
+            dist.all_reduce(want)
+            got = torch.ops.engine.custom_all_reduce(x)
+            assert custom.fits(x) == (rows <= limit_rows)
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{rows} rows")
+            if custom.fits(x):
+                out = torch.full_like(x, float("nan"))  # poisoned: every element must be written
+                custom(x, out=out)
+                torch.testing.assert_close(out, want, rtol=0, atol=0, msg=f"{rows} rows into a poisoned output")
+        # Inside a CUDA graph, replayed on new inputs, 8 all-reduces in a row through one buffer.
+        static_x = torch.zeros(3, hidden, dtype=torch.bfloat16, device="cuda")
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = static_x
+            for _ in range(8):
+                y = torch.ops.engine.custom_all_reduce(y) * 0.5
+        for trial in range(3):
+            static_x.copy_(torch.randn(3, hidden, generator=gen, device="cuda"))
+            want = static_x.clone()
+            for _ in range(8):
+                dist.all_reduce(want)
+                want = want * 0.5
+            graph.replay()
+            torch.testing.assert_close(y, want, rtol=0, atol=0, msg=f"graph replay {trial}")
+        # float16: not the kernel's, so NCCL's
+        h = torch.randn(5, hidden, generator=gen, device="cuda").half()
+        want = h.clone()
+        dist.all_reduce(want)
+        torch.testing.assert_close(torch.ops.engine.custom_all_reduce(h), want, rtol=0, atol=0)
+        torch.cuda.synchronize()
+    finally:
+        communication.shutdown_custom_all_reduce()
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+def test_gpu_the_custom_all_reduce_sums_as_nccl_does():
+    """Bit for bit (two ranks: one addition, rounded once) at sizes up to the buffer and past it, into
+    a poisoned output, and in a CUDA graph replayed on fresh inputs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_custom_all_reduce_rank, args=(port,), nprocs=2, join=True)
 
 
 @pytest.mark.gpu

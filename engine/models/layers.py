@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from engine.communication import all_reduce
 import ops.attention  # noqa: F401  (registers torch.ops.engine.paged_attention)
 from ops.linear import dense_linear
 
@@ -337,8 +338,7 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return self.quant_method.apply(self, x, self.bias)
-        y = self.quant_method.apply(self, x, None)
-        dist.all_reduce(y)
+        y = all_reduce(self.quant_method.apply(self, x, None))
         return y if self.bias is None else y + self.bias
 
 
@@ -374,9 +374,7 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.rows_per_rank)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        out = out.masked_fill(outside[:, None], 0)
-        dist.all_reduce(out)
-        return out
+        return all_reduce(out.masked_fill(outside[:, None], 0))
 
 
 class ParallelLMHead(VocabParallelEmbedding):
