@@ -11,14 +11,17 @@ of 8 KiB, where latency is all there is. Tensors larger than the buffer and dtyp
 not sum (it takes float32 and bfloat16) go to NCCL inside the same op.
 
 The op is opaque to torch.compile (`engine::custom_all_reduce`) and is captured in the CUDA graphs
-like any kernel. Unlike NCCL's, its barrier waits without end: a rank that fails in the middle of a
-step leaves the others' GPUs spinning (the engine then fails the step from the host, see
-`HostCopy.wait`, and the GPU stays busy until the process exits).
+like any kernel. Unlike NCCL's, its barrier waits without end and no abort ends it: when a rank fails
+in the middle of a step, rank 0 stands in for it at the barriers (`release_after_peer_failure`) so
+that its GPU gets through what was queued, and its host never blocks on that GPU meanwhile (see
+`HostCopy.wait`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -36,9 +39,35 @@ DTYPES = (torch.bfloat16, torch.float32)
 class CustomAllReduce:
     """One symmetric-memory buffer of `max_bytes`, mapped by every rank of the default group."""
 
-    def __init__(self, buffer: torch.Tensor, group_name: str):
+    def __init__(self, buffer: torch.Tensor, handle, group_name: str):
         self.buffer = buffer
+        self.handle = handle  # the rendezvous: every rank's buffer and signal pad
         self.group_name = group_name
+
+    def stand_in_for_peers(self, seconds: float) -> None:
+        """After another rank has failed: release this GPU from every barrier of the kernel for
+        `seconds`, by doing from the host, over and over on a stream of its own, what the peers'
+        kernels would do there. The kernel's barrier slot for (block b, rank r) in rank q's signal
+        pad is b * world_size + r: a peer r sets it to 1 in our pad (we wait for that) and clears ours in
+        its own pad (we wait for that before setting it again). The sums come out wrong, which no
+        longer matters: the step has failed. Without this the GPU would spin at the barrier for as
+        long as the process lives, and every later call that waits for it (an NCCL abort, a launch
+        that NCCL makes wait for the graph before it) with it."""
+        handle, device = self.handle, self.buffer.device
+        world, rank = handle.world_size, handle.rank
+        slots = min(handle.signal_pad_size // 4, 256 * world)  # the one-shot kernel runs at most 24 blocks
+        blocks = torch.arange(slots // world, device=device) * world
+        own = handle.get_signal_pad(rank, [slots], torch.int32)
+        peers = [(handle.get_signal_pad(r, [slots], torch.int32), blocks + r) for r in range(world) if r != rank]
+        stream = torch.cuda.Stream(device)
+        deadline = time.monotonic() + seconds
+        with torch.cuda.stream(stream):
+            while time.monotonic() < deadline:
+                for pad, ours_from_them in peers:
+                    own[ours_from_them] = 1  # "peer r has arrived"
+                    pad[blocks + rank] = 0  # "peer r has seen us arrive"
+                stream.synchronize()
+                time.sleep(2e-4)
 
     def fits(self, x: torch.Tensor) -> bool:
         # The kernel moves at least 4 bytes at a time.
@@ -113,8 +142,8 @@ def init_custom_all_reduce(device: torch.device, dtype: torch.dtype, max_tokens:
         logger.info("tensor-parallel all-reduce: NCCL / gloo (custom all-reduce off: %s)", reason)
         return False
     group_name = dist.group.WORLD.group_name
-    symm_mem.rendezvous(buffer, group_name)
-    _custom = CustomAllReduce(buffer, group_name)
+    handle = symm_mem.rendezvous(buffer, group_name)
+    _custom = CustomAllReduce(buffer, handle, group_name)
     logger.info("tensor-parallel all-reduce: symmetric-memory one-shot up to %d KiB (%d %s values), NCCL above",
                 numel * dtype.itemsize >> 10, numel, str(dtype).removeprefix("torch."))
     return True
@@ -122,6 +151,22 @@ def init_custom_all_reduce(device: torch.device, dtype: torch.dtype, max_tokens:
 
 def custom_all_reduce_on() -> bool:
     return _custom is not None
+
+
+def release_after_peer_failure(seconds: float = 60.0) -> threading.Thread | None:
+    """Another rank has failed: keep this rank's GPU from hanging at the custom all-reduce's barriers
+    (`CustomAllReduce.stand_in_for_peers`, in a daemon thread for `seconds`). None when it is off."""
+    custom = _custom
+    if custom is None:
+        return None
+    _kept.append(custom)  # kernels still queued use its buffer: never freed in this process
+    thread = threading.Thread(target=custom.stand_in_for_peers, args=(seconds,), name="engine-allreduce-release",
+                              daemon=True)
+    thread.start()
+    return thread
+
+
+_kept: list[CustomAllReduce] = []
 
 
 def shutdown_custom_all_reduce() -> None:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 import torch.distributed as dist
 
+from engine import communication
 from ops.forward_context import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -332,6 +333,9 @@ class TensorParallelWorkers:
             self.failure = message
             logger.error("%s; the engine cannot run more steps", message)
         self.failed.set()
+        if not self._stopping and dist.is_initialized():
+            # This GPU may be waiting at a custom all-reduce for the dead rank: stand in for it.
+            communication.release_after_peer_failure()
         if self.backend == "nccl" and not self._stopping and dist.is_initialized():
             # A collective waiting for the dead rank would never return: abort it, so rank 0's
             # step fails now instead of at the timeout.
@@ -437,7 +441,6 @@ def run_worker(rank: int, args: EngineArgs, model_config: ModelConfig, store_por
 
 def _serve_steps(rank: int, args: EngineArgs, model_config: ModelConfig, store_port: int,
                  conn: multiprocessing.connection.Connection) -> None:
-    from engine import communication
     from engine.llm_engine import freeze_gc_heap
     from engine.model_runner import ModelRunner  # the runner starts workers: import it here, not at the top
 

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import subprocess
 import sys
 import time
@@ -324,6 +325,44 @@ def test_gpu_step_times_record_nothing_off_cuda_and_add_nothing_to_the_log_line(
     times.mark("start")
     times.step_done()
     assert times.summary() == "" and not times._marks and not times._pending
+
+
+def test_the_custom_all_reduce_runs_only_where_its_kernel_can():
+    from engine.communication import why_not_custom
+
+    cuda = torch.device("cuda", 0)
+    assert why_not_custom(cuda, torch.bfloat16, 2) is None and why_not_custom(cuda, torch.float32, 4) is None
+    assert why_not_custom(torch.device("cpu"), torch.bfloat16, 2) == "cpu device"  # gloo, as in every CPU test here
+    assert why_not_custom(cuda, torch.float16, 2) == "its kernel does not sum float16"
+    assert why_not_custom(cuda, torch.bfloat16, 1) == "one rank"
+
+
+def test_a_wait_for_the_device_gives_up_once_a_worker_has_failed_and_not_before():
+    """A rank-0 GPU stuck at the custom all-reduce's barrier never finishes the step: the host must not
+    block on it (with NCCL the abort ends the wait; nothing ends this one)."""
+    from engine.device_io import HostCopy
+
+    class Device:  # a CUDA event as HostCopy.wait sees one: done after `ready_after` polls
+        def __init__(self, ready_after):
+            self.polls, self.ready_after = 0, ready_after
+
+        def query(self):
+            self.polls += 1
+            return self.polls > self.ready_after
+
+        def synchronize(self):
+            raise AssertionError("a wait that can give up must not block")
+
+    failed = threading.Event()
+    copy = HostCopy([torch.tensor([7])])
+    copy.event = Device(ready_after=5)
+    assert copy.wait(failed)[0].item() == 7 and copy.event.polls == 6  # not failed: waits it out
+    copy.event = Device(ready_after=10**9)
+    threading.Timer(0.05, failed.set).start()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="another tensor-parallel rank failed"):
+        copy.wait(failed)
+    assert time.monotonic() - start < 5
 
 
 @pytest.mark.gpu
