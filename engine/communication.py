@@ -121,32 +121,46 @@ def why_not_custom(device: torch.device, dtype: torch.dtype, world_size: int) ->
 def init_custom_all_reduce(device: torch.device, dtype: torch.dtype, max_tokens: int, hidden_size: int) -> bool:
     """Set up the custom all-reduce on every rank of the default group (a collective: every rank
     calls it with the same arguments). Returns whether it is on; when it is not, `all_reduce` is NCCL's."""
-    global _custom
+    global _custom, _set_up_in_this_process
     _custom = None
     reason = why_not_custom(device, dtype, dist.get_world_size() if dist.is_initialized() else 1)
     numel = min(MAX_BYTES // dtype.itemsize, max_tokens * hidden_size)
     buffer = None
-    if reason is None:
+    if reason is None:  # the same on every rank: all of them take part in what follows
         import torch.distributed._symmetric_memory as symm_mem
 
-        try:
-            buffer = symm_mem.empty(numel, dtype=dtype, device=device)
-        except Exception as exc:  # noqa: BLE001  (no P2P, no driver support: NCCL it is)
-            reason = f"symmetric memory unavailable ({type(exc).__name__}: {exc})"
+        here = None
+        if _set_up_in_this_process:
+            # Only rank 0 can get here (workers are new processes). Session 15: the second TP engine
+            # of one pytest process hung with it, the first did not. PyTorch's symmetric memory keeps
+            # rendezvous state per process that a new worker does not share: the likely cause, not
+            # confirmed. So one engine per process gets it.
+            here = "an earlier tensor-parallel engine of this process had it (a second one hung)"
+        else:
+            try:
+                buffer = symm_mem.empty(numel, dtype=dtype, device=device)
+            except Exception as exc:  # noqa: BLE001  (no P2P, no driver support: NCCL it is)
+                here = f"symmetric memory unavailable ({type(exc).__name__}: {exc})"
         # Every rank must have its buffer before any enters the rendezvous.
-        ready = torch.tensor([buffer is not None], dtype=torch.int32, device=device)
+        ready = torch.tensor([here is None], dtype=torch.int32, device=device)
         dist.all_reduce(ready, op=dist.ReduceOp.MIN)
-        if reason is None and not ready.item():
-            reason = "symmetric memory unavailable on another rank"
+        if here is not None:
+            reason = here
+        elif not ready.item():
+            reason = "not possible on another rank (its log says why)"
     if reason is not None:
         logger.info("tensor-parallel all-reduce: NCCL / gloo (custom all-reduce off: %s)", reason)
         return False
     group_name = dist.group.WORLD.group_name
+    _set_up_in_this_process = True
     handle = symm_mem.rendezvous(buffer, group_name)
     _custom = CustomAllReduce(buffer, handle, group_name)
     logger.info("tensor-parallel all-reduce: symmetric-memory one-shot up to %d KiB (%d %s values), NCCL above",
                 numel * dtype.itemsize >> 10, numel, str(dtype).removeprefix("torch."))
     return True
+
+
+_set_up_in_this_process = False
 
 
 def custom_all_reduce_on() -> bool:

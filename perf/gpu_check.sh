@@ -67,7 +67,10 @@
 #   tp-diag (2 GPUs) the TP GPU tests, then TP=2 batch 1 with host-work / wait figures of every rank and a profiled window
 #           on each rank
 #   tp-profile (2 GPUs) tp-diag without its tests: TP=2 batch 1, host work / wait of every rank, each rank's profiled window
-#   tp-tests (2 GPUs) the TP GPU tests alone (the worker-failure one dumps its threads' stacks if it runs past 150 s)
+#   tp-tests (2 GPUs) the TP GPU tests alone, in three pytest processes (one engine a process gets the custom all-reduce;
+#           the worker-failure one dumps its threads' stacks if it runs past 150 s)
+#   tp-ab   (2 GPUs) Llama-3.1-8B batch 1 (128 / 512) at TP=2 with NCCL only, then with the custom all-reduce (tp-ar's order
+#           reversed)
 #   tp-ar   (2 GPUs) the custom all-reduce (#7): its latency in CUDA graphs against NCCL's (perf/allreduce_bench.py), its
 #           GPU test, then Llama-3.1-8B batch 1 (128 / 512) at TP=2 with it, at TP=2 with NCCL only
 #           (--disable-custom-all-reduce), and at TP=1 (GPU 0), same call; the worker-failure test last
@@ -340,7 +343,12 @@ for stage in "$@"; do
              grep -h -A 20 "its window" "$OUT/llama8b_bs1_tp2.log" | cut -c1-160 ;;
     tp-tests) # (2 GPUs) the TP GPU tests alone: the greedy ones, then the worker-failure one (its threads' stacks are
               # dumped if it still runs after 150 s)
-              timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k "not worker_exception" 2>&1 | tee "$OUT/tp_tests.log" | tail -15
+              # one engine a process gets the custom all-reduce: compiled-async alone; then compiled with it and
+              # graphs-of-eager after it in the same process (on NCCL: the second engine of a process)
+              for k in "step_times or custom_all_reduce" "two_ranks and compiled-async" "two_ranks and (compiled] or graphs-of-eager)"; do
+                timeout 150 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=120 tests/test_tensor_parallel.py -k "$k" 2>&1 \
+                  | tee -a "$OUT/tp_tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|all-reduce:" | cut -c1-300
+              done
               timeout 240 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=150 tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -60 ;;
     tp-ar) timeout 150 python3 perf/allreduce_bench.py --out "$OUT/allreduce.json" 2>&1 | tee "$OUT/allreduce.log" | tail -12
            timeout 150 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k custom_all_reduce 2>&1 | tail -3
@@ -351,6 +359,11 @@ for stage in "$@"; do
              grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/$1.log" | cut -c1-600
            done
            timeout 200 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=150 tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -12 ;;
+    tp-ab) for spec in "llama8b_bs1_tp2_nccl --disable-custom-all-reduce" "llama8b_bs1_tp2"; do
+             set -- $spec
+             bench "$@" --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
+             grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/$1.log" | cut -c1-600
+           done ;;
     actorder) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py -k sorted_by_group 2>&1 | tee "$OUT/actorder_tests.log" | tail -3
               timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --kernels gptq-g128 gptq-act-g128 gptq-act-sorted-g128 2>&1 | tee "$OUT/actorder_bench.log" | tail -30 ;;
     tp-quick) bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
