@@ -174,7 +174,7 @@ def planar_sweep_tables() -> dict[str, tuple]:
 def tiles_label(M: int, kernel: str) -> str:
     from ops import triton_quant
 
-    gptq_layout = kernel in ("gptq-g128", "awq-gptq-g128")
+    gptq_layout = kernel in ("gptq-g128", "awq-gptq-g128", "gptq-act-sorted-g128")  # as gptq_matmul sees them
     t = triton_quant.tiles_for(M, planar_ok=gptq_layout, packed_ok=gptq_layout)  # bf16 x
     packed = t.packed
     return (f"{t.block_m}x{t.block_n}x{t.block_k}/w{t.num_warps}s{t.num_stages}p{t.programs_per_sm}"
