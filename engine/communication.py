@@ -37,7 +37,7 @@ DTYPES = (torch.bfloat16, torch.float32)
 
 
 class CustomAllReduce:
-    """One symmetric-memory buffer of `max_bytes`, mapped by every rank of the default group."""
+    """One symmetric-memory buffer (up to MAX_BYTES), mapped by every rank of the default group."""
 
     def __init__(self, buffer: torch.Tensor, handle, group_name: str):
         self.buffer = buffer
@@ -47,15 +47,15 @@ class CustomAllReduce:
     def stand_in_for_peers(self, seconds: float) -> None:
         """After another rank has failed: release this GPU from every barrier of the kernel for
         `seconds`, by doing from the host, over and over on a stream of its own, what the peers'
-        kernels would do there. The kernel's barrier slot for (block b, rank r) in rank q's signal
-        pad is b * world_size + r: a peer r sets it to 1 in our pad (we wait for that) and clears ours in
-        its own pad (we wait for that before setting it again). The sums come out wrong, which no
-        longer matters: the step has failed. Without this the GPU would spin at the barrier for as
-        long as the process lives, and every later call that waits for it (an NCCL abort, a launch
-        that NCCL makes wait for the graph before it) with it."""
+        kernels would do there. A barrier's flag for block b from rank r sits at b * world_size + r
+        in the waiting rank's signal pad: peer r sets ours to 1 (we wait for that) and clears the one
+        we set in its pad (we wait for that before setting it again). The sums come out wrong, which
+        no longer matters: the step has failed. Without this the GPU spins at the barrier for as
+        long as the process lives, and so does whatever waits for it (session 15: rank 0's host,
+        blocked in the next step's NCCL broadcast)."""
         handle, device = self.handle, self.buffer.device
         world, rank = handle.world_size, handle.rank
-        slots = min(handle.signal_pad_size // 4, 256 * world)  # the one-shot kernel runs at most 24 blocks
+        slots = min(handle.signal_pad_size // 4, 256 * world)  # 256 blocks: the one-shot kernel runs at most 24
         blocks = torch.arange(slots // world, device=device) * world
         own = handle.get_signal_pad(rank, [slots], torch.int32)
         peers = [(handle.get_signal_pad(r, [slots], torch.int32), blocks + r) for r in range(world) if r != rank]
