@@ -13,8 +13,9 @@ not sum (it takes float32 and bfloat16) go to NCCL inside the same op.
 The op is opaque to torch.compile (`engine::custom_all_reduce`) and is captured in the CUDA graphs
 like any kernel. Unlike NCCL's, its barrier waits without end and no abort ends it: when a rank fails
 in the middle of a step, rank 0 stands in for it at the barriers (`release_after_peer_failure`) so
-that its GPU gets through what was queued, and its host never blocks on that GPU meanwhile (see
-`HostCopy.wait`).
+that its GPU can get through what was queued, and its wait for sampled tokens polls instead of
+blocking (`HostCopy.wait`). Other host reads of device values (prompt logprobs' `.tolist()`) still
+block until the GPU gets there.
 """
 
 from __future__ import annotations
@@ -55,18 +56,27 @@ class CustomAllReduce:
         blocked in the next step's NCCL broadcast)."""
         handle, device = self.handle, self.buffer.device
         world, rank = handle.world_size, handle.rank
-        slots = min(handle.signal_pad_size // 4, 256 * world)  # 256 blocks: the one-shot kernel runs at most 24
-        blocks = torch.arange(slots // world, device=device) * world
-        own = handle.get_signal_pad(rank, [slots], torch.int32)
-        peers = [(handle.get_signal_pad(r, [slots], torch.int32), blocks + r) for r in range(world) if r != rank]
+        slots = min(handle.signal_pad_size // 4, 256 * world) // world * world  # 256 blocks: the kernel runs at most 24
+        # Views of the pads, [block, rank]: no index tensors, whose making would queue behind the
+        # stuck kernel on the default stream (this thread's current stream until the `with`).
+        own = handle.get_signal_pad(rank, [slots], torch.int32).view(-1, world)
+        peers = [(r, handle.get_signal_pad(r, [slots], torch.int32).view(-1, world)) for r in range(world) if r != rank]
+        engine_stream = torch.cuda.default_stream(device)  # where the engine's steps run
         stream = torch.cuda.Stream(device)
-        deadline = time.monotonic() + seconds
+        deadline, idle_since = time.monotonic() + seconds, None
         with torch.cuda.stream(stream):
             while time.monotonic() < deadline:
-                for pad, ours_from_them in peers:
-                    own[ours_from_them] = 1  # "peer r has arrived"
-                    pad[blocks + rank] = 0  # "peer r has seen us arrive"
+                for r, pad in peers:
+                    own[:, r].fill_(1)  # "peer r has arrived"
+                    pad[:, rank].fill_(0)  # "peer r has seen us arrive"
                 stream.synchronize()
+                # Done once the engine's stream has stayed empty for 0.2 s (nothing more comes after a failure).
+                if engine_stream.query():
+                    idle_since = idle_since or time.monotonic()
+                    if time.monotonic() - idle_since > 0.2:
+                        return
+                else:
+                    idle_since = None
                 time.sleep(2e-4)
 
     def fits(self, x: torch.Tensor) -> bool:
@@ -168,19 +178,24 @@ def custom_all_reduce_on() -> bool:
 
 
 def release_after_peer_failure(seconds: float = 60.0) -> threading.Thread | None:
-    """Another rank has failed: keep this rank's GPU from hanging at the custom all-reduce's barriers
-    (`CustomAllReduce.stand_in_for_peers`, in a daemon thread for `seconds`). None when it is off."""
+    """Another rank has failed (or is about to be killed): keep this rank's GPU from hanging at the
+    custom all-reduce's barriers (`CustomAllReduce.stand_in_for_peers`, in a daemon thread, for at
+    most `seconds`). Once a process; None when the custom all-reduce is off."""
+    global _release
     custom = _custom
-    if custom is None:
-        return None
-    _kept.append(custom)  # kernels still queued use its buffer: never freed in this process
-    thread = threading.Thread(target=custom.stand_in_for_peers, args=(seconds,), name="engine-allreduce-release",
-                              daemon=True)
-    thread.start()
-    return thread
+    with _release_lock:
+        if custom is None or _release is not None:
+            return _release
+        _kept.append(custom)  # kernels still queued use its buffer: never freed in this process
+        _release = threading.Thread(target=custom.stand_in_for_peers, args=(seconds,),
+                                    name="engine-allreduce-release", daemon=True)
+        _release.start()
+        return _release
 
 
 _kept: list[CustomAllReduce] = []
+_release: threading.Thread | None = None
+_release_lock = threading.Lock()
 
 
 def shutdown_custom_all_reduce() -> None:

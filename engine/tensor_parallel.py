@@ -332,10 +332,10 @@ class TensorParallelWorkers:
         if self.failure is None:
             self.failure = message
             logger.error("%s; the engine cannot run more steps", message)
+        # This GPU may be waiting at a custom all-reduce for the dead rank: stand in for it (before
+        # `failed` lets the main thread give up and shut down).
+        communication.release_after_peer_failure()
         self.failed.set()
-        if not self._stopping and dist.is_initialized():
-            # This GPU may be waiting at a custom all-reduce for the dead rank: stand in for it.
-            communication.release_after_peer_failure()
         if self.backend == "nccl" and not self._stopping and dist.is_initialized():
             # A collective waiting for the dead rank would never return: abort it, so rank 0's
             # step fails now instead of at the timeout.
@@ -376,6 +376,8 @@ class TensorParallelWorkers:
             logger.info("tensor-parallel rank 0: a step (medians, ms from sending it to the workers): %s%s",
                         self.times.medians(), self.gpu_times.summary())
         self.failure = self.failure or "the tensor-parallel workers were shut down"
+        if not graceful:  # the workers are killed mid-step: none of them will meet this GPU at a barrier again
+            communication.release_after_peer_failure()
         if graceful:
             for conn in self._conns:
                 try:
@@ -406,6 +408,7 @@ class TensorParallelWorkers:
             conn.close()
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
+        communication.shutdown_custom_all_reduce()  # also when the engine failed and was never shut down
         self.failed.set()
 
 

@@ -337,6 +337,25 @@ def test_the_custom_all_reduce_runs_only_where_its_kernel_can():
     assert why_not_custom(cuda, torch.bfloat16, 1) == "one rank"
 
 
+def test_rank_0_stands_in_for_failed_peers_once_a_process_and_only_with_the_custom_all_reduce(monkeypatch):
+    """A worker's error report and its exit (and each dead worker with TP > 2) all report a failure:
+    one stand-in thread, not one each."""
+    from engine import communication
+
+    monkeypatch.setattr(communication, "_release", None)
+    monkeypatch.setattr(communication, "_kept", [])
+    monkeypatch.setattr(communication, "_custom", None)
+    assert communication.release_after_peer_failure() is None  # off (CPU, NCCL only): nothing to do
+
+    calls = []
+    fake = SimpleNamespace(stand_in_for_peers=lambda seconds: calls.append(seconds))
+    monkeypatch.setattr(communication, "_custom", fake)
+    first = communication.release_after_peer_failure(5.0)
+    assert communication.release_after_peer_failure(5.0) is first
+    first.join(5)
+    assert calls == [5.0] and communication._kept == [fake]
+
+
 def test_a_wait_for_the_device_gives_up_once_a_worker_has_failed_and_not_before():
     """A rank-0 GPU stuck at the custom all-reduce's barrier never finishes the step: the host must not
     block on it (with NCCL the abort ends the wait; nothing ends this one)."""
@@ -481,10 +500,14 @@ def test_gpu_the_custom_all_reduce_sums_as_nccl_does():
 @needs_two_gpus
 def test_gpu_a_worker_exception_in_a_step_fails_it_without_a_hang(gpu_checkpoint, monkeypatch):
     """On NCCL rank 0 would wait forever on the dead worker's all-reduce: its monitor aborts the
-    group. (Last in the file: if the NCCL watchdog took the process down instead, nothing after it
-    would run.)"""
+    group; at the custom all-reduce's barriers (no abort ends those) rank 0 stands in for the dead
+    worker, and its GPU gets through what was queued. (Last in the file: if the NCCL watchdog took
+    the process down instead, nothing after it would run.)"""
+    from engine import communication
+
     monkeypatch.setattr(tensor_parallel, "run_worker", _worker_failing_on_its_third_step)
     llm = LLM(gpu_checkpoint, tensor_parallel_size=2, **GPU_ENGINE)
+    custom = communication.custom_all_reduce_on()
     pids = llm.llm_engine.runner.workers.pids
     start = time.monotonic()
     with pytest.raises(TensorParallelError, match=r"worker rank 1 failed: RuntimeError: injected failure in execute_model"):
@@ -492,3 +515,9 @@ def test_gpu_a_worker_exception_in_a_step_fails_it_without_a_hang(gpu_checkpoint
     assert time.monotonic() - start < 60
     assert_gone(pids)
     llm.llm_engine.shutdown()
+    if custom:  # rank 0's GPU is not left spinning at a barrier for the life of the process
+        stream = torch.cuda.default_stream(0)
+        deadline = time.monotonic() + 60
+        while not stream.query() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stream.query(), "rank 0's GPU still runs the failed steps' work after 60 s"
