@@ -10,8 +10,12 @@ NCCL's protocol and ring steps: a batch-1 decode step of Llama-3.1-8B at TP=2 al
 of 8 KiB, where latency is all there is. Tensors larger than the buffer and dtypes the kernel does
 not sum (it takes float32 and bfloat16) go to NCCL inside the same op.
 
-The op is opaque to torch.compile (`engine::custom_all_reduce`) and is captured in the CUDA graphs
-like any kernel. Unlike NCCL's, its barrier waits without end and no abort ends it: when a rank fails
+The model's all-reduces are each followed by a residual add and an RMSNorm: `all_reduce_add_rms_norm`
+does the three in one kernel of ours (ops.triton_allreduce) on the same buffer and barriers
+(`ENGINE_FUSED_ALLREDUCE=0` in the environment keeps them apart, to measure the difference).
+
+The ops are opaque to torch.compile (`engine::custom_all_reduce`, `engine::all_reduce_add_rms_norm`)
+and are captured in the CUDA graphs like any kernel. Unlike NCCL's, its barrier waits without end and no abort ends it: when a rank fails
 in the middle of a step, rank 0 stands in for it at the barriers (`release_after_peer_failure`) so
 that its GPU can get through what was queued, and its wait for sampled tokens polls instead of
 blocking (`HostCopy.wait`). Other host reads of device values (prompt logprobs' `.tolist()`) still
@@ -21,8 +25,10 @@ block until the GPU gets there.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -40,10 +46,22 @@ DTYPES = (torch.bfloat16, torch.float32)
 class CustomAllReduce:
     """One symmetric-memory buffer (up to MAX_BYTES), mapped by every rank of the default group."""
 
-    def __init__(self, buffer: torch.Tensor, handle, group_name: str):
-        self.buffer = buffer
+    def __init__(self, buffer: torch.Tensor, handle, group_name: str, numel: int):
+        # The first `numel` values: PyTorch's kernel's; the next two times `numel`: the two halves the
+        # fused kernel (ops.triton_allreduce) alternates between. One rendezvous, one signal pad: the
+        # two kernels keep the same protocol on it and each call's flags are all consumed, so they
+        # can follow each other in any order.
+        self.buffer = buffer[:numel]
         self.handle = handle  # the rendezvous: every rank's buffer and signal pad
         self.group_name = group_name
+        self.fused_half = numel
+        device = buffer.device
+        base = buffer.element_size() * numel  # the fused halves start after PyTorch's part
+        self.fused_buffer_ptrs = torch.tensor([p + base for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
+        self.signal_pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
+        self.fused_parity = torch.zeros(fused_kernel().GRID, dtype=torch.int32, device=device)
+        self.fused = (os.environ.get("ENGINE_FUSED_ALLREDUCE") != "0"
+                      and fused_kernel().GRID * handle.world_size * 4 <= handle.signal_pad_size)
 
     def stand_in_for_peers(self, seconds: float) -> None:
         """After another rank has failed: release this GPU from every barrier of the kernel for
@@ -89,6 +107,20 @@ class CustomAllReduce:
         symm = self.buffer[: x.numel()].view(x.shape)
         return torch.ops.symm_mem.one_shot_all_reduce_copy_out(symm, x, "sum", self.group_name, out)
 
+    def fused_fits(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
+        return (self.fused and x.dim() == 2 and self.fits(x) and x.shape[-1] <= fused_kernel().MAX_HIDDEN
+                and x.shape[-1] % 8 == 0  # 16-byte rows: the kernel's vector loads
+                and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))
+                and weight.shape == x.shape[-1:] and weight.dtype == x.dtype)
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                                eps: float, out: torch.Tensor, residual_out: torch.Tensor) -> None:
+        """residual_out = all_reduce(x) (+ residual), out = RMSNorm(residual_out) * weight, in one kernel."""
+        fused_kernel().all_reduce_add_rms_norm(
+            x.contiguous(), None if residual is None else residual.contiguous(), weight, eps, out, residual_out,
+            self.fused_buffer_ptrs, self.signal_pad_ptrs, self.fused_parity, self.fused_half,
+            self.handle.rank, self.handle.world_size)
+
 
 _custom: CustomAllReduce | None = None
 
@@ -99,6 +131,51 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
         return torch.ops.engine.custom_all_reduce(x)
     dist.all_reduce(x)
     return x
+
+
+def fused_kernel():
+    """ops.triton_allreduce, imported on first use: Triton is not installed on CPU-only machines."""
+    import ops.triton_allreduce
+
+    return ops.triton_allreduce
+
+
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 and cast back before the weight multiply, exactly as HF Llama."""
+    x = h.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(h.dtype)
+
+
+def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What follows a row-parallel layer: h = all_reduce(x) + residual (residual None: no add), then
+    (RMSNorm(h) * weight, h). With the custom all-reduce on, one opaque kernel
+    (`engine::all_reduce_add_rms_norm`); otherwise the all-reduce, then torch (which torch.compile fuses)."""
+    if _custom is not None and _custom.fused:
+        return torch.ops.engine.all_reduce_add_rms_norm(x, residual, weight, eps)
+    h = all_reduce(x)
+    if residual is not None:
+        h = h + residual
+    return rms_norm(h, weight, eps), h
+
+
+@torch.library.custom_op("engine::all_reduce_add_rms_norm", mutates_args=())
+def _all_reduce_add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if _custom is not None and _custom.fused_fits(x, residual, weight):
+        out, h = torch.empty_like(x), torch.empty_like(x)
+        _custom.all_reduce_add_rms_norm(x, residual, weight, eps, out, h)
+        return out, h
+    h = _custom_all_reduce(x)  # too large for the buffer (a long prefill): NCCL
+    if residual is not None:
+        h = h + residual
+    return rms_norm(h, weight, eps), h
+
+
+@_all_reduce_add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
 
 
 @torch.library.custom_op("engine::custom_all_reduce", mutates_args=())
@@ -148,7 +225,7 @@ def init_custom_all_reduce(device: torch.device, dtype: torch.dtype, max_tokens:
             here = "an earlier tensor-parallel engine of this process had it (a second one hung)"
         else:
             try:
-                buffer = symm_mem.empty(numel, dtype=dtype, device=device)
+                buffer = symm_mem.empty(3 * numel, dtype=dtype, device=device)  # see CustomAllReduce
             except Exception as exc:  # noqa: BLE001  (no P2P, no driver support: NCCL it is)
                 here = f"symmetric memory unavailable ({type(exc).__name__}: {exc})"
         # Every rank must have its buffer before any enters the rendezvous.
@@ -164,9 +241,10 @@ def init_custom_all_reduce(device: torch.device, dtype: torch.dtype, max_tokens:
     group_name = dist.group.WORLD.group_name
     _set_up_in_this_process = True
     handle = symm_mem.rendezvous(buffer, group_name)
-    _custom = CustomAllReduce(buffer, handle, group_name)
-    logger.info("tensor-parallel all-reduce: symmetric-memory one-shot up to %d KiB (%d %s values), NCCL above",
-                numel * dtype.itemsize >> 10, numel, str(dtype).removeprefix("torch."))
+    _custom = CustomAllReduce(buffer, handle, group_name, numel)
+    logger.info("tensor-parallel all-reduce: symmetric-memory one-shot up to %d KiB (%d %s values), NCCL above; "
+                "fused with the residual add and RMSNorm: %s", numel * dtype.itemsize >> 10, numel,
+                str(dtype).removeprefix("torch."), "on" if _custom.fused else "off")
     return True
 
 

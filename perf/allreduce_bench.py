@@ -1,11 +1,13 @@
 """All-reduce latency inside CUDA graphs, as the decode graphs run it: NCCL against the engine's
-custom all-reduce (engine.communication: the symmetric-memory one-shot kernel), bf16 [rows, hidden].
+custom all-reduce (engine.communication: the symmetric-memory one-shot kernel), bf16 [rows, hidden];
+then each followed by the residual add and RMSNorm the model does after it (compiled into one kernel),
+against the kernel that fuses all three (ops.triton_allreduce).
 
     python3 perf/allreduce_bench.py --gpus 2 --hidden 4096 --out perf/results/allreduce.json
 
 Each variant is captured as one graph of --ops all-reduces in a row (each one's output the next
 one's input, as layers chain them), replayed --iters times after a warm-up replay; the time per
-all-reduce is rank 0's replay time over --ops. Both variants are checked against each other first.
+all-reduce is rank 0's replay time over --ops. The variants are checked against each other first.
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ def time_graph(fn, x: torch.Tensor, ops: int, iters: int) -> float:
     return start.elapsed_time(end) * 1e3 / (iters * ops)
 
 
+@torch.compile(dynamic=False)
+def add_norm(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h = y + residual
+    return communication.rms_norm(h, weight, 1e-5), h
+
+
 def nccl(x: torch.Tensor) -> torch.Tensor:
     y = x.clone()  # out of place, as the engine's op is
     dist.all_reduce(y)
@@ -59,10 +67,14 @@ def rank_main(rank: int, world: int, port: int, args, results) -> None:
     torch.cuda.set_device(rank)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0)
     dist.init_process_group("nccl", store=store, rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    torch._dynamo.config.cache_size_limit = 64  # add_norm: one graph a row count
     max_rows = max(args.rows)
     communication.MAX_BYTES = args.max_bytes
     assert communication.init_custom_all_reduce(torch.device("cuda"), torch.bfloat16, max_rows, args.hidden)
     custom = torch.ops.engine.custom_all_reduce
+    gen = torch.Generator("cuda").manual_seed(rank)
+    weight = (1 + 0.1 * torch.randn(args.hidden, device="cuda", generator=gen)).to(torch.bfloat16)
+    dist.broadcast(weight, 0)  # one norm weight on every rank, as the model's
     rows_out = []
     for rows in args.rows:
         # Values small enough that 64 sums in a row stay finite and exact-ish in bf16.
@@ -71,10 +83,27 @@ def rank_main(rank: int, world: int, port: int, args, results) -> None:
         row = {"rows": rows, "bytes": rows * args.hidden * 2, "custom": communication._custom.fits(x)}
         for name, fn in (("nccl", nccl), ("custom", custom)):
             row[f"{name}_us"] = time_graph(fn, x * 0, args.ops, args.iters)
+        # What the model does after each row-parallel layer: all-reduce, residual add, RMSNorm (the
+        # add and norm compiled into one kernel, as in the engine), against the fused kernel.
+        residual = torch.randn(rows, args.hidden, device="cuda", generator=gen).to(torch.bfloat16)
+        chains = {
+            "nccl_norm": lambda y: add_norm(nccl(y), residual, weight)[0],
+            "custom_norm": lambda y: add_norm(custom(y), residual, weight)[0],
+            "fused": lambda y: torch.ops.engine.all_reduce_add_rms_norm(y, residual, weight, 1e-5)[0],
+        }
+        x = torch.randn(rows, args.hidden, device="cuda", generator=gen).to(torch.bfloat16)
+        want, got = add_norm(nccl(x), residual, weight), torch.ops.engine.all_reduce_add_rms_norm(x, residual, weight, 1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+        torch.testing.assert_close(got[0], want[0])
+        row["fused"] = communication._custom.fused_fits(x, residual, weight)
+        for name, fn in chains.items():
+            row[f"{name}_us"] = time_graph(fn, x, args.ops, args.iters)
         rows_out.append(row)
         if rank == 0:
             print(f"{rows:5d} rows ({row['bytes'] / 1024:7.0f} KiB): NCCL {row['nccl_us']:7.2f} us, "
-                  f"custom {row['custom_us']:7.2f} us{'' if row['custom'] else ' (over the buffer: NCCL inside)'}",
+                  f"custom {row['custom_us']:7.2f} us{'' if row['custom'] else ' (over the buffer: NCCL inside)'}; "
+                  f"with the add and norm after it: NCCL {row['nccl_norm_us']:7.2f}, custom {row['custom_norm_us']:7.2f}, "
+                  f"fused {row['fused_us']:7.2f} us{'' if row['fused'] else ' (not fused: over the buffer)'}",
                   flush=True)
     if rank == 0:
         results.put(rows_out)

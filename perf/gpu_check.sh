@@ -69,6 +69,8 @@
 #   tp-profile (2 GPUs) tp-diag without its tests: TP=2 batch 1, host work / wait of every rank, each rank's profiled window
 #   tp-tests (2 GPUs) the TP GPU tests alone, in three pytest processes (one engine a process gets the custom all-reduce;
 #           the worker-failure one dumps its threads' stacks if it runs past 150 s)
+#   tp-fused (2 GPUs) the all-reduce fused with the residual add and RMSNorm (ops.triton_allreduce): allreduce_bench, its
+#           GPU test, Llama-3.1-8B batch 1 (128 / 512) at TP=2 with it, without it (ENGINE_FUSED_ALLREDUCE=0), at TP=1
 #   tp-ab   (2 GPUs) Llama-3.1-8B batch 1 (128 / 512) at TP=2 with NCCL only, then with the custom all-reduce (tp-ar's order
 #           reversed)
 #   tp-ar   (2 GPUs) the custom all-reduce (#7): its latency in CUDA graphs against NCCL's (perf/allreduce_bench.py), its
@@ -359,6 +361,17 @@ for stage in "$@"; do
              grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/$1.log" | cut -c1-600
            done
            timeout 200 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=150 tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -12 ;;
+    tp-fused) # the all-reduce fused with the residual add and RMSNorm (ops.triton_allreduce): its latency against the
+              # all-reduce and a compiled add + norm (allreduce_bench), its GPU test, then Llama-3.1-8B batch 1 (128 / 512) at
+              # TP=2 with it, without it (ENGINE_FUSED_ALLREDUCE=0: the one-shot all-reduce, then the compiled add + norm),
+              # and at TP=1 (GPU 0)
+              timeout 200 python3 perf/allreduce_bench.py --rows 1 2 8 32 128 256 --out "$OUT/allreduce.json" 2>&1 | tee "$OUT/allreduce.log" | tail -8
+              timeout 150 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k custom_all_reduce 2>&1 | tee "$OUT/custom_ar_test.log" | tail -15
+              bench llama8b_bs1_tp2_fused --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
+              grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/llama8b_bs1_tp2_fused.log" | cut -c1-600
+              ENGINE_FUSED_ALLREDUCE=0 bench llama8b_bs1_tp2_unfused --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
+              grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/llama8b_bs1_tp2_unfused.log" | cut -c1-600
+              CUDA_VISIBLE_DEVICES=0 bench llama8b_bs1_tp1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
     tp-ab) for spec in "llama8b_bs1_tp2_nccl --disable-custom-all-reduce" "llama8b_bs1_tp2"; do
              set -- $spec
              bench "$@" --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2

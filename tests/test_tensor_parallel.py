@@ -479,17 +479,91 @@ def _custom_all_reduce_rank(rank: int, port: int) -> None:
         want = h.clone()
         dist.all_reduce(want)
         torch.testing.assert_close(torch.ops.engine.custom_all_reduce(h), want, rtol=0, atol=0)
+        _check_fused_all_reduce_add_rms_norm(custom, hidden, gen)
         torch.cuda.synchronize()
     finally:
         communication.shutdown_custom_all_reduce()
         dist.destroy_process_group()
 
 
+def _reference_add_norm(x: torch.Tensor, residual, weight: torch.Tensor, eps: float):
+    """The fused op's meaning, from every rank's x gathered: summed in float32 in rank order and
+    rounded once, plus the residual, then the model's RMSNorm."""
+    from engine import communication
+
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    h = torch.stack([p.float() for p in parts]).sum(0).to(x.dtype)
+    h = h if residual is None else h + residual
+    return communication.rms_norm(h, weight, eps), h
+
+
+def _check_fused_all_reduce_add_rms_norm(custom, hidden: int, gen: torch.Generator) -> None:
+    """ops.triton_allreduce through engine::all_reduce_add_rms_norm, on one of two ranks."""
+    eps = 1e-5
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen, device="cuda")).to(torch.bfloat16)
+    dist.broadcast(weight, 0)
+    limit_rows = custom.fused_half // hidden
+    for rows in (1, 2, 7, 64, 65, 200, limit_rows, limit_rows + 1):  # 64 programs; the last one: NCCL inside
+        for with_residual in (True, False):
+            x = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+            residual = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16) if with_residual else None
+            want_out, want_h = _reference_add_norm(x, residual, weight, eps)
+            out, h = torch.ops.engine.all_reduce_add_rms_norm(x, residual, weight, eps)
+            msg = f"{rows} rows, residual {with_residual}"
+            assert custom.fused_fits(x, residual, weight) == (rows <= limit_rows), msg
+            torch.testing.assert_close(h, want_h, rtol=0, atol=0, msg=msg)
+            torch.testing.assert_close(out, want_out, msg=msg)  # bf16 tolerances: the rsqrt's last bit may differ
+            others = [torch.empty_like(out) for _ in range(2)]
+            dist.all_gather(others, out)
+            torch.testing.assert_close(others[0], others[1], rtol=0, atol=0, msg=f"{msg}: ranks disagree")
+            if custom.fused_fits(x, residual, weight):
+                out, h = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))  # every element written
+                custom.all_reduce_add_rms_norm(x, residual, weight, eps, out, h)
+                torch.testing.assert_close(h, want_h, rtol=0, atol=0, msg=f"{msg}, poisoned")
+                torch.testing.assert_close(out, want_out, msg=f"{msg}, poisoned")
+    # A decode graph's pattern, replayed on fresh inputs: fused calls alternating with the plain
+    # custom all-reduce (PyTorch's kernel: the same signal pad) and elementwise work, 9 in a row (an
+    # odd number: each replay starts on the other half of the buffer).
+    static_x = torch.zeros(3, hidden, dtype=torch.bfloat16, device="cuda")
+    static_r = torch.zeros(3, hidden, dtype=torch.bfloat16, device="cuda")
+
+    def chain(x, residual, fused: bool):
+        for i in range(9):
+            if fused:
+                x, residual = torch.ops.engine.all_reduce_add_rms_norm(x * 0.5, residual, weight, eps)
+            else:
+                x, residual = _reference_add_norm(x * 0.5, residual, weight, eps)
+            if i % 3 == 0:
+                if fused:
+                    x = torch.ops.engine.custom_all_reduce(x) * 0.5
+                else:
+                    x = x.clone()
+                    dist.all_reduce(x)
+                    x = x * 0.5
+        return x, residual
+
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, res = chain(static_x, static_r, fused=True)
+    for trial in range(3):
+        static_x.copy_(torch.randn(3, hidden, generator=gen, device="cuda"))
+        static_r.copy_(torch.randn(3, hidden, generator=gen, device="cuda"))
+        want_y, want_res = chain(static_x.clone(), static_r.clone(), fused=False)
+        graph.replay()
+        # Nine norms in a row carry the rsqrt's last-bit differences along: looser than one call's.
+        torch.testing.assert_close(res, want_res, rtol=0.05, atol=0.05, msg=f"graph replay {trial}")
+        torch.testing.assert_close(y, want_y, rtol=0.05, atol=0.05, msg=f"graph replay {trial}")
+
+
 @pytest.mark.gpu
 @needs_two_gpus
 def test_gpu_the_custom_all_reduce_sums_as_nccl_does():
     """Bit for bit (two ranks: one addition, rounded once) at sizes up to the buffer and past it, into
-    a poisoned output, and in a CUDA graph replayed on fresh inputs."""
+    a poisoned output, and in a CUDA graph replayed on fresh inputs; the same for the kernel that
+    fuses it with the residual add and RMSNorm (the norm to bf16 tolerances), replayed in a graph
+    between PyTorch's all-reduces, which share its barriers."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

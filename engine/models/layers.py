@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.communication import all_reduce
+from engine.communication import all_reduce, all_reduce_add_rms_norm, rms_norm
 import ops.attention  # noqa: F401  (registers torch.ops.engine.paged_attention)
 from ops.linear import dense_linear
 
@@ -44,10 +44,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                     reduce: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = x + residual (None: h = x), returned as (norm(h), h); with `reduce`, x is a row-parallel
+        layer's partial sum, summed over the tensor-parallel ranks first. The pre-norm residual stream
+        of a decoder layer, in the form that lets the all-reduce, the add and the norm run as one kernel
+        (engine.communication.all_reduce_add_rms_norm)."""
+        if reduce:
+            return all_reduce_add_rms_norm(x, residual, self.weight, self.eps)
+        h = x if residual is None else x + residual
+        return rms_norm(h, self.weight, self.eps), h
 
 
 class SiluAndMul(nn.Module):
@@ -316,11 +324,13 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 class RowParallelLinear(LinearBase):
     """y = x W^T with W's input columns split across ranks: each rank multiplies its slice of x
-    (the output of a column-parallel layer) and the partial sums are all-reduced."""
+    (the output of a column-parallel layer) and the partial sums are all-reduced; or, with
+    `reduce_results=False`, returned unreduced for the caller to all-reduce (a norm that fuses it)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, tp_rank: int = 0,
-                 tp_size: int = 1, quant_config: Any = None, prefix: str = ""):
+                 tp_size: int = 1, quant_config: Any = None, prefix: str = "", reduce_results: bool = True):
         self.input_size = input_size
+        self.reduce_results = reduce_results
         per_rank = _divide(input_size, tp_size, "input size")
         # The bias is added once, after the reduction, so it stays whole on every rank.
         super().__init__(per_rank, [output_size], bias, False, tp_rank, tp_size, quant_config, prefix)
@@ -338,6 +348,8 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return self.quant_method.apply(self, x, self.bias)
+        if not self.reduce_results:  # the bias once in the sum: rank 0's share
+            return self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
         y = all_reduce(self.quant_method.apply(self, x, None))
         return y if self.bias is None else y + self.bias
 
@@ -368,13 +380,15 @@ class VocabParallelEmbedding(nn.Module):
         param.data[:rows].copy_(loaded_weight[self.vocab_start : self.vocab_start + rows])
         param.data[rows:].zero_()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """The embeddings; with `reduce=False` and more than one rank, this rank's share of them
+        (zero outside its range) for the caller to all-reduce."""
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.rows_per_rank)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        return all_reduce(out.masked_fill(outside[:, None], 0))
+        out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[:, None], 0)
+        return all_reduce(out) if reduce else out
 
 
 class ParallelLMHead(VocabParallelEmbedding):

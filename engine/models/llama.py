@@ -38,9 +38,10 @@ class LlamaAttention(nn.Module):
             bias=bias if qkv_bias is None else qkv_bias,
             tp_rank=tp_rank, tp_size=tp_size, quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
         )
-        self.o_proj = RowParallelLinear(
+        self.o_proj = RowParallelLinear(  # its all-reduce: in the next norm (LlamaDecoderLayer)
             config.num_attention_heads * head_dim, config.hidden_size, bias=bias if o_bias is None else o_bias,
             tp_rank=tp_rank, tp_size=tp_size, quant_config=quant_config, prefix=f"{prefix}.o_proj",
+            reduce_results=False,
         )
         num_heads, num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
         self.split_sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
@@ -68,9 +69,10 @@ class LlamaMLP(nn.Module):
             config.hidden_size, [config.intermediate_size] * 2, bias=bias,
             tp_rank=tp_rank, tp_size=tp_size, quant_config=quant_config, prefix=f"{prefix}.gate_up_proj",
         )
-        self.down_proj = RowParallelLinear(
+        self.down_proj = RowParallelLinear(  # its all-reduce: in the next norm
             config.intermediate_size, config.hidden_size, bias=bias,
             tp_rank=tp_rank, tp_size=tp_size, quant_config=quant_config, prefix=f"{prefix}.down_proj",
+            reduce_results=False,
         )
         self.act = SiluAndMul()
 
@@ -86,10 +88,18 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = attention_cls(config, layer_idx, tp_rank, tp_size, quant_config, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, tp_rank, tp_size, quant_config, f"{prefix}.mlp")
+        self.reduce = tp_size > 1
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = h + attn(norm(h)); h = h + mlp(norm(h)), with the residual stream h carried apart:
+        x is what the previous layer added (with tensor parallelism, each rank's unreduced share,
+        summed by the norm; None for the first layer, whose x is the embedding). Returns this
+        layer's (x, residual)."""
+        x, residual = self.input_layernorm.add_and_norm(x, residual, reduce=self.reduce)
+        x = self.self_attn(x, cos, sin)
+        x, residual = self.post_attention_layernorm.add_and_norm(x, residual, reduce=self.reduce)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -103,13 +113,15 @@ class LlamaModel(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.reduce = tp_size > 1
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+        # Each all-reduce (the embedding's, each row-parallel layer's) happens in the norm after it.
+        x, residual = self.embed_tokens(input_ids, reduce=False), None
         cos, sin = self.rotary_emb(positions)
         for layer in self.layers:
-            h = layer(h, cos, sin)
-        return self.norm(h)
+            x, residual = layer(x, residual, cos, sin)
+        return self.norm.add_and_norm(x, residual, reduce=self.reduce)[0]
 
 
 class LlamaForCausalLM(nn.Module):
