@@ -12,7 +12,8 @@ not sum (it takes float32 and bfloat16) go to NCCL inside the same op.
 
 The model's all-reduces are each followed by a residual add and an RMSNorm: `all_reduce_add_rms_norm`
 does the three in one kernel of ours (ops.triton_allreduce) on the same buffer and barriers
-(`ENGINE_FUSED_ALLREDUCE=0` in the environment keeps them apart, to measure the difference).
+(`ENGINE_FUSED_ALLREDUCE=0` in the environment keeps them apart, to measure the difference;
+`ENGINE_FUSED_ALLREDUCE=flags` picks its barrier-based variant over the default Lamport one).
 
 The ops are opaque to torch.compile (`engine::custom_all_reduce`, `engine::all_reduce_add_rms_norm`)
 and are captured in the CUDA graphs like any kernel. Unlike NCCL's, its barrier waits without end and no abort ends it: when a rank fails
@@ -47,28 +48,46 @@ class CustomAllReduce:
     """One symmetric-memory buffer (up to MAX_BYTES), mapped by every rank of the default group."""
 
     def __init__(self, buffer: torch.Tensor, handle, group_name: str, numel: int):
-        # The first `numel` values: PyTorch's kernel's; the next two times `numel`: the two halves the
-        # fused kernel (ops.triton_allreduce) alternates between. One rendezvous, one signal pad: the
-        # two kernels keep the same protocol on it and each call's flags are all consumed, so they
-        # can follow each other in any order.
+        # buffer_numel(numel, world) values: the first `numel` PyTorch's kernel's, then what the fused
+        # kernel (ops.triton_allreduce) uses: two halves of `numel` ("flags"), then the Lamport kernel's
+        # slots. One rendezvous, one signal pad: PyTorch's kernel and the "flags" one keep the same
+        # protocol on it and each call's flags are all consumed, so they can follow each other in any order.
+        kernel = fused_kernel()
+        world, device = handle.world_size, buffer.device
         self.buffer = buffer[:numel]
         self.handle = handle  # the rendezvous: every rank's buffer and signal pad
         self.group_name = group_name
-        self.fused_half = numel
-        device = buffer.device
-        base = buffer.element_size() * numel  # the fused halves start after PyTorch's part
-        self.fused_buffer_ptrs = torch.tensor([p + base for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
+        self.region = numel  # the most values one fused call takes
+        size = buffer.element_size()
+        self.flags_ptrs = torch.tensor([p + size * numel for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
+        self.lamport_ptrs = torch.tensor([p + size * 3 * numel for p in handle.buffer_ptrs], dtype=torch.int64,
+                                         device=device)
+        # [slot, source rank, value]: -0.0 marks "not written yet" (see ops.triton_allreduce)
+        self.lamport = buffer[3 * numel:].view(kernel.SLOTS, world, numel)
+        self.lamport.fill_(-0.0)
         self.signal_pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
-        self.fused_parity = torch.zeros(fused_kernel().GRID, dtype=torch.int32, device=device)
-        self.fused = (os.environ.get("ENGINE_FUSED_ALLREDUCE") != "0"
-                      and fused_kernel().GRID * handle.world_size * 4 <= handle.signal_pad_size)
+        # Each kernel's counters (Lamport: each program's slot; flags: its half), so a test or benchmark
+        # can switch between them (between calls every rank makes alike).
+        self.states = {p: torch.zeros(kernel.GRID, dtype=torch.int32, device=device) for p in kernel.PROTOCOLS}
+        protocol = os.environ.get("ENGINE_FUSED_ALLREDUCE", "lamport")
+        if protocol not in ("0", *kernel.PROTOCOLS):
+            raise ValueError(f"ENGINE_FUSED_ALLREDUCE={protocol!r}: one of 0, {', '.join(kernel.PROTOCOLS)}")
+        if protocol == "flags" and kernel.GRID * world * 4 > handle.signal_pad_size:
+            protocol = "0"
+        self.protocol = None if protocol == "0" else protocol
+        self.fused = self.protocol is not None
+
+    @staticmethod
+    def buffer_numel(numel: int, world_size: int) -> int:
+        return 3 * numel + fused_kernel().lamport_buffer_numel(numel, world_size)
 
     def stand_in_for_peers(self, seconds: float) -> None:
-        """After another rank has failed: release this GPU from every barrier of the kernel for
+        """After another rank has failed: release this GPU from every barrier of the kernels for
         `seconds`, by doing from the host, over and over on a stream of its own, what the peers'
         kernels would do there. A barrier's flag for block b from rank r sits at b * world_size + r
         in the waiting rank's signal pad: peer r sets ours to 1 (we wait for that) and clears the one
-        we set in its pad (we wait for that before setting it again). The sums come out wrong, which
+        we set in its pad (we wait for that before setting it again). The Lamport kernel waits for
+        peer r's values to replace the -0.0 marks in our buffer: zeros do. The sums come out wrong, which
         no longer matters: the step has failed. Without this the GPU spins at the barrier for as
         long as the process lives, and so does whatever waits for it (session 15: rank 0's host,
         blocked in the next step's NCCL broadcast)."""
@@ -87,6 +106,7 @@ class CustomAllReduce:
                 for r, pad in peers:
                     own[:, r].fill_(1)  # "peer r has arrived"
                     pad[:, rank].fill_(0)  # "peer r has seen us arrive"
+                    self.lamport[:, r].fill_(0.0)  # "peer r's values have landed" (the Lamport kernel)
                 stream.synchronize()
                 # Done once the engine's stream has stayed empty for 0.2 s (nothing more comes after a failure).
                 if engine_stream.query():
@@ -108,7 +128,8 @@ class CustomAllReduce:
         return torch.ops.symm_mem.one_shot_all_reduce_copy_out(symm, x, "sum", self.group_name, out)
 
     def fused_fits(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
-        return (self.fused and x.dim() == 2 and self.fits(x) and x.shape[-1] <= fused_kernel().MAX_HIDDEN
+        return (self.fused and x.dim() == 2 and self.fits(x) and x.numel() <= self.region
+                and x.shape[-1] <= fused_kernel().MAX_HIDDEN
                 and x.shape[-1] % 8 == 0  # 16-byte rows: the kernel's vector loads
                 and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))
                 and weight.shape == x.shape[-1:] and weight.dtype == x.dtype)
@@ -116,10 +137,13 @@ class CustomAllReduce:
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                                 eps: float, out: torch.Tensor, residual_out: torch.Tensor) -> None:
         """residual_out = all_reduce(x) (+ residual), out = RMSNorm(residual_out) * weight, in one kernel."""
+        lamport = self.protocol == "lamport"
         fused_kernel().all_reduce_add_rms_norm(
             x.contiguous(), None if residual is None else residual.contiguous(), weight, eps, out, residual_out,
-            self.fused_buffer_ptrs, self.signal_pad_ptrs, self.fused_parity, self.fused_half,
-            self.handle.rank, self.handle.world_size)
+            protocol=self.protocol, buffer_ptrs=self.lamport_ptrs if lamport else self.flags_ptrs,
+            state=self.states[self.protocol],
+            region=self.region, rank=self.handle.rank, world_size=self.handle.world_size,
+            signal_pad_ptrs=self.signal_pad_ptrs)
 
 
 _custom: CustomAllReduce | None = None
@@ -225,7 +249,8 @@ def init_custom_all_reduce(device: torch.device, dtype: torch.dtype, max_tokens:
             here = "an earlier tensor-parallel engine of this process had it (a second one hung)"
         else:
             try:
-                buffer = symm_mem.empty(3 * numel, dtype=dtype, device=device)  # see CustomAllReduce
+                buffer = symm_mem.empty(CustomAllReduce.buffer_numel(numel, dist.get_world_size()), dtype=dtype,
+                                        device=device)
             except Exception as exc:  # noqa: BLE001  (no P2P, no driver support: NCCL it is)
                 here = f"symmetric memory unavailable ({type(exc).__name__}: {exc})"
         # Every rank must have its buffer before any enters the rendezvous.
@@ -242,9 +267,11 @@ def init_custom_all_reduce(device: torch.device, dtype: torch.dtype, max_tokens:
     _set_up_in_this_process = True
     handle = symm_mem.rendezvous(buffer, group_name)
     _custom = CustomAllReduce(buffer, handle, group_name, numel)
+    torch.cuda.synchronize(device)
+    dist.barrier()  # every rank's buffer marked before any kernel writes into a peer's
     logger.info("tensor-parallel all-reduce: symmetric-memory one-shot up to %d KiB (%d %s values), NCCL above; "
                 "fused with the residual add and RMSNorm: %s", numel * dtype.itemsize >> 10, numel,
-                str(dtype).removeprefix("torch."), "on" if _custom.fused else "off")
+                str(dtype).removeprefix("torch."), _custom.protocol or "off")
     return True
 
 

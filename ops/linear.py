@@ -1,5 +1,6 @@
 """The dense linear layers' matmul: decode's smallest batches through the Triton GEMV (ops.triton_gemv) on
 CUDA, everything else through F.linear (cuBLAS on CUDA; every CPU call, which is what CI runs).
+`silu_mul_dense_linear` is the same for an MLP's down projection, with the SwiGLU activation before it.
 
 `dense_linear(x, weight, bias)` is what the model's unquantized linear layers and the LM head call.
 Inside torch.compile it goes through the custom op ``torch.ops.engine.dense_linear``, so the compiled
@@ -67,3 +68,37 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if torch.compiler.is_compiling():
         return _dense_linear_op(x, weight, bias)
     return _dense_linear(x, weight, bias)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, where x is a fused [..., 2 * d] gate_up projection's output."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _silu_mul_dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    gemv = _gemv_module()
+    if takes_gemv(x[..., : x.shape[-1] // 2], weight):
+        return gemv.gemv(x, weight, bias, silu_mul_x=True)
+    return F.linear(gemv.silu_mul(x), weight, bias)
+
+
+@torch.library.custom_op("engine::silu_mul_dense_linear", mutates_args=())
+def _silu_mul_dense_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _silu_mul_dense_linear(x, weight, bias)
+
+
+@_silu_mul_dense_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def silu_mul_dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dense_linear(silu_and_mul(x), weight, bias) for a gate_up output x [..., 2 * in]. On CUDA one
+    kernel at decode's smallest batches (the activation made in the GEMV's x load: one launch and one
+    round trip through memory less a layer), else a one-kernel activation and F.linear."""
+    if x.device.type not in GEMV_DEVICES:
+        return F.linear(silu_and_mul(x), weight, bias)
+    if torch.compiler.is_compiling():
+        return _silu_mul_dense_linear_op(x, weight, bias)
+    return _silu_mul_dense_linear(x, weight, bias)

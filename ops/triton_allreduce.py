@@ -32,15 +32,94 @@ import triton.language as tl
 
 GRID = 64  # programs of every call (the stand-in releases up to 256); rows beyond it loop
 MAX_HIDDEN = 16384  # one row in registers of one program
+SLOTS = 3  # the Lamport kernel's rotation: written, being read, being emptied
+PROTOCOLS = ("lamport", "flags")
 
 
-@triton.jit(do_not_specialize=["n_rows"])  # one variant for every row count (no compile in a timed run)
-def _all_reduce_add_rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
-    buffer_ptrs, signal_pad_ptrs, parity_ptr,
-    n_rows, hidden, half, eps,
-    RANK: tl.constexpr, WORLD: tl.constexpr, GRID: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
+@triton.jit
+def _unwritten(v):
+    """-0.0: the Lamport kernel's mark for a value not written yet (a rank sends -0.0 as +0.0)."""
+    return (v == 0) & (1.0 / v.to(tl.float32) < 0)
+
+
+@triton.jit
+def _add_norm_store(acc, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, offs, cols, mask, hidden, eps,
+                    HAS_RESIDUAL: tl.constexpr):
+    """From the float32 sum of a row: round it as the all-reduce's output, add the residual, store that,
+    then RMSNorm it exactly as engine.models.layers.RMSNorm rounds."""
+    dtype = out_ptr.dtype.element_ty
+    h = acc.to(dtype)
+    if HAS_RESIDUAL:
+        h = (h.to(tl.float32) + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+    tl.store(residual_out_ptr + offs, h, mask=mask)
+    hf = h.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(hf * hf, axis=0) / hidden + eps)
+    normed = (hf * inv).to(dtype)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=mask)
+
+
+# The rank is an argument, not a constant: every rank runs the same binary, so the norm's float32
+# arithmetic (its reduction order, what the compiler contracts into FMAs) is the same on all of them
+# (session 16 call A: with the rank a constant, the ranks' normed outputs differed in the last bit).
+@triton.jit(do_not_specialize=["n_rows", "rank"])  # one variant for every row count and rank
+def _lamport_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, buffer_ptrs, slot_ptr,
+    n_rows, hidden, region, eps, rank,
+    WORLD: tl.constexpr, GRID: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    SLOTS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < n_rows:
+        dtype = x_ptr.dtype.element_ty
+        cols = tl.arange(0, BLOCK)
+        mask = cols < hidden
+        slot = tl.load(slot_ptr + pid)
+        tl.store(slot_ptr + pid, (slot + 1) % SLOTS)
+        slot_size = region.to(tl.int64) * WORLD
+        ours = slot.to(tl.int64) * slot_size + rank * region  # our region in this call's slot, on every rank
+        # 1. push: our rows into every peer's buffer (+0.0 for -0.0: the mark of "not yet")
+        for row in range(pid, n_rows, GRID):
+            offs = row.to(tl.int64) * hidden + cols
+            v = tl.load(x_ptr + offs, mask=mask)
+            v = tl.where(v == 0, tl.zeros_like(v), v)
+            for r in tl.static_range(WORLD):
+                if r != rank:
+                    peer = tl.multiple_of(tl.load(buffer_ptrs + r).to(tl.pointer_type(dtype)), 16)
+                    tl.store(peer + ours + offs, v, mask=mask)
+        # 2. sum, in rank order, each peer's row once all of it has landed in our buffer
+        own = tl.multiple_of(tl.load(buffer_ptrs + rank).to(tl.pointer_type(dtype)), 16)
+        for row in range(pid, n_rows, GRID):
+            offs = row.to(tl.int64) * hidden + cols
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for r in tl.static_range(WORLD):
+                if r == rank:
+                    part = tl.load(x_ptr + offs, mask=mask, other=0.0)
+                    part = tl.where(part == 0, tl.zeros_like(part), part)  # as the peers got it
+                else:
+                    src = own + slot.to(tl.int64) * slot_size + r * region + offs
+                    part = tl.load(src, mask=mask, other=0.0, volatile=True)
+                    while tl.sum(_unwritten(part).to(tl.int32), axis=0) > 0:
+                        part = tl.load(src, mask=mask, other=0.0, volatile=True)
+                acc += part.to(tl.float32)
+            _add_norm_store(acc, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, offs, cols, mask, hidden,
+                            eps, HAS_RESIDUAL)
+        # 3. empty our rows of the slot the peers write two calls from now (they cannot get there
+        # before this call's sums are done: they need our rows of the next call first)
+        empty = ((slot + 2) % SLOTS).to(tl.int64) * slot_size
+        unwritten = -tl.zeros([BLOCK], dtype=dtype)
+        for row in range(pid, n_rows, GRID):
+            offs = row.to(tl.int64) * hidden + cols
+            for r in tl.static_range(WORLD):
+                if r != rank:
+                    tl.store(own + empty + r * region + offs, unwritten, mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_rows", "rank"])
+def _flags_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, buffer_ptrs, signal_pad_ptrs, parity_ptr,
+    n_rows, hidden, half, eps, rank,
+    WORLD: tl.constexpr, GRID: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < n_rows:
@@ -51,19 +130,19 @@ def _all_reduce_add_rms_norm_kernel(
         tl.store(parity_ptr + pid, 1 - parity)
         stage = parity.to(tl.int64) * half
         # The buffers are 16-byte aligned (and hidden a multiple of 8 in every model): vector loads and stores.
-        own = tl.multiple_of(tl.load(buffer_ptrs + RANK).to(tl.pointer_type(dtype)), 16)
+        own = tl.multiple_of(tl.load(buffer_ptrs + rank).to(tl.pointer_type(dtype)), 16)
         for row in range(pid, n_rows, GRID):
             offs = row.to(tl.int64) * hidden + cols
             tl.store(own + stage + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
         tl.debug_barrier()  # every thread's staged values before the flag that releases them
-        own_pad = tl.load(signal_pad_ptrs + RANK).to(tl.pointer_type(tl.int32))
+        own_pad = tl.load(signal_pad_ptrs + rank).to(tl.pointer_type(tl.int32))
         for r in tl.static_range(WORLD):
-            if r != RANK:
+            if r != rank:
                 peer_pad = tl.load(signal_pad_ptrs + r).to(tl.pointer_type(tl.int32))
-                while tl.atomic_cas(peer_pad + pid * WORLD + RANK, 0, 1, sem="release", scope="sys") != 0:
+                while tl.atomic_cas(peer_pad + pid * WORLD + rank, 0, 1, sem="release", scope="sys") != 0:
                     pass
         for r in tl.static_range(WORLD):
-            if r != RANK:
+            if r != rank:
                 while tl.atomic_cas(own_pad + pid * WORLD + r, 1, 0, sem="acquire", scope="sys") != 1:
                     pass
         tl.debug_barrier()
@@ -71,40 +150,45 @@ def _all_reduce_add_rms_norm_kernel(
             offs = row.to(tl.int64) * hidden + cols
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for r in tl.static_range(WORLD):
-                if r == RANK:
+                if r == rank:
                     part = tl.load(x_ptr + offs, mask=mask, other=0.0)
                 else:
                     peer = tl.multiple_of(tl.load(buffer_ptrs + r).to(tl.pointer_type(dtype)), 16)
                     part = tl.load(peer + stage + offs, mask=mask, other=0.0, cache_modifier=".cv")
                 acc += part.to(tl.float32)
-            h = acc.to(dtype)  # the all-reduce's output
-            if HAS_RESIDUAL:
-                h = (h.to(tl.float32) + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dtype)
-            tl.store(residual_out_ptr + offs, h, mask=mask)
-            hf = h.to(tl.float32)
-            inv = tl.rsqrt(tl.sum(hf * hf, axis=0) / hidden + eps)
-            normed = (hf * inv).to(dtype)
-            w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-            tl.store(out_ptr + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=mask)
+            _add_norm_store(acc, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, offs, cols, mask, hidden,
+                            eps, HAS_RESIDUAL)
+
+
+def lamport_buffer_numel(region: int, world_size: int) -> int:
+    """Values of each rank's buffer the Lamport kernel uses: SLOTS slots of one region per rank."""
+    return SLOTS * world_size * region
 
 
 def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                            out: torch.Tensor, residual_out: torch.Tensor, buffer_ptrs: torch.Tensor,
-                            signal_pad_ptrs: torch.Tensor, parity: torch.Tensor, half: int, rank: int,
-                            world_size: int) -> None:
+                            out: torch.Tensor, residual_out: torch.Tensor, *, protocol: str, buffer_ptrs: torch.Tensor,
+                            state: torch.Tensor, region: int, rank: int, world_size: int,
+                            signal_pad_ptrs: torch.Tensor | None = None) -> None:
     """residual_out = sum over ranks of x (+ residual); out = RMSNorm(residual_out) * weight. x, residual,
     weight and the outputs: contiguous, one dtype, [rows, hidden] ([hidden] for weight); rows * hidden
-    <= half (the elements of one half of each rank's buffer); buffer_ptrs / signal_pad_ptrs: int64 CUDA
-    tensors of every rank's addresses (its two halves, its signal pad); parity: int32 [GRID] zeros at
-    start, this rank's own. Every rank must make the same calls in the same order."""
+    <= region. Every rank must make the same calls in the same order.
+
+    "lamport": buffer_ptrs, every rank's lamport_buffer_numel(region, world_size) values, filled with
+    -0.0 on every rank before the first call; state: int32 [GRID] zeros (this rank's slot counters).
+    "flags": buffer_ptrs, every rank's 2 * region values (two halves); signal_pad_ptrs, every rank's
+    signal pad (zeros at start, shared with PyTorch's one-shot kernel); state: int32 [GRID] zeros."""
     hidden = x.shape[-1]
     n_rows = x.numel() // hidden
-    assert x.numel() <= half and hidden <= MAX_HIDDEN
+    assert x.numel() <= region and hidden <= MAX_HIDDEN
     block = triton.next_power_of_2(hidden)
-    _all_reduce_add_rms_norm_kernel[(GRID,)](
-        x, x if residual is None else residual, weight, out, residual_out,
-        buffer_ptrs, signal_pad_ptrs, parity,
-        n_rows, hidden, half, eps,
-        RANK=rank, WORLD=world_size, GRID=GRID, BLOCK=block, HAS_RESIDUAL=residual is not None,
-        num_warps=4 if block <= 4096 else 8,
-    )
+    common = dict(WORLD=world_size, GRID=GRID, BLOCK=block, HAS_RESIDUAL=residual is not None,
+                  num_warps=4 if block <= 4096 else 8)
+    residual = x if residual is None else residual
+    if protocol == "lamport":
+        _lamport_kernel[(GRID,)](x, residual, weight, out, residual_out, buffer_ptrs, state,
+                                 n_rows, hidden, region, eps, rank, SLOTS=SLOTS, **common)
+    elif protocol == "flags":
+        _flags_kernel[(GRID,)](x, residual, weight, out, residual_out, buffer_ptrs, signal_pad_ptrs, state,
+                               n_rows, hidden, region, eps, rank, **common)
+    else:
+        raise ValueError(f"protocol {protocol!r}: one of {PROTOCOLS}")

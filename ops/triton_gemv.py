@@ -54,14 +54,61 @@ CANDIDATE_TILES: dict[str, GemvTiles] = {
 
 
 @triton.jit
+def _silu_mul(gate, up):
+    """silu(gate) * up in float32, rounded once to their dtype: what torch.compile makes of
+    `F.silu(gate) * up` (engine.models.layers.silu_and_mul)."""
+    g = gate.to(tl.float32)
+    return (g * tl.sigmoid(g) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
+def _load_x(row_ptr, k, k_mask, K, EVEN_K: tl.constexpr, SILU_MUL_X: tl.constexpr):
+    """x[k] of one row as float32 (0 where masked); with SILU_MUL_X, silu(row[k]) * row[K + k]."""
+    if EVEN_K:
+        x = tl.load(row_ptr + k)
+        if SILU_MUL_X:
+            x = _silu_mul(x, tl.load(row_ptr + K + k))
+    else:
+        x = tl.load(row_ptr + k, mask=k_mask, other=0.0)
+        if SILU_MUL_X:
+            x = _silu_mul(x, tl.load(row_ptr + K + k, mask=k_mask, other=0.0))
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr):
+    """out[row] = silu(x[row, :d]) * x[row, d:2d], for the rows the GEMV does not take."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask)
+    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask)
+    tl.store(out_ptr + row * stride_out + cols, _silu_mul(gate, up), mask=mask)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2 * d] -> silu(x[..., :d]) * x[..., d:], one kernel (torch.compile's rounding)."""
+    d = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
+    if x2.shape[0] and d:
+        block = min(1024, triton.next_power_of_2(d))
+        _silu_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, d, x2.stride(0), d, BLOCK=block)
+    return out
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
     M, N, K, stride_xm, stride_w, k_per_split, split,
     HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, SILU_MUL_X: tl.constexpr,
 ):
-    """Rows 0..M-1 (M <= BLOCK_M <= 2) of x times BLOCK_N rows of W over one K range."""
+    """Rows 0..M-1 (M <= BLOCK_M <= 2) of x times BLOCK_N rows of W over one K range. With SILU_MUL_X,
+    x's rows are [gate, up] (2 * K values) and the input is silu(gate) * up, made as it is loaded."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -76,21 +123,15 @@ def _gemv_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         k = k0 + rk
+        k_mask = k < k_end
         if EVEN_K:
             w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
-            x0 = tl.load(x_ptr + k)
         else:
-            k_mask = k < k_end
             w = tl.load(w_rows + k[None, :], mask=k_mask[None, :], other=0, eviction_policy="evict_first")
-            x0 = tl.load(x_ptr + k, mask=k_mask, other=0.0)
         w = w.to(tl.float32)
-        acc0 += w * x0.to(tl.float32)[None, :]
+        acc0 += w * _load_x(x_ptr, k, k_mask, K, EVEN_K, SILU_MUL_X)[None, :]
         if BLOCK_M > 1:
-            if EVEN_K:
-                x1 = tl.load(x1_ptr + k)
-            else:
-                x1 = tl.load(x1_ptr + k, mask=k_mask, other=0.0)
-            acc1 += w * x1.to(tl.float32)[None, :]
+            acc1 += w * _load_x(x1_ptr, k, k_mask, K, EVEN_K, SILU_MUL_X)[None, :]
     if BLOCK_M > 1:
         sums = tl.trans(tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1)))  # [2, BLOCK_N]
     else:
@@ -101,15 +142,16 @@ def _gemv_kernel(
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scales: torch.Tensor | None = None,
-         tiles: GemvTiles | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+         tiles: GemvTiles | None = None, out: torch.Tensor | None = None, silu_mul_x: bool = False) -> torch.Tensor:
     """x [..., K] (at most MAX_ROWS rows) @ weight [N, K].T (times `scales` [N] per output, for int8 weights)
-    plus bias -> [..., N] in x's dtype (into `out` if given)."""
+    plus bias -> [..., N] in x's dtype (into `out` if given). With `silu_mul_x`, x is [..., 2 * K], a
+    gate_up projection's output, and the product is silu_mul(x) @ weight.T (the activation in the x load)."""
     N, K = weight.shape
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} inputs, the weight {K}")
+    if x.shape[-1] != K * (2 if silu_mul_x else 1):
+        raise ValueError(f"x has {x.shape[-1]} inputs, the weight {K}{' (twice that with silu_mul_x)' if silu_mul_x else ''}")
     if weight.stride(1) != 1:
         raise ValueError("the weight must be contiguous along its inputs")
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
@@ -134,7 +176,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         counters, M, N, K, x2.stride(0), weight.stride(0), k_per_split, split,
         HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, SPLIT_K=split > 1,
         EVEN_K=K % tiles.block_k == 0, BLOCK_M=M, BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k, NUM_STAGES=tiles.num_stages, num_warps=tiles.num_warps,
+        BLOCK_K=tiles.block_k, NUM_STAGES=tiles.num_stages, SILU_MUL_X=silu_mul_x, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )
     return out

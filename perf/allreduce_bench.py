@@ -1,7 +1,7 @@
 """All-reduce latency inside CUDA graphs, as the decode graphs run it: NCCL against the engine's
 custom all-reduce (engine.communication: the symmetric-memory one-shot kernel), bf16 [rows, hidden];
 then each followed by the residual add and RMSNorm the model does after it (compiled into one kernel),
-against the kernel that fuses all three (ops.triton_allreduce).
+against the kernel that fuses all three (ops.triton_allreduce, its Lamport and its barrier-based variant).
 
     python3 perf/allreduce_bench.py --gpus 2 --hidden 4096 --out perf/results/allreduce.json
 
@@ -90,6 +90,7 @@ def rank_main(rank: int, world: int, port: int, args, results) -> None:
             "nccl_norm": lambda y: add_norm(nccl(y), residual, weight)[0],
             "custom_norm": lambda y: add_norm(custom(y), residual, weight)[0],
             "fused": lambda y: torch.ops.engine.all_reduce_add_rms_norm(y, residual, weight, 1e-5)[0],
+            "fused_flags": lambda y: torch.ops.engine.all_reduce_add_rms_norm(y, residual, weight, 1e-5)[0],
         }
         x = torch.randn(rows, args.hidden, device="cuda", generator=gen).to(torch.bfloat16)
         want, got = add_norm(nccl(x), residual, weight), torch.ops.engine.all_reduce_add_rms_norm(x, residual, weight, 1e-5)
@@ -97,13 +98,16 @@ def rank_main(rank: int, world: int, port: int, args, results) -> None:
         torch.testing.assert_close(got[0], want[0])
         row["fused"] = communication._custom.fused_fits(x, residual, weight)
         for name, fn in chains.items():
+            communication._custom.protocol = "flags" if name == "fused_flags" else "lamport"
             row[f"{name}_us"] = time_graph(fn, x, args.ops, args.iters)
+        communication._custom.protocol = "lamport"
         rows_out.append(row)
         if rank == 0:
             print(f"{rows:5d} rows ({row['bytes'] / 1024:7.0f} KiB): NCCL {row['nccl_us']:7.2f} us, "
                   f"custom {row['custom_us']:7.2f} us{'' if row['custom'] else ' (over the buffer: NCCL inside)'}; "
                   f"with the add and norm after it: NCCL {row['nccl_norm_us']:7.2f}, custom {row['custom_norm_us']:7.2f}, "
-                  f"fused {row['fused_us']:7.2f} us{'' if row['fused'] else ' (not fused: over the buffer)'}",
+                  f"fused {row['fused_us']:7.2f} us (barrier-based: {row['fused_flags_us']:7.2f})"
+                  f"{'' if row['fused'] else ' (not fused: over the buffer)'}",
                   flush=True)
     if rank == 0:
         results.put(rows_out)

@@ -479,7 +479,9 @@ def _custom_all_reduce_rank(rank: int, port: int) -> None:
         want = h.clone()
         dist.all_reduce(want)
         torch.testing.assert_close(torch.ops.engine.custom_all_reduce(h), want, rtol=0, atol=0)
-        _check_fused_all_reduce_add_rms_norm(custom, hidden, gen)
+        for protocol in ("lamport", "flags", "lamport"):  # and back: each keeps its own counters
+            custom.protocol = protocol
+            _check_fused_all_reduce_add_rms_norm(custom, hidden, gen)
         torch.cuda.synchronize()
     finally:
         communication.shutdown_custom_all_reduce()
@@ -503,14 +505,14 @@ def _check_fused_all_reduce_add_rms_norm(custom, hidden: int, gen: torch.Generat
     eps = 1e-5
     weight = (1 + 0.1 * torch.randn(hidden, generator=gen, device="cuda")).to(torch.bfloat16)
     dist.broadcast(weight, 0)
-    limit_rows = custom.fused_half // hidden
+    limit_rows = custom.region // hidden
     for rows in (1, 2, 7, 64, 65, 200, limit_rows, limit_rows + 1):  # 64 programs; the last one: NCCL inside
         for with_residual in (True, False):
             x = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16)
             residual = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16) if with_residual else None
             want_out, want_h = _reference_add_norm(x, residual, weight, eps)
             out, h = torch.ops.engine.all_reduce_add_rms_norm(x, residual, weight, eps)
-            msg = f"{rows} rows, residual {with_residual}"
+            msg = f"{custom.protocol}: {rows} rows, residual {with_residual}"
             assert custom.fused_fits(x, residual, weight) == (rows <= limit_rows), msg
             torch.testing.assert_close(h, want_h, rtol=0, atol=0, msg=msg)
             torch.testing.assert_close(out, want_out, msg=msg)  # bf16 tolerances: the rsqrt's last bit may differ
@@ -553,8 +555,8 @@ def _check_fused_all_reduce_add_rms_norm(custom, hidden: int, gen: torch.Generat
         want_y, want_res = chain(static_x.clone(), static_r.clone(), fused=False)
         graph.replay()
         # Nine norms in a row carry the rsqrt's last-bit differences along: looser than one call's.
-        torch.testing.assert_close(res, want_res, rtol=0.05, atol=0.05, msg=f"graph replay {trial}")
-        torch.testing.assert_close(y, want_y, rtol=0.05, atol=0.05, msg=f"graph replay {trial}")
+        torch.testing.assert_close(res, want_res, rtol=0.05, atol=0.05, msg=f"{custom.protocol}: graph replay {trial}")
+        torch.testing.assert_close(y, want_y, rtol=0.05, atol=0.05, msg=f"{custom.protocol}: graph replay {trial}")
 
 
 @pytest.mark.gpu

@@ -3,8 +3,8 @@ to it (ops.linear), against an fp32 matmul on random weights. Outputs start as N
 program writes shows.
 
 On CPU under the Triton interpreter, on tiny shapes: with and without split-K, N and K multiples of no
-tile, bias, int8 weights with per-output scales, 16-bit and fp32; and the custom op traced by
-torch.compile (one and two rows take the GEMV, three F.linear). On a GPU (`-m gpu`): Llama-3.1-8B's
+tile, bias, int8 weights with per-output scales, 16-bit and fp32, the SwiGLU activation made in the x
+load; and the custom ops traced by torch.compile (one and two rows take the GEMV, three F.linear). On a GPU (`-m gpu`): Llama-3.1-8B's
 and its TP=2 ranks' shapes and its LM head, bf16 and fp16, replayed in a CUDA graph.
 """
 
@@ -19,16 +19,24 @@ gpu = pytest.mark.gpu
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def check_gemv(x: torch.Tensor, weight: torch.Tensor, bias=None, scales=None, tiles=None) -> None:
-    from ops.triton_gemv import gemv
+def silu_mul_reference(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in float32, rounded once (what torch.compile makes of the model's activation)."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
-    want = x.float() @ weight.float().T
+
+def check_gemv(x: torch.Tensor, weight: torch.Tensor, bias=None, scales=None, tiles=None, silu_mul_x=False) -> None:
+    """With silu_mul_x, against the activation as ops.triton_gemv.silu_mul makes it (checked against
+    torch on its own: the interpreter rounds float32 to bf16 toward zero, a GPU to nearest)."""
+    from ops.triton_gemv import gemv, silu_mul
+
+    want = (silu_mul(x) if silu_mul_x else x).float() @ weight.float().T
     if scales is not None:
         want *= scales.float()
     if bias is not None:
         want += bias.float()
     out = torch.full((*x.shape[:-1], weight.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
-    got = gemv(x, weight, bias, scales, tiles, out=out)
+    got = gemv(x, weight, bias, scales, tiles, out=out, silu_mul_x=silu_mul_x)
     assert got is out
     assert not got.isnan().any(), f"unwritten (NaN) outputs: x {tuple(x.shape)}, weight {tuple(weight.shape)}"
     error = (got.float() - want).abs().max().item()
@@ -52,9 +60,18 @@ for t in tiles:
                 w = torch.randn(N, K).to(dtype)
                 check_gemv(torch.randn(M, K).to(dtype), w, tiles=t)
                 check_gemv(torch.randn(M, K).to(dtype), w, bias=torch.randn(N).to(dtype), tiles=t)
+                check_gemv(torch.randn(M, 2 * K).to(dtype), w, tiles=t, silu_mul_x=True)  # x = [gate, up]
     w8 = torch.randint(-127, 128, (24, 70), dtype=torch.int8)
     check_gemv(torch.randn(2, 70), w8, scales=torch.rand(24) + 0.5, bias=torch.randn(24), tiles=t)
 check_gemv(torch.randn(1, 1, 2 * 64)[..., ::2], torch.randn(24, 64))  # batched and strided x
+# The activation alone (for the rows the GEMV does not take): every output written, torch.compile's rounding.
+from ops.triton_gemv import silu_mul
+from tests.test_triton_gemv import silu_mul_reference
+for shape in ((3, 2 * 70), (2, 5, 2 * 1100)):
+    x = torch.randn(shape).bfloat16()
+    got = silu_mul(x)
+    assert got.shape == (*shape[:-1], shape[-1] // 2)
+    torch.testing.assert_close(got, silu_mul_reference(x), rtol=1e-2, atol=1e-2)  # one bf16 ulp: 0.8%
 print("ok")
 """
 
@@ -81,6 +98,15 @@ for rows, gemv_calls in ((1, 1), (2, 2), (3, 2), (2, 3)):
     assert len(calls) == gemv_calls, (rows, calls)
 assert ops.linear.dense_linear(torch.randn(1, 64), w.float()).shape == (1, 24)  # fp32: F.linear
 assert len(calls) == 3
+# The MLP's down projection with the activation: one and two rows through the GEMV (silu_mul_x), three not.
+g = torch.compile(lambda x: ops.linear.silu_mul_dense_linear(x, w, b), backend="aot_eager", fullgraph=True, dynamic=True)
+for rows, gemv_calls in ((1, 4), (2, 5), (3, 5)):
+    x = torch.randn(rows, 128, dtype=torch.float16)
+    gate, up = x.float().chunk(2, dim=-1)
+    want = (F.silu(gate) * up).half().float() @ w.float().T + b.float()
+    got = g(x)
+    assert (got.float() - want).abs().max() <= 2e-3 * want.abs().max(), rows
+    assert len(calls) == gemv_calls, (rows, calls)
 print("ok")
 """
 
@@ -117,7 +143,22 @@ def test_gemv_matches_the_reference_on_gpu(shape, dtype):
     w = (torch.randn(N, K, device="cuda") * 0.02).to(dtype)
     for M in (1, 2):
         check_gemv(torch.randn(M, K, device="cuda").to(dtype), w)
+        check_gemv(torch.randn(M, 2 * K, device="cuda").to(dtype), w, silu_mul_x=True)  # the down projection's form
     check_gemv(torch.randn(1, K, device="cuda").to(dtype), w, bias=torch.randn(N, device="cuda").to(dtype))
+
+
+@gpu
+def test_silu_mul_matches_torch_on_gpu():
+    """The activation the GEMV makes in its x load, alone: as torch.compile rounds it (once, to nearest)."""
+    from ops.triton_gemv import silu_mul
+
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x = torch.randn(37, 2 * 7168, device="cuda").to(dtype)
+        want = silu_mul_reference(x)
+        got = silu_mul(x)
+        torch.testing.assert_close(got, want, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])  # a last bit
+        assert (got != want).float().mean() < 0.01, "more than the odd last bit differs"
 
 
 @gpu

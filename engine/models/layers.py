@@ -27,7 +27,7 @@ from torch import nn
 
 from engine.communication import all_reduce, all_reduce_add_rms_norm, rms_norm
 import ops.attention  # noqa: F401  (registers torch.ops.engine.paged_attention)
-from ops.linear import dense_linear
+from ops.linear import dense_linear, silu_and_mul, silu_mul_dense_linear
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,14 +56,6 @@ class RMSNorm(nn.Module):
             return all_reduce_add_rms_norm(x, residual, self.weight, self.eps)
         h = x if residual is None else x + residual
         return rms_norm(h, self.weight, self.eps), h
-
-
-class SiluAndMul(nn.Module):
-    """silu(gate) * up, where the input is the fused [..., 2 * d] gate_up projection."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -345,13 +337,25 @@ class RowParallelLinear(LinearBase):
         _check_shape(expected, loaded_weight)
         param.data.copy_(loaded_weight.narrow(dim, self.tp_rank * cols, cols))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul_input: bool = False) -> torch.Tensor:
+        """With `silu_mul_input`, x is a gate_up projection's [..., 2 * in] output and the layer's input
+        is silu(gate) * up (for dense weights made inside the matmul's kernel where it can)."""
+        apply = self.quant_method.apply
+        if silu_mul_input:
+            if isinstance(self.quant_method, UnquantizedLinearMethod):
+                apply = self._apply_silu_mul
+            else:
+                x = silu_and_mul(x)
         if self.tp_size == 1:
-            return self.quant_method.apply(self, x, self.bias)
+            return apply(self, x, self.bias)
         if not self.reduce_results:  # the bias once in the sum: rank 0's share
-            return self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
-        y = all_reduce(self.quant_method.apply(self, x, None))
+            return apply(self, x, self.bias if self.tp_rank == 0 else None)
+        y = all_reduce(apply(self, x, None))
         return y if self.bias is None else y + self.bias
+
+    @staticmethod
+    def _apply_silu_mul(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return silu_mul_dense_linear(x, layer.weight, bias)
 
 
 # ---------------------------------------------------------------------------------------------
