@@ -38,8 +38,10 @@ PROTOCOLS = ("lamport", "flags")
 
 @triton.jit
 def _unwritten(v):
-    """-0.0: the Lamport kernel's mark for a value not written yet (a rank sends -0.0 as +0.0)."""
-    return (v == 0) & (1.0 / v.to(tl.float32) < 0)
+    """-0.0: the Lamport kernel's mark for a value not written yet (a rank sends -0.0 as +0.0). The
+    sign read from the bits (widening to float32 keeps it), not by arithmetic a compiler may take
+    liberties with."""
+    return (v == 0) & (v.to(tl.float32).to(tl.int32, bitcast=True) < 0)
 
 
 @triton.jit
@@ -60,8 +62,7 @@ def _add_norm_store(acc, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, of
 
 
 # The rank is an argument, not a constant: every rank runs the same binary, so the norm's float32
-# arithmetic (its reduction order, what the compiler contracts into FMAs) is the same on all of them
-# (session 16 call A: with the rank a constant, the ranks' normed outputs differed in the last bit).
+# arithmetic (its reduction order, what the compiler contracts into FMAs) is the same on all of them.
 @triton.jit(do_not_specialize=["n_rows", "rank"])  # one variant for every row count and rank
 def _lamport_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, buffer_ptrs, slot_ptr,

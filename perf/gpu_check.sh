@@ -71,6 +71,8 @@
 #           the worker-failure one dumps its threads' stacks if it runs past 150 s)
 #   tp-fused (2 GPUs) the all-reduce fused with the residual add and RMSNorm (ops.triton_allreduce): allreduce_bench, its
 #           GPU test, Llama-3.1-8B batch 1 (128 / 512) at TP=2 with it, without it (ENGINE_FUSED_ALLREDUCE=0), at TP=1
+#   tp-verify (2 GPUs) the fused all-reduce's GPU test, allreduce_bench, greedy TP=2 == TP=1 (compiled-async), Llama-3.1-8B
+#           batch 1 (128 / 512) at TP=2 and TP=1, the worker-failure test
 #   tp-ab   (2 GPUs) Llama-3.1-8B batch 1 (128 / 512) at TP=2 with NCCL only, then with the custom all-reduce (tp-ar's order
 #           reversed)
 #   tp-ar   (2 GPUs) the custom all-reduce (#7): its latency in CUDA graphs against NCCL's (perf/allreduce_bench.py), its
@@ -372,6 +374,16 @@ for stage in "$@"; do
               ENGINE_FUSED_ALLREDUCE=0 bench llama8b_bs1_tp2_unfused --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
               grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/llama8b_bs1_tp2_unfused.log" | cut -c1-600
               CUDA_VISIBLE_DEVICES=0 bench llama8b_bs1_tp1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
+    tp-verify) # the fused all-reduce's GPU test (both kernels, a late peer), allreduce_bench, greedy TP=2 == TP=1 with it,
+               # Llama-3.1-8B batch 1 (128 / 512) at TP=2 with it and at TP=1 (GPU 0), the worker-failure test last
+               timeout 150 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k custom_all_reduce 2>&1 | tee "$OUT/custom_ar_test.log" | tail -4
+               timeout 200 python3 perf/allreduce_bench.py --rows 1 2 8 64 256 --out "$OUT/allreduce.json" 2>&1 | tee "$OUT/allreduce.log" | tail -6
+               timeout 200 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO tests/test_tensor_parallel.py -k "two_ranks and compiled-async" 2>&1 \
+                 | tee "$OUT/tp_tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|all-reduce:" | cut -c1-300
+               bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
+               grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/llama8b_bs1_tp2.log" | cut -c1-400
+               CUDA_VISIBLE_DEVICES=0 bench llama8b_bs1_tp1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512
+               timeout 150 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=120 tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -5 ;;
     tp-ab) for spec in "llama8b_bs1_tp2_nccl --disable-custom-all-reduce" "llama8b_bs1_tp2"; do
              set -- $spec
              bench "$@" --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2

@@ -506,13 +506,21 @@ def _check_fused_all_reduce_add_rms_norm(custom, hidden: int, gen: torch.Generat
     weight = (1 + 0.1 * torch.randn(hidden, generator=gen, device="cuda")).to(torch.bfloat16)
     dist.broadcast(weight, 0)
     limit_rows = custom.region // hidden
+    rank = dist.get_rank()
     for rows in (1, 2, 7, 64, 65, 200, limit_rows, limit_rows + 1):  # 64 programs; the last one: NCCL inside
-        for with_residual in (True, False):
+        for with_residual, late in ((True, False), (False, False), (True, True)):
             x = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16)
-            residual = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16) if with_residual else None
+            residual = None
+            if with_residual:  # the residual stream: the same on every rank
+                residual = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+                dist.broadcast(residual, 0)
             want_out, want_h = _reference_add_norm(x, residual, weight, eps)
+            torch.cuda.synchronize()
+            dist.barrier()
+            if late:  # rank 1's GPU gets there ~20 ms after rank 0's: rank 0 must wait for its values
+                torch.cuda._sleep(40_000_000 if rank == 1 else 1)
             out, h = torch.ops.engine.all_reduce_add_rms_norm(x, residual, weight, eps)
-            msg = f"{custom.protocol}: {rows} rows, residual {with_residual}"
+            msg = f"{custom.protocol}: {rows} rows, residual {with_residual}{', rank 1 late' if late else ''}"
             assert custom.fused_fits(x, residual, weight) == (rows <= limit_rows), msg
             torch.testing.assert_close(h, want_h, rtol=0, atol=0, msg=msg)
             torch.testing.assert_close(out, want_out, msg=msg)  # bf16 tolerances: the rsqrt's last bit may differ
@@ -551,7 +559,9 @@ def _check_fused_all_reduce_add_rms_norm(custom, hidden: int, gen: torch.Generat
         y, res = chain(static_x, static_r, fused=True)
     for trial in range(3):
         static_x.copy_(torch.randn(3, hidden, generator=gen, device="cuda"))
-        static_r.copy_(torch.randn(3, hidden, generator=gen, device="cuda"))
+        r = torch.randn(3, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+        dist.broadcast(r, 0)
+        static_r.copy_(r)
         want_y, want_res = chain(static_x.clone(), static_r.clone(), fused=False)
         graph.replay()
         # Nine norms in a row carry the rsqrt's last-bit differences along: looser than one call's.

