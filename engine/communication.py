@@ -68,7 +68,8 @@ class CustomAllReduce:
         self.signal_pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
         # Each kernel's counters (Lamport: each program's slot; flags: its half), so a test or benchmark
         # can switch between them (between calls every rank makes alike).
-        self.states = {p: torch.zeros(kernel.GRID, dtype=torch.int32, device=device) for p in kernel.PROTOCOLS}
+        self.states = {"flags": torch.zeros(kernel.GRID, dtype=torch.int32, device=device),
+                       "lamport": torch.zeros(numel // 8, dtype=torch.int32, device=device)}  # a row each (hidden >= 8)
         protocol = os.environ.get("ENGINE_FUSED_ALLREDUCE", "lamport")
         if protocol not in ("0", *kernel.PROTOCOLS):
             raise ValueError(f"ENGINE_FUSED_ALLREDUCE={protocol!r}: one of 0, {', '.join(kernel.PROTOCOLS)}")

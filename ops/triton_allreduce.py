@@ -70,50 +70,52 @@ def _lamport_kernel(
     WORLD: tl.constexpr, GRID: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     SLOTS: tl.constexpr,
 ):
+    # Each row keeps its own slot counter (slot_ptr[row]): a row's regions are in step with its own
+    # uses, whichever calls took it (a counter a program would keep for all its rows goes out of step
+    # for a row the program skipped in calls with fewer rows).
     pid = tl.program_id(0)
-    if pid < n_rows:
-        dtype = x_ptr.dtype.element_ty
-        cols = tl.arange(0, BLOCK)
-        mask = cols < hidden
-        slot = tl.load(slot_ptr + pid)
-        tl.store(slot_ptr + pid, (slot + 1) % SLOTS)
-        slot_size = region.to(tl.int64) * WORLD
-        ours = slot.to(tl.int64) * slot_size + rank * region  # our region in this call's slot, on every rank
-        # 1. push: our rows into every peer's buffer (+0.0 for -0.0: the mark of "not yet")
-        for row in range(pid, n_rows, GRID):
-            offs = row.to(tl.int64) * hidden + cols
-            v = tl.load(x_ptr + offs, mask=mask)
-            v = tl.where(v == 0, tl.zeros_like(v), v)
-            for r in tl.static_range(WORLD):
-                if r != rank:
-                    peer = tl.multiple_of(tl.load(buffer_ptrs + r).to(tl.pointer_type(dtype)), 16)
-                    tl.store(peer + ours + offs, v, mask=mask)
-        # 2. sum, in rank order, each peer's row once all of it has landed in our buffer
-        own = tl.multiple_of(tl.load(buffer_ptrs + rank).to(tl.pointer_type(dtype)), 16)
-        for row in range(pid, n_rows, GRID):
-            offs = row.to(tl.int64) * hidden + cols
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for r in tl.static_range(WORLD):
-                if r == rank:
-                    part = tl.load(x_ptr + offs, mask=mask, other=0.0)
-                    part = tl.where(part == 0, tl.zeros_like(part), part)  # as the peers got it
-                else:
-                    src = own + slot.to(tl.int64) * slot_size + r * region + offs
+    dtype = x_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    slot_size = region.to(tl.int64) * WORLD
+    own = tl.multiple_of(tl.load(buffer_ptrs + rank).to(tl.pointer_type(dtype)), 16)
+    # 1. push: our rows into every peer's buffer, in our region of the row's slot (+0.0 for -0.0: the
+    # mark of "not yet")
+    for row in range(pid, n_rows, GRID):
+        offs = row.to(tl.int64) * hidden + cols
+        ours = tl.load(slot_ptr + row).to(tl.int64) * slot_size + rank * region
+        v = tl.load(x_ptr + offs, mask=mask)
+        v = tl.where(v == 0, tl.zeros_like(v), v)
+        for r in tl.static_range(WORLD):
+            if r != rank:
+                peer = tl.multiple_of(tl.load(buffer_ptrs + r).to(tl.pointer_type(dtype)), 16)
+                tl.store(peer + ours + offs, v, mask=mask)
+    # 2. sum, in rank order, each peer's row once all of it has landed in our buffer; then empty our
+    # regions of the row's slot that the peers write two uses from now (they cannot get there before
+    # this one is done: they need our values of the next use first), and move the row's counter on
+    for row in range(pid, n_rows, GRID):
+        offs = row.to(tl.int64) * hidden + cols
+        slot = tl.load(slot_ptr + row)
+        here = own + slot.to(tl.int64) * slot_size + offs
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in tl.static_range(WORLD):
+            if r == rank:
+                part = tl.load(x_ptr + offs, mask=mask, other=0.0)
+                part = tl.where(part == 0, tl.zeros_like(part), part)  # as the peers got it
+            else:
+                src = here + r * region
+                part = tl.load(src, mask=mask, other=0.0, volatile=True)
+                while tl.sum(_unwritten(part).to(tl.int32), axis=0) > 0:
                     part = tl.load(src, mask=mask, other=0.0, volatile=True)
-                    while tl.sum(_unwritten(part).to(tl.int32), axis=0) > 0:
-                        part = tl.load(src, mask=mask, other=0.0, volatile=True)
-                acc += part.to(tl.float32)
-            _add_norm_store(acc, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, offs, cols, mask, hidden,
-                            eps, HAS_RESIDUAL)
-        # 3. empty our rows of the slot the peers write two calls from now (they cannot get there
-        # before this call's sums are done: they need our rows of the next call first)
-        empty = ((slot + 2) % SLOTS).to(tl.int64) * slot_size
+            acc += part.to(tl.float32)
+        _add_norm_store(acc, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, offs, cols, mask, hidden,
+                        eps, HAS_RESIDUAL)
+        empty = own + ((slot + 2) % SLOTS).to(tl.int64) * slot_size + offs
         unwritten = -tl.zeros([BLOCK], dtype=dtype)
-        for row in range(pid, n_rows, GRID):
-            offs = row.to(tl.int64) * hidden + cols
-            for r in tl.static_range(WORLD):
-                if r != rank:
-                    tl.store(own + empty + r * region + offs, unwritten, mask=mask)
+        for r in tl.static_range(WORLD):
+            if r != rank:
+                tl.store(empty + r * region, unwritten, mask=mask)
+        tl.store(slot_ptr + row, (slot + 1) % SLOTS)
 
 
 @triton.jit(do_not_specialize=["n_rows", "rank"])
@@ -175,7 +177,8 @@ def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weig
     <= region. Every rank must make the same calls in the same order.
 
     "lamport": buffer_ptrs, every rank's lamport_buffer_numel(region, world_size) values, filled with
-    -0.0 on every rank before the first call; state: int32 [GRID] zeros (this rank's slot counters).
+    -0.0 on every rank before the first call; state: int32 zeros, one a row up to region // hidden
+    (this rank's slot counters).
     "flags": buffer_ptrs, every rank's 2 * region values (two halves); signal_pad_ptrs, every rank's
     signal pad (zeros at start, shared with PyTorch's one-shot kernel); state: int32 [GRID] zeros."""
     hidden = x.shape[-1]

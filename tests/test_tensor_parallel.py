@@ -500,6 +500,12 @@ def _reference_add_norm(x: torch.Tensor, residual, weight: torch.Tensor, eps: fl
     return communication.rms_norm(h, weight, eps), h
 
 
+def _trace(message: str) -> None:
+    """Where a GPU test that may hang has got to (ENGINE_TEST_TRACE=1, with pytest -s)."""
+    if os.environ.get("ENGINE_TEST_TRACE") == "1":
+        print(message, flush=True)
+
+
 def _check_fused_all_reduce_add_rms_norm(custom, hidden: int, gen: torch.Generator) -> None:
     """ops.triton_allreduce through engine::all_reduce_add_rms_norm, on one of two ranks."""
     eps = 1e-5
@@ -519,7 +525,9 @@ def _check_fused_all_reduce_add_rms_norm(custom, hidden: int, gen: torch.Generat
             dist.barrier()
             if late:  # rank 1's GPU gets there ~20 ms after rank 0's: rank 0 must wait for its values
                 torch.cuda._sleep(40_000_000 if rank == 1 else 1)
+            _trace(f"rank {rank}: {custom.protocol} {rows} rows, residual {with_residual}, late {late}")
             out, h = torch.ops.engine.all_reduce_add_rms_norm(x, residual, weight, eps)
+            torch.cuda.synchronize()
             msg = f"{custom.protocol}: {rows} rows, residual {with_residual}{', rank 1 late' if late else ''}"
             assert custom.fused_fits(x, residual, weight) == (rows <= limit_rows), msg
             torch.testing.assert_close(h, want_h, rtol=0, atol=0, msg=msg)
@@ -554,6 +562,7 @@ def _check_fused_all_reduce_add_rms_norm(custom, hidden: int, gen: torch.Generat
         return x, residual
 
     torch.cuda.synchronize()
+    _trace(f"rank {dist.get_rank()}: {custom.protocol} graph")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y, res = chain(static_x, static_r, fused=True)
