@@ -82,7 +82,7 @@ def _lamport_kernel(
     # 1. push: our rows into every peer's buffer, in our region of the row's slot (+0.0 for -0.0: the
     # mark of "not yet")
     for row in range(pid, n_rows, GRID):
-        offs = row.to(tl.int64) * hidden + cols
+        offs = tl.cast(row, tl.int64) * hidden + cols
         ours = tl.load(slot_ptr + row).to(tl.int64) * slot_size + rank * region
         v = tl.load(x_ptr + offs, mask=mask)
         v = tl.where(v == 0, tl.zeros_like(v), v)
@@ -94,7 +94,7 @@ def _lamport_kernel(
     # regions of the row's slot that the peers write two uses from now (they cannot get there before
     # this one is done: they need our values of the next use first), and move the row's counter on
     for row in range(pid, n_rows, GRID):
-        offs = row.to(tl.int64) * hidden + cols
+        offs = tl.cast(row, tl.int64) * hidden + cols
         slot = tl.load(slot_ptr + row)
         here = own + slot.to(tl.int64) * slot_size + offs
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -135,7 +135,7 @@ def _flags_kernel(
         # The buffers are 16-byte aligned (and hidden a multiple of 8 in every model): vector loads and stores.
         own = tl.multiple_of(tl.load(buffer_ptrs + rank).to(tl.pointer_type(dtype)), 16)
         for row in range(pid, n_rows, GRID):
-            offs = row.to(tl.int64) * hidden + cols
+            offs = tl.cast(row, tl.int64) * hidden + cols
             tl.store(own + stage + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
         tl.debug_barrier()  # every thread's staged values before the flag that releases them
         own_pad = tl.load(signal_pad_ptrs + rank).to(tl.pointer_type(tl.int32))
@@ -150,7 +150,7 @@ def _flags_kernel(
                     pass
         tl.debug_barrier()
         for row in range(pid, n_rows, GRID):
-            offs = row.to(tl.int64) * hidden + cols
+            offs = tl.cast(row, tl.int64) * hidden + cols
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for r in tl.static_range(WORLD):
                 if r == rank:

@@ -369,21 +369,25 @@ for stage in "$@"; do
               # and at TP=1 (GPU 0)
               timeout 200 python3 perf/allreduce_bench.py --rows 1 2 8 32 128 256 --out "$OUT/allreduce.json" 2>&1 | tee "$OUT/allreduce.log" | tail -8
               timeout 150 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k custom_all_reduce 2>&1 | tee "$OUT/custom_ar_test.log" | tail -15
-              bench llama8b_bs1_tp2_fused --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
+              ENGINE_FUSED_ALLREDUCE=lamport bench llama8b_bs1_tp2_fused --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
               grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/llama8b_bs1_tp2_fused.log" | cut -c1-600
-              ENGINE_FUSED_ALLREDUCE=0 bench llama8b_bs1_tp2_unfused --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
+              bench llama8b_bs1_tp2_unfused --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
               grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/llama8b_bs1_tp2_unfused.log" | cut -c1-600
               CUDA_VISIBLE_DEVICES=0 bench llama8b_bs1_tp1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
     tp-verify) # the fused all-reduce's GPU test (both kernels, a late peer), allreduce_bench, greedy TP=2 == TP=1 with it,
-               # Llama-3.1-8B batch 1 (128 / 512) at TP=2 with it and at TP=1 (GPU 0), the worker-failure test last
-               timeout 150 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k custom_all_reduce 2>&1 | tee "$OUT/custom_ar_test.log" | tail -4
+               # Llama-3.1-8B batch 1 (128 / 512) at TP=2 with it and at TP=1 (GPU 0), the worker-failure test last; with
+               # ENGINE_FUSED_ALLREDUCE=lamport unless the environment names the kernel
+               export ENGINE_FUSED_ALLREDUCE=${ENGINE_FUSED_ALLREDUCE:-lamport} ENGINE_TEST_TRACE=1
+               timeout 150 python3 -m pytest -m gpu -q -s tests/test_tensor_parallel.py -k custom_all_reduce 2>&1 | tee "$OUT/custom_ar_test.log" \
+                 | grep --line-buffered -E "passed|failed|Error|rank [01]: .* graph" | cut -c1-200
                timeout 200 python3 perf/allreduce_bench.py --rows 1 2 8 64 256 --out "$OUT/allreduce.json" 2>&1 | tee "$OUT/allreduce.log" | tail -6
                timeout 200 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO tests/test_tensor_parallel.py -k "two_ranks and compiled-async" 2>&1 \
                  | tee "$OUT/tp_tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|all-reduce:" | cut -c1-300
                bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
                grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/llama8b_bs1_tp2.log" | cut -c1-400
                CUDA_VISIBLE_DEVICES=0 bench llama8b_bs1_tp1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512
-               timeout 150 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=120 tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -5 ;;
+               timeout 150 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=120 tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -5
+               unset ENGINE_FUSED_ALLREDUCE ENGINE_TEST_TRACE ;;
     tp-ab) for spec in "llama8b_bs1_tp2_nccl --disable-custom-all-reduce" "llama8b_bs1_tp2"; do
              set -- $spec
              bench "$@" --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
