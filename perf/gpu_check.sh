@@ -368,7 +368,7 @@ for stage in "$@"; do
               # TP=2 with it, without it (ENGINE_FUSED_ALLREDUCE=0: the one-shot all-reduce, then the compiled add + norm),
               # and at TP=1 (GPU 0)
               timeout 200 python3 perf/allreduce_bench.py --rows 1 2 8 32 128 256 --out "$OUT/allreduce.json" 2>&1 | tee "$OUT/allreduce.log" | tail -8
-              timeout 150 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k custom_all_reduce 2>&1 | tee "$OUT/custom_ar_test.log" | tail -15
+              timeout 150 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k "custom_all_reduce or fused_all_reduce" 2>&1 | tee "$OUT/custom_ar_test.log" | tail -15
               ENGINE_FUSED_ALLREDUCE=lamport bench llama8b_bs1_tp2_fused --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
               grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/llama8b_bs1_tp2_fused.log" | cut -c1-600
               bench llama8b_bs1_tp2_unfused --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
@@ -378,7 +378,7 @@ for stage in "$@"; do
                # Llama-3.1-8B batch 1 (128 / 512) at TP=2 with it and at TP=1 (GPU 0), the worker-failure test last; with
                # ENGINE_FUSED_ALLREDUCE=lamport unless the environment names the kernel
                export ENGINE_FUSED_ALLREDUCE=${ENGINE_FUSED_ALLREDUCE:-lamport} ENGINE_TEST_TRACE=1
-               timeout 150 python3 -m pytest -m gpu -q -s tests/test_tensor_parallel.py -k custom_all_reduce 2>&1 | tee "$OUT/custom_ar_test.log" \
+               timeout 150 python3 -m pytest -m gpu -q -s tests/test_tensor_parallel.py -k "custom_all_reduce or fused_all_reduce" 2>&1 | tee "$OUT/custom_ar_test.log" \
                  | grep --line-buffered -E "passed|failed|Error|rank [01]: .* graph" | cut -c1-200
                timeout 200 python3 perf/allreduce_bench.py --rows 1 2 8 64 256 --out "$OUT/allreduce.json" 2>&1 | tee "$OUT/allreduce.log" | tail -6
                timeout 200 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO tests/test_tensor_parallel.py -k "two_ranks and compiled-async" 2>&1 \

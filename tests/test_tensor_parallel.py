@@ -479,9 +479,6 @@ def _custom_all_reduce_rank(rank: int, port: int) -> None:
         want = h.clone()
         dist.all_reduce(want)
         torch.testing.assert_close(torch.ops.engine.custom_all_reduce(h), want, rtol=0, atol=0)
-        for protocol in ("lamport", "flags", "lamport"):  # and back: each keeps its own counters
-            custom.protocol = protocol
-            _check_fused_all_reduce_add_rms_norm(custom, hidden, gen)
         torch.cuda.synchronize()
     finally:
         communication.shutdown_custom_all_reduce()
@@ -582,13 +579,55 @@ def _check_fused_all_reduce_add_rms_norm(custom, hidden: int, gen: torch.Generat
 @needs_two_gpus
 def test_gpu_the_custom_all_reduce_sums_as_nccl_does():
     """Bit for bit (two ranks: one addition, rounded once) at sizes up to the buffer and past it, into
-    a poisoned output, and in a CUDA graph replayed on fresh inputs; the same for the kernel that
-    fuses it with the residual add and RMSNorm (the norm to bf16 tolerances), replayed in a graph
-    between PyTorch's all-reduces, which share its barriers."""
+    a poisoned output, and in a CUDA graph replayed on fresh inputs."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     torch.multiprocessing.spawn(_custom_all_reduce_rank, args=(port,), nprocs=2, join=True)
+
+
+def _fused_all_reduce_rank(rank: int, port: int, protocols: list[str]) -> None:
+    """One of two ranks of test_gpu_fused_all_reduce_add_rms_norm_matches_its_reference."""
+    from engine import communication
+
+    torch.cuda.set_device(rank)
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0)
+    dist.init_process_group("nccl", store=store, rank=rank, world_size=2, device_id=torch.device("cuda", rank))
+    try:
+        hidden = 1024
+        assert communication.init_custom_all_reduce(torch.device("cuda"), torch.bfloat16, 4096, hidden)
+        custom = communication._custom
+        gen = torch.Generator("cuda").manual_seed(rank)
+        for protocol in protocols:  # each kernel keeps its own counters: one after the other, and back
+            custom.protocol = protocol
+            _check_fused_all_reduce_add_rms_norm(custom, hidden, gen)
+        torch.cuda.synchronize()
+    finally:
+        communication.shutdown_custom_all_reduce()
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+def test_gpu_fused_all_reduce_add_rms_norm_matches_its_reference():
+    """The experimental kernel that fuses the all-reduce with the residual add and RMSNorm
+    (ENGINE_FUSED_ALLREDUCE; both variants, or the one that variable names): sums bit for bit, the
+    norm to bf16 tolerances, the same bits on both ranks, into poisoned outputs, with one rank late,
+    and replayed in a CUDA graph between PyTorch's all-reduces (which share the barrier-based
+    kernel's signal pad). A hang fails the test after 120 s instead of holding the run."""
+    protocols = [os.environ["ENGINE_FUSED_ALLREDUCE"]] if os.environ.get("ENGINE_FUSED_ALLREDUCE", "0") != "0" \
+        else ["lamport", "flags", "lamport"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = torch.multiprocessing.start_processes(_fused_all_reduce_rank, args=(port, protocols), nprocs=2,
+                                                    join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{protocols}: still running after 120 s (a kernel waiting for values that never came?)")
 
 
 @pytest.mark.gpu
