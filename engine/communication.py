@@ -62,9 +62,11 @@ class CustomAllReduce:
         self.group_name = group_name
         self.region = numel  # the most values one fused call takes
         size = buffer.element_size()
-        self.flags_ptrs = torch.tensor([p + size * numel for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
-        self.lamport_ptrs = torch.tensor([p + size * 3 * numel for p in handle.buffer_ptrs], dtype=torch.int64,
-                                         device=device)
+        # Every rank's copy of `buffer`, as this process maps it: the handle's base addresses, plus where
+        # the tensor starts in its allocation (0 for symm_mem.empty's own block; the same on every rank).
+        bases = [p + buffer.data_ptr() - handle.buffer_ptrs[handle.rank] for p in handle.buffer_ptrs]
+        self.flags_ptrs = torch.tensor([p + size * numel for p in bases], dtype=torch.int64, device=device)
+        self.lamport_ptrs = torch.tensor([p + size * 3 * numel for p in bases], dtype=torch.int64, device=device)
         # [slot, source rank, value]: -0.0 marks "not written yet" (see ops.triton_allreduce)
         self.lamport = buffer[3 * numel:].view(kernel.SLOTS, world, numel)
         self.lamport.fill_(-0.0)
