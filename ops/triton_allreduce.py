@@ -26,6 +26,8 @@ later, by which time it has met every peer again in the call between, after they
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -34,6 +36,16 @@ GRID = 64  # programs of every call (the stand-in releases up to 256); rows beyo
 MAX_HIDDEN = 16384  # one row in registers of one program
 SLOTS = 3  # the Lamport kernel's rotation: written, being read, being emptied
 PROTOCOLS = ("lamport", "flags")
+
+
+@triton.jit
+def _fence_system(FENCE: tl.constexpr):
+    """fence.acq_rel.sys in every thread: its stores so far (into the peers' memory too) are seen by
+    every thread of the system before anything it does after. (Skipped under the Triton interpreter,
+    which runs no inline assembly and has one memory.)"""
+    if FENCE:
+        tl.inline_asm_elementwise("fence.acq_rel.sys;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 @triton.jit
@@ -68,7 +80,7 @@ def _lamport_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, buffer_ptrs, slot_ptr,
     n_rows, hidden, region, eps, rank,
     WORLD: tl.constexpr, GRID: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    SLOTS: tl.constexpr,
+    SLOTS: tl.constexpr, FENCE: tl.constexpr,
 ):
     # Each row keeps its own slot counter (slot_ptr[row]): a row's regions are in step with its own
     # uses, whichever calls took it (a counter a program would keep for all its rows goes out of step
@@ -90,6 +102,10 @@ def _lamport_kernel(
             if r != rank:
                 peer = tl.multiple_of(tl.load(buffer_ptrs + r).to(tl.pointer_type(dtype)), 16)
                 tl.store(peer + ours + offs, v, mask=mask)
+    # The pushes are plain stores into the peers' memory: fenced, so that they are out before this
+    # program waits for the peers' (session 16: without it the GPU test hung; whether this is why is
+    # not known yet)
+    _fence_system(FENCE)
     # 2. sum, in rank order, each peer's row once all of it has landed in our buffer; then empty our
     # regions of the row's slot that the peers write two uses from now (they cannot get there before
     # this one is done: they need our values of the next use first), and move the row's counter on
@@ -190,7 +206,8 @@ def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weig
     residual = x if residual is None else residual
     if protocol == "lamport":
         _lamport_kernel[(GRID,)](x, residual, weight, out, residual_out, buffer_ptrs, state,
-                                 n_rows, hidden, region, eps, rank, SLOTS=SLOTS, **common)
+                                 n_rows, hidden, region, eps, rank, SLOTS=SLOTS,
+                                 FENCE=os.environ.get("TRITON_INTERPRET") != "1", **common)
     elif protocol == "flags":
         _flags_kernel[(GRID,)](x, residual, weight, out, residual_out, buffer_ptrs, signal_pad_ptrs, state,
                                n_rows, hidden, region, eps, rank, **common)
