@@ -19,11 +19,11 @@ found wrong sums (perf/RESULTS.md, session 16); without it the all-reduce runs a
 torch.compile fuses the add and the norm.
 
 The ops are opaque to torch.compile (`engine::custom_all_reduce`, `engine::all_reduce_add_rms_norm`)
-and are captured in the CUDA graphs like any kernel. Unlike NCCL's, its barrier waits without end and no abort ends it: when a rank fails
-in the middle of a step, rank 0 stands in for it at the barriers (`release_after_peer_failure`) so
-that its GPU can get through what was queued, and its wait for sampled tokens polls instead of
-blocking (`HostCopy.wait`). Other host reads of device values (prompt logprobs' `.tolist()`) still
-block until the GPU gets there.
+and are captured in the CUDA graphs like any kernel. Unlike NCCL's, these kernels' waits have no end
+and no abort ends them: when a rank fails in the middle of a step, rank 0 stands in for it at the
+barriers (`release_after_peer_failure`) so that its GPU can get through what was queued, and its
+wait for sampled tokens polls instead of blocking (`HostCopy.wait`). Other host reads of device
+values (prompt logprobs' `.tolist()`) still block until the GPU gets there.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ class CustomAllReduce:
         self.lamport = buffer[3 * numel:].view(kernel.SLOTS, world, numel)
         self.lamport.fill_(-0.0)
         self.signal_pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
-        # Each kernel's counters (Lamport: each program's slot; flags: its half), so a test or benchmark
-        # can switch between them (between calls every rank makes alike).
+        # Each kernel's counters (Lamport: each row's slot; flags: each program's half), so a test or
+        # benchmark can switch between them (between calls every rank makes alike).
         self.states = {"flags": torch.zeros(kernel.GRID, dtype=torch.int32, device=device),
                        "lamport": torch.zeros(numel // 8, dtype=torch.int32, device=device)}  # a row each (hidden >= 8)
         # Off unless asked for: neither kernel has passed its GPU tests yet (perf/RESULTS.md, session 16).
