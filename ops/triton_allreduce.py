@@ -1,27 +1,34 @@
 """One kernel for what follows every row-parallel layer under tensor parallelism: the all-reduce of its
-partial sums, the residual add and the next RMSNorm.
+partial sums, the residual add and the next RMSNorm. EXPERIMENTAL, off by default
+(`ENGINE_FUSED_ALLREDUCE=lamport|flags` turns it on): on two H100s its GPU test has not passed yet
+(perf/RESULTS.md, session 16).
 
 Why: at batch 1 a decode step of Llama-3.1-8B at TP=2 all-reduces 65 tensors of 8 KiB, each followed
 by an add and a norm that torch.compile fuses into a kernel of its own. Both kernels are all latency
 (session 15: ~8.5 us for the all-reduce in a graph, a few more for the norm and the gap between them).
-One kernel does both here, and it meets its peers once a call instead of twice.
+One kernel does both here.
 
-How (every rank launches the same grid of GRID programs; program p owns rows p, p + GRID, ...):
-1. stage: copy this rank's rows of x into this rank's symmetric-memory buffer, which every peer maps
-   (`torch.distributed._symmetric_memory`: `buffer_ptrs`, one address per rank);
-2. meet: for each peer, set our flag in its signal pad (compare-and-swap 0 -> 1, release, system
-   scope), then wait for its flag in ours (1 -> 0, acquire). Flag of program p from rank r at
-   p * WORLD + r in the waiting rank's pad: PyTorch's own one-shot kernel's layout and protocol, so
-   the host-side stand-in for a failed rank (`engine.communication`) releases this kernel too;
-3. sum: read every rank's staged rows over NVLink, add in float32 in rank order (every rank gets the
-   same bits), round to the model's dtype (the all-reduce's output), add the residual, then RMSNorm
-   exactly as `engine.models.layers.RMSNorm` rounds it.
+Every rank launches the same grid of GRID programs; program p owns rows p, p + GRID, ... Each row's
+values are summed in float32 in rank order (every rank gets the same bits), rounded to the model's
+dtype (the all-reduce's output), the residual added, then RMSNorm'd exactly as
+`engine.models.layers.RMSNorm` rounds. Two ways to get the peers' values
+(`torch.distributed._symmetric_memory`: every rank maps every rank's buffer, `buffer_ptrs`):
 
-Why one meeting is enough: the buffer has two halves and program p alternates between them on each of
-its calls (its own parity counter, in this rank's memory). A rank can overwrite a half only two calls
-later, by which time it has met every peer again in the call between, after they finished reading
-(their next kernel cannot start before this one ends). Programs keep the same rows in every call
-(GRID is fixed), so a half's rows are always read by the same program.
+"flags" (`_flags_kernel`): stage this rank's rows in its own buffer; for each peer set our flag in
+its signal pad (compare-and-swap 0 -> 1, release, system scope), then wait for its flag in ours
+(1 -> 0, acquire) -- PyTorch's own one-shot kernel's layout (program p's flag from rank r at
+p * WORLD + r) and protocol, so the host-side stand-in for a failed rank (`engine.communication`)
+releases it too; then read the peers' staged rows over NVLink. One meeting is enough: the buffer has
+two halves and program p alternates between them (its own parity counter). A rank can overwrite a
+half only two calls later, by which time it has met every peer again in the call between, after they
+finished reading (their next kernel cannot start before this one ends); GRID is fixed, so a half's
+rows are always read by the same program.
+
+"lamport" (`_lamport_kernel`): no meeting. Push this rank's rows into its region of every peer's
+buffer, then read the peers' regions of our own buffer until none of their values is -0.0, the mark
+of "not written yet" (a rank sends -0.0 as +0.0). Three slots in rotation, a counter a row: a row's
+use j reads slot j % 3 and marks slot (j + 2) % 3 empty again, which the peers write only at use
+j + 2, and they cannot get there before this use is done (they need our values of use j + 1 first).
 """
 
 from __future__ import annotations
