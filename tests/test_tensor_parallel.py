@@ -537,9 +537,9 @@ def _check_fused_all_reduce_add_rms_norm(custom, hidden: int, gen: torch.Generat
                 custom.all_reduce_add_rms_norm(x, residual, weight, eps, out, h)
                 torch.testing.assert_close(h, want_h, rtol=0, atol=0, msg=f"{msg}, poisoned")
                 torch.testing.assert_close(out, want_out, msg=f"{msg}, poisoned")
-    # A decode graph's pattern, replayed on fresh inputs: fused calls alternating with the plain
-    # custom all-reduce (PyTorch's kernel: the same signal pad) and elementwise work, 9 in a row (an
-    # odd number: each replay starts on the other half of the buffer).
+    # A decode graph's pattern, replayed on fresh inputs: 9 fused calls in a row with the plain custom
+    # all-reduce (PyTorch's kernel: the barrier-based kernel's signal pad) and elementwise work between
+    # (an odd number: each replay of the barrier-based kernel starts on the other half of its buffer).
     static_x = torch.zeros(3, hidden, dtype=torch.bfloat16, device="cuda")
     static_r = torch.zeros(3, hidden, dtype=torch.bfloat16, device="cuda")
 
