@@ -378,7 +378,7 @@ for stage in "$@"; do
                # Llama-3.1-8B batch 1 (128 / 512) at TP=2 with it and at TP=1 (GPU 0), the worker-failure test last; with
                # ENGINE_FUSED_ALLREDUCE=lamport unless the environment names the kernel
                export ENGINE_FUSED_ALLREDUCE=${ENGINE_FUSED_ALLREDUCE:-lamport} ENGINE_TEST_TRACE=1
-               timeout 150 python3 -m pytest -m gpu -q -s tests/test_tensor_parallel.py -k "custom_all_reduce or fused_all_reduce" 2>&1 | tee "$OUT/custom_ar_test.log" \
+               timeout 200 python3 -m pytest -m gpu -q -s tests/test_tensor_parallel.py -k "custom_all_reduce or fused_all_reduce" 2>&1 | tee "$OUT/custom_ar_test.log" \
                  | grep --line-buffered -E "passed|failed|Error|rank [01]: .* graph" | cut -c1-200
                timeout 200 python3 perf/allreduce_bench.py --rows 1 2 8 64 256 --out "$OUT/allreduce.json" 2>&1 | tee "$OUT/allreduce.log" | tail -6
                timeout 200 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO tests/test_tensor_parallel.py -k "two_ranks and compiled-async" 2>&1 \
