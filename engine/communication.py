@@ -75,6 +75,9 @@ class CustomAllReduce:
         # benchmark can switch between them (between calls every rank makes alike).
         self.states = {"flags": torch.zeros(kernel.GRID, dtype=torch.int32, device=device),
                        "lamport": torch.zeros(numel // 8, dtype=torch.int32, device=device)}  # a row each (hidden >= 8)
+        # Where a Lamport kernel gave up waiting (only with a bounded `spin_limit`: tests)
+        self.lamport_status = torch.zeros(8, dtype=torch.int32, device=device)
+        self.spin_limit = kernel.FOREVER
         # Off unless asked for: neither kernel has passed its GPU tests yet (perf/RESULTS.md, session 16).
         protocol = os.environ.get("ENGINE_FUSED_ALLREDUCE", "0")
         if protocol not in ("0", *kernel.PROTOCOLS):
@@ -153,7 +156,7 @@ class CustomAllReduce:
             protocol=self.protocol, buffer_ptrs=self.lamport_ptrs if lamport else self.flags_ptrs,
             state=self.states[self.protocol],
             region=self.region, rank=self.handle.rank, world_size=self.handle.world_size,
-            signal_pad_ptrs=self.signal_pad_ptrs)
+            signal_pad_ptrs=self.signal_pad_ptrs, status=self.lamport_status, spin_limit=self.spin_limit)
 
 
 _custom: CustomAllReduce | None = None

@@ -43,6 +43,7 @@ GRID = 64  # programs of every call (the stand-in releases up to 256); rows beyo
 MAX_HIDDEN = 16384  # one row in registers of one program
 SLOTS = 3  # the Lamport kernel's rotation: written, being read, being emptied
 PROTOCOLS = ("lamport", "flags")
+FOREVER = 2**31 - 1  # polls of a row before the Lamport kernel gives up: hours
 
 
 @triton.jit
@@ -57,10 +58,12 @@ def _fence_system(FENCE: tl.constexpr):
 
 @triton.jit
 def _unwritten(v):
-    """-0.0: the Lamport kernel's mark for a value not written yet (a rank sends -0.0 as +0.0). The
-    sign read from the bits (widening to float32 keeps it), not by arithmetic a compiler may take
-    liberties with."""
-    return (v == 0) & (v.to(tl.float32).to(tl.int32, bitcast=True) < 0)
+    """-0.0: the Lamport kernel's mark for a value not written yet (a rank sends -0.0 as +0.0), read
+    from the bits (a float compare may not keep the sign: the Triton interpreter's does not)."""
+    if v.dtype.primitive_bitwidth == 16:
+        return v.to(tl.int16, bitcast=True) == -32768
+    else:
+        return v.to(tl.int32, bitcast=True) == -2147483648
 
 
 @triton.jit
@@ -82,10 +85,10 @@ def _add_norm_store(acc, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, of
 
 # The rank is an argument, not a constant: every rank runs the same binary, so the norm's float32
 # arithmetic (its reduction order, what the compiler contracts into FMAs) is the same on all of them.
-@triton.jit(do_not_specialize=["n_rows", "rank"])  # one variant for every row count and rank
+@triton.jit(do_not_specialize=["n_rows", "rank", "spin_limit"])  # one variant for every row count and rank
 def _lamport_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, buffer_ptrs, slot_ptr,
-    n_rows, hidden, region, eps, rank,
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, buffer_ptrs, slot_ptr, status_ptr,
+    n_rows, hidden, region, eps, rank, spin_limit,
     WORLD: tl.constexpr, GRID: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     SLOTS: tl.constexpr, FENCE: tl.constexpr,
 ):
@@ -128,13 +131,23 @@ def _lamport_kernel(
             else:
                 src = here + r * region
                 part = tl.load(src, mask=mask, other=0.0, volatile=True)
-                while tl.sum(_unwritten(part).to(tl.int32), axis=0) > 0:
+                missing = tl.sum(_unwritten(part).to(tl.int32), axis=0)
+                spins = 0
+                while (missing > 0) & (spins < spin_limit):
                     part = tl.load(src, mask=mask, other=0.0, volatile=True)
+                    missing = tl.sum(_unwritten(part).to(tl.int32), axis=0)
+                    spins += 1
+                if missing > 0:  # gave up (tests bound the wait; the engine waits for ever): say where
+                    tl.atomic_add(status_ptr, 1)
+                    tl.store(status_ptr + 1, row)
+                    tl.store(status_ptr + 2, slot)
+                    tl.store(status_ptr + 3, r)
+                    tl.store(status_ptr + 4, missing)
             acc += part.to(tl.float32)
         _add_norm_store(acc, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, offs, cols, mask, hidden,
                         eps, HAS_RESIDUAL)
         empty = own + ((slot + 2) % SLOTS).to(tl.int64) * slot_size + offs
-        unwritten = -tl.zeros([BLOCK], dtype=dtype)
+        unwritten = tl.full([BLOCK], -0.0, dtype)  # (not -tl.zeros: the interpreter makes that +0.0)
         for r in tl.static_range(WORLD):
             if r != rank:
                 tl.store(empty + r * region, unwritten, mask=mask)
@@ -194,14 +207,17 @@ def lamport_buffer_numel(region: int, world_size: int) -> int:
 def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                             out: torch.Tensor, residual_out: torch.Tensor, *, protocol: str, buffer_ptrs: torch.Tensor,
                             state: torch.Tensor, region: int, rank: int, world_size: int,
-                            signal_pad_ptrs: torch.Tensor | None = None) -> None:
+                            signal_pad_ptrs: torch.Tensor | None = None, status: torch.Tensor | None = None,
+                            spin_limit: int = FOREVER) -> None:
     """residual_out = sum over ranks of x (+ residual); out = RMSNorm(residual_out) * weight. x, residual,
     weight and the outputs: contiguous, one dtype, [rows, hidden] ([hidden] for weight); rows * hidden
     <= region. Every rank must make the same calls in the same order.
 
     "lamport": buffer_ptrs, every rank's lamport_buffer_numel(region, world_size) values, filled with
     -0.0 on every rank before the first call; state: int32 zeros, one a row up to region // hidden
-    (this rank's slot counters).
+    (this rank's slot counters); status: int32 [8] zeros, where a kernel that gave up waiting for a peer
+    after `spin_limit` polls of a row (tests bound the wait, the engine does not) counts that and notes
+    the row, its slot, the peer and how many of its values had not come.
     "flags": buffer_ptrs, every rank's 2 * region values (two halves); signal_pad_ptrs, every rank's
     signal pad (zeros at start, shared with PyTorch's one-shot kernel); state: int32 [GRID] zeros."""
     hidden = x.shape[-1]
@@ -212,8 +228,8 @@ def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weig
                   num_warps=4 if block <= 4096 else 8)
     residual = x if residual is None else residual
     if protocol == "lamport":
-        _lamport_kernel[(GRID,)](x, residual, weight, out, residual_out, buffer_ptrs, state,
-                                 n_rows, hidden, region, eps, rank, SLOTS=SLOTS,
+        _lamport_kernel[(GRID,)](x, residual, weight, out, residual_out, buffer_ptrs, state, status,
+                                 n_rows, hidden, region, eps, rank, spin_limit, SLOTS=SLOTS,
                                  FENCE=os.environ.get("TRITON_INTERPRET") != "1", **common)
     elif protocol == "flags":
         _flags_kernel[(GRID,)](x, residual, weight, out, residual_out, buffer_ptrs, signal_pad_ptrs, state,

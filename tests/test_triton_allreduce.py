@@ -23,33 +23,72 @@ m.GRID = 2  # few programs: each takes several rows
 torch.manual_seed(0)
 W, hidden, region = 2, 64, 64 * 8  # up to 8 rows a call
 bufs = [torch.full((m.lamport_buffer_numel(region, W),), -0.0, dtype=torch.bfloat16) for _ in range(W)]
+lams = [b.view(m.SLOTS, W, region) for b in bufs]  # [slot, source rank, value]
 ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
 states = [torch.zeros(region // 8, dtype=torch.int32) for _ in range(W)]
 weight = (1 + 0.1 * torch.randn(hidden)).bfloat16()
-for call, rows in enumerate([1, 1, 1, 2, 2, 1, 3, 7, 1, 2, 8, 1, 1, 1, 5, 3]):
-    xs = [torch.randn(rows, hidden).bfloat16() for _ in range(W)]
-    xs[0][0, :4] = -0.0  # sent as +0.0: -0.0 is the mark of a value not yet written
-    residual = torch.randn(rows, hidden).bfloat16() if call % 2 else None
-    lam1 = bufs[1].view(m.SLOTS, W, region)
-    for row in range(rows):  # rank 0's push, by hand, into its region of the row's current slot
-        v = xs[0][row].clone()
+status, spin_limit = torch.zeros(8, dtype=torch.int32), 3  # a bounded wait: a missing value fails, not hangs
+calls = [1, 1, 1, 2, 2, 1, 3, 7, 1, 2, 8, 1, 1, 1, 5, 3, 1]
+xs = [[torch.randn(rows, hidden).bfloat16() for _ in range(W)] for rows in calls]
+xs[0][0][0, :4] = -0.0  # sent as +0.0: -0.0 is the mark of a value not yet written
+
+
+def push(src, dst, x):
+    # what rank src's kernel does first: its rows into its region of each row's current slot in dst's buffer
+    for row in range(x.shape[0]):
+        v = x[row].clone()
         v[v == 0] = 0.0
-        lam1[int(states[0][row]), 0, row * hidden:(row + 1) * hidden] = v
-    h = torch.stack([x.float() for x in xs]).sum(0).bfloat16()
+        lams[dst][int(states[src][row]), src, row * hidden:(row + 1) * hidden] = v
+
+
+def unwritten(rank, rows):
+    # what each of the rows reads next from its peer, still marked "not written"
+    lam = lams[rank].view(torch.int16)
+    return [bool((lam[int(states[rank][row]), 1 - rank, row * hidden:(row + 1) * hidden] == -32768).all())
+            for row in range(rows)]
+
+
+for call, rows in enumerate(calls[:-1]):
+    residual = torch.randn(rows, hidden).bfloat16() if call % 2 else None
+    h = torch.stack([x.float() for x in xs[call]]).sum(0).bfloat16()
     h = h if residual is None else h + residual
     hf = h.float()
     want_out = weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
+    # The order two GPUs may take: rank 0 pushes; rank 1 runs the call and at once pushes its values of the
+    # next call (its next kernel's first step: it has all it needs to start); only then rank 0 runs this call.
+    push(0, 1, xs[call][0])
     for rank in (1, 0):
         out, got = torch.full_like(h, float("nan")), torch.full_like(h, float("nan"))
-        m.all_reduce_add_rms_norm(xs[rank], residual, weight, 1e-5, out, got, protocol="lamport", buffer_ptrs=ptrs,
-                                  state=states[rank], region=region, rank=rank, world_size=W)
+        m.all_reduce_add_rms_norm(xs[call][rank], residual, weight, 1e-5, out, got, protocol="lamport",
+                                  buffer_ptrs=ptrs, state=states[rank], region=region, rank=rank, world_size=W,
+                                  status=status, spin_limit=spin_limit)
         # The interpreter rounds float32 to bf16 toward zero (a GPU to nearest): a last bit or two, row by
         # row against the row's largest value; a rank's values missing or stale are off by the values.
         for name, a, b in (("sum", got, h), ("norm", out, want_out)):
             error = ((a.float() - b.float()).abs().amax(-1) / b.float().abs().amax(-1)).max().item()
             assert error < 0.02, f"call {call}, {rows} rows, rank {rank}: {name} off by {error:.3f} of its largest"
-    for rank in (0, 1):  # every row's counter moved on once a call that took it
-        assert states[rank][:rows].tolist() == states[0][:rows].tolist()
+        if rank == 1:
+            assert all(unwritten(1, rows)), f"call {call}: rank 1 would read values its peer has not sent"
+            # where it pushes next in rank 0's buffer: read already and marked again
+            ahead = [lams[0][int(states[1][row]), 1, row * hidden:(row + 1) * hidden] for row in range(calls[call + 1])]
+            assert all(bool((v.view(torch.int16) == -32768).all()) for v in ahead), \
+                f"call {call}: rank 1 would push over values rank 0 has not read, or rank 0 would not wait for it"
+            push(1, 0, xs[call + 1][1])
+            early = [lams[0][int(states[1][row]), 1, row * hidden:(row + 1) * hidden].clone()
+                     for row in range(calls[call + 1])]
+    for row, v in enumerate(early):  # rank 0's kernel left the early values alone
+        now = lams[0][int(states[1][row]), 1, row * hidden:(row + 1) * hidden]
+        assert torch.equal(now.view(torch.int16), v.view(torch.int16)), f"call {call}: rank 0 overwrote row {row}'s next values"
+    assert states[1][:rows].tolist() == states[0][:rows].tolist()  # every row's counter moved on alike
+assert status.tolist() == [0] * 8, status  # no kernel had to wait
+# Rank 0 alone, rank 1's values never pushed: each row gives up after spin_limit polls and says where.
+lams[0][:, 1] = -0.0
+x = torch.randn(2, hidden).bfloat16()
+m.all_reduce_add_rms_norm(x, None, weight, 1e-5, torch.empty_like(x), torch.empty_like(x), protocol="lamport",
+                          buffer_ptrs=ptrs, state=states[0], region=region, rank=0, world_size=W, status=status,
+                          spin_limit=spin_limit)
+assert status[0] == 2 and status[3] == 1 and status[4] == hidden, status  # two rows; peer 1; all its values
+assert status[1] in (0, 1) and status[2] == (int(states[0][int(status[1])]) - 1) % m.SLOTS, status
 print("ok")
 """
 
