@@ -71,6 +71,8 @@
 #           the worker-failure one dumps its threads' stacks if it runs past 150 s)
 #   tp-fused (2 GPUs) the all-reduce fused with the residual add and RMSNorm (ops.triton_allreduce): allreduce_bench, its
 #           GPU test, Llama-3.1-8B batch 1 (128 / 512) at TP=2 with it, without it (ENGINE_FUSED_ALLREDUCE=0), at TP=1
+#   fused-check (2 GPUs) perf/fused_allreduce_check.py (both fused kernels: one call at a time, bursts, a CUDA graph, each
+#           checked against NCCL with diagnostics at the first wrong row), then the fused GPU test with the barrier-based kernel
 #   tp-verify (2 GPUs) the fused all-reduce's GPU test, allreduce_bench, greedy TP=2 == TP=1 (compiled-async), Llama-3.1-8B
 #           batch 1 (128 / 512) at TP=2 and TP=1, the worker-failure test
 #   tp-ab   (2 GPUs) Llama-3.1-8B batch 1 (128 / 512) at TP=2 with NCCL only, then with the custom all-reduce (tp-ar's order
@@ -374,6 +376,12 @@ for stage in "$@"; do
               bench llama8b_bs1_tp2_unfused --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
               grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/llama8b_bs1_tp2_unfused.log" | cut -c1-600
               CUDA_VISIBLE_DEVICES=0 bench llama8b_bs1_tp1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
+    fused-check) # (2 GPUs) the fused all-reduce kernels under perf/fused_allreduce_check.py (one call at a time, bursts, a
+                 # CUDA graph; diagnostics at the first wrong row), then the fused kernels' GPU test with the barrier-based one
+                 timeout 240 python3 perf/fused_allreduce_check.py --out "$OUT/fused_check.json" 2>&1 | tee "$OUT/fused_check.log" \
+                   | grep --line-buffered -vE "^\{\"way\": \"(burst|graph)[0-9]+\".*\"first_bad\": null" | cut -c1-1500
+                 ENGINE_FUSED_ALLREDUCE=flags timeout 200 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k fused_all_reduce 2>&1 \
+                   | tee "$OUT/fused_test_flags.log" | grep --line-buffered -E "passed|failed|Error" | cut -c1-300 ;;
     tp-verify) # the fused all-reduce's GPU test (both kernels, a late peer), allreduce_bench, greedy TP=2 == TP=1 with it,
                # Llama-3.1-8B batch 1 (128 / 512) at TP=2 with it and at TP=1 (GPU 0), the worker-failure test last; with
                # ENGINE_FUSED_ALLREDUCE=lamport unless the environment names the kernel

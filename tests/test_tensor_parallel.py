@@ -526,6 +526,8 @@ def _check_fused_all_reduce_add_rms_norm(custom, hidden: int, gen: torch.Generat
             out, h = torch.ops.engine.all_reduce_add_rms_norm(x, residual, weight, eps)
             torch.cuda.synchronize()
             msg = f"{custom.protocol}: {rows} rows, residual {with_residual}{', rank 1 late' if late else ''}"
+            assert custom.lamport_status[0] == 0, f"{msg}: gave up waiting, [count, row, slot, peer, missing] " \
+                f"{custom.lamport_status[:5].tolist()}"
             assert custom.fused_fits(x, residual, weight) == (rows <= limit_rows), msg
             torch.testing.assert_close(h, want_h, rtol=0, atol=0, msg=msg)
             torch.testing.assert_close(out, want_out, msg=msg)  # bf16 tolerances: the rsqrt's last bit may differ
@@ -597,6 +599,7 @@ def _fused_all_reduce_rank(rank: int, port: int, protocols: list[str]) -> None:
         hidden = 1024
         assert communication.init_custom_all_reduce(torch.device("cuda"), torch.bfloat16, 4096, hidden)
         custom = communication._custom
+        custom.spin_limit = 1 << 22  # the Lamport kernel gives up after seconds and says where (not a hang)
         gen = torch.Generator("cuda").manual_seed(rank)
         for protocol in protocols:  # each kernel keeps its own counters: one after the other, and back
             custom.protocol = protocol
