@@ -59,11 +59,22 @@ def _fence_system(FENCE: tl.constexpr):
 @triton.jit
 def _unwritten(v):
     """-0.0: the Lamport kernel's mark for a value not written yet (a rank sends -0.0 as +0.0), read
-    from the bits (a float compare may not keep the sign: the Triton interpreter's does not)."""
+    from the bits: a float compare need not keep the sign (the Triton interpreter's does not)."""
     if v.dtype.primitive_bitwidth == 16:
         return v.to(tl.int16, bitcast=True) == -32768
     else:
         return v.to(tl.int32, bitcast=True) == -2147483648
+
+
+@triton.jit
+def _marks(BLOCK: tl.constexpr, dtype: tl.constexpr):
+    """BLOCK values of -0.0, made from their bits. Session 17: on Triton 3.6 both -tl.zeros() and
+    tl.full(-0.0) compile to +0.0, so the kernel never marked a slot empty again and read whatever
+    its last use had left there when the peer's values were late (the wrong rows of session 16)."""
+    if dtype.primitive_bitwidth == 16:
+        return tl.full([BLOCK], -32768, tl.int16).to(dtype, bitcast=True)
+    else:
+        return tl.full([BLOCK], -2147483648, tl.int32).to(dtype, bitcast=True)
 
 
 @triton.jit
@@ -147,7 +158,7 @@ def _lamport_kernel(
         _add_norm_store(acc, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, offs, cols, mask, hidden,
                         eps, HAS_RESIDUAL)
         empty = own + ((slot + 2) % SLOTS).to(tl.int64) * slot_size + offs
-        unwritten = tl.full([BLOCK], -0.0, dtype)  # (not -tl.zeros: the interpreter makes that +0.0)
+        unwritten = _marks(BLOCK, dtype)
         for r in tl.static_range(WORLD):
             if r != rank:
                 tl.store(empty + r * region, unwritten, mask=mask)

@@ -26,10 +26,13 @@ import sys
 
 import torch
 import torch.distributed as dist
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import communication
+from ops.triton_allreduce import _marks
 
 ROWS = [1, 1, 1, 2, 1, 3, 7, 1, 1, 2, 64, 65, 1, 200, 256, 1, 2, 2, 1]
 
@@ -102,6 +105,24 @@ def check(name: str, got, inputs, weight, eps, custom, log: list, quiet: bool = 
     return first is None and gave_up == 0
 
 
+@triton.jit
+def _negative_zero_probe(out):
+    cols = tl.arange(0, 8)
+    tl.store(out + cols, -tl.zeros([8], dtype=out.dtype.element_ty))
+    tl.store(out + 8 + cols, tl.full([8], -0.0, out.dtype.element_ty))
+    tl.store(out + 16 + cols, _marks(8, out.dtype.element_ty))
+
+
+def negative_zeros(device: str = "cuda") -> dict:
+    """How this Triton and torch make -0.0 (bits of a bf16): the Lamport kernel's mark."""
+    out = torch.ones(24, dtype=torch.bfloat16, device=device)
+    _negative_zero_probe[(1,)](out)
+    bits = out.view(torch.int16).view(3, 8)[:, 0].tolist()
+    filled = torch.empty(8, dtype=torch.bfloat16, device=device).fill_(-0.0).view(torch.int16)[0].item()
+    return {"-tl.zeros": hex(bits[0] & 0xFFFF), "tl.full(-0.0)": hex(bits[1] & 0xFFFF), "_marks": hex(bits[2] & 0xFFFF),
+            "torch fill_(-0.0)": hex(filled & 0xFFFF), "triton": triton.__version__}
+
+
 def rank_main(rank: int, world: int, port: int, args, results) -> None:
     torch.cuda.set_device(rank)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0)
@@ -112,6 +133,7 @@ def rank_main(rank: int, world: int, port: int, args, results) -> None:
     custom.spin_limit = args.spin_limit
     handle = custom.handle
     if rank == 0:
+        print(f"-0.0 in bf16 (0x8000 is right): {negative_zeros()}", flush=True)
         print(f"symmetric memory: buffer at {custom.buffer.data_ptr():#x}, handle's own {handle.buffer_ptrs[rank]:#x}, "
               f"region {custom.region} values, lamport slots {tuple(custom.lamport.shape)}", flush=True)
     gen = torch.Generator("cuda").manual_seed(rank)

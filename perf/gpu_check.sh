@@ -74,7 +74,8 @@
 #   fused-check (2 GPUs) perf/fused_allreduce_check.py (both fused kernels: one call at a time, bursts, a CUDA graph, each
 #           checked against NCCL with diagnostics at the first wrong row), then the fused GPU test with the barrier-based kernel
 #   tp-verify (2 GPUs) the fused all-reduce's GPU test, allreduce_bench, greedy TP=2 == TP=1 (compiled-async), Llama-3.1-8B
-#           batch 1 (128 / 512) at TP=2 and TP=1, the worker-failure test
+#           batch 1 (128 / 512) at TP=2 and TP=1
+#   tp-failure (2 GPUs) the worker-failure test alone
 #   tp-ab   (2 GPUs) Llama-3.1-8B batch 1 (128 / 512) at TP=2 with NCCL only, then with the custom all-reduce (tp-ar's order
 #           reversed)
 #   tp-ar   (2 GPUs) the custom all-reduce (#7): its latency in CUDA graphs against NCCL's (perf/allreduce_bench.py), its
@@ -378,12 +379,14 @@ for stage in "$@"; do
               CUDA_VISIBLE_DEVICES=0 bench llama8b_bs1_tp1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
     fused-check) # (2 GPUs) the fused all-reduce kernels under perf/fused_allreduce_check.py (one call at a time, bursts, a
                  # CUDA graph; diagnostics at the first wrong row), then the fused kernels' GPU test with the barrier-based one
+                 # (FUSED_CHECK_STOPS=1: a failed check ends the script, sparing the device time of the stages after it)
                  timeout 240 python3 perf/fused_allreduce_check.py --out "$OUT/fused_check.json" 2>&1 | tee "$OUT/fused_check.log" \
                    | grep --line-buffered -vE "^\{\"way\": \"(burst|graph)[0-9]+\".*\"first_bad\": null" | cut -c1-1500
+                 if [ "${PIPESTATUS[0]}" != 0 ] && [ "${FUSED_CHECK_STOPS:-0}" = 1 ]; then echo "fused check failed: stopping"; exit 1; fi
                  ENGINE_FUSED_ALLREDUCE=flags timeout 200 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k fused_all_reduce 2>&1 \
                    | tee "$OUT/fused_test_flags.log" | grep --line-buffered -E "passed|failed|Error" | cut -c1-300 ;;
     tp-verify) # the fused all-reduce's GPU test (both kernels, a late peer), allreduce_bench, greedy TP=2 == TP=1 with it,
-               # Llama-3.1-8B batch 1 (128 / 512) at TP=2 with it and at TP=1 (GPU 0), the worker-failure test last; with
+               # Llama-3.1-8B batch 1 (128 / 512) at TP=2 with it and at TP=1 (GPU 0) (the worker-failure test: tp-failure); with
                # ENGINE_FUSED_ALLREDUCE=lamport unless the environment names the kernel
                export ENGINE_FUSED_ALLREDUCE=${ENGINE_FUSED_ALLREDUCE:-lamport} ENGINE_TEST_TRACE=1
                timeout 200 python3 -m pytest -m gpu -q -s tests/test_tensor_parallel.py -k "custom_all_reduce or fused_all_reduce" 2>&1 | tee "$OUT/custom_ar_test.log" \
@@ -394,8 +397,8 @@ for stage in "$@"; do
                bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
                grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/llama8b_bs1_tp2.log" | cut -c1-400
                CUDA_VISIBLE_DEVICES=0 bench llama8b_bs1_tp1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512
-               timeout 150 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=120 tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -5
                unset ENGINE_FUSED_ALLREDUCE ENGINE_TEST_TRACE ;;
+    tp-failure) timeout 150 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=120 tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | grep -E "PASSED|FAILED|Error|assert" | cut -c1-300 ;;
     tp-ab) for spec in "llama8b_bs1_tp2_nccl --disable-custom-all-reduce" "llama8b_bs1_tp2"; do
              set -- $spec
              bench "$@" --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
