@@ -73,8 +73,8 @@
 #           GPU test, Llama-3.1-8B batch 1 (128 / 512) at TP=2 with it, without it (ENGINE_FUSED_ALLREDUCE=0), at TP=1
 #   fused-check (2 GPUs) perf/fused_allreduce_check.py (both fused kernels: one call at a time, bursts, a CUDA graph, each
 #           checked against NCCL with diagnostics at the first wrong row), then the fused GPU test with the barrier-based kernel
-#   tp-verify (2 GPUs) the fused all-reduce's GPU test, allreduce_bench, greedy TP=2 == TP=1 (compiled-async), Llama-3.1-8B
-#           batch 1 (128 / 512) at TP=2 and TP=1
+#   tp-verify (2 GPUs) the fused all-reduce's GPU test, greedy TP=2 == TP=1 (compiled-async), Llama-3.1-8B batch 1
+#           (128 / 512) at TP=2 and TP=1, allreduce_bench
 #   tp-failure (2 GPUs) the worker-failure test alone
 #   tp-ab   (2 GPUs) Llama-3.1-8B batch 1 (128 / 512) at TP=2 with NCCL only, then with the custom all-reduce (tp-ar's order
 #           reversed)
@@ -385,18 +385,18 @@ for stage in "$@"; do
                  if [ "${PIPESTATUS[0]}" != 0 ] && [ "${FUSED_CHECK_STOPS:-0}" = 1 ]; then echo "fused check failed: stopping"; exit 1; fi
                  ENGINE_FUSED_ALLREDUCE=flags timeout 200 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k fused_all_reduce 2>&1 \
                    | tee "$OUT/fused_test_flags.log" | grep --line-buffered -E "passed|failed|Error" | cut -c1-300 ;;
-    tp-verify) # the fused all-reduce's GPU test (both kernels, a late peer), allreduce_bench, greedy TP=2 == TP=1 with it,
-               # Llama-3.1-8B batch 1 (128 / 512) at TP=2 with it and at TP=1 (GPU 0) (the worker-failure test: tp-failure); with
+    tp-verify) # the fused all-reduce's GPU test (both kernels, a late peer), greedy TP=2 == TP=1 with it, Llama-3.1-8B
+               # batch 1 (128 / 512) at TP=2 with it and at TP=1 (GPU 0), allreduce_bench (the worker-failure test: tp-failure); with
                # ENGINE_FUSED_ALLREDUCE=lamport unless the environment names the kernel
                export ENGINE_FUSED_ALLREDUCE=${ENGINE_FUSED_ALLREDUCE:-lamport} ENGINE_TEST_TRACE=1
                timeout 200 python3 -m pytest -m gpu -q -s tests/test_tensor_parallel.py -k "custom_all_reduce or fused_all_reduce" 2>&1 | tee "$OUT/custom_ar_test.log" \
                  | grep --line-buffered -E "passed|failed|Error|rank [01]: .* graph" | cut -c1-200
-               timeout 200 python3 perf/allreduce_bench.py --rows 1 2 8 64 256 --out "$OUT/allreduce.json" 2>&1 | tee "$OUT/allreduce.log" | tail -6
                timeout 200 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO tests/test_tensor_parallel.py -k "two_ranks and compiled-async" 2>&1 \
                  | tee "$OUT/tp_tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|all-reduce:" | cut -c1-300
                bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
                grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/llama8b_bs1_tp2.log" | cut -c1-400
                CUDA_VISIBLE_DEVICES=0 bench llama8b_bs1_tp1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512
+               timeout 200 python3 perf/allreduce_bench.py --rows 1 2 8 64 256 --out "$OUT/allreduce.json" 2>&1 | tee "$OUT/allreduce.log" | tail -6
                unset ENGINE_FUSED_ALLREDUCE ENGINE_TEST_TRACE ;;
     tp-failure) timeout 150 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=120 tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | grep -E "PASSED|FAILED|Error|assert" | cut -c1-300 ;;
     tp-ab) for spec in "llama8b_bs1_tp2_nccl --disable-custom-all-reduce" "llama8b_bs1_tp2"; do
