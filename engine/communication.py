@@ -11,12 +11,11 @@ of 8 KiB, where latency is all there is. Tensors larger than the buffer and dtyp
 not sum (it takes float32 and bfloat16) go to NCCL inside the same op.
 
 The model's all-reduces are each followed by a residual add and an RMSNorm: `all_reduce_add_rms_norm`
-can do the three in one kernel of ours (ops.triton_allreduce) on the same buffer, in one of two
-variants: `ENGINE_FUSED_ALLREDUCE=lamport` (no barrier: values pushed into the peers' buffers) or
-`=flags` (PyTorch's barrier on its signal pad). Experimental and off by default (`=0`): Llama-3.1-8B
-TP=2 ran 1.63x TP=1's decode with the Lamport kernel, but its GPU test hung and a benchmark's check
-found wrong sums (perf/RESULTS.md, session 16); without it the all-reduce runs as above and
-torch.compile fuses the add and the norm.
+does the three in one kernel of ours (ops.triton_allreduce) on the same buffer, by default the
+Lamport variant (no barrier: values pushed into the peers' buffers); `ENGINE_FUSED_ALLREDUCE=flags`
+picks the barrier-based one (PyTorch's barrier on its signal pad), `=0` neither (the one-shot
+all-reduce above, then the add and the norm, which torch.compile fuses). perf/RESULTS.md, sessions
+16-17: Llama-3.1-8B batch-1 decode at TP=2 runs ~1.43x TP=1 without it, ~1.56x with it.
 
 The ops are opaque to torch.compile (`engine::custom_all_reduce`, `engine::all_reduce_add_rms_norm`)
 and are captured in the CUDA graphs like any kernel. Unlike NCCL's, these kernels' waits have no end
@@ -78,8 +77,7 @@ class CustomAllReduce:
         # Where a Lamport kernel gave up waiting (only with a bounded `spin_limit`: tests)
         self.lamport_status = torch.zeros(8, dtype=torch.int32, device=device)
         self.spin_limit = kernel.FOREVER
-        # Off unless asked for: neither kernel has passed its GPU tests yet (perf/RESULTS.md, session 16).
-        protocol = os.environ.get("ENGINE_FUSED_ALLREDUCE", "0")
+        protocol = os.environ.get("ENGINE_FUSED_ALLREDUCE", "lamport")
         if protocol not in ("0", *kernel.PROTOCOLS):
             raise ValueError(f"ENGINE_FUSED_ALLREDUCE={protocol!r}: one of 0, {', '.join(kernel.PROTOCOLS)}")
         if protocol == "flags" and kernel.GRID * world * 4 > handle.signal_pad_size:

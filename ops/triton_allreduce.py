@@ -1,7 +1,9 @@
 """One kernel for what follows every row-parallel layer under tensor parallelism: the all-reduce of its
-partial sums, the residual add and the next RMSNorm. EXPERIMENTAL, off by default
-(`ENGINE_FUSED_ALLREDUCE=lamport|flags` turns it on): on two H100s its GPU test has not passed yet
-(perf/RESULTS.md, session 16).
+partial sums, the residual add and the next RMSNorm. The engine uses the Lamport variant wherever the
+custom all-reduce is on (`ENGINE_FUSED_ALLREDUCE=flags` picks the barrier-based one, `=0` neither).
+Session 16's Lamport kernel summed wrong on the GPUs: Triton 3.6 compiles -tl.zeros() and
+tl.full(-0.0) to +0.0, so it never marked a slot empty again; the marks are made from their bits
+since session 17 (perf/RESULTS.md), checked by perf/fused_allreduce_check.py and the GPU tests.
 
 Why: at batch 1 a decode step of Llama-3.1-8B at TP=2 all-reduces 65 tensors of 8 KiB, each followed
 by an add and a norm that torch.compile fuses into a kernel of its own. Both kernels are all latency
@@ -33,8 +35,6 @@ j + 2, and they cannot get there before this use is done (they need our values o
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -44,16 +44,6 @@ MAX_HIDDEN = 16384  # one row in registers of one program
 SLOTS = 3  # the Lamport kernel's rotation: written, being read, being emptied
 PROTOCOLS = ("lamport", "flags")
 FOREVER = 2**31 - 1  # polls of a row before the Lamport kernel gives up: hours
-
-
-@triton.jit
-def _fence_system(FENCE: tl.constexpr):
-    """fence.acq_rel.sys in every thread: its stores so far (into the peers' memory too) are seen by
-    every thread of the system before anything it does after. (Skipped under the Triton interpreter,
-    which runs no inline assembly and has one memory.)"""
-    if FENCE:
-        tl.inline_asm_elementwise("fence.acq_rel.sys;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                                  is_pure=False, pack=1)
 
 
 @triton.jit
@@ -101,7 +91,7 @@ def _lamport_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, buffer_ptrs, slot_ptr, status_ptr,
     n_rows, hidden, region, eps, rank, spin_limit,
     WORLD: tl.constexpr, GRID: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    SLOTS: tl.constexpr, FENCE: tl.constexpr,
+    SLOTS: tl.constexpr,
 ):
     # Each row keeps its own slot counter (slot_ptr[row]): a row's regions are in step with its own
     # uses, whichever calls took it (a counter a program would keep for all its rows goes out of step
@@ -123,10 +113,9 @@ def _lamport_kernel(
             if r != rank:
                 peer = tl.multiple_of(tl.load(buffer_ptrs + r).to(tl.pointer_type(dtype)), 16)
                 tl.store(peer + ours + offs, v, mask=mask)
-    # The pushes are plain stores into the peers' memory: fenced, so that they are out before this
-    # program waits for the peers' (session 16: without it the GPU test hung; whether this is why is
-    # not known yet)
-    _fence_system(FENCE)
+    # The pushes are plain stores into the peers' memory, with no fence after them: a peer waits for each
+    # value itself (the marks), so it needs no order between them. (Session 16 put a fence.acq_rel.sys
+    # here while the marks were broken; it fixed nothing, and session 17 took it out.)
     # 2. sum, in rank order, each peer's row once all of it has landed in our buffer; then empty our
     # regions of the row's slot that the peers write two uses from now (they cannot get there before
     # this one is done: they need our values of the next use first), and move the row's counter on
@@ -240,8 +229,7 @@ def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weig
     residual = x if residual is None else residual
     if protocol == "lamport":
         _lamport_kernel[(GRID,)](x, residual, weight, out, residual_out, buffer_ptrs, state, status,
-                                 n_rows, hidden, region, eps, rank, spin_limit, SLOTS=SLOTS,
-                                 FENCE=os.environ.get("TRITON_INTERPRET") != "1", **common)
+                                 n_rows, hidden, region, eps, rank, spin_limit, SLOTS=SLOTS, **common)
     elif protocol == "flags":
         _flags_kernel[(GRID,)](x, residual, weight, out, residual_out, buffer_ptrs, signal_pad_ptrs, state,
                                n_rows, hidden, region, eps, rank, **common)

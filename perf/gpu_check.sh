@@ -374,7 +374,7 @@ for stage in "$@"; do
               timeout 150 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k "custom_all_reduce or fused_all_reduce" 2>&1 | tee "$OUT/custom_ar_test.log" | tail -15
               ENGINE_FUSED_ALLREDUCE=lamport bench llama8b_bs1_tp2_fused --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
               grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/llama8b_bs1_tp2_fused.log" | cut -c1-600
-              bench llama8b_bs1_tp2_unfused --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
+              ENGINE_FUSED_ALLREDUCE=0 bench llama8b_bs1_tp2_unfused --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
               grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/llama8b_bs1_tp2_unfused.log" | cut -c1-600
               CUDA_VISIBLE_DEVICES=0 bench llama8b_bs1_tp1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
     fused-check) # (2 GPUs) the fused all-reduce kernels under perf/fused_allreduce_check.py (one call at a time, bursts, a
