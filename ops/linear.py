@@ -24,6 +24,9 @@ import torch.nn.functional as F
 # reaches a server's engine process too) sends everything to F.linear, to measure cuBLAS alone.
 GEMV_DEVICES = ("cuda",) if importlib.util.find_spec("triton") and os.environ.get("ENGINE_GEMV") != "0" else ()
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
+# The MLP's SwiGLU activation inside the down projection's op (silu_mul_dense_linear, session 16); ENGINE_SILU_IN_GEMV=0
+# leaves it to torch (torch.compile fuses it), as before, to measure the two against each other.
+SILU_IN_LINEAR = os.environ.get("ENGINE_SILU_IN_GEMV") != "0"
 
 
 def _gemv_module():
@@ -99,6 +102,8 @@ def silu_mul_dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     round trip through memory less a layer), else a one-kernel activation and F.linear."""
     if x.device.type not in GEMV_DEVICES:
         return F.linear(silu_and_mul(x), weight, bias)
+    if not SILU_IN_LINEAR:
+        return dense_linear(silu_and_mul(x), weight, bias)
     if torch.compiler.is_compiling():
         return _silu_mul_dense_linear_op(x, weight, bias)
     return _silu_mul_dense_linear(x, weight, bias)

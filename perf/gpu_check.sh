@@ -5,6 +5,7 @@
 # Usage (on the lent GPU, from the repo root): bash perf/gpu_check.sh STAGE...
 #   tests   pytest -m gpu (attention kernels, the GPU engine, the fused sampler, the GEMV)
 #   nano    Qwen3-0.6B, nano workload (nano-sync: without async scheduling; nano-nc: graphs without torch.compile;
+#           nano-silu: with the SwiGLU activation left to torch.compile, then as it is;
 #           nano-fp8: with an fp8 KV cache)
 #   llama1  Llama-3.1-8B, batch 1, 128 in / 512 out
 #           (llama1-sync: without async scheduling; llama1-parts: then again with 512-position decode partitions,
@@ -137,6 +138,10 @@ for stage in "$@"; do
     quant) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py 2>&1 | tee "$OUT/quant_tests.log" | tail -15
            timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --out "$OUT/quant_bench.json" 2>&1 | tee "$OUT/quant_bench.log" | tail -80 ;;
     nano) TORCH_LOGS=recompiles bench nano_qwen3 --model qwen3-0.6b --workload nano ;;
+    nano-silu) # nano with the SwiGLU activation left to torch.compile (ENGINE_SILU_IN_GEMV=0), then as it is (session 16's
+               # activation inside the down projection's op), same machine
+               ENGINE_SILU_IN_GEMV=0 bench nano_qwen3_silu_torch --model qwen3-0.6b --workload nano
+               bench nano_qwen3 --model qwen3-0.6b --workload nano ;;
     nano-sync) bench nano_qwen3_sync --model qwen3-0.6b --workload nano --no-async-scheduling ;;
     nano-fp8) TORCH_LOGS=recompiles bench nano_qwen3_fp8 --model qwen3-0.6b --workload nano --kv-cache-dtype fp8 ;;
     nano-nc) bench nano_qwen3_nocompile --model qwen3-0.6b --workload nano --no-compile ;;
