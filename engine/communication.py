@@ -76,6 +76,7 @@ class CustomAllReduce:
                        "lamport": torch.zeros(numel // 8, dtype=torch.int32, device=device)}  # a row each (hidden >= 8)
         # Where a Lamport kernel gave up waiting (only with a bounded `spin_limit`: tests)
         self.lamport_status = torch.zeros(8, dtype=torch.int32, device=device)
+        self.lamport_hidden: int | None = None  # the row size its counters are for (fused_fits)
         self.spin_limit = kernel.FOREVER
         protocol = os.environ.get("ENGINE_FUSED_ALLREDUCE", "lamport")
         if protocol not in ("0", *kernel.PROTOCOLS):
@@ -139,11 +140,18 @@ class CustomAllReduce:
         return torch.ops.symm_mem.one_shot_all_reduce_copy_out(symm, x, "sum", self.group_name, out)
 
     def fused_fits(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
-        return (self.fused and x.dim() == 2 and self.fits(x) and x.numel() <= self.region
+        fits = (self.fused and x.dim() == 2 and self.fits(x) and x.numel() <= self.region
                 and x.shape[-1] <= fused_kernel().MAX_HIDDEN
                 and x.shape[-1] % 8 == 0  # 16-byte rows: the kernel's vector loads
                 and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))
                 and weight.shape == x.shape[-1:] and weight.dtype == x.dtype)
+        if fits and self.protocol == "lamport":
+            # The Lamport kernel keeps a slot counter a row, and a row is `hidden` values of the buffer:
+            # rows of another size would land across other rows' counters. The first size takes it (every
+            # rank makes the same calls); others take the unfused path. (A model's norms share one size.)
+            self.lamport_hidden = self.lamport_hidden or x.shape[-1]
+            fits = x.shape[-1] == self.lamport_hidden
+        return fits
 
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                                 eps: float, out: torch.Tensor, residual_out: torch.Tensor) -> None:

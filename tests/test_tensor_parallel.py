@@ -337,6 +337,23 @@ def test_the_custom_all_reduce_runs_only_where_its_kernel_can():
     assert why_not_custom(cuda, torch.bfloat16, 1) == "one rank"
 
 
+def test_the_lamport_kernel_takes_rows_of_one_size_only():
+    """Its slot counters are a row each, a row `hidden` values of its buffer: calls of another row size
+    (none in a model, whose norms share one) take the unfused path instead of reusing those rows."""
+    from engine.communication import CustomAllReduce
+
+    custom = CustomAllReduce.__new__(CustomAllReduce)  # its buffer without the rendezvous (CPU)
+    custom.buffer, custom.region = torch.zeros(1024, dtype=torch.bfloat16), 1024
+    custom.protocol, custom.lamport_hidden = "lamport", None
+    rows = lambda n, hidden: (torch.zeros(n, hidden, dtype=torch.bfloat16), None, torch.ones(hidden, dtype=torch.bfloat16))
+    assert custom.fused_fits(*rows(2, 64)) and custom.fused_fits(*rows(16, 64))
+    assert not custom.fused_fits(*rows(2, 128))  # another size: unfused
+    assert not custom.fused_fits(*rows(17, 64))  # past the buffer: unfused, and no claim changes
+    assert custom.fused_fits(*rows(1, 64)) and custom.lamport_hidden == 64
+    custom.protocol = "flags"  # the barrier-based kernel keeps no row state: any size
+    assert custom.fused_fits(*rows(2, 128))
+
+
 def test_rank_0_stands_in_for_failed_peers_once_a_process_and_only_with_the_custom_all_reduce(monkeypatch):
     """A worker's error report and its exit (and each dead worker with TP > 2) all report a failure:
     one stand-in thread, not one each."""
