@@ -1,5 +1,10 @@
 """/v1/completions: one engine request per prompt (a string, strings, token ids or token-id lists),
-n choices each, with the prompt echoed in front on request and logprobs in completions' shape."""
+n choices each, with the prompt echoed in front on request and logprobs in completions' shape.
+
+`echo` with `max_tokens` 0 is a scoring request (lm-evaluation-harness's loglikelihood over the
+OpenAI API): the answer is the prompt and, with `logprobs`, the prompt's logprobs, nothing generated,
+as vLLM answers it. The engine runs it as a one-token request (it generates at least one token)
+whose token the answer leaves out."""
 
 from __future__ import annotations
 
@@ -48,11 +53,14 @@ class _CompletionContext:
     created: int
     tokenizer: object
     echo_texts: list[str]  # per prompt; empty strings without echo
+    scoring: bool = False  # echo with max_tokens 0: the prompt alone, its one generated token left out
 
     def choice(self, prompt_index: int, output: RequestOutput, completion: CompletionOutput,
                text: str, tokens: slice, first: bool, text_offset: int = 0) -> CompletionChoice:
         """A choice carrying `text` and the logprobs of `tokens` (their text_offset counted from
         `text_offset`), with the echoed prompt in front of the choice's first part."""
+        if self.scoring:
+            text, tokens = "", slice(0, 0)
         echo = first and self.req.echo
         logprobs = None
         if self.req.logprobs is not None:
@@ -80,11 +88,12 @@ async def create_completion(request: Request, server: Server) -> Response:
     server.check_model(req.model)
     prompts = _completion_prompts(req.prompt)
     echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-    params = sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs=echo_logprobs)
+    scoring = req.echo and req.max_tokens == 0
+    params = sampling_params(req, 1 if scoring else req.max_tokens, req.logprobs, prompt_logprobs=echo_logprobs)
     tokenizer = engine.tokenizer
     echo_texts = [(p if isinstance(p, str) else tokenizer.decode(p)) if req.echo else "" for p in prompts]
     ctx = _CompletionContext(req, f"cmpl-{uuid.uuid4().hex}", server.served_model_name, int(time.time()),
-                             tokenizer, echo_texts)
+                             tokenizer, echo_texts, scoring)
     engine.check_not_overloaded()  # before the tokenizing, which may take seconds
     if sum(len(p) for p in prompts if isinstance(p, str)) <= INLINE_TOKENIZE_CHARS:
         prompts = _tokenized(tokenizer, prompts)
@@ -108,7 +117,8 @@ async def _completion_response(server: Server, engine: AsyncLLMEngine, ctx: _Com
         for completion in final.outputs
     ]
     choices.sort(key=lambda c: c.index)
-    return json_response(CompletionResponse(ctx.id, ctx.created, ctx.model, choices, usage(finals)))
+    return json_response(CompletionResponse(ctx.id, ctx.created, ctx.model, choices,
+                                            usage(finals, generated=not ctx.scoring)))
 
 
 async def _completion_events(server: Server, engine: AsyncLLMEngine, ctx: _CompletionContext,
@@ -122,6 +132,12 @@ async def _completion_events(server: Server, engine: AsyncLLMEngine, ctx: _Compl
             finals[i] = output
             for completion in output.outputs:
                 index = i * params.n + completion.index
+                if ctx.scoring:  # one event a choice, the prompt, once its request is done
+                    if completion.finish_reason is not None and not cursors[index].done:
+                        cursors[index].done = True
+                        yield sse(CompletionResponse(ctx.id, ctx.created, ctx.model,
+                                                     [ctx.choice(i, output, completion, "", slice(0, 0), first=True)]))
+                    continue
                 first = cursors[index].text_len == 0 and cursors[index].num_tokens == 0
                 parts = new_parts(cursors[index], completion, with_tokens=ctx.req.logprobs is not None)
                 if parts is None:
@@ -130,7 +146,7 @@ async def _completion_events(server: Server, engine: AsyncLLMEngine, ctx: _Compl
                 sent_text[index] += len(choice.text)
                 yield sse(CompletionResponse(ctx.id, ctx.created, ctx.model, [choice]))
         if include_usage(ctx.req):
-            yield sse(CompletionResponse(ctx.id, ctx.created, ctx.model, [], usage(finals)))
+            yield sse(CompletionResponse(ctx.id, ctx.created, ctx.model, [], usage(finals, generated=not ctx.scoring)))
         yield SSE_DONE
     finally:
         generation.close()

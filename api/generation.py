@@ -141,10 +141,11 @@ class Generation:
             tracker.end()
 
 
-def usage(finals: Iterable[RequestOutput | None]) -> Usage:
+def usage(finals: Iterable[RequestOutput | None], generated: bool = True) -> Usage:
+    """Tokens in and out (`generated` False: none out, for an answer that leaves its generated tokens out)."""
     finals = [f for f in finals if f is not None]
     prompt_tokens = sum(len(f.prompt_token_ids) for f in finals)
-    completion_tokens = sum(len(c.token_ids) for f in finals for c in f.outputs)
+    completion_tokens = sum(len(c.token_ids) for f in finals for c in f.outputs) if generated else 0
     cached = sum(f.num_cached_tokens for f in finals)
     return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, PromptTokensDetails(cached))
 

@@ -221,6 +221,28 @@ def test_echo_puts_the_prompt_in_front(client):
     assert choice.logprobs.token_logprobs[0] is None  # nothing comes before the first prompt token
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_without_generating(client):
+    """lm-evaluation-harness's loglikelihood request (vLLM answers it so): the prompt and its logprobs,
+    no completion. Its logprobs are the ones a generating echo request gives the prompt."""
+    prompt = "Rain fell on the green hills"
+    scored = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    choice = scored.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0 and scored.usage.total_tokens == scored.usage.prompt_tokens
+    generating = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, logprobs=1, **GREEDY)
+    n = scored.usage.prompt_tokens
+    assert len(choice.logprobs.tokens) == n
+    assert choice.logprobs.tokens == generating.choices[0].logprobs.tokens[:n]
+    assert choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(generating.choices[0].logprobs.token_logprobs[1:n])
+    streamed = list(client.completions.create(model=MODEL, prompt=[prompt, "Snow"], max_tokens=0, echo=True,
+                                              stream=True, stream_options={"include_usage": True}))
+    texts = {c.choices[0].index: c.choices[0].text for c in streamed if c.choices}
+    assert texts == {0: prompt, 1: "Snow"} and streamed[-1].usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be at least 1"):  # without echo: nothing to return
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
+
+
 def test_several_prompts_give_a_choice_each(client):
     prompts = ["One, two, three", "Paris is the capital of"]
     together = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, n=2, **GREEDY)
