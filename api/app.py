@@ -117,7 +117,7 @@ async def tokenize(request: Request, server: Server) -> Response:
         raise APIError(400, "give exactly one of prompt and messages", param="prompt")
     # Off the event loop: a long prompt takes seconds to render and tokenize.
     if req.messages is not None:
-        prompt = await asyncio.to_thread(chat_prompt, server, engine.tokenizer, req.messages, req.add_generation_prompt)
+        prompt = await asyncio.to_thread(chat_prompt, server, engine.tokenizer, req)
         tokens = prompt["prompt_token_ids"]
     else:
         tokens = await asyncio.to_thread(engine.tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)

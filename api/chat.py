@@ -23,8 +23,8 @@ from api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
-    ChatMessageParam,
     DeltaMessage,
+    TokenizeRequest,
 )
 from api.server import Server, read_json
 from api.streaming import EventStream, unless_disconnected
@@ -32,19 +32,37 @@ from engine.async_engine import AsyncLLMEngine
 from engine.sampling_params import SamplingParams
 
 
-def chat_prompt(server: Server, tokenizer, messages: list[ChatMessageParam], add_generation_prompt: bool) -> dict:
-    """The engine prompt for `messages`: rendered and tokenized (slow for long ones: run it off the
-    event loop). The template writes the special tokens (BOS, headers) itself."""
-    text = render_chat(server, tokenizer, messages, add_generation_prompt)
+def chat_prompt(server: Server, tokenizer, req: ChatCompletionRequest | TokenizeRequest) -> dict:
+    """The engine prompt for a request's messages: rendered and tokenized (slow for long ones: run it
+    off the event loop). The template writes the special tokens (BOS, headers) itself."""
+    text = render_chat(server, tokenizer, req)
     return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
 
-def render_chat(server: Server, tokenizer, messages: list[ChatMessageParam], add_generation_prompt: bool) -> str:
+# Arguments of apply_chat_template that chat_template_kwargs may not set (the request's own fields do)
+_RESERVED_TEMPLATE_KWARGS = {"conversation", "messages", "chat_template", "add_generation_prompt",
+                             "continue_final_message", "tokenize", "tools", "documents", "return_dict",
+                             "return_tensors", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+
+
+def render_chat(server: Server, tokenizer, req: ChatCompletionRequest | TokenizeRequest) -> str:
+    """The request's messages through the chat template, with vLLM's options: add_generation_prompt,
+    continue_final_message (the last message left open, so the model continues it) and
+    chat_template_kwargs (more variables for the template)."""
+    messages = req.messages
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
     if server.chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template (none in its tokenizer files); start the server "
                             "with --chat-template FILE, or use /v1/completions", param="messages")
+    if req.continue_final_message and req.add_generation_prompt:
+        raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true (set "
+                            "add_generation_prompt to false to continue the last message)", param="continue_final_message")
+    template_kwargs = req.chat_template_kwargs or {}
+    reserved = sorted(_RESERVED_TEMPLATE_KWARGS & template_kwargs.keys())
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)} (use the request's own "
+                            "fields)", param="chat_template_kwargs")
     conversation = []
     for message in messages:
         content = message.content
@@ -56,9 +74,13 @@ def render_chat(server: Server, tokenizer, messages: list[ChatMessageParam], add
                             | ({"name": message.name} if message.name else {}))
     try:
         return tokenizer.apply_chat_template(conversation, chat_template=server.chat_template,
-                                             add_generation_prompt=add_generation_prompt, tokenize=False)
+                                             add_generation_prompt=req.add_generation_prompt,
+                                             continue_final_message=req.continue_final_message, tokenize=False,
+                                             **template_kwargs)
     except jinja2.TemplateError as exc:
         raise APIError(400, f"the chat template failed on these messages: {exc}", param="messages") from exc
+    except ValueError as exc:  # continue_final_message: the last message's text not found in the rendering
+        raise APIError(400, f"the chat template cannot render these messages so: {exc}", param="messages") from exc
 
 
 async def create_chat_completion(request: Request, server: Server) -> Response:
@@ -74,9 +96,9 @@ async def create_chat_completion(request: Request, server: Server) -> Response:
     length = sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text or "") for p in m.content or [])
                  for m in req.messages)
     if length <= INLINE_TOKENIZE_CHARS:
-        prompt = chat_prompt(server, engine.tokenizer, req.messages, req.add_generation_prompt)
+        prompt = chat_prompt(server, engine.tokenizer, req)
     else:
-        prompt = await asyncio.to_thread(chat_prompt, server, engine.tokenizer, req.messages, req.add_generation_prompt)
+        prompt = await asyncio.to_thread(chat_prompt, server, engine.tokenizer, req)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     head = (request_id, int(time.time()), server.served_model_name)
     if req.stream:

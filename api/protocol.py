@@ -86,6 +86,8 @@ class ChatCompletionRequest(SamplingRequest, kw_only=True):
     logprobs: bool | None = False
     top_logprobs: int | None = None  # 0..20, needs logprobs=true
     add_generation_prompt: bool = True  # vLLM's: end the prompt with the assistant header
+    continue_final_message: bool = False  # vLLM's: leave the last message open for the model to go on with
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more template variables (Qwen3's enable_thinking)
     tools: list[dict[str, Any]] | None = None  # refused unless tool_choice is "none": no tool calling
     tool_choice: str | dict[str, Any] | None = None
 
@@ -102,6 +104,8 @@ class TokenizeRequest(Struct, kw_only=True):
     messages: list[ChatMessageParam] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(Struct, kw_only=True):

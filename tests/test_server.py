@@ -576,6 +576,39 @@ def test_chat_template_comes_from_the_flag_or_a_clear_400(small_engine, monkeypa
     assert response.status_code == 400 and "--chat-template" in response.json()["error"]["message"]
 
 
+def test_chat_takes_vllms_template_options(small_engine):
+    """chat_template_kwargs reach the template (as Qwen3's enable_thinking does); continue_final_message
+    leaves the last message open for the model to go on with; both in /tokenize too, and misuse is a 400."""
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% if enable_thinking is defined and not enable_thinking %}"
+                "<no-think>{% endif %}{% endif %}")
+    app = build_app(small_engine, chat_template=template)
+    encode = lambda text: small_engine.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    user = [{"role": "user", "content": "Paris"}]
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as http:
+            async def tokens(**body):
+                response = await http.post("/tokenize", json={"messages": user, **body})
+                return response.json()["tokens"] if response.status_code == 200 else response
+            assert await tokens() == encode("<user>Paris</s><assistant>")
+            assert await tokens(chat_template_kwargs={"enable_thinking": False}) == encode("<user>Paris</s><assistant><no-think>")
+            opened = user + [{"role": "assistant", "content": "The answer is"}]
+            response = await http.post("/tokenize", json={"messages": opened, "add_generation_prompt": False,
+                                                          "continue_final_message": True})
+            assert response.json()["tokens"] == encode("<user>Paris</s><assistant>The answer is")
+            chat = await http.post(CHAT, json={"messages": opened, "add_generation_prompt": False,
+                                               "continue_final_message": True, "max_tokens": 1})
+            assert chat.status_code == 200
+            assert chat.json()["usage"]["prompt_tokens"] == len(encode("<user>Paris</s><assistant>The answer is"))
+            both = await http.post(CHAT, json={"messages": opened, "continue_final_message": True, "max_tokens": 1})
+            assert both.status_code == 400 and "add_generation_prompt" in both.json()["error"]["message"]
+            reserved = await tokens(chat_template_kwargs={"add_generation_prompt": False})
+            assert reserved.status_code == 400 and "chat_template_kwargs may not set add_generation_prompt" in reserved.text
+
+    asyncio.run(run())
+
+
 # ---- many clients -----------------------------------------------------------------------------------
 
 
