@@ -14,7 +14,8 @@ from starlette.responses import Response
 
 from api.encoding import SSE_DONE, json_response, sse
 from api.errors import APIError
-from api.generation import INLINE_TOKENIZE_CHARS, Cursor, Generation, include_usage, new_parts, sampling_params, usage
+from api.generation import (INLINE_TOKENIZE_CHARS, Cursor, Generation, include_usage, new_parts, sampling_params,
+                            truncated, usage)
 from api.logprobs import chat_logprobs
 from api.protocol import (
     ChatChoice,
@@ -99,6 +100,7 @@ async def create_chat_completion(request: Request, server: Server) -> Response:
         prompt = chat_prompt(server, engine.tokenizer, req)
     else:
         prompt = await asyncio.to_thread(chat_prompt, server, engine.tokenizer, req)
+    prompt = truncated(prompt, req, engine.tokenizer, engine.max_model_len)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     head = (request_id, int(time.time()), server.served_model_name)
     if req.stream:

@@ -19,7 +19,8 @@ from starlette.responses import Response
 
 from api.encoding import SSE_DONE, json_response, sse
 from api.errors import APIError
-from api.generation import INLINE_TOKENIZE_CHARS, Cursor, Generation, include_usage, new_parts, sampling_params, usage
+from api.generation import (INLINE_TOKENIZE_CHARS, Cursor, Generation, include_usage, new_parts, sampling_params,
+                            truncated, usage)
 from api.logprobs import completion_logprobs
 from api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from api.server import Server, read_json
@@ -75,6 +76,13 @@ class _CompletionContext:
                                 completion.finish_reason, completion.stop_reason)
 
 
+def _prompt_text(prompt, tokenizer) -> str:
+    """A prompt's text as echoed: given, or decoded from its token ids."""
+    if isinstance(prompt, dict):
+        return prompt["prompt"]
+    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+
+
 def _tokenized(tokenizer, prompts: list) -> list:
     """Text prompts with their token ids, encoded as the engine would. Run off the event loop, and
     done here rather than in the engine's step thread: a long prompt takes seconds, and would
@@ -91,14 +99,15 @@ async def create_completion(request: Request, server: Server) -> Response:
     scoring = req.echo and req.max_tokens == 0
     params = sampling_params(req, 1 if scoring else req.max_tokens, req.logprobs, prompt_logprobs=echo_logprobs)
     tokenizer = engine.tokenizer
-    echo_texts = [(p if isinstance(p, str) else tokenizer.decode(p)) if req.echo else "" for p in prompts]
-    ctx = _CompletionContext(req, f"cmpl-{uuid.uuid4().hex}", server.served_model_name, int(time.time()),
-                             tokenizer, echo_texts, scoring)
     engine.check_not_overloaded()  # before the tokenizing, which may take seconds
     if sum(len(p) for p in prompts if isinstance(p, str)) <= INLINE_TOKENIZE_CHARS:
         prompts = _tokenized(tokenizer, prompts)
     else:
         prompts = await asyncio.to_thread(_tokenized, tokenizer, prompts)
+    prompts = [truncated(p, req, tokenizer, engine.max_model_len) for p in prompts]
+    echo_texts = [_prompt_text(p, tokenizer) if req.echo else "" for p in prompts]
+    ctx = _CompletionContext(req, f"cmpl-{uuid.uuid4().hex}", server.served_model_name, int(time.time()),
+                             tokenizer, echo_texts, scoring)
     if req.stream:
         return EventStream(_completion_events(server, engine, ctx, prompts, params))
     return await unless_disconnected(request, lambda: _completion_response(server, engine, ctx, prompts, params))

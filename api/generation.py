@@ -37,6 +37,9 @@ def refuse_unsupported(req: SamplingRequest) -> None:
     if req.response_format is not None and req.response_format.get("type", "text") != "text":
         raise APIError(400, "structured output is not supported: response_format must be {\"type\": \"text\"}",
                        param="response_format")
+    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
+        if getattr(req, name) is not None:
+            raise APIError(400, f"structured output is not supported: {name} cannot be honoured", param=name)
     if getattr(req, "suffix", None):
         raise APIError(400, "suffix is not supported", param="suffix")
     if getattr(req, "tools", None) and req.tool_choice != "none":
@@ -62,6 +65,25 @@ def sampling_params(req: SamplingRequest, max_tokens: int | None, logprobs: int 
         include_stop_str_in_output=req.include_stop_str_in_output, max_tokens=max_tokens, logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, **kwargs,
     )
+
+
+def truncated(prompt, req: SamplingRequest, tokenizer, max_model_len: int):
+    """vLLM's truncate_prompt_tokens: a tokenized prompt ({"prompt", "prompt_token_ids"} or token
+    ids) cut to its last k tokens (k = -1: max_model_len); the text of a cut one decoded from what is left."""
+    k = req.truncate_prompt_tokens
+    if k is None:
+        return prompt
+    if k == -1:
+        k = max_model_len
+    if k < 1:
+        raise APIError(400, f"truncate_prompt_tokens must be at least 1, or -1 for max_model_len; got {k}",
+                       param="truncate_prompt_tokens")
+    if isinstance(prompt, dict) and len(prompt["prompt_token_ids"]) > k:
+        ids = prompt["prompt_token_ids"][-k:]
+        return {"prompt": tokenizer.decode(ids), "prompt_token_ids": ids}
+    if isinstance(prompt, list) and len(prompt) > k:
+        return prompt[-k:]
+    return prompt
 
 
 def include_usage(req: SamplingRequest) -> bool:

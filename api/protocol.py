@@ -45,9 +45,16 @@ class SamplingRequest(Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as by OpenAI for abuse tracking
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI) -> bias in [-100, 100]
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (-1: max_model_len)
     # Read only to refuse them (api/generation.refuse_unsupported): clients must not be silently ignored.
     best_of: int | None = None
     response_format: dict[str, Any] | None = None
+    # vLLM's structured-output extras
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
     def __post_init__(self) -> None:
         self.n = 1 if self.n is None else self.n

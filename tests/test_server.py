@@ -243,6 +243,33 @@ def test_echo_with_max_tokens_0_scores_the_prompt_without_generating(client):
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, http):
+    """vLLM's truncate_prompt_tokens: the prompt cut to its last k tokens before it runs, whatever its form."""
+    prompt = "Rain fell on the green hills of the north all night long"
+    ids = http.post("/tokenize", json={"prompt": prompt}).json()["tokens"]
+    assert len(ids) > 6
+    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True,
+                                    extra_body={"truncate_prompt_tokens": 4, **GREEDY["extra_body"]}, temperature=0)
+    tail = client.completions.create(model=MODEL, prompt=ids[-4:], max_tokens=3, echo=True, **GREEDY)
+    assert cut.usage.prompt_tokens == 4 and cut.choices[0].text == tail.choices[0].text  # same tokens, same echo
+    as_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=3, extra_body={"truncate_prompt_tokens": 4})
+    assert as_ids.usage.prompt_tokens == 4
+    kept = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body={"truncate_prompt_tokens": -1})
+    assert kept.usage.prompt_tokens == len(ids)  # -1: up to max_model_len, so nothing cut here
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=1,
+                                          extra_body={"truncate_prompt_tokens": 5})
+    assert chat.usage.prompt_tokens == 5
+    with pytest.raises(openai.BadRequestError, match="truncate_prompt_tokens must be at least 1"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body={"truncate_prompt_tokens": 0})
+
+
+@pytest.mark.parametrize("field, value", [("guided_choice", ["yes", "no"]), ("guided_json", {"type": "object"}),
+                                          ("guided_regex", "a+"), ("structured_outputs", {"choice": ["a"]})])
+def test_vllms_structured_output_fields_are_refused_by_name(client, field, value):
+    with pytest.raises(openai.BadRequestError, match=f"structured output is not supported: {field}"):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=1, extra_body={field: value})
+
+
 def test_several_prompts_give_a_choice_each(client):
     prompts = ["One, two, three", "Paris is the capital of"]
     together = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, n=2, **GREEDY)
