@@ -21,7 +21,7 @@ from api.encoding import SSE_DONE, json_response, sse
 from api.errors import APIError
 from api.generation import (INLINE_TOKENIZE_CHARS, Cursor, Generation, include_usage, new_parts, sampling_params,
                             truncated, usage)
-from api.logprobs import completion_logprobs
+from api.logprobs import completion_logprobs, prompt_logprobs
 from api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from api.server import Server, read_json
 from api.streaming import EventStream, unless_disconnected
@@ -72,8 +72,11 @@ class _CompletionContext:
             logprobs = completion_logprobs(entries, text_offset, self.tokenizer)
         if echo:
             text = self.echo_texts[prompt_index] + text
-        return CompletionChoice(prompt_index * self.req.n + completion.index, text, logprobs,
-                                completion.finish_reason, completion.stop_reason)
+        choice = CompletionChoice(prompt_index * self.req.n + completion.index, text, logprobs,
+                                  completion.finish_reason, completion.stop_reason)
+        if first and self.req.prompt_logprobs is not None:
+            choice.prompt_logprobs = prompt_logprobs(output, self.tokenizer)
+        return choice
 
 
 def _prompt_text(prompt, tokenizer) -> str:
@@ -96,8 +99,12 @@ async def create_completion(request: Request, server: Server) -> Response:
     server.check_model(req.model)
     prompts = _completion_prompts(req.prompt)
     echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+    if echo_logprobs is not None and req.prompt_logprobs not in (None, echo_logprobs):
+        raise APIError(400, f"echo with logprobs {echo_logprobs} and prompt_logprobs {req.prompt_logprobs} ask for "
+                            "the prompt's logprobs twice: give them the same number", param="prompt_logprobs")
     scoring = req.echo and req.max_tokens == 0
-    params = sampling_params(req, 1 if scoring else req.max_tokens, req.logprobs, prompt_logprobs=echo_logprobs)
+    params = sampling_params(req, 1 if scoring else req.max_tokens, req.logprobs,
+                             prompt_logprobs=echo_logprobs if echo_logprobs is not None else req.prompt_logprobs)
     tokenizer = engine.tokenizer
     engine.check_not_overloaded()  # before the tokenizing, which may take seconds
     if sum(len(p) for p in prompts if isinstance(p, str)) <= INLINE_TOKENIZE_CHARS:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from api.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
-from engine.outputs import PositionLogprobs
+from api.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, PromptLogprob, TopLogprob
+from engine.outputs import PositionLogprobs, RequestOutput
 
 
 def _token_text(token_id: int, position: PositionLogprobs | None, tokenizer) -> str:
@@ -44,3 +44,12 @@ def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], top_k
                for t_text, lp in ((_token_text(t, position, tokenizer), lp) for t, lp in best)]
         content.append(ChatTokenLogprob(text, position[token_id].logprob, list(text.encode()), top))
     return ChatLogprobs(content)
+
+
+def prompt_logprobs(output: RequestOutput, tokenizer) -> list[dict[int, PromptLogprob] | None]:
+    """vLLM's `prompt_logprobs` of a completion choice: per prompt position (None for the first, which
+    nothing comes before), token id -> its logprob, rank and text."""
+    return [None if position is None else
+            {token_id: PromptLogprob(lp.logprob, lp.rank, _token_text(token_id, position, tokenizer))
+             for token_id, lp in position.items()}
+            for position in (output.prompt_logprobs or [None] * len(output.prompt_token_ids))]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from msgspec import Struct
+from msgspec import UNSET, Struct, UnsetType
 
 # ---- requests ---------------------------------------------------------------------------------------
 
@@ -68,6 +68,7 @@ class CompletionRequest(SamplingRequest, kw_only=True):
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = None  # top-k logprobs per token (plus the sampled one)
     echo: bool | None = False  # put the prompt in front of the completion
+    prompt_logprobs: int | None = None  # vLLM's: top-k logprobs of every prompt token (and the token's own)
     suffix: str | None = None  # refused when set: no fill-in-the-middle
 
     def __post_init__(self) -> None:
@@ -141,12 +142,23 @@ class CompletionLogprobs(Struct):
     text_offset: list[int]
 
 
+class PromptLogprob(Struct):
+    """vLLM's entry of a prompt position: a token's logprob, its rank (1 = most likely) and its text."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
 class CompletionChoice(Struct):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # vLLM's, only when asked for (prompt_logprobs): per prompt position (None for the first), token id ->
+    # entry. Absent from the JSON otherwise.
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | UnsetType = UNSET
 
 
 class CompletionResponse(Struct):

@@ -243,6 +243,23 @@ def test_echo_with_max_tokens_0_scores_the_prompt_without_generating(client):
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
 
 
+def test_prompt_logprobs_come_in_vllms_shape_and_agree_with_the_echoed_ones(client):
+    prompt = "Rain fell on the green hills"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, extra_body={"prompt_logprobs": 2})
+    positions = out.choices[0].model_extra["prompt_logprobs"]
+    assert len(positions) == out.usage.prompt_tokens and positions[0] is None
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=2).choices[0].logprobs
+    for i, position in enumerate(positions[1:], start=1):
+        assert 2 <= len(position) <= 3  # the top 2, plus the prompt's own token when not among them
+        entries = {entry["decoded_token"]: entry for entry in position.values()}
+        assert entries[echoed.tokens[i]]["logprob"] == pytest.approx(echoed.token_logprobs[i])
+        assert sorted(e["rank"] for e in position.values())[:2] == [1, 2]
+    assert "prompt_logprobs" not in client.completions.create(model=MODEL, prompt=prompt, max_tokens=1).choices[0].model_extra
+    with pytest.raises(openai.BadRequestError, match="ask for the prompt's logprobs twice"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, echo=True, logprobs=1,
+                                  extra_body={"prompt_logprobs": 3})
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, http):
     """vLLM's truncate_prompt_tokens: the prompt cut to its last k tokens before it runs, whatever its form."""
     prompt = "Rain fell on the green hills of the north all night long"
