@@ -120,7 +120,8 @@ async def _chat_response(server: Server, engine: AsyncLLMEngine, req: ChatComple
         ChatChoice(
             c.index,
             ChatMessage("assistant", c.text),
-            chat_logprobs(c.token_ids, c.logprobs, top_logprobs, engine.tokenizer) if req.logprobs else None,
+            chat_logprobs(c.token_ids, c.logprobs, top_logprobs, engine.tokenizer, req.return_tokens_as_token_ids)
+            if req.logprobs else None,
             c.finish_reason,
             c.stop_reason,
         )
@@ -145,7 +146,8 @@ async def _chat_events(server: Server, engine: AsyncLLMEngine, req: ChatCompleti
                 text, tokens = parts
                 logprobs = None
                 if req.logprobs:
-                    logprobs = chat_logprobs(c.token_ids[tokens], c.logprobs[tokens], top_logprobs, engine.tokenizer)
+                    logprobs = chat_logprobs(c.token_ids[tokens], c.logprobs[tokens], top_logprobs, engine.tokenizer,
+                                             req.return_tokens_as_token_ids)
                 choice = ChatChunkChoice(c.index, DeltaMessage(content=text), logprobs, c.finish_reason, c.stop_reason)
                 yield sse(ChatCompletionChunk(*head, [choice]))
         if include_usage(req):

@@ -69,7 +69,7 @@ class _CompletionContext:
             if echo:
                 prompt_positions = output.prompt_logprobs or [None] * len(output.prompt_token_ids)
                 entries = list(zip(output.prompt_token_ids, prompt_positions)) + entries
-            logprobs = completion_logprobs(entries, text_offset, self.tokenizer)
+            logprobs = completion_logprobs(entries, text_offset, self.tokenizer, self.req.return_tokens_as_token_ids)
         if echo:
             text = self.echo_texts[prompt_index] + text
         choice = CompletionChoice(prompt_index * self.req.n + completion.index, text, logprobs,

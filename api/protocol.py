@@ -46,6 +46,7 @@ class SamplingRequest(Struct, kw_only=True):
     user: str | None = None  # accepted and ignored, as by OpenAI for abuse tracking
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI) -> bias in [-100, 100]
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (-1: max_model_len)
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N", not by their text
     # Read only to refuse them (api/generation.refuse_unsupported): clients must not be silently ignored.
     best_of: int | None = None
     response_format: dict[str, Any] | None = None

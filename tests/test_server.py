@@ -260,6 +260,20 @@ def test_prompt_logprobs_come_in_vllms_shape_and_agree_with_the_echoed_ones(clie
                                   extra_body={"prompt_logprobs": 3})
 
 
+def test_return_tokens_as_token_ids_names_logprobs_tokens_by_id(client, http):
+    ids = {"extra_body": {"return_tokens_as_token_ids": True, **GREEDY["extra_body"]}, "temperature": 0}
+    out = client.completions.create(model=MODEL, prompt="Rain fell", max_tokens=4, logprobs=2, **ids)
+    lp = out.choices[0].logprobs
+    tokens = [int(t.removeprefix("token_id:")) for t in lp.tokens]
+    assert http.post("/detokenize", json={"tokens": tokens}).json()["prompt"] == out.choices[0].text
+    assert all(k.startswith("token_id:") for top in lp.top_logprobs for k in top)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          logprobs=True, top_logprobs=1, **ids)
+    content = chat.choices[0].logprobs.content
+    ids_out = [int(entry.token.removeprefix("token_id:")) for entry in content]
+    assert http.post("/detokenize", json={"tokens": ids_out}).json()["prompt"] == chat.choices[0].message.content
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, http):
     """vLLM's truncate_prompt_tokens: the prompt cut to its last k tokens before it runs, whatever its form."""
     prompt = "Rain fell on the green hills of the north all night long"
