@@ -120,7 +120,8 @@ async def tokenize(request: Request, server: Server) -> Response:
         prompt = await asyncio.to_thread(chat_prompt, server, engine.tokenizer, req)
         tokens = prompt["prompt_token_ids"]
     else:
-        tokens = await asyncio.to_thread(engine.tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)
+        tokens = await asyncio.to_thread(engine.tokenizer.encode, req.prompt,
+                                         add_special_tokens=req.add_special_tokens is not False)
     return json_response(TokenizeResponse(len(tokens), engine.max_model_len, tokens))
 
 

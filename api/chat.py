@@ -37,7 +37,7 @@ def chat_prompt(server: Server, tokenizer, req: ChatCompletionRequest | Tokenize
     """The engine prompt for a request's messages: rendered and tokenized (slow for long ones: run it
     off the event loop). The template writes the special tokens (BOS, headers) itself."""
     text = render_chat(server, tokenizer, req)
-    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))}
 
 
 # Arguments of apply_chat_template that chat_template_kwargs may not set (the request's own fields do)

@@ -86,11 +86,12 @@ def _prompt_text(prompt, tokenizer) -> str:
     return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
 
 
-def _tokenized(tokenizer, prompts: list) -> list:
+def _tokenized(tokenizer, prompts: list, add_special_tokens: bool = True) -> list:
     """Text prompts with their token ids, encoded as the engine would. Run off the event loop, and
     done here rather than in the engine's step thread: a long prompt takes seconds, and would
     stall every stream meanwhile. (An empty one is left for the engine to refuse.)"""
-    return [{"prompt": p, "prompt_token_ids": tokenizer.encode(p)} if isinstance(p, str) and p else p for p in prompts]
+    return [{"prompt": p, "prompt_token_ids": tokenizer.encode(p, add_special_tokens=add_special_tokens)}
+            if isinstance(p, str) and p else p for p in prompts]
 
 
 async def create_completion(request: Request, server: Server) -> Response:
@@ -108,9 +109,9 @@ async def create_completion(request: Request, server: Server) -> Response:
     tokenizer = engine.tokenizer
     engine.check_not_overloaded()  # before the tokenizing, which may take seconds
     if sum(len(p) for p in prompts if isinstance(p, str)) <= INLINE_TOKENIZE_CHARS:
-        prompts = _tokenized(tokenizer, prompts)
+        prompts = _tokenized(tokenizer, prompts, req.add_special_tokens)
     else:
-        prompts = await asyncio.to_thread(_tokenized, tokenizer, prompts)
+        prompts = await asyncio.to_thread(_tokenized, tokenizer, prompts, req.add_special_tokens)
     prompts = [truncated(p, req, tokenizer, engine.max_model_len) for p in prompts]
     echo_texts = [_prompt_text(p, tokenizer) if req.echo else "" for p in prompts]
     ctx = _CompletionContext(req, f"cmpl-{uuid.uuid4().hex}", server.served_model_name, int(time.time()),

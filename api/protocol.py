@@ -70,6 +70,7 @@ class CompletionRequest(SamplingRequest, kw_only=True):
     logprobs: int | None = None  # top-k logprobs per token (plus the sampled one)
     echo: bool | None = False  # put the prompt in front of the completion
     prompt_logprobs: int | None = None  # vLLM's: top-k logprobs of every prompt token (and the token's own)
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS (etc.) in front of a text prompt
     suffix: str | None = None  # refused when set: no fill-in-the-middle
 
     def __post_init__(self) -> None:
@@ -97,6 +98,7 @@ class ChatCompletionRequest(SamplingRequest, kw_only=True):
     add_generation_prompt: bool = True  # vLLM's: end the prompt with the assistant header
     continue_final_message: bool = False  # vLLM's: leave the last message open for the model to go on with
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more template variables (Qwen3's enable_thinking)
+    add_special_tokens: bool = False  # vLLM's: the tokenizer's BOS on top of the template's rendering
     tools: list[dict[str, Any]] | None = None  # refused unless tool_choice is "none": no tool calling
     tool_choice: str | dict[str, Any] | None = None
 
@@ -111,7 +113,7 @@ class TokenizeRequest(Struct, kw_only=True):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessageParam] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None  # None: true for a prompt, false for messages (their template adds them)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None

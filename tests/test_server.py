@@ -274,6 +274,23 @@ def test_return_tokens_as_token_ids_names_logprobs_tokens_by_id(client, http):
     assert http.post("/detokenize", json={"tokens": ids_out}).json()["prompt"] == chat.choices[0].message.content
 
 
+def test_add_special_tokens_is_vllms_in_completions_chat_and_tokenize(client, http):
+    """Completions put the tokenizer's BOS in front unless told not to; chat leaves it to the template
+    unless told to add it; /tokenize does the same for a prompt and for messages."""
+    with_bos = http.post("/tokenize", json={"prompt": "Rain fell"}).json()["tokens"]
+    without = http.post("/tokenize", json={"prompt": "Rain fell", "add_special_tokens": False}).json()["tokens"]
+    assert len(with_bos) == len(without) + 1 and with_bos[1:] == without
+    plain = client.completions.create(model=MODEL, prompt="Rain fell", max_tokens=1)
+    bare = client.completions.create(model=MODEL, prompt="Rain fell", max_tokens=1, extra_body={"add_special_tokens": False})
+    assert plain.usage.prompt_tokens == len(with_bos) and bare.usage.prompt_tokens == len(without)
+    messages = [{"role": "user", "content": "Hi"}]
+    rendered = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    doubled = http.post("/tokenize", json={"messages": messages, "add_special_tokens": True}).json()["tokens"]
+    assert doubled[1:] == rendered and len(doubled) == len(rendered) + 1
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, extra_body={"add_special_tokens": True})
+    assert chat.usage.prompt_tokens == len(doubled)
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, http):
     """vLLM's truncate_prompt_tokens: the prompt cut to its last k tokens before it runs, whatever its form."""
     prompt = "Rain fell on the green hills of the north all night long"
