@@ -58,7 +58,8 @@ def render_chat(server: Server, tokenizer, req: ChatCompletionRequest | Tokenize
                             "with --chat-template FILE, or use /v1/completions", param="messages")
     if req.continue_final_message and req.add_generation_prompt:
         raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true (set "
-                            "add_generation_prompt to false to continue the last message)", param="continue_final_message")
+                            "add_generation_prompt to false to continue the last message)",
+                       param="continue_final_message")
     template_kwargs = req.chat_template_kwargs or {}
     reserved = sorted(_RESERVED_TEMPLATE_KWARGS & template_kwargs.keys())
     if reserved:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import queue
 import sys
 import threading
@@ -473,7 +474,7 @@ class AsyncLLMEngine:
             after.prompt_tokens_total != before.prompt_tokens_total
         )
         if going_idle:
-            if progressed:  # a last line for the busy stretch that just ended
+            if progressed and self.log_stats_interval_s != math.inf:  # a last line for the busy stretch that just ended
                 self._write_stats_line(now)
             self._logged_at, self._logged_stats = now, after
         elif now - self._logged_at >= self.log_stats_interval_s:

@@ -41,7 +41,7 @@ from api.app import build_app
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineArgs, check_tensor_parallel_sizes
 from engine.demo_model import demo_model_path
-from engine.serve import LOG_FORMAT, _add_engine_flags, add_app_flags, app_settings
+from engine.serve import LOG_FORMAT, _add_engine_flags, add_app_flags, app_settings, log_stats_interval
 
 logger = logging.getLogger("engine.ray_serve")
 
@@ -191,7 +191,7 @@ def build_application(args: argparse.Namespace, parser: argparse.ArgumentParser)
         _check_model(engine_args)
     resolved = dataclasses.replace(engine_args, device=engine_args.resolve_device().type)  # as judged here
     deployment = EngineServer.options(**deployment_options(args, engine_args))
-    return deployment.bind(resolved, app_kwargs, args.log_stats_interval, args.log_level)
+    return deployment.bind(resolved, app_kwargs, log_stats_interval(args), args.log_level)
 
 
 def _builder_argv(parser: argparse.ArgumentParser, args: dict[str, Any]) -> list[str]:

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import math
 import os
 import re
 import signal
@@ -92,8 +93,20 @@ def add_app_flags(group: argparse._ArgumentGroup) -> None:
                        help="larger request bodies get 413 (default: %(default)s)")
     group.add_argument("--log-stats-interval", type=float, default=5.0, metavar="SECONDS",
                        help="seconds between throughput log lines while busy (default: %(default)s)")
+    group.add_argument("--disable-log-stats", action="store_true",
+                       help="no throughput log lines (vLLM's flag; --log-stats-interval sets how often otherwise)")
     group.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="(default: %(default)s)")
+    group.add_argument("--uvicorn-log-level", default=None,
+                       choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's own log level (vLLM's flag; default: --log-level)")
+    group.add_argument("--disable-log-requests", action="store_true",
+                       help="accepted for vLLM's launch scripts: requests are not logged at info level anyway "
+                            "(--log-level debug logs each one's timeline)")
+
+
+def log_stats_interval(args: argparse.Namespace) -> float:
+    """Seconds between throughput log lines (infinite: none, with --disable-log-stats)."""
+    return math.inf if args.disable_log_stats else args.log_stats_interval
 
 
 def app_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[EngineArgs, dict]:
@@ -174,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("no --model given: serving the built-in demo model (random weights; its words mean nothing)")
         engine_args.model = demo_model_path()
     try:
-        engine = AsyncLLMEngine.from_engine_args(engine_args, log_stats_interval_s=args.log_stats_interval)
+        engine = AsyncLLMEngine.from_engine_args(engine_args, log_stats_interval_s=log_stats_interval(args))
     except Exception as exc:  # a bad checkpoint or flag: one line, the traceback at debug level
         logger.error("cannot load %s: %s", engine_args.model, exc if isinstance(exc, (ValueError, OSError))
                      else f"{type(exc).__name__}: {exc}")
@@ -190,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     freeze_gc_heap()  # this process keeps this engine (or its handle to the engine process) for its life
     app = build_app(engine, **app_kwargs)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level or args.log_level,
                             timeout_graceful_shutdown=10)
     _Server(config, app, app_kwargs["served_model_name"]).run()
     return 0

@@ -7,6 +7,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import logging
+import math
 import os
 import re
 import signal
@@ -754,6 +756,34 @@ def test_every_engine_arg_is_a_flag_with_vllm_names():
     help_text = build_parser().format_help()
     for name in EngineArgs.field_names():
         assert "--" + name.replace("_", "-") in help_text
+
+
+def test_vllms_logging_flags_are_taken(small_engine, caplog):
+    """--disable-log-stats stops the throughput lines, --uvicorn-log-level sets uvicorn's own, and
+    --disable-log-requests is accepted (nothing logs requests at info level here)."""
+    from engine.serve import log_stats_interval
+
+    args = build_parser().parse_args(["--disable-log-stats", "--disable-log-requests", "--uvicorn-log-level", "warning"])
+    assert log_stats_interval(args) == math.inf and args.uvicorn_log_level == "warning" and args.disable_log_requests
+    assert log_stats_interval(build_parser().parse_args([])) == 5.0
+
+    async def one(request_id: str) -> None:
+        async for _ in small_engine.generate("Paris", SamplingParams(max_tokens=4, ignore_eos=True), request_id):
+            pass
+
+    def stats_lines(interval: float) -> int:
+        small_engine.log_stats_interval_s = interval
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="engine"):
+            asyncio.run(one(f"stats-{interval}"))
+            time.sleep(0.3)  # the engine's thread writes the line of the busy stretch as it goes idle
+        return sum("generation" in r.getMessage() and "tok/s" in r.getMessage() for r in caplog.records)
+
+    try:
+        assert stats_lines(0.0) >= 1
+        assert stats_lines(math.inf) == 0
+    finally:
+        small_engine.log_stats_interval_s = 5.0
 
 
 def test_bad_startup_input_exits_with_one_line(llama_checkpoint, tmp_path):
