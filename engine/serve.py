@@ -98,7 +98,8 @@ def add_app_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="(default: %(default)s)")
     group.add_argument("--uvicorn-log-level", default=None,
-                       choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's own log level (vLLM's flag; default: --log-level)")
+                       choices=["critical", "error", "warning", "info", "debug", "trace"],
+                       help="uvicorn's own log level (vLLM's flag; default: --log-level)")
     group.add_argument("--disable-log-requests", action="store_true",
                        help="accepted for vLLM's launch scripts: requests are not logged at info level anyway "
                             "(--log-level debug logs each one's timeline)")
