@@ -45,6 +45,7 @@ class EngineArgs:
 
     model: str = ""  # local Hugging Face checkpoint directory (or hub id when online)
     tokenizer: str | None = None  # tokenizer directory; defaults to the model's
+    trust_remote_code: bool = False  # let transformers run code the checkpoint ships (its auto_map config or tokenizer classes)
     dtype: str = "auto"  # "auto" (the checkpoint's), "float32", "float16" or "bfloat16"
     max_model_len: int | None = None  # longest prompt + output; defaults to the model's max_position_embeddings
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory the engine may use (weights, activations, KV cache)
@@ -199,7 +200,7 @@ class ModelConfig:
         check_local_path(args.model, "model")
         if args.tokenizer:
             check_local_path(args.tokenizer, "tokenizer")
-        hf_config = AutoConfig.from_pretrained(args.model)
+        hf_config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         check_tensor_parallel_sizes(hf_config, args.tensor_parallel_size)
         dtype = _resolve_dtype(args.dtype, hf_config, device)
         quant_config = resolve_quant_config(hf_config, args.quantization, args.model)

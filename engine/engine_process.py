@@ -83,7 +83,7 @@ class RemoteEngine:
             if self._process.is_alive():
                 self._process.kill()
             raise
-        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
         logger.info("engine process %d serves %s", self._process.pid, args.model)
 
     @property

@@ -113,7 +113,7 @@ class LLMEngine:
                              "False); use device='cpu' or 'auto'")
         self.model_config = ModelConfig.from_args(args, device)
         check_tokenizer_files(args.tokenizer or args.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
         self.detokenizer = IncrementalDetokenizer(self.tokenizer)
         self.device = device
         torch.manual_seed(args.seed)  # unseeded requests draw from the global generator

@@ -177,7 +177,7 @@ def _check_model(engine_args: EngineArgs) -> None:
     """Fail here, not in every replica (which Serve would retry): the checkpoint's config must load
     and split `tensor_parallel_size` ways. The path must exist here as on every node."""
     try:
-        hf_config = AutoConfig.from_pretrained(engine_args.model)
+        hf_config = AutoConfig.from_pretrained(engine_args.model, trust_remote_code=engine_args.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load the model {engine_args.model!r}: {exc}") from exc
     check_tensor_parallel_sizes(hf_config, engine_args.tensor_parallel_size)

@@ -235,3 +235,23 @@ def test_demo_model_is_built_once_into_the_cache_dir(tmp_path, monkeypatch):
     with open(os.path.join(path, "generation_config.json")) as f:
         assert json.load(f)["eos_token_id"] == [1, 2]
     assert load(path).config.architectures == ["LlamaForCausalLM"]
+
+
+def test_a_checkpoint_with_its_own_config_code_loads_only_with_trust_remote_code(llama_checkpoint, tmp_path):
+    """vLLM's trust_remote_code: a checkpoint whose config.json names its own config class (auto_map)
+    is refused with transformers' reason without it, and runs like the plain checkpoint with it."""
+    from engine import LLM, SamplingParams
+
+    custom = tmp_path / "custom-config"
+    shutil.copytree(llama_checkpoint, custom)
+    (custom / "configuration_custom_llama.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass CustomLlamaConfig(LlamaConfig):\n    model_type = 'custom_llama'\n")
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="custom_llama", auto_map={"AutoConfig": "configuration_custom_llama.CustomLlamaConfig"})
+    (custom / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        LLM(model=str(custom))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    got = LLM(model=str(custom), trust_remote_code=True).generate(["Paris is"], params)[0].outputs[0].token_ids
+    want = LLM(model=llama_checkpoint).generate(["Paris is"], params)[0].outputs[0].token_ids
+    assert got == want
