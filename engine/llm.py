@@ -75,8 +75,15 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         use_tqdm: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template to one conversation or a list of them, then generate."""
+        """Apply the tokenizer's chat template to one conversation or a list of them, then generate.
+        As vLLM's: `continue_final_message` leaves the last message open for the model to go on with
+        (add_generation_prompt must then be False); `chat_template_kwargs` are more template variables
+        (Qwen3's enable_thinking)."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts, or a list of such lists")
         conversations = [messages] if isinstance(messages[0], dict) else messages
@@ -86,7 +93,8 @@ class LLM:
         prompts = [
             {
                 "prompt_token_ids": tokenizer.apply_chat_template(
-                    conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+                    conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=True,
+                    return_dict=False, continue_final_message=continue_final_message, **(chat_template_kwargs or {})
                 )
             }
             for conv in conversations

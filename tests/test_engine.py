@@ -302,6 +302,24 @@ def test_chat_applies_the_chat_template(llm):
     assert len(out.outputs[0].token_ids) <= 5
 
 
+def test_chat_takes_vllms_template_options(llm):
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% if not thinking %}<no-think>{% endif %}{% endif %}")
+    encode = lambda text: llm.get_tokenizer().encode(text, add_special_tokens=False)  # noqa: E731
+    user = [{"role": "user", "content": "Paris"}]
+    params = SamplingParams(temperature=0, max_tokens=1)
+    (out,) = llm.chat(user, params, chat_template=template, chat_template_kwargs={"thinking": False}, use_tqdm=False)
+    assert out.prompt_token_ids == encode("<user>Paris</s><assistant><no-think>")
+    (out,) = llm.chat(user, params, chat_template=template, chat_template_kwargs={"thinking": True}, use_tqdm=False)
+    assert out.prompt_token_ids == encode("<user>Paris</s><assistant>")
+    opened = user + [{"role": "assistant", "content": "The answer is"}]
+    (out,) = llm.chat(opened, params, chat_template=template, add_generation_prompt=False, continue_final_message=True,
+                      use_tqdm=False)
+    assert out.prompt_token_ids == encode("<user>Paris</s><assistant>The answer is")
+    with pytest.raises(ValueError, match="cannot both be true"):
+        llm.chat(opened, params, chat_template=template, continue_final_message=True, use_tqdm=False)
+
+
 @pytest.mark.parametrize(
     "prompt, params, message",
     [
