@@ -15,7 +15,7 @@ does the three in one kernel of ours (ops.triton_allreduce) on the same buffer, 
 Lamport variant (no barrier: values pushed into the peers' buffers); `ENGINE_FUSED_ALLREDUCE=flags`
 picks the barrier-based one (PyTorch's barrier on its signal pad), `=0` neither (the one-shot
 all-reduce above, then the add and the norm, which torch.compile fuses). perf/RESULTS.md, sessions
-16-17: Llama-3.1-8B batch-1 decode at TP=2 runs ~1.43x TP=1 without it, ~1.56x with it.
+16-17: Llama-3.1-8B batch-1 decode at TP=2 ran 1.43x TP=1 without it, 1.61x with it.
 
 The ops are opaque to torch.compile (`engine::custom_all_reduce`, `engine::all_reduce_add_rms_norm`)
 and are captured in the CUDA graphs like any kernel. Unlike NCCL's, these kernels' waits have no end

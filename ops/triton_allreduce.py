@@ -10,10 +10,10 @@ by an add and a norm that torch.compile fuses into a kernel of its own. Both ker
 (session 15: ~8.5 us for the all-reduce in a graph, a few more for the norm and the gap between them).
 One kernel does both here.
 
-Every rank launches the same grid of GRID programs (the Lamport kernel: one a row up to GRID); program
-p owns rows p, p + GRID, ... Each row's
-values are summed in float32 in rank order (every rank gets the same bits), rounded to the model's
-dtype (the all-reduce's output), the residual added, then RMSNorm'd exactly as
+Every rank launches the same grid of GRID programs (the Lamport kernel: one a row, up to GRID);
+program p owns rows p, p + GRID, ... Each row's values are summed in float32 in rank order (every
+rank gets the same bits), rounded to the model's dtype (the all-reduce's output), the residual
+added, then RMSNorm'd exactly as
 `engine.models.layers.RMSNorm` rounds. Two ways to get the peers' values
 (`torch.distributed._symmetric_memory`: every rank maps every rank's buffer, `buffer_ptrs`):
 
@@ -232,6 +232,7 @@ def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weig
         # A program a row up to GRID (its counters are a row's, so no program needs to run for rows it
         # does not have: at decode's one row, one program instead of GRID)
         grid = (max(1, min(GRID, n_rows)),)
+        status = torch.zeros(8, dtype=torch.int32, device=x.device) if status is None else status
         _lamport_kernel[grid](x, residual, weight, out, residual_out, buffer_ptrs, state, status,
                               n_rows, hidden, region, eps, rank, spin_limit, SLOTS=SLOTS, **common)
     elif protocol == "flags":
