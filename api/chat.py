@@ -14,8 +14,8 @@ from starlette.responses import Response
 
 from api.encoding import SSE_DONE, json_response, sse
 from api.errors import APIError
-from api.generation import (INLINE_TOKENIZE_CHARS, Cursor, Generation, include_usage, new_parts, sampling_params,
-                            truncated, usage)
+from api.generation import (INLINE_TOKENIZE_CHARS, Cursor, Generation, continuous_usage, include_usage, new_parts,
+                            sampling_params, truncated, usage)
 from api.logprobs import chat_logprobs
 from api.protocol import (
     ChatChoice,
@@ -150,7 +150,7 @@ async def _chat_events(server: Server, engine: AsyncLLMEngine, req: ChatCompleti
                     logprobs = chat_logprobs(c.token_ids[tokens], c.logprobs[tokens], top_logprobs, engine.tokenizer,
                                              req.return_tokens_as_token_ids)
                 choice = ChatChunkChoice(c.index, DeltaMessage(content=text), logprobs, c.finish_reason, c.stop_reason)
-                yield sse(ChatCompletionChunk(*head, [choice]))
+                yield sse(ChatCompletionChunk(*head, [choice], usage([final]) if continuous_usage(req) else None))
         if include_usage(req):
             yield sse(ChatCompletionChunk(*head, [], usage([final])))
         yield SSE_DONE

@@ -19,8 +19,8 @@ from starlette.responses import Response
 
 from api.encoding import SSE_DONE, json_response, sse
 from api.errors import APIError
-from api.generation import (INLINE_TOKENIZE_CHARS, Cursor, Generation, include_usage, new_parts, sampling_params,
-                            truncated, usage)
+from api.generation import (INLINE_TOKENIZE_CHARS, Cursor, Generation, continuous_usage, include_usage, new_parts,
+                            sampling_params, truncated, usage)
 from api.logprobs import completion_logprobs, prompt_logprobs
 from api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from api.server import Server, read_json
@@ -161,7 +161,8 @@ async def _completion_events(server: Server, engine: AsyncLLMEngine, ctx: _Compl
                     continue
                 choice = ctx.choice(i, output, completion, *parts, first=first, text_offset=sent_text[index])
                 sent_text[index] += len(choice.text)
-                yield sse(CompletionResponse(ctx.id, ctx.created, ctx.model, [choice]))
+                yield sse(CompletionResponse(ctx.id, ctx.created, ctx.model, [choice],
+                                             usage(finals) if continuous_usage(ctx.req) else None))
         if include_usage(ctx.req):
             yield sse(CompletionResponse(ctx.id, ctx.created, ctx.model, [], usage(finals, generated=not ctx.scoring)))
         yield SSE_DONE

@@ -90,6 +90,11 @@ def include_usage(req: SamplingRequest) -> bool:
     return req.stream_options is not None and req.stream_options.include_usage
 
 
+def continuous_usage(req: SamplingRequest) -> bool:
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): the usage so far in every chunk."""
+    return include_usage(req) and req.stream_options.continuous_usage_stats
+
+
 # ---- engine requests behind one HTTP request ----------------------------------------------------------
 
 

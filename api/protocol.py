@@ -20,6 +20,7 @@ from msgspec import UNSET, Struct, UnsetType
 
 class StreamOptions(Struct, kw_only=True):
     include_usage: bool = False  # a last chunk with empty choices and the usage
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
 
 
 class SamplingRequest(Struct, kw_only=True):

@@ -166,6 +166,22 @@ def test_chat_stream_starts_with_the_role_and_joins_to_the_non_streamed_message(
     assert full.usage.prompt_tokens == rendered["count"]
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(client):
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, stream=True,
+                                            stream_options=options, **GREEDY))
+    counts = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert counts == sorted(counts) and counts[-1] == 6 and chunks[-1].usage.completion_tokens == 6
+    assert all(c.usage.prompt_tokens == chunks[-1].usage.prompt_tokens for c in chunks if c.choices)
+    chat = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                               stream=True, stream_options=options, **GREEDY))
+    counts = [c.usage.completion_tokens for c in chat if c.choices and c.choices[0].delta.content]
+    assert counts and counts == sorted(counts) and chat[-1].usage.completion_tokens == 5
+    plain = list(client.completions.create(model=MODEL, prompt="Once", max_tokens=3, stream=True,
+                                           stream_options={"include_usage": True}, **GREEDY))
+    assert all(c.usage is None for c in plain if c.choices)  # without it, only the last chunk has the usage
+
+
 def test_n_choices_are_reproducible_with_a_seed(client):
     def sample() -> list[str]:
         out = client.completions.create(model=MODEL, prompt="Once upon a time", n=3, max_tokens=8, temperature=1.0,
