@@ -36,12 +36,15 @@ LAYER = ("qkv", "o", "gate_up", "down")
 L2_DEFEAT_BYTES = 256 << 20
 
 
-def sweep_grid() -> dict[str, GemvTiles]:
+def sweep_grid(programs_per_sm: list[int]) -> dict[str, GemvTiles]:
+    """Tiles around the default; with more than one `programs_per_sm`, each tile at each (how far K is
+    split where the tiles alone make too few programs: TP=2's halved shapes make half as many)."""
     grid = {}
-    for bn, bk, warps, stages in itertools.product((4, 8, 16), (512, 1024), (4, 8), (1, 2, 3, 4)):
+    for bn, bk, warps, stages, pps in itertools.product((4, 8, 16), (512, 1024), (4, 8), (1, 2, 3, 4), programs_per_sm):
         per_thread = bn * bk // (32 * warps)  # fp32 sum elements a thread holds, per row of x
         if 16 <= per_thread <= 64:
-            grid[f"n{bn}-k{bk}-w{warps}-s{stages}"] = GemvTiles(bn, bk, warps, stages, 4)
+            suffix = f"-p{pps}" if len(programs_per_sm) > 1 else ""
+            grid[f"n{bn}-k{bk}-w{warps}-s{stages}{suffix}"] = GemvTiles(bn, bk, warps, stages, pps)
     return grid
 
 
@@ -68,6 +71,8 @@ def time_graph(fn, iters_inside: int, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", action="store_true", help="every tile of a grid too, not just ops.triton_gemv.CANDIDATE_TILES")
+    parser.add_argument("--programs-per-sm", nargs="+", type=int, default=[4],
+                        help="with --sweep: each tile at each of these split-K targets (programs an SM)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--int8", action="store_true", help="also int8 weights: the GEMV vs ops.triton_quant")
@@ -76,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     configs = dict(triton_gemv.CANDIDATE_TILES)
     if args.sweep:
-        configs.update(sweep_grid())
+        configs.update(sweep_grid(args.programs_per_sm))
     torch.manual_seed(0)
     results = []
     for shape in args.shapes:
@@ -122,6 +127,8 @@ def main() -> None:
                           f" (err {err:.1e})", flush=True)
         del weights
         torch.cuda.empty_cache()
+        if args.out:  # after each shape: a run cut short by a time limit keeps what it measured
+            Path(args.out).write_text(json.dumps(results, indent=1))
     # Per rows: each config's time summed over one decoder layer's four matmuls (shapes present), ranked.
     for rows in args.rows:
         for prefix in ("", "tp2-"):

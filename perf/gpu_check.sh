@@ -48,6 +48,7 @@
 #           at 16 / 128 / 512 / 2,048 tokens without and with them (perf/latency.py)
 #   gemv    the Triton GEMV's GPU tests (tests/test_triton_gemv.py), then perf/gemv_bench.py --sweep --int8 (every tile
 #           of a grid against cuBLAS on Llama-3.1-8B's shapes at 1 and 2 rows)
+#   gemv-tp2 perf/gemv_bench.py's tile grid at TP=2's shapes (and TP=1's qkv, o, down), one row, at 4 / 8 / 16 programs an SM
 #   nogemv  llama1 with cuBLAS for every dense matmul (ENGINE_GEMV=0: no GEMV), to set against `llama1` in the same call
 #   c1-first the 8B server at debug level, 3 requests one at a time: the log lines from the first request's arrival on
 #   c1      the 8B server at concurrency 1 as it is (128 / 256, 24 prompts, no warm-up request: the first one's TTFT)
@@ -288,6 +289,10 @@ for stage in "$@"; do
     gemv) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_gemv.py 2>&1 | tee "$OUT/gemv_tests.log" | tail -3
           timeout "${STAGE_TIMEOUT:-300}" python3 perf/gemv_bench.py --sweep --int8 --out "$OUT/gemv_bench.json" 2>&1 \
             | tee "$OUT/gemv_bench.log" | tail -60 ;;
+    gemv-tp2) # the GEMV's tile grid at TP=2's halved Llama-3.1-8B shapes (and TP=1's three smallest), one row, each tile at
+              # 4, 8 and 16 programs an SM (how far small shapes split K); JSON written after each shape
+              timeout "${STAGE_TIMEOUT:-300}" python3 perf/gemv_bench.py --sweep --programs-per-sm 4 8 16 --rows 1 \
+                --shapes tp2-qkv tp2-o tp2-down tp2-gate_up qkv o down --out "$OUT/gemv_tp2.json" 2>&1 | tee "$OUT/gemv_tp2.log" | tail -40 ;;
     nogemv) ENGINE_GEMV=0 bench llama8b_bs1_nogemv --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
     sampler) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_sampling.py 2>&1 | tail -3
              timeout "${STAGE_TIMEOUT:-300}" python3 perf/sampler_bench.py 2>&1 | tee "$OUT/sampler_bench.txt" ;;
