@@ -8,11 +8,7 @@ copies this rank's tensor into its buffer, meets the other ranks at a barrier in
 and sums all the buffers over NVLink, and meets them again. One kernel and two barriers, against
 NCCL's protocol and ring steps: a batch-1 decode step of Llama-3.1-8B at TP=2 all-reduces 65 tensors
 of 8 KiB, where latency is all there is. Tensors larger than the buffer and dtypes the kernel does
-not sum (it takes float32 and bfloat16) go to NCCL inside the same op. The LM head's gather of
-the vocabulary-parallel logits (`all_gather_last_dim`) goes through the same buffer when it fits:
-each rank places its slice at its columns of a zero tensor and the one-shot kernel sums them (exact:
-one value and zeros). A decode step then has no NCCL collective left, so the stand-in for a failed
-rank (below) releases every wait of rank 0's GPU; past the buffer it is NCCL's all_gather.
+not sum (it takes float32 and bfloat16) go to NCCL inside the same op.
 
 The model's all-reduces are each followed by a residual add and an RMSNorm: `all_reduce_add_rms_norm`
 does the three in one kernel of ours (ops.triton_allreduce) on the same buffer, by default the
@@ -22,9 +18,8 @@ all-reduce above, then the add and the norm, which torch.compile fuses). perf/RE
 16-17: Llama-3.1-8B batch-1 decode at TP=2 ran 1.43x TP=1 without it, 1.61x with it.
 
 The ops are opaque to torch.compile (`engine::custom_all_reduce`, `engine::all_reduce_add_rms_norm`)
-and are captured in the CUDA graphs like any kernel; the gather (`engine::all_gather_last_dim`) runs
-eagerly after the forward, with the LM head. Unlike NCCL's, these kernels' waits have no end and no
-abort ends them: when a rank fails in the middle of a step, rank 0 stands in for it at the
+and are captured in the CUDA graphs like any kernel. Unlike NCCL's, these kernels' waits have no end
+and no abort ends them: when a rank fails in the middle of a step, rank 0 stands in for it at the
 barriers (`release_after_peer_failure`) so that its GPU can get through what was queued, and its
 wait for sampled tokens polls instead of blocking (`HostCopy.wait`). Other host reads of device
 values (prompt logprobs' `.tolist()`) still block until the GPU gets there.
@@ -238,40 +233,6 @@ def _custom_all_reduce(x: torch.Tensor) -> torch.Tensor:
 @_custom_all_reduce.register_fake
 def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
-
-
-def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's `x` concatenated along the last dim, in rank order (the LM head's vocabulary
-    slices of the logits). Through the custom all-reduce's buffer when it is on and the result fits
-    (`engine::all_gather_last_dim`), else torch.distributed's all_gather."""
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    if world_size == 1:
-        return x
-    return torch.ops.engine.all_gather_last_dim(x, world_size, dist.get_rank())
-
-
-def pad_to_rank_columns(x: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
-    """`x` [..., n] at columns [rank * n, (rank + 1) * n) of zeros [..., world_size * n]: the ranks'
-    padded tensors sum to the gather of their x, bit for bit (each value plus exact zeros; a -0.0
-    comes back as 0.0)."""
-    n = x.shape[-1]
-    return torch.nn.functional.pad(x, (rank * n, (world_size - 1 - rank) * n))
-
-
-@torch.library.custom_op("engine::all_gather_last_dim", mutates_args=())
-def _all_gather_last_dim(x: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
-    if _custom is not None and world_size * x.numel() <= _custom.buffer.numel():  # no padded copy of what cannot fit
-        padded = pad_to_rank_columns(x, world_size, rank)
-        if _custom.fits(padded):
-            return _custom(padded)
-    parts = [torch.empty_like(x) for _ in range(world_size)]  # past the buffer, or no custom all-reduce: NCCL / gloo
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=-1)
-
-
-@_all_gather_last_dim.register_fake
-def _(x: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], world_size * x.shape[-1]))
 
 
 def why_not_custom(device: torch.device, dtype: torch.dtype, world_size: int) -> str | None:

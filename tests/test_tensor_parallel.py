@@ -354,62 +354,6 @@ def test_the_lamport_kernel_takes_rows_of_one_size_only():
     assert custom.fused_fits(*rows(2, 128))
 
 
-def test_the_logits_gather_sums_zero_padded_slices_bit_for_bit_and_falls_back_past_the_buffer(monkeypatch):
-    """engine::all_gather_last_dim with the custom all-reduce on, its kernel simulated on the CPU by
-    summing every rank's padded tensor in rank order: each rank gets torch.cat of all the slices,
-    bit for bit, whatever its rank; what does not fit the buffer (or is not its dtype) takes the
-    all_gather."""
-    from engine import communication
-    from engine.communication import CustomAllReduce, pad_to_rank_columns
-
-    class SimulatedKernel(CustomAllReduce):
-        def __init__(self, numel: int, slices: list[torch.Tensor], rank: int):
-            self.buffer, self.slices, self.rank, self.calls = torch.zeros(numel, dtype=torch.bfloat16), slices, rank, []
-
-        def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-            self.calls.append(x.shape)
-            world = len(self.slices)
-            padded = [x if r == self.rank else pad_to_rank_columns(s, world, r) for r, s in enumerate(self.slices)]
-            total = padded[0].clone()
-            for p in padded[1:]:
-                total += p
-            return total
-
-    gathers = []
-
-    def all_gather(parts, x):
-        gathers.append(x.shape)
-        for part, s in zip(parts, slices):
-            part.copy_(s)
-
-    monkeypatch.setattr(dist, "all_gather", all_gather)
-    gen = torch.Generator().manual_seed(0)
-    for world in (2, 4):
-        # bf16 logits over many magnitudes, subnormals and infinities included; no -0.0 (0.0 + -0.0 is 0.0)
-        slices = [(torch.randn(3, 10, generator=gen) * 2.0 ** torch.randint(-135, 120, (3, 10), generator=gen))
-                  .to(torch.bfloat16) for _ in range(world)]
-        slices = [s.masked_fill(s == 0, 1.0) for s in slices]
-        slices[0][0, 0], slices[-1][-1, -1] = float("-inf"), float("inf")
-        want = torch.cat(slices, dim=-1)
-        for rank in range(world):
-            padded = pad_to_rank_columns(slices[rank], world, rank)
-            assert padded.shape == (3, 10 * world) and padded.dtype == torch.bfloat16
-            kernel = SimulatedKernel(3 * 10 * world, slices, rank)
-            monkeypatch.setattr(communication, "_custom", kernel)
-            got = torch.ops.engine.all_gather_last_dim(slices[rank], world, rank)
-            assert kernel.calls == [(3, 10 * world)] and gathers == []
-            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"rank {rank} of {world}"
-        kernel = SimulatedKernel(3 * 10 * world - 1, slices, world - 1)  # one value short: all_gather
-        monkeypatch.setattr(communication, "_custom", kernel)
-        assert torch.equal(torch.ops.engine.all_gather_last_dim(slices[-1], world, world - 1), want)
-        assert kernel.calls == [] and gathers == [(3, 10)]
-        gathers.clear()
-    slices = [s.float() for s in slices]  # not the buffer's dtype: all_gather
-    monkeypatch.setattr(communication, "_custom", SimulatedKernel(1 << 10, slices, 0))
-    assert torch.equal(torch.ops.engine.all_gather_last_dim(slices[0], 4, 0), torch.cat(slices, dim=-1))
-    assert communication._custom.calls == [] and gathers == [(3, 10)]
-
-
 def test_rank_0_stands_in_for_failed_peers_once_a_process_and_only_with_the_custom_all_reduce(monkeypatch):
     """A worker's error report and its exit (and each dead worker with TP > 2) all report a failure:
     one stand-in thread, not one each."""

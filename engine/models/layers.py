@@ -21,10 +21,11 @@ import math
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.communication import all_gather_last_dim, all_reduce, all_reduce_add_rms_norm, rms_norm
+from engine.communication import all_reduce, all_reduce_add_rms_norm, rms_norm
 import ops.attention  # noqa: F401  (registers torch.ops.engine.paged_attention)
 from ops.linear import dense_linear, silu_and_mul, silu_mul_dense_linear
 
@@ -410,6 +411,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         them once and widens them itself, as the fused sampler does)."""
         logits = dense_linear(hidden, self.weight)
         if self.tp_size > 1:
-            logits = all_gather_last_dim(logits)  # through the custom all-reduce's buffer when it fits
+            parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
+            dist.all_gather(parts, logits)
+            logits = torch.cat(parts, dim=-1)
         logits = logits[..., : self.num_embeddings]
         return logits.float() if upcast else logits
