@@ -182,6 +182,9 @@ class AsyncLLMEngine:
         self._inbox_lock = threading.Lock()
         self._inbox_closed = False
         self._stopping = False
+        # Why the step loop stopped by itself (a tensor-parallel rank or the engine process died, or
+        # the loop crashed): no request can be served again. None while it runs or after shutdown().
+        self.dead_error: str | None = None
         self._adds_posted = 0  # written by the event loop thread only
         self._adds_drained = 0  # written by the step thread only
         self._streams: dict[str, RequestStream] = {}  # step thread only
@@ -315,8 +318,9 @@ class AsyncLLMEngine:
                     continue
                 self._step()
                 self._log_stats(going_idle=False)
-        except Exception:
-            logger.exception("the engine step loop crashed; the server answers 503 from now on")
+        except Exception as error:
+            logger.exception("the engine step loop crashed; no request can be served from now on")
+            self._die(f"the engine step loop crashed: {type(error).__name__}: {error}")
         finally:
             with self._inbox_lock:
                 self._inbox_closed = True
@@ -324,6 +328,13 @@ class AsyncLLMEngine:
             self._abort(_Abort(None, EngineNotRunningError("the engine is shutting down")))
             self._stats = self.engine.get_stats()
             logger.info("engine step loop stopped")
+
+    def _die(self, reason: str) -> None:
+        """The engine cannot run another step: stop the loop and keep why (`dead_error`), unless a
+        shutdown was asked for first."""
+        if not self._stopping and self.dead_error is None:
+            self.dead_error = reason
+        self._stopping = True
 
     def _drain_inbox(self) -> None:
         """Handle what the inbox holds now, not what arrives meanwhile: while hundreds of requests
@@ -397,10 +408,10 @@ class AsyncLLMEngine:
                 except Exception:
                     logger.exception("aborting request %s failed", item.request_id)
             return
-        if isinstance(error, _FATAL):  # the engine is gone: stop, and answer 503 from now on
+        if isinstance(error, _FATAL):  # the engine is gone: stop (the server exits, or answers 503)
             if not self._stopping:
                 logger.error("adding request %s failed: %s; stopping the step loop", item.request_id, error)
-            self._stopping = True
+            self._die(str(error))
             error = EngineNotRunningError(str(error))
         elif not isinstance(error, ValueError):  # anything else fails this request only
             logger.error("adding request %s failed", item.request_id, exc_info=error)
@@ -435,8 +446,8 @@ class AsyncLLMEngine:
             failure.__cause__ = error
             self._abort(_Abort(None, failure))
             self._stats = self.engine.get_stats()
-            if isinstance(error, _FATAL):  # no step can run again: stop, and answer 503
-                self._stopping = True
+            if isinstance(error, _FATAL):  # no step can run again: stop (the server exits, or answers 503)
+                self._die(str(error))
             return
         # Stats first: whoever sees an output then sees load figures at least as fresh.
         self._stats = self.engine.get_stats()

@@ -4,7 +4,9 @@ Engine flags are made from the `EngineArgs` fields (`max_model_len` -> `--max-mo
 names), so defaults live in one place; the server adds its own (--host, --port, --api-key, ...).
 With no --model it serves the built-in demo model, so the bare command works on a fresh machine.
 SIGINT / SIGTERM drain the server: it stops accepting, ends in-flight requests (503 / an error event)
-and exits 0.
+and exits 0. If the engine dies under it (a tensor-parallel worker or the engine process fails, and no
+step can run again), the server exits with status 1 so that whatever runs it starts a new one, as
+vLLM's does; with ENGINE_KEEP_ALIVE_ON_ENGINE_DEATH=1 it stays up and answers 503 instead.
 """
 
 from __future__ import annotations
@@ -130,14 +132,31 @@ def app_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> t
     return engine_args, app_kwargs
 
 
+KEEP_ALIVE_ON_ENGINE_DEATH = "ENGINE_KEEP_ALIVE_ON_ENGINE_DEATH"  # vLLM's VLLM_KEEP_ALIVE_ON_ENGINE_DEATH
+
+
 class _Server(uvicorn.Server):
-    """uvicorn, draining on SIGINT/SIGTERM and exiting 0 after a clean drain."""
+    """uvicorn, draining on SIGINT/SIGTERM and exiting 0 after a clean drain; stopping by itself
+    (`engine_died`) when the engine can serve no more."""
 
     def __init__(self, config: uvicorn.Config, app: Starlette, model_name: str):
         super().__init__(config)
         self.app = app
         self.model_name = model_name
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.keep_alive_on_engine_death = os.environ.get(KEEP_ALIVE_ON_ENGINE_DEATH, "0") not in ("", "0")
+        self.engine_died: str | None = None  # why, once the server stopped for it
+
+    async def on_tick(self, counter: int) -> bool:
+        # uvicorn's main loop calls this every 0.1 s; look at the engine every 0.5 s.
+        if counter % 5 == 0 and self.engine_died is None and not self.keep_alive_on_engine_death:
+            engine = self.app.state.server.engine
+            if engine is not None and engine.dead_error is not None:
+                self.engine_died = engine.dead_error
+                logger.error("the engine died (%s): stopping the server, exit status 1 (%s=1 keeps it up, "
+                             "answering 503)", engine.dead_error, KEEP_ALIVE_ON_ENGINE_DEATH)
+                self.should_exit = True
+        return await super().on_tick(counter)
 
     async def serve(self, sockets=None) -> None:
         self.loop = asyncio.get_running_loop()
@@ -206,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     app = build_app(engine, **app_kwargs)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level or args.log_level,
                             timeout_graceful_shutdown=10)
-    _Server(config, app, app_kwargs["served_model_name"]).run()
-    return 0
+    server = _Server(config, app, app_kwargs["served_model_name"])
+    server.run()
+    return 1 if server.engine_died else 0
 
 
 if __name__ == "__main__":
