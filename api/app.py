@@ -88,7 +88,7 @@ class _APIKeyMiddleware:
 
 
 async def health(request: Request, server: Server) -> Response:
-    server.ready_engine()
+    server.ready_engine().check_health()  # 503 once the engine can serve no more, even while idle
     return Response(b'{"status":"ok"}', media_type="application/json")
 
 

@@ -214,6 +214,20 @@ class AsyncLLMEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
+    def check_health(self) -> None:
+        """Raise EngineNotRunningError if no request can be served: the step loop has stopped, or the
+        engine under it can run no more steps, which this finds even while the loop is idle (a
+        tensor-parallel worker or the engine process died since the last step); the loop then stops."""
+        if self.dead_error is not None or not self.is_running:
+            raise EngineNotRunningError(self.dead_error or "the engine's step loop is not running")
+        try:
+            self.engine.check_health()
+        except _FATAL as error:
+            logger.error("engine health check: %s; stopping the step loop", error)
+            self._die(str(error))
+            self._wakeup.set()
+            raise EngineNotRunningError(str(error)) from error
+
     def get_stats(self) -> EngineStats:
         """The engine's load and counters as of the end of the latest step (or inbox drain)."""
         return self._stats

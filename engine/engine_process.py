@@ -113,6 +113,14 @@ class RemoteEngine:
     def has_unfinished_requests(self) -> bool:
         return self._unfinished
 
+    def check_health(self) -> None:
+        """Raise EngineProcessError once the engine process has died. It only looks at the process's
+        sentinel (safe from any thread: no round trip, which belongs to the step thread, and no reaping,
+        which the step thread's own checks do): a failure inside it (a tensor-parallel worker) shows at
+        the next step."""
+        if not self._closed and multiprocessing.connection.wait([self._process.sentinel], timeout=0):
+            raise EngineProcessError("the engine process died")
+
     def shutdown(self) -> None:
         if self._closed:
             return

@@ -133,6 +133,11 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
         return cls(args)
 
+    def check_health(self) -> None:
+        """Raise if the engine can run no more steps (vLLM's name): TensorParallelError once a
+        tensor-parallel worker has died. Cheap, and safe to call from another thread."""
+        self.runner.check_health()
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes (nothing to do with one rank); a tensor-parallel
         engine runs no more steps after this. Process exit does it too."""

@@ -257,6 +257,12 @@ class ModelRunner:
             for _ in range(self.num_layers)
         ]
 
+    def check_health(self) -> None:
+        """Raise TensorParallelError once a tensor-parallel worker has failed or exited (the monitor
+        thread records it at once, even between steps): no step can run again."""
+        if self.workers is not None and self.workers.failure is not None:
+            raise TensorParallelError(self.workers.failure)
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers and leave the process group (nothing to do with one rank)."""
         if self.workers is not None:

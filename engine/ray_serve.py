@@ -73,8 +73,7 @@ class EngineServer:
     def check_health(self) -> None:
         """Serve calls this every few seconds; raising marks the replica unhealthy and Serve
         replaces it."""
-        if not self.engine.is_running:
-            raise RuntimeError("the engine's step loop is not running")
+        self.engine.check_health()  # EngineNotRunningError: the loop stopped, or a worker died while idle
 
 
 # ---- settings -----------------------------------------------------------------------------------

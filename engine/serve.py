@@ -148,9 +148,13 @@ class _Server(uvicorn.Server):
         self.engine_died: str | None = None  # why, once the server stopped for it
 
     async def on_tick(self, counter: int) -> bool:
-        # uvicorn's main loop calls this every 0.1 s; look at the engine every 0.5 s.
+        # uvicorn's main loop calls this every 0.1 s; look at the engine every 0.5 s (its health check
+        # also finds a worker or engine process that died while no request was running).
         if counter % 5 == 0 and self.engine_died is None and not self.keep_alive_on_engine_death:
             engine = self.app.state.server.engine
+            if engine is not None and engine.is_running:
+                with contextlib.suppress(Exception):
+                    engine.check_health()
             if engine is not None and engine.dead_error is not None:
                 self.engine_died = engine.dead_error
                 logger.error("the engine died (%s): stopping the server, exit status 1 (%s=1 keeps it up, "

@@ -296,9 +296,10 @@ def test_the_server_with_tensor_parallel_size_2_answers_the_openai_client(checkp
     assert_gone(pids)
 
 
-def test_a_server_whose_worker_dies_fails_the_request_then_exits_with_status_1_and_leaves_no_process(checkpoints, tmp_path):
+def test_a_server_whose_idle_worker_dies_exits_with_status_1_and_leaves_no_process(checkpoints, tmp_path):
     # The engine cannot step again once a rank is gone: the server exits (vLLM's behaviour) so that whatever
-    # runs it starts a new one, rather than answering 503 for ever with a broken process group.
+    # runs it starts a new one, rather than answering 503 for ever with a broken process group. Its health
+    # check finds the dead worker with no request running.
     server = ServerProcess(tmp_path / "server.log", "--model", checkpoints["llama3-tied"], "--tensor-parallel-size", "2",
                            "--max-model-len", "256", "--block-size", "4", "--num-gpu-blocks-override", "512")
     try:
@@ -306,9 +307,6 @@ def test_a_server_whose_worker_dies_fails_the_request_then_exits_with_status_1_a
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         client.completions.create(model=checkpoints["llama3-tied"], prompt=PROMPTS[0], max_tokens=2)
         os.kill(pids[0], signal.SIGKILL)
-        with pytest.raises(openai.APIStatusError) as failed:
-            client.completions.create(model=checkpoints["llama3-tied"], prompt=PROMPTS[0], max_tokens=2)
-        assert failed.value.status_code in (500, 503)
         assert server.proc.wait(timeout=30) == 1, server.log()
     finally:
         server.stop()
