@@ -90,6 +90,14 @@ def load_model(
                 elif param.dtype == torch.int8:
                     param.random_(-128, 128)  # int8 weights: any value is valid; torch.empty's would change run to run
                 # other integer tensors (GPTQ's g_idx) keep the valid values they were created with
+            shuffle = torch.Generator().manual_seed(0)
+            for module in model.modules():
+                if getattr(module, "act_order", False):
+                    # An act-order checkpoint's inputs come in no group order (GPTQ quantizes them by
+                    # decreasing activation): give the dummy layer's g_idx a random one too, so a
+                    # benchmark pays for what such a checkpoint costs (its inputs gathered each call).
+                    g_idx = module.g_idx.data
+                    g_idx.copy_(g_idx[torch.randperm(g_idx.numel(), generator=shuffle).to(g_idx.device)])
     elif load_format == "auto":
         model.load_weights(iterate_checkpoint(model_dir))
     else:

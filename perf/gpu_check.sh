@@ -84,6 +84,7 @@
 #           GPU test, then Llama-3.1-8B batch 1 (128 / 512) at TP=2 with it, at TP=2 with NCCL only
 #           (--disable-custom-all-reduce), and at TP=1 (GPU 0), same call; the worker-failure test last
 #   actorder the GPTQ act-order kernels sorted at load (f1b8430): their GPU test and quant_bench against GPTQ without act-order
+#   actorder8b Llama-3.1-8B GPTQ batch 1 (128 / 512) without, then with act-order (shuffled groups, sorted at load)
 #   tp-quick (2 GPUs) Llama-3.1-8B batch 1 (128 / 512) at TP=2, then TP=1 (GPU 0), same call; then the TP GPU tests
 #   quant8b Llama-3.1-8B batch 1 (128 / 512) AWQ, int8; fixed 1000 x 256 x 256 AWQ, int8, bitsandbytes (bf16: llama)
 #   awq-wide the planar kernel's GPU tests, quant_bench of the default tiles against session 6's (session6) at
@@ -416,6 +417,13 @@ for stage in "$@"; do
            done ;;
     actorder) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py -k sorted_by_group 2>&1 | tee "$OUT/actorder_tests.log" | tail -3
               timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --kernels gptq-g128 gptq-act-g128 gptq-act-sorted-g128 2>&1 | tee "$OUT/actorder_bench.log" | tail -30 ;;
+    actorder8b) # what act-order costs the engine (not quant_bench's eager calls: in the compiled model the x gather may fuse
+                # into the norm or activation before it): Llama-3.1-8B GPTQ batch 1 (128 / 512) without act-order, then
+                # with it (--act-order: groups shuffled, sorted at load, x gathered each call), same call
+                for spec in "llama8b_gptq_bs1" "llama8b_gptq_act_bs1 --act-order"; do
+                  set -- $spec
+                  bench "$@" --model llama-3.1-8b --quantization gptq --workload fixed --num-requests 1 --input-len 128 --output-len 512
+                done ;;
     tp-quick) bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
               bench llama8b_bs1_tp1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512
               timeout 240 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=150 tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | tail -12

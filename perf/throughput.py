@@ -17,7 +17,8 @@ local checkpoint directory. `--compare-hf` runs the same workload through transf
 batching in the same process and prints the ratio.
 
 `--quantization awq|gptq` makes the random-weight model a 4-bit checkpoint of that format (4 bits,
-group size 128: AutoAWQ GEMM with zero points, GPTQ symmetric without act-order), its packed weights
+group size 128: AutoAWQ GEMM with zero points, GPTQ symmetric without act-order, or with it under
+`--act-order`), its packed weights
 made directly on the device; `int8|bitsandbytes` quantize at load, and random weights are made int8
 directly. A checkpoint directory is loaded as it is, the flag checked against it.
 
@@ -76,11 +77,13 @@ def prefix_workload(num: int, prefix_len: int, suffix_len: int, output_len: int,
     return [system + [rng.randrange(vocab) for _ in range(suffix_len)] for _ in range(num)], [output_len] * num
 
 
-def synthetic_model_dir(name: str, num_layers: int | None = None, quantization: str | None = None) -> str:
+def synthetic_model_dir(name: str, num_layers: int | None = None, quantization: str | None = None,
+                        act_order: bool = False) -> str:
     """A checkpoint directory with a published config and a word-level tokenizer covering its whole
     vocabulary (so every id decodes, at the cost of a real Rust tokenizer); no weights.
     `num_layers` keeps only that many layers (a 70B-shaped model that fits fewer GPUs);
-    `quantization` "awq" or "gptq" declares a 4-bit checkpoint of that format (others need nothing)."""
+    `quantization` "awq" or "gptq" declares a 4-bit checkpoint of that format (others need nothing);
+    `act_order` makes the GPTQ one act-order (desc_act: the dummy loader shuffles its groups)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -89,7 +92,11 @@ def synthetic_model_dir(name: str, num_layers: int | None = None, quantization: 
     if num_layers is not None:
         config["num_hidden_layers"] = num_layers
     if quantization in CHECKPOINT_QUANT_CONFIGS:
-        config["quantization_config"] = CHECKPOINT_QUANT_CONFIGS[quantization]
+        config["quantization_config"] = dict(CHECKPOINT_QUANT_CONFIGS[quantization])
+    if act_order:
+        if quantization != "gptq":
+            raise ValueError("--act-order is for --quantization gptq")
+        config["quantization_config"]["desc_act"] = True
     path = tempfile.mkdtemp(prefix=f"bench-{name}-")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
@@ -398,6 +405,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quantization", choices=list(QUANTIZATION_METHODS), default=None,
                    help="random-weight models: awq/gptq declare a 4-bit checkpoint, int8/bitsandbytes quantize at load; "
                         "a checkpoint dir: as LLM(quantization=...) (default: the checkpoint's own)")
+    p.add_argument("--act-order", action="store_true",
+                   help="with --quantization gptq on a random-weight model: an act-order (desc_act) checkpoint, its "
+                        "inputs in a random group order (sorted at load, x gathered each call)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs 0..N-1, one worker process each")
     p.add_argument("--disable-custom-all-reduce", action="store_true",
                    help="tensor parallelism: NCCL for every all-reduce (the engine's --disable-custom-all-reduce)")
@@ -424,7 +434,9 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     dummy = not os.path.isdir(args.model)
-    model_dir = synthetic_model_dir(args.model, args.num_layers, args.quantization) if dummy else args.model
+    if args.act_order and not dummy:
+        p.error("--act-order makes a random-weight GPTQ model; a checkpoint directory says for itself")
+    model_dir = synthetic_model_dir(args.model, args.num_layers, args.quantization, args.act_order) if dummy else args.model
     # Random ids below 10,000 (nano-vllm's range), or below the vocabulary of a smaller model.
     with open(os.path.join(model_dir, "config.json")) as f:
         vocab = min(10000, json.load(f)["vocab_size"])

@@ -269,9 +269,12 @@ def test_dummy_weights_fill_quantized_layers_with_valid_values(quantized, fmt):
     llm = LLM(packed, load_format="dummy", max_model_len=64)
     output = llm.generate([{"prompt_token_ids": [5, 6, 7]}], GREEDY, use_tqdm=False)[0]
     assert len(output.outputs[0].token_ids) == GREEDY.max_tokens
-    if fmt == "gptq-asym-act-order":  # dummy inputs are in group order: nothing to gather, no act-order left
-        layers = [m for m in llm.llm_engine.runner.model.modules() if isinstance(m, LinearBase)]
-        assert layers and all(not m.act_order and m.input_order is None for m in layers)
+    if fmt == "gptq-asym-act-order":  # dummy inputs in a random group order, as a real act-order checkpoint's:
+        layers = [m for m in llm.llm_engine.runner.model.modules() if isinstance(m, LinearBase)]  # sorted at load
+        assert layers and all(not m.act_order and m.input_order is not None for m in layers)
+        for m in layers:
+            assert not torch.equal(m.input_order.cpu(), torch.arange(m.input_order.numel()))
+            assert torch.equal(m.g_idx, torch.sort(m.g_idx).values)  # the groups now in order
 
 
 @pytest.mark.parametrize("fmt", ["awq-g32", "gptq-asym-act-order", "int8"])

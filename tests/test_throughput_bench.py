@@ -86,6 +86,24 @@ def test_quantized_run_loads_quantized_layers_and_counts_every_token(tiny_model,
     assert run["weights_gib"] == pytest.approx(parameters / 2**30)
 
 
+def test_act_order_gptq_run_gathers_each_layers_inputs_in_a_shuffled_group_order(tiny_model, loaded_models):
+    record = throughput.main([
+        "--model", tiny_model, "--quantization", "gptq", "--act-order", "--workload", "fixed",
+        "--num-requests", "1", "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN),
+        "--max-model-len", "64", "--no-tqdm",
+    ])
+    assert record["results"][0]["output_tokens"] == OUTPUT_LEN
+    (model,) = loaded_models
+    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
+    # What a real act-order checkpoint costs: each layer of more than one group gathers its inputs (here the
+    # down projections, 256 inputs; the others have 128, one group, which needs no order).
+    gathering = [m for m in linears if m.g_idx.max() > 0]
+    assert len(gathering) == TINY_CONFIG["num_hidden_layers"]
+    assert all(m.input_order is not None and not m.act_order for m in gathering)
+    with pytest.raises(ValueError, match="--act-order is for --quantization gptq"):
+        throughput.main(["--model", tiny_model, "--quantization", "awq", "--act-order", "--workload", "fixed"])
+
+
 def test_profile_window_covers_the_steps_asked_and_finds_the_work(tiny_model, tmp_path):
     record = throughput.main([
         "--model", tiny_model, "--workload", "fixed", "--num-requests", "2", "--input-len", str(INPUT_LEN),
