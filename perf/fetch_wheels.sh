@@ -21,6 +21,10 @@ fetch httpx2 httpcore2 truststore anyio idna
 fetch pydantic annotated-types typing-inspection
 core=$(unzip -p .whl/pydantic-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: pydantic-core==\([0-9.]*\).*/\1/p')
 fetch "pydantic-core==$core"
-# LLM.int8() for the quant stage (43 MB of the 64 MB a call carries; accelerate is there already).
-fetch bitsandbytes==0.50.2
-ls -la .whl
+# LLM.int8() for the stages that run bitsandbytes (quant8b, quant): 43 MB of the 64 MB a call carries, so in a
+# folder of its own, carried only by those calls (accelerate is there already).
+grep -qx '/.whl-bnb/' .git/info/exclude 2>/dev/null || echo /.whl-bnb/ >> .git/info/exclude
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_24_x86_64 -d .whl-bnb bitsandbytes==0.50.2
+rm -f .whl/bitsandbytes-*.whl
+ls -la .whl .whl-bnb

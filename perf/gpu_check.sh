@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call: GPU tests and/or benchmarks. Logs and JSON land in $OUT (packed into results.tgz when
 # there are more than the 8 files the device tool brings back).
-# First, here: bash perf/fetch_wheels.sh (wheels the device lacks; the call carries ".whl").
+# First, here: bash perf/fetch_wheels.sh (wheels the device lacks; the call carries ".whl", and ".whl-bnb" for
+# bitsandbytes). Compile caches: SAVE_COMPILE_CACHE=1 sends them back, `bash perf/compile_cache.sh FILES_DIR` keeps
+# them here, and a call that carries ".compile_cache.tgz" starts warm (see COMPILE_CACHE below).
 # Usage (on the lent GPU, from the repo root): bash perf/gpu_check.sh STAGE...
 #   tests   pytest -m gpu (attention kernels, the GPU engine, the fused sampler, the GEMV)
 #   nano    Qwen3-0.6B, nano workload (nano-sync: without async scheduling; nano-nc: graphs without torch.compile;
@@ -100,18 +102,41 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# Compile caches kept from call to call: a fresh machine spends ~25-60 s a model start compiling (torch.compile's
+# graphs, Triton's kernels) what an earlier call compiled. A carried .compile_cache.tgz (perf/compile_cache.sh keeps
+# one here) is unpacked first; with SAVE_COMPILE_CACHE=1 both caches go back packed, in parts of 15 MiB at most
+# ($OUT/compile_cache.tgz.partNN, at most 3: the device tool returns 16 MiB a file). Stages that time a cold start
+# (nano-gc) set fresh directories of their own.
+COMPILE_CACHE=/tmp/compile_cache
+mkdir -p "$COMPILE_CACHE"
+if [ -f .compile_cache.tgz ]; then
+  tar xzf .compile_cache.tgz -C "$COMPILE_CACHE" && echo "compile cache: unpacked $(du -sh "$COMPILE_CACHE" | cut -f1)"
+fi
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$COMPILE_CACHE/inductor} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$COMPILE_CACHE/triton}
+save_compile_cache() {
+  [ "${SAVE_COMPILE_CACHE:-0}" = 1 ] || return 0
+  tar czf /tmp/compile_cache.tgz -C "$COMPILE_CACHE" . || return 0
+  local size; size=$(stat -c %s /tmp/compile_cache.tgz)
+  echo "compile cache: $(du -sh "$COMPILE_CACHE" | cut -f1) unpacked, $((size >> 20)) MiB packed"
+  if [ "$size" -gt $((45 << 20)) ]; then echo "compile cache: over 45 MiB packed, not returned"; return 0; fi
+  split -b 15m -d /tmp/compile_cache.tgz "$OUT/compile_cache.tgz.part"
+}
 # The device tool brings back at most 8 files from $OUT: at exit, more than that are packed into
-# $OUT/results.tgz (Nsight reports stay beside it; unpack with `tar xzf results.tgz`).
+# $OUT/results.tgz (Nsight reports and the compile cache's parts stay beside it; unpack with `tar xzf results.tgz`).
 pack_results() {
-  local n; n=$(find "$OUT" -mindepth 1 ! -name '*.ncu-rep' | wc -l)
-  if [ "$n" -gt 7 ]; then
-    tar czf /tmp/results.tgz -C "$OUT" --exclude='*.ncu-rep' . \
-      && find "$OUT" -mindepth 1 -maxdepth 1 ! -name '*.ncu-rep' -exec rm -rf {} + && mv /tmp/results.tgz "$OUT/"
+  save_compile_cache
+  local n; n=$(find "$OUT" -mindepth 1 ! -name '*.ncu-rep' ! -name 'compile_cache.tgz.part*' | wc -l)
+  if [ "$n" -gt 4 ]; then
+    tar czf /tmp/results.tgz -C "$OUT" --exclude='*.ncu-rep' --exclude='compile_cache.tgz.part*' . \
+      && find "$OUT" -mindepth 1 -maxdepth 1 ! -name '*.ncu-rep' ! -name 'compile_cache.tgz.part*' -exec rm -rf {} + \
+      && mv /tmp/results.tgz "$OUT/"
   fi
 }
 trap pack_results EXIT
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+# Wheels the device lacks (perf/fetch_wheels.sh): .whl always, .whl-bnb (bitsandbytes, 43 MB) for the stages that need it.
+wheels=$(ls .whl/*.whl .whl-bnb/*.whl 2>/dev/null)
+if [ -n "$wheels" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
