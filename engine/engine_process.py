@@ -32,6 +32,7 @@ import multiprocessing.connection
 import os
 import signal
 import operator
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ logger = logging.getLogger("engine")
 
 STOP_TIMEOUT_S = 30.0  # how long shutdown() waits for the engine process before killing it
 MAX_STEPS_AHEAD = 4  # steps the engine process runs before the front asks for their outputs
+# While waiting for the front, the engine process looks at its engine's health this often: once a tensor-parallel
+# worker has died it exits, and the front (RemoteEngine.check_health, from its sentinel) sees that at once.
+HEALTH_CHECK_S = 0.5
 
 
 class EngineProcessError(RuntimeError):
@@ -116,8 +120,8 @@ class RemoteEngine:
     def check_health(self) -> None:
         """Raise EngineProcessError once the engine process has died. It only looks at the process's
         sentinel (safe from any thread: no round trip, which belongs to the step thread, and no reaping,
-        which the step thread's own checks do): a failure inside it (a tensor-parallel worker) shows at
-        the next step."""
+        which the step thread's own checks do). A tensor-parallel worker of the engine process that dies
+        shows here too: the engine process exits when it finds that while waiting (HEALTH_CHECK_S)."""
         if not self._closed and multiprocessing.connection.wait([self._process.sentinel], timeout=0):
             raise EngineProcessError("the engine process died")
 
@@ -283,6 +287,13 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
     while True:
         work_waits = engine.has_unfinished_requests()  # the device could be running a step meanwhile
         waited_from = time.perf_counter()
+        while not conn.poll(HEALTH_CHECK_S):
+            try:  # a tensor-parallel worker that died while nothing ran: no step can run again
+                engine.check_health()
+            except TensorParallelError as exc:
+                logging.getLogger("engine").error("engine process: %s; exiting (the server sees it gone)", exc)
+                engine.shutdown()
+                sys.exit(1)
         command, payload = conn.recv()
         if work_waits:
             busy.front_wait_s += time.perf_counter() - waited_from

@@ -296,12 +296,15 @@ def test_the_server_with_tensor_parallel_size_2_answers_the_openai_client(checkp
     assert_gone(pids)
 
 
-def test_a_server_whose_idle_worker_dies_exits_with_status_1_and_leaves_no_process(checkpoints, tmp_path):
+@pytest.mark.parametrize("engine_process", [False, True], ids=["in-process", "engine-process"])
+def test_a_server_whose_idle_worker_dies_exits_with_status_1_and_leaves_no_process(checkpoints, tmp_path,
+                                                                                  engine_process):
     # The engine cannot step again once a rank is gone: the server exits (vLLM's behaviour) so that whatever
     # runs it starts a new one, rather than answering 503 for ever with a broken process group. Its health
-    # check finds the dead worker with no request running.
+    # check finds the dead worker with no request running (with --engine-process: the engine process exits).
     server = ServerProcess(tmp_path / "server.log", "--model", checkpoints["llama3-tied"], "--tensor-parallel-size", "2",
-                           "--max-model-len", "256", "--block-size", "4", "--num-gpu-blocks-override", "512")
+                           "--max-model-len", "256", "--block-size", "4", "--num-gpu-blocks-override", "512",
+                           "--engine-process" if engine_process else "--no-engine-process")
     try:
         pids = [int(pid) for pid in re.search(r"worker pids \[([\d, ]+)\]", server.log()).group(1).split(",")]
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
