@@ -332,7 +332,7 @@ class AsyncLLMEngine:
                     continue
                 self._step()
                 self._log_stats(going_idle=False)
-        except Exception as error:
+        except BaseException as error:  # (SystemExit from deep inside too: the loop ends either way)
             logger.exception("the engine step loop crashed; no request can be served from now on")
             self._die(f"the engine step loop crashed: {type(error).__name__}: {error}")
         finally:

@@ -32,7 +32,6 @@ import multiprocessing.connection
 import os
 import signal
 import operator
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -122,7 +121,9 @@ class RemoteEngine:
         sentinel (safe from any thread: no round trip, which belongs to the step thread, and no reaping,
         which the step thread's own checks do). A tensor-parallel worker of the engine process that dies
         shows here too: the engine process exits when it finds that while waiting (HEALTH_CHECK_S)."""
-        if not self._closed and multiprocessing.connection.wait([self._process.sentinel], timeout=0):
+        if self._closed:  # shut down, or found dead by a call
+            raise EngineProcessError("the engine process is not running")
+        if multiprocessing.connection.wait([self._process.sentinel], timeout=0):
             raise EngineProcessError("the engine process died")
 
     def shutdown(self) -> None:
@@ -291,9 +292,11 @@ def _serve(args: EngineArgs, conn: multiprocessing.connection.Connection, log_se
             try:  # a tensor-parallel worker that died while nothing ran: no step can run again
                 engine.check_health()
             except TensorParallelError as exc:
+                # Out at once: the workers' watchdogs end them when this process is gone, and a teardown
+                # here could wait on NCCL's abort of the broken group (never returned on the lent GPUs).
                 logging.getLogger("engine").error("engine process: %s; exiting (the server sees it gone)", exc)
-                engine.shutdown()
-                sys.exit(1)
+                logging.shutdown()
+                os._exit(1)
         command, payload = conn.recv()
         if work_waits:
             busy.front_wait_s += time.perf_counter() - waited_from

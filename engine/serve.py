@@ -144,14 +144,16 @@ class _Server(uvicorn.Server):
         self.app = app
         self.model_name = model_name
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.keep_alive_on_engine_death = os.environ.get(KEEP_ALIVE_ON_ENGINE_DEATH, "0") not in ("", "0")
+        self.keep_alive_on_engine_death = os.environ.get(KEEP_ALIVE_ON_ENGINE_DEATH, "0").lower() not in ("", "0", "false")
         self.engine_died: str | None = None  # why, once the server stopped for it
 
     async def on_tick(self, counter: int) -> bool:
         # uvicorn's main loop calls this every 0.1 s; look at the engine every 0.5 s (its health check
         # also finds a worker or engine process that died while no request was running).
-        if counter % 5 == 0 and self.engine_died is None and not self.keep_alive_on_engine_death:
-            engine = self.app.state.server.engine
+        server = self.app.state.server
+        if (counter % 5 == 0 and self.engine_died is None and not self.keep_alive_on_engine_death
+                and not self.should_exit and not server.draining):  # a drain stops workers too: not a death
+            engine = server.engine
             if engine is not None and engine.is_running:
                 with contextlib.suppress(Exception):
                     engine.check_health()

@@ -9,7 +9,8 @@ layers' all-reduces inside it (inside the CUDA graphs too: each rank replays the
 header implies), and the LM head's all-gather; only rank 0 samples. Workers wait for work on their
 pipe, not inside a collective, so an idle engine never trips the collective timeout.
 
-Lifecycle. Workers ignore SIGINT: Ctrl-C reaches the whole process group, and rank 0 decides. A
+Lifecycle. Workers ignore SIGINT and SIGTERM: Ctrl-C (or a stop signal sent to the whole process group)
+reaches every process, and rank 0 decides. A
 watchdog thread ends a worker the moment its parent dies, even mid-collective. A worker's exception
 goes back to rank 0 over its pipe before the worker exits; rank 0's monitor thread records it (and
 any worker that exits unexpectedly) and, on NCCL, where a dead peer would leave rank 0 waiting,
@@ -370,6 +371,9 @@ class TensorParallelWorkers:
         are out of step) kills them at once instead of asking them to finish."""
         if self._closed:
             return
+        # After a worker failed, no rank can be asked to finish (and destroying the group would wait on
+        # NCCL's abort, which has never returned on the lent GPUs): what follows a failure is never graceful.
+        graceful = graceful and self.failure is None
         self._closed = self._stopping = True
         atexit.unregister(self.shutdown)
         if self.times.ms:
@@ -419,7 +423,11 @@ def run_worker(rank: int, args: EngineArgs, model_config: ModelConfig, store_por
                conn: multiprocessing.connection.Connection, log_level: int) -> None:
     """A worker process's main: join the group, build this rank's ModelRunner, run steps until told
     to stop. Any exception is reported to rank 0 and ends the process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process; rank 0 stops us
+    # Ctrl-C, and a SIGTERM sent to the whole process group (systemd's stop, `kill -TERM -PGID`), reach every
+    # process: rank 0 decides, and stops us (or the watchdog does when it is gone). A worker that died of the
+    # signal would fail the step in flight and make a drain look like a failure.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_when_parent_dies, name="engine-tp-watchdog", daemon=True).start()
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s %(name)s [rank {rank}]: %(message)s")
     try:

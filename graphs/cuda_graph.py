@@ -168,7 +168,8 @@ class CudaGraphRunner:
                     with torch.cuda.graph(graph, pool=pool):
                         (self.mixed_outputs if mixed else self.outputs)[size] = self.forward(ids, positions)
                 except (torch.OutOfMemoryError, torch.AcceleratorError) as exc:
-                    if "out of memory" not in str(exc):
+                    # (an error ending the capture may hide the out-of-memory that broke it: its context)
+                    if "out of memory" not in f"{exc} {exc.__context__}":
                         raise
                     free, total = torch.cuda.mem_get_info()
                     raise RuntimeError(

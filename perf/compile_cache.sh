@@ -6,7 +6,8 @@
 #   bash perf/compile_cache.sh --clear             # start cold again
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.compile_cache.tgz' .git/info/exclude 2>/dev/null || echo /.compile_cache.tgz >> .git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)  # (.git may be a file: a worktree)
+grep -qx '/.compile_cache.tgz' "$exclude" 2>/dev/null || echo /.compile_cache.tgz >> "$exclude"
 if [ "${1:-}" = --clear ]; then rm -f .compile_cache.tgz; echo "compile cache cleared"; exit 0; fi
 dir=${1:?usage: perf/compile_cache.sh DEVICE_FILES_DIR | --clear}
 parts=$(ls "$dir"/compile_cache.tgz.part* 2>/dev/null | sort) || true

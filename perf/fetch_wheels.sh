@@ -5,7 +5,8 @@
 # starlette, uvicorn, msgspec, prometheus-client, openai or pydantic (DESIGN.md, KINDS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)  # (.git may be a file: a worktree)
+grep -qx '/.whl/' "$exclude" 2>/dev/null || echo /.whl/ >> "$exclude"
 fetch() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -23,7 +24,7 @@ core=$(unzip -p .whl/pydantic-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: pyd
 fetch "pydantic-core==$core"
 # LLM.int8() for the stages that run bitsandbytes (quant8b, quant): 43 MB of the 64 MB a call carries, so in a
 # folder of its own, carried only by those calls (accelerate is there already).
-grep -qx '/.whl-bnb/' .git/info/exclude 2>/dev/null || echo /.whl-bnb/ >> .git/info/exclude
+grep -qx '/.whl-bnb/' "$exclude" 2>/dev/null || echo /.whl-bnb/ >> "$exclude"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_24_x86_64 -d .whl-bnb bitsandbytes==0.50.2
 rm -f .whl/bitsandbytes-*.whl

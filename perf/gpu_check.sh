@@ -105,8 +105,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # Compile caches kept from call to call: a fresh machine spends ~25-60 s a model start compiling (torch.compile's
 # graphs, Triton's kernels) what an earlier call compiled. A carried .compile_cache.tgz (perf/compile_cache.sh keeps
 # one here) is unpacked first; with SAVE_COMPILE_CACHE=1 both caches go back packed, in parts of 15 MiB at most
-# ($OUT/compile_cache.tgz.partNN, at most 3: the device tool returns 16 MiB a file). Stages that time a cold start
-# (nano-gc) set fresh directories of their own.
+# ($OUT/compile_cache.tgz.partNN, at most 3: the device tool returns 16 MiB a file, 64 MiB in all, so not beside
+# Nsight reports). Stages that time a cold start (nano-gc) set fresh directories of their own. A call carries 64 MiB:
+# .whl (13 MB) and the cache fit; .whl-bnb (43 MB) leaves room for a cache of ~8 MiB only.
 COMPILE_CACHE=/tmp/compile_cache
 mkdir -p "$COMPILE_CACHE"
 if [ -f .compile_cache.tgz ]; then
@@ -125,8 +126,9 @@ save_compile_cache() {
 # $OUT/results.tgz (Nsight reports and the compile cache's parts stay beside it; unpack with `tar xzf results.tgz`).
 pack_results() {
   save_compile_cache
-  local n; n=$(find "$OUT" -mindepth 1 ! -name '*.ncu-rep' ! -name 'compile_cache.tgz.part*' | wc -l)
-  if [ "$n" -gt 4 ]; then
+  local n kept; n=$(find "$OUT" -mindepth 1 ! -name '*.ncu-rep' ! -name 'compile_cache.tgz.part*' | wc -l)
+  kept=$(find "$OUT" -mindepth 1 -maxdepth 1 \( -name '*.ncu-rep' -o -name 'compile_cache.tgz.part*' \) | wc -l)
+  if [ $((n + kept)) -gt 8 ]; then
     tar czf /tmp/results.tgz -C "$OUT" --exclude='*.ncu-rep' --exclude='compile_cache.tgz.part*' . \
       && find "$OUT" -mindepth 1 -maxdepth 1 ! -name '*.ncu-rep' ! -name 'compile_cache.tgz.part*' -exec rm -rf {} + \
       && mv /tmp/results.tgz "$OUT/"

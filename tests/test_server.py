@@ -41,11 +41,11 @@ GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
 class ServerProcess:
     """`python -m engine.serve ... --port 0`, its URL read from its own log line."""
 
-    def __init__(self, log_path: Path, *args: str):
+    def __init__(self, log_path: Path, *args: str, new_session: bool = False):
         self.log_path = log_path
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "engine.serve", "--port", "0", *args],
-                                         stdout=log, stderr=subprocess.STDOUT)
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session)
         deadline = time.monotonic() + 120
         while (found := re.search(r"at (http://[\d.:]+)/v1", self.log())) is None:
             if self.proc.poll() is not None or time.monotonic() > deadline:

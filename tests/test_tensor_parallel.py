@@ -318,6 +318,24 @@ def test_a_server_whose_idle_worker_dies_exits_with_status_1_and_leaves_no_proce
     assert_gone(pids)
 
 
+def test_a_stop_signal_to_the_servers_process_group_is_a_clean_drain_not_a_worker_death(checkpoints, tmp_path):
+    # systemd's stop and `kill -TERM -PGID` signal every process of the group: the workers leave stopping to
+    # rank 0, so the server drains and exits 0 instead of seeing a worker die and exiting 1.
+    server = ServerProcess(tmp_path / "server.log", "--model", checkpoints["llama3-tied"], "--tensor-parallel-size", "2",
+                           "--max-model-len", "256", "--block-size", "4", "--num-gpu-blocks-override", "512",
+                           "--no-engine-process", new_session=True)
+    try:
+        pids = [int(pid) for pid in re.search(r"worker pids \[([\d, ]+)\]", server.log()).group(1).split(",")]
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 0, server.log()
+    finally:
+        if server.proc.poll() is None:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+    assert "exited unexpectedly" not in server.log() and "the engine died" not in server.log()
+    assert_gone(pids)
+
+
 # ---- GPUs: NCCL, torch.compile with the collectives, CUDA graphs with the all-reduce inside ----------
 # (`python -m pytest -m gpu tests/test_tensor_parallel.py` on a machine with 2 GPUs)
 
