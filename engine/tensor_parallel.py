@@ -9,15 +9,15 @@ layers' all-reduces inside it (inside the CUDA graphs too: each rank replays the
 header implies), and the LM head's all-gather; only rank 0 samples. Workers wait for work on their
 pipe, not inside a collective, so an idle engine never trips the collective timeout.
 
-Lifecycle. Workers ignore SIGINT and SIGTERM: Ctrl-C (or a stop signal sent to the whole process group)
-reaches every process, and rank 0 decides. A
-watchdog thread ends a worker the moment its parent dies, even mid-collective. A worker's exception
-goes back to rank 0 over its pipe before the worker exits; rank 0's monitor thread records it (and
-any worker that exits unexpectedly) and, on NCCL, where a dead peer would leave rank 0 waiting,
-aborts the process group so rank 0's step fails at once. Any failure inside a step's collective
-part stops every worker, and every later step raises `TensorParallelError`: the ranks are out of
-step and cannot be trusted again. `shutdown()` (LLMEngine.shutdown, the server's exit, atexit)
-stops the workers and kills those that do not stop in time.
+Lifecycle. Workers ignore SIGINT and SIGTERM: Ctrl-C (or a stop signal sent to the whole process
+group) reaches every process, and rank 0 decides. A watchdog thread ends a worker the moment its
+parent dies, even mid-collective. A worker's exception goes back to rank 0 over its pipe before the
+worker exits; rank 0's monitor thread records it (and any worker that exits unexpectedly) and, on
+NCCL, where a dead peer would leave rank 0 waiting, aborts the process group so rank 0's step fails
+at once. Any failure inside a step's collective part stops every worker, and every later step raises
+`TensorParallelError`: the ranks are out of step and cannot be trusted again (the server then exits:
+engine.serve). `shutdown()` (LLMEngine.shutdown, the server's exit, atexit) stops the workers and
+kills those that do not stop in time; after a failure it kills them at once.
 """
 
 from __future__ import annotations
