@@ -66,6 +66,8 @@
 #           decode 128 / 512, then fixed 256 x 1024 x 256; each run ends with 8 fixed prompts greedy, compared
 #   tp      (2 GPUs) tensor-parallel GPU tests, then Llama-3.1-8B batch-1 decode (async, sync) and fixed 1000 x 256 x 256 at TP=2
 #   awq1    Llama-3.1-8B AWQ batch 1 (128 / 512) alone
+#   awq-mem awq1 with its memory log lines, then the compiled Triton kernels by stack a thread (perf/lmem_scan.py);
+#           on failure awq1 again without prefill / mixed-step graphs
 #   quant1  the int8 quant GPU tests (one and two rows now go through the GEMV), then Llama-3.1-8B batch 1 (128 / 512) AWQ
 #           and int8
 #   tp-diag (2 GPUs) the TP GPU tests, then TP=2 batch 1 with host-work / wait figures of every rank and a profiled window
@@ -370,6 +372,16 @@ for stage in "$@"; do
         bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2
         bench llama8b_bs1_tp2_sync --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --no-async-scheduling
         bench llama8b_fixed_tp2 --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 --tensor-parallel-size 2 ;;
+    awq-mem) # awq1 with its memory lines (the KV sizing's, the one before the first capture), then the compiled Triton
+             # kernels by stack a thread (perf/lmem_scan.py: the driver reserves that for every resident thread); if the
+             # run failed, again without the prefill / mixed-step graphs (--mixed-cuda-graph-sizes 0)
+             bench llama8b_awq_bs1 --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512
+             grep -hE "memory|out of memory|Error" "$OUT/llama8b_awq_bs1.log" | cut -c1-400 | head -12
+             python3 perf/lmem_scan.py "$COMPILE_CACHE" --top 25 2>&1 | tee "$OUT/lmem_scan.txt" | cut -c1-220
+             if [ ! -s "$OUT/llama8b_awq_bs1.json" ]; then
+               bench llama8b_awq_bs1_nomixed --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512 --mixed-cuda-graph-sizes 0
+               grep -hE "memory|out of memory|Error" "$OUT/llama8b_awq_bs1_nomixed.log" | cut -c1-400 | head -12
+             fi ;;
     awq1) bench llama8b_awq_bs1 --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
     quant1) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py -k "int8 or cuda_graph" 2>&1 \
               | tee "$OUT/quant_int8_tests.log" | tail -3
