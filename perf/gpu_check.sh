@@ -72,6 +72,7 @@
 #           and int8
 #   tp-diag (2 GPUs) the TP GPU tests, then TP=2 batch 1 with host-work / wait figures of every rank and a profiled window
 #           on each rank
+#   tp-ratio (2 GPUs) Llama-3.1-8B batch 1 at TP=2 then TP=1, each timed, then profiled (steps 100-119, every GPU op)
 #   tp-profile (2 GPUs) tp-diag without its tests: TP=2 batch 1, host work / wait of every rank, each rank's profiled window
 #   tp-tests (2 GPUs) the TP GPU tests alone, in three pytest processes (one engine a process gets the custom all-reduce;
 #           the worker-failure one dumps its threads' stacks if it runs past 150 s)
@@ -394,6 +395,13 @@ for stage in "$@"; do
              bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --profile-steps 100 20
              grep -hE "tensor-parallel (worker )?rank" "$OUT/llama8b_bs1_tp2.log" | cut -c1-700
              grep -h -A 20 "its window" "$OUT/llama8b_bs1_tp2.log" | cut -c1-160 ;;
+    tp-ratio) # (2 GPUs) Llama-3.1-8B batch 1 (128 / 512) at TP=2, then TP=1 (GPU 0), same call, each timed and then profiled
+              # over steps 100-119 with every GPU op listed (STEP_PROFILE_TOP=40): the ratio, and which kernels a step TP=2 adds
+              export STEP_PROFILE_TOP=40
+              bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --profile-steps 100 20
+              grep -hE "tensor-parallel (worker )?rank|all-reduce:" "$OUT/llama8b_bs1_tp2.log" | cut -c1-400
+              CUDA_VISIBLE_DEVICES=0 bench llama8b_bs1_tp1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --profile-steps 100 20
+              unset STEP_PROFILE_TOP ;;
     tp-profile) # (2 GPUs) tp-diag's TP=2 batch-1 run alone: host work / wait of every rank, 20 steps profiled on each
              bench llama8b_bs1_tp2 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size 2 --profile-steps 100 20
              grep -hE "tensor-parallel (worker )?rank" "$OUT/llama8b_bs1_tp2.log" | cut -c1-700

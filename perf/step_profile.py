@@ -16,6 +16,7 @@ bad when the GPU idles meanwhile).
 from __future__ import annotations
 
 import collections
+import os
 import time
 
 import torch
@@ -70,7 +71,7 @@ class StepWindow:
         if self.trace_path:
             self.profiler.export_chrome_trace(self.trace_path)
 
-    def summary(self, top: int = 12) -> dict:
+    def summary(self, top: int = int(os.environ.get("STEP_PROFILE_TOP", 12))) -> dict:
         if self.profiler is None:
             raise RuntimeError(f"the run had {self.calls} steps, fewer than the window's first ({self.first})")
         steps = min(self.count, self.calls - self.first + 1)
