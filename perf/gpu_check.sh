@@ -12,6 +12,7 @@
 #   llama1  Llama-3.1-8B, batch 1, 128 in / 512 out
 #           (llama1-sync: without async scheduling; llama1-parts: then again with 512-position decode partitions,
 #           as before small batches got smaller ones)
+#   llama1-minpart llama1 with decode partitions down to 128 positions (default) and 64, alternating twice, profiled
 #   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out (llama-fp8: with an fp8 KV cache)
 #   window-nano nano with an fp8 cache profiled at step 200 (full batch) and step 900 (its tail)
 #   nano-parts nano (bf16, fp8 caches) with 1,024- and 2,048-position decode partitions (run `nano` / `nano-fp8` beside it)
@@ -178,6 +179,16 @@ for stage in "$@"; do
     nano-fp8) TORCH_LOGS=recompiles bench nano_qwen3_fp8 --model qwen3-0.6b --workload nano --kv-cache-dtype fp8 ;;
     nano-nc) bench nano_qwen3_nocompile --model qwen3-0.6b --workload nano --no-compile ;;
     llama1) bench llama8b_bs1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
+    llama1-minpart) # Llama-3.1-8B batch 1 (128 / 512) with small-batch decode partitions down to 128 positions (the default)
+          # and to 64 (ops.triton_attention.MIN_PARTITION_SIZE: one 64-position step a program), alternating twice, each
+          # timed and then profiled over steps 100-119 (the decode kernel's time a call: ~7 us of a ~3-6 ms step on H200s)
+          for spec in "llama8b_bs1_min128;128" "llama8b_bs1_min64;64" "llama8b_bs1_min128b;128" "llama8b_bs1_min64b;64"; do
+            name=${spec%%;*}; size=${spec#*;}
+            timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, ops.triton_attention as t; t.MIN_PARTITION_SIZE = $size; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+              perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model llama-3.1-8b --workload fixed --num-requests 1 \
+              --input-len 128 --output-len 512 --profile-steps 100 20 2>&1 | tee "$OUT/$name.log" \
+              | grep -E "engine:|steps:|a step:|profiled steps|_decode|_gemv_kernel" | sed "s/^/[$name] /"
+          done ;;
     llama1-parts) bench llama8b_bs1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512
           # the same without small-batch decode partitions (ops.triton_attention.SMALL_GRID_PROGRAMS = 0: 512 positions each)
           timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, ops.triton_attention as t; t.SMALL_GRID_PROGRAMS = 0; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
