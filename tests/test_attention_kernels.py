@@ -348,7 +348,7 @@ from tests.test_attention_kernels import make_paged_batch, reference, assert_mat
 triton_attention.PARTITION_SIZE = 128
 # (MAX_DECODE_PARTITIONS, DECODE_GRID_PROGRAMS, MIN_PARTITION_SIZE): as shipped (no shrinking at these
 # sizes); partitions grown; partitions shrunk to 64 positions
-grow = [(16, 4096, 128), (2, 0, 128), (16, 4096, 64)]
+grow = [(16, 4096, 128), (2, 0, 128), (16, 4096, 64)]  # (64: the default since session 19)
 offsets_64 = [False, True, False]  # the 64-bit cache offsets (for caches of 2^31 elements or more) in one round
 cases = [  # q_lens, seq_lens, heads, kv heads, head_dim, block size, dtype
     ([1] * 5, [1, 129, 300, 0, 64], 8, 2, 32, 16, torch.float32),
@@ -450,7 +450,8 @@ def test_decode_partitions_grow_instead_of_multiplying_past_the_cap():
     assert parts <= 16 and parts * size >= 131072
     assert decode_partitions(1, 5) == (1, PARTITION_SIZE)
     # A few sequences: smaller partitions while the grid stays within SMALL_GRID_PROGRAMS.
-    assert decode_partitions(4096, 1 * 8) == (32, 128)
+    assert decode_partitions(4096, 1 * 8) == (64, 64)
     assert decode_partitions(4096, 4 * 8) == (16, 256)
     assert decode_partitions(4096, 8 * 8) == (8, PARTITION_SIZE)
-    assert decode_partitions(300, 1 * 8) == (3, 128)
+    assert decode_partitions(300, 1 * 8) == (5, 64)
+    assert decode_partitions(4096, 2 * 8) == (32, 128)  # 64 positions would make 1,024 programs
