@@ -149,6 +149,8 @@ class CudaGraphRunner:
     def capture(self) -> float:
         start = time.perf_counter()
         pool = None
+        self._reserved_at_start = torch.cuda.memory_reserved()
+        torch.cuda.reset_peak_memory_stats()  # the first warm-up's peak, logged before the first capture
         # Largest first (by tokens), so that the shared pool is sized by the largest graph.
         todo = [(bs, False) for bs in self.batch_sizes] + [(t, True) for t in (self.mixed.token_sizes if self.mixed else [])]
         for size, mixed in tqdm(sorted(todo, reverse=True), desc="Capturing CUDA graphs", leave=False):
@@ -179,6 +181,8 @@ class CudaGraphRunner:
                         f"--enforce-eager") from exc
             pool = graph.pool()
             (self.mixed_graphs if mixed else self.graphs)[size] = graph
+        logger.info("CUDA graphs: torch holds %.2f GiB more than before their first warm-up (the graphs' shared pool)",
+                    (torch.cuda.memory_reserved() - self._reserved_after_empty) / 2**30)
         # Launch every graph once more, on its padding inputs (no KV written): CUDA uploads an instantiated
         # graph to the device on its first launch, which would otherwise fall on the first request to use
         # it (the 8B server's first request waited 93-143 ms for its first token, the next ones ~13 ms;
@@ -195,14 +199,19 @@ class CudaGraphRunner:
         """Hand the caching allocator's free blocks back to the driver before the first capture, and
         log where the memory is. Llama-3.1-8B AWQ at gpu_memory_utilization 0.9 ran out of device
         memory right here (creating the capture stream) on an H100, with ~8 GiB left after the KV cache
-        when it was sized (perf/RESULTS.md, session 18): this line says what the warm-up took."""
+        when it was sized (perf/RESULTS.md, session 18). In session 19 every Llama-3.1-8B start (bf16, AWQ,
+        GPTQ, int8) had ~9.2 GiB cached and unused by torch here, ~0.9 GiB left to the driver; handed back,
+        AWQ captures at 0.9. Whether the first warm-up's peak (logged) or earlier work cached it: not yet seen."""
         allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
+        self._reserved_after_empty = torch.cuda.memory_reserved()
         logger.info("GPU memory before the first CUDA-graph capture: %.2f of %.2f GiB free after returning %.2f GiB "
-                    "cached by torch (torch: %.2f GiB allocated; outside torch %.2f GiB)", free / 2**30, total / 2**30,
-                    (reserved - torch.cuda.memory_reserved()) / 2**30, allocated / 2**30,
-                    (total - free - torch.cuda.memory_reserved()) / 2**30)
+                    "cached by torch (torch: %.2f GiB allocated; outside torch %.2f GiB); torch held %.2f GiB before "
+                    "the first warm-up, which peaked at %.2f GiB allocated", free / 2**30, total / 2**30,
+                    (reserved - self._reserved_after_empty) / 2**30, allocated / 2**30,
+                    (total - free - self._reserved_after_empty) / 2**30, self._reserved_at_start / 2**30,
+                    torch.cuda.max_memory_allocated() / 2**30)
 
     def mixed_bucket_for(self, num_tokens: int, num_seqs: int) -> int | None:
         return self.mixed.bucket_for(num_tokens, num_seqs) if self.mixed is not None else None
