@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ops import pdl
+
 GRID = 64  # programs of every call (the stand-in releases up to 256); rows beyond it loop
 MAX_HIDDEN = 16384  # one row in registers of one program
 SLOTS = 3  # the Lamport kernel's rotation: written, being read, being emptied
@@ -92,8 +94,10 @@ def _lamport_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, buffer_ptrs, slot_ptr, status_ptr,
     n_rows, hidden, region, eps, rank, spin_limit,
     WORLD: tl.constexpr, GRID: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    SLOTS: tl.constexpr,
+    SLOTS: tl.constexpr, PDL_SIGNAL: tl.constexpr = False,
 ):
+    if PDL_SIGNAL:  # the next kernel (a GEMV) may start loading its weights while this one waits (ops.pdl)
+        tl.extra.cuda.gdc_launch_dependents()
     # Each row keeps its own slot counter (slot_ptr[row]): a row's regions are in step with its own
     # uses, whichever calls took it (a counter a program would keep for all its rows goes out of step
     # for a row the program skipped in calls with fewer rows).
@@ -234,7 +238,8 @@ def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weig
         grid = (max(1, min(GRID, n_rows)),)
         status = torch.zeros(8, dtype=torch.int32, device=x.device) if status is None else status
         _lamport_kernel[grid](x, residual, weight, out, residual_out, buffer_ptrs, state, status,
-                              n_rows, hidden, region, eps, rank, spin_limit, SLOTS=SLOTS, **common)
+                              n_rows, hidden, region, eps, rank, spin_limit, SLOTS=SLOTS,
+                              PDL_SIGNAL=pdl.enabled(x.device), **common)
     elif protocol == "flags":
         _flags_kernel[(GRID,)](x, residual, weight, out, residual_out, buffer_ptrs, signal_pad_ptrs, state,
                                n_rows, hidden, region, eps, rank, **common)

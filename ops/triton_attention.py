@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops import pdl
 from ops.forward_context import AttentionMetadata
 
 PARTITION_SIZE = 512  # context positions per decode program (flash-decoding split), at most...
@@ -218,8 +219,10 @@ def _decode_kernel(
 def _decode_reduce_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, seq_lens_ptr, query_start_loc_ptr,
     stride_ot, stride_oh, head_dim, partition_size,
-    NUM_PARTITIONS: tl.constexpr, P_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    NUM_PARTITIONS: tl.constexpr, P_PAD: tl.constexpr, D_PAD: tl.constexpr, PDL_SIGNAL: tl.constexpr = False,
 ):
+    if PDL_SIGNAL:  # the next kernel (the output projection's GEMV) may start loading its weights (ops.pdl)
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     token = tl.load(query_start_loc_ptr + seq)
@@ -407,7 +410,7 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
             out, part_acc, part_max, part_sum, meta.seq_lens, meta.query_start_loc,
             out.stride(0), out.stride(1), head_dim, partition_size,
             NUM_PARTITIONS=num_partitions, P_PAD=triton.next_power_of_2(num_partitions),
-            D_PAD=d_pad, num_warps=4,
+            D_PAD=d_pad, PDL_SIGNAL=pdl.enabled(out.device), num_warps=4,
         )
 
 

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops import pdl
 from ops.triton_quant import INT8, GPTQ, _finish, _split_k, _split_k_counters
 
 MAX_ROWS = 2  # rows of x the kernel takes (each keeps its own sum through the K loop)
@@ -105,10 +106,12 @@ def _gemv_kernel(
     M, N, K, stride_xm, stride_w, k_per_split, split,
     HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, SILU_MUL_X: tl.constexpr,
+    NUM_STAGES: tl.constexpr, SILU_MUL_X: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Rows 0..M-1 (M <= BLOCK_M <= 2) of x times BLOCK_N rows of W over one K range. With SILU_MUL_X,
-    x's rows are [gate, up] (2 * K values) and the input is silu(gate) * up, made as it is loaded."""
+    x's rows are [gate, up] (2 * K values) and the input is silu(gate) * up, made as it is loaded.
+    With USE_PDL (launched with programmatic dependent launch, ops.pdl): the range's first weight tile
+    is loaded before waiting for the previous kernel, everything else after."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -121,6 +124,23 @@ def _gemv_kernel(
     acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    if USE_PDL:
+        # The weight is the one input no kernel writes: its first tile streams in while the previous
+        # kernel finishes. Then the wait (x, the output and the split-K workspace are the previous
+        # kernels'), and only then the signal that lets the next kernel start (ops.pdl's rules).
+        k = k_start + rk
+        k_mask = k < k_end
+        if EVEN_K:
+            w_first = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
+        else:
+            w_first = tl.load(w_rows + k[None, :], mask=k_mask[None, :], other=0, eviction_policy="evict_first")
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+        w_first = w_first.to(tl.float32)
+        acc0 += w_first * _load_x(x_ptr, k, k_mask, K, EVEN_K, SILU_MUL_X)[None, :]
+        if BLOCK_M > 1:
+            acc1 += w_first * _load_x(x1_ptr, k, k_mask, K, EVEN_K, SILU_MUL_X)[None, :]
+        k_start += BLOCK_K
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         k = k0 + rk
         k_mask = k < k_end
@@ -177,6 +197,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, SPLIT_K=split > 1,
         EVEN_K=K % tiles.block_k == 0, BLOCK_M=M, BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k, NUM_STAGES=tiles.num_stages, SILU_MUL_X=silu_mul_x, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
+        num_stages=tiles.num_stages, **_pdl_launch(x.device),
     )
     return out
+
+
+def _pdl_launch(device: torch.device) -> dict:
+    """The launch arguments for programmatic dependent launch where ops.pdl enables it, else none."""
+    return {"USE_PDL": True, "launch_pdl": True} if pdl.enabled(device) else {}

@@ -13,6 +13,8 @@
 #           (llama1-sync: without async scheduling; llama1-parts: then again with 512-position decode partitions,
 #           as before small batches got smaller ones)
 #   llama1-minpart llama1 with decode partitions down to 128 positions (default) and 64, alternating twice, profiled
+#   pdl-ab  programmatic dependent launch (ENGINE_PDL=1): GEMV + GPU-engine tests with it, llama1 without / with, twice
+#   tp-pdl-ab (2 GPUs) the greedy TP test with ENGINE_PDL=1, then batch 1 at TP=2 and TP=1, each without / with it
 #   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out (llama-fp8: with an fp8 KV cache)
 #   window-nano nano with an fp8 cache profiled at step 200 (full batch) and step 900 (its tail)
 #   nano-parts nano (bf16, fp8 caches) with 1,024- and 2,048-position decode partitions (run `nano` / `nano-fp8` beside it)
@@ -188,6 +190,28 @@ for stage in "$@"; do
               perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model llama-3.1-8b --workload fixed --num-requests 1 \
               --input-len 128 --output-len 512 --profile-steps 100 20 2>&1 | tee "$OUT/$name.log" \
               | grep -E "engine:|steps:|a step:|profiled steps|_decode|_gemv_kernel" | sed "s/^/[$name] /"
+          done ;;
+    pdl-ab) # programmatic dependent launch (ops.pdl, ENGINE_PDL=1: GEMVs load their first weight tile while the kernel
+          # before them finishes): the GEMV and GPU-engine tests with it, then Llama-3.1-8B batch 1 (128 / 512) without
+          # and with it, alternating twice, each timed and then profiled over steps 100-119
+          ENGINE_PDL=1 timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_gemv.py tests/test_gpu_engine.py \
+            2>&1 | tee "$OUT/pdl_tests.log" | tail -3
+          for spec in "llama8b_bs1_pdl0;0" "llama8b_bs1_pdl1;1" "llama8b_bs1_pdl0b;0" "llama8b_bs1_pdl1b;1"; do
+            name=${spec%%;*}
+            ENGINE_PDL=${spec#*;} timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" \
+              --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --profile-steps 100 20 2>&1 \
+              | tee "$OUT/$name.log" | grep -E "engine:|a step:|profiled steps|_gemv_kernel|_decode" | sed "s/^/[$name] /"
+          done ;;
+    tp-pdl-ab) # (2 GPUs) pdl-ab at TP=2 (the Lamport kernel lets the next GEMV start too): TP=2 without and with
+          # ENGINE_PDL=1, TP=1 (GPU 0) without and with, same call; the greedy TP=2 == TP=1 test with it first
+          ENGINE_PDL=1 timeout 200 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k "two_ranks and compiled-async" 2>&1 \
+            | tee "$OUT/tp_pdl_tests.log" | tail -3
+          for spec in "llama8b_bs1_tp2_pdl0;0;2" "llama8b_bs1_tp2_pdl1;1;2" "llama8b_bs1_tp1_pdl0;0;1" "llama8b_bs1_tp1_pdl1;1;1"; do
+            IFS=";" read -r name flag tp <<< "$spec"
+            CUDA_VISIBLE_DEVICES=$([ "$tp" = 1 ] && echo 0 || echo 0,1) ENGINE_PDL=$flag timeout "${STAGE_TIMEOUT:-300}" \
+              python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model llama-3.1-8b --workload fixed \
+              --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size $tp 2>&1 | tee "$OUT/$name.log" \
+              | grep -E "engine:|a step:|rank 0: a step" | sed "s/^/[$name] /"
           done ;;
     llama1-parts) bench llama8b_bs1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512
           # the same without small-batch decode partitions (ops.triton_attention.SMALL_GRID_PROGRAMS = 0: 512 positions each)
