@@ -11,6 +11,7 @@ reuses the compiled kernels.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Callable
@@ -23,9 +24,28 @@ logger = logging.getLogger("engine")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "engine", "torchinductor"))
 
 
+def inductor_options() -> dict | None:
+    """ENGINE_INDUCTOR_OPTIONS, a JSON object of inductor options for torch.compile (for A/B runs of
+    inductor's own switches, e.g. '{"combo_kernels": true}'; torch names the valid ones when given
+    another); unset: inductor's defaults. They are part of the compile cache's key."""
+    raw = os.environ.get("ENGINE_INDUCTOR_OPTIONS", "").strip()
+    if not raw:
+        return None
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"ENGINE_INDUCTOR_OPTIONS is not JSON ({exc}): {raw!r}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"ENGINE_INDUCTOR_OPTIONS must be a JSON object of option: value, not {raw!r}")
+    return options
+
+
 def compile_model(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The model's forward(input_ids, positions), compiled by inductor for any number of tokens."""
-    compiled = torch.compile(model.forward, fullgraph=True, dynamic=True)
+    options = inductor_options()
+    if options:
+        logger.info("torch.compile with inductor options %s (ENGINE_INDUCTOR_OPTIONS)", options)
+    compiled = torch.compile(model.forward, fullgraph=True, dynamic=True, options=options)
 
     def forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         mark_unbacked(input_ids, 0)

@@ -15,6 +15,7 @@
 #   llama1-minpart llama1 with decode partitions down to 128 positions (default) and 64, alternating twice, profiled
 #   pdl-ab  programmatic dependent launch (ENGINE_PDL=1): GEMV + GPU-engine tests with it, llama1 without / with, twice
 #   tp-pdl-ab (2 GPUs) the greedy TP test with ENGINE_PDL=1, then batch 1 at TP=2 and TP=1, each without / with it
+#   inductor-ab llama1 with inductor's defaults, then each option set of INDUCTOR_AB (ENGINE_INDUCTOR_OPTIONS), profiled
 #   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out (llama-fp8: with an fp8 KV cache)
 #   window-nano nano with an fp8 cache profiled at step 200 (full batch) and step 900 (its tail)
 #   nano-parts nano (bf16, fp8 caches) with 1,024- and 2,048-position decode partitions (run `nano` / `nano-fp8` beside it)
@@ -212,6 +213,19 @@ for stage in "$@"; do
               python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model llama-3.1-8b --workload fixed \
               --num-requests 1 --input-len 128 --output-len 512 --tensor-parallel-size $tp 2>&1 | tee "$OUT/$name.log" \
               | grep -E "engine:|a step:|rank 0: a step" | sed "s/^/[$name] /"
+          done ;;
+    inductor-ab) # Llama-3.1-8B batch 1 (128 / 512) with inductor's defaults, then with each option set of INDUCTOR_AB
+          # ('|'-separated JSON objects, ENGINE_INDUCTOR_OPTIONS; default: combo kernels, which may put the two rope
+          # kernels a layer in one launch), each timed then profiled over steps 100-119 (GPU ops a step)
+          IFS="|" read -ra option_sets <<< "${INDUCTOR_AB:-{\"combo_kernels\": true\}}"
+          i=0
+          for options in "" "${option_sets[@]}"; do
+            name=llama8b_bs1_inductor$i; i=$((i + 1))
+            echo "[$name] ENGINE_INDUCTOR_OPTIONS=${options:-(defaults)}"
+            ENGINE_INDUCTOR_OPTIONS=$options timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm \
+              --json-out "$OUT/$name.json" --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 \
+              --output-len 512 --profile-steps 100 20 2>&1 | tee "$OUT/$name.log" \
+              | grep -E "engine:|a step:|profiled steps|Error" | sed "s/^/[$name] /"
           done ;;
     llama1-parts) bench llama8b_bs1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512
           # the same without small-batch decode partitions (ops.triton_attention.SMALL_GRID_PROGRAMS = 0: 512 positions each)

@@ -204,3 +204,30 @@ def test_the_compiled_forward_serves_one_token_and_many_with_one_graph(tiny_chec
         for want, got in zip(eager.step(seqs), compiled.step(seqs)):
             torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     assert num_compiled_graphs() - graphs_before == 1
+
+
+def test_inductor_options_come_from_the_environment(monkeypatch):
+    """ENGINE_INDUCTOR_OPTIONS reaches torch.compile as its options; malformed ones fail with the variable's
+    name, and an option inductor does not have fails when the model is compiled (torch names the valid ones)."""
+    seen = {}
+
+    def fake_compile(fn, **kwargs):
+        seen.update(kwargs)
+        return fn
+
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setenv("ENGINE_INDUCTOR_OPTIONS", '{"combo_kernels": true}')
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    compile_model(model)
+    assert seen["options"] == {"combo_kernels": True} and seen["dynamic"] and seen["fullgraph"]
+    monkeypatch.delenv("ENGINE_INDUCTOR_OPTIONS")
+    compile_model(model)
+    assert seen["options"] is None
+    monkeypatch.undo()
+    for bad in ("combo_kernels", "[1, 2]"):
+        monkeypatch.setenv("ENGINE_INDUCTOR_OPTIONS", bad)
+        with pytest.raises(ValueError, match="ENGINE_INDUCTOR_OPTIONS"):
+            compile_model(model)
+    monkeypatch.setenv("ENGINE_INDUCTOR_OPTIONS", '{"no_such_option": 1}')
+    with pytest.raises(RuntimeError, match="no_such_option"):
+        compile_model(model)
