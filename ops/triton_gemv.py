@@ -77,6 +77,25 @@ def _load_x(row_ptr, k, k_mask, K, EVEN_K: tl.constexpr, SILU_MUL_X: tl.constexp
 
 
 @triton.jit
+def _load_w(w_rows, k, k_mask, EVEN_K: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K] tile of W, read once (evict first: no other program reads it)."""
+    if EVEN_K:
+        return tl.load(w_rows + k[None, :], eviction_policy="evict_first")
+    return tl.load(w_rows + k[None, :], mask=k_mask[None, :], other=0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _multiply_add(acc0, acc1, w, x_ptr, x1_ptr, k, k_mask, K, EVEN_K: tl.constexpr, SILU_MUL_X: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """Each row's running [BLOCK_N, BLOCK_K] sums plus W's tile times that row's x[k]."""
+    w = w.to(tl.float32)
+    acc0 += w * _load_x(x_ptr, k, k_mask, K, EVEN_K, SILU_MUL_X)[None, :]
+    if BLOCK_M > 1:
+        acc1 += w * _load_x(x1_ptr, k, k_mask, K, EVEN_K, SILU_MUL_X)[None, :]
+    return acc0, acc1
+
+
+@triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr):
     """out[row] = silu(x[row, :d]) * x[row, d:2d], for the rows the GEMV does not take."""
     row = tl.program_id(0).to(tl.int64)
@@ -129,29 +148,15 @@ def _gemv_kernel(
         # kernel finishes. Then the wait (x, the output and the split-K workspace are the previous
         # kernels'), and only then the signal that lets the next kernel start (ops.pdl's rules).
         k = k_start + rk
-        k_mask = k < k_end
-        if EVEN_K:
-            w_first = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
-        else:
-            w_first = tl.load(w_rows + k[None, :], mask=k_mask[None, :], other=0, eviction_policy="evict_first")
+        w_first = _load_w(w_rows, k, k < k_end, EVEN_K)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-        w_first = w_first.to(tl.float32)
-        acc0 += w_first * _load_x(x_ptr, k, k_mask, K, EVEN_K, SILU_MUL_X)[None, :]
-        if BLOCK_M > 1:
-            acc1 += w_first * _load_x(x1_ptr, k, k_mask, K, EVEN_K, SILU_MUL_X)[None, :]
+        acc0, acc1 = _multiply_add(acc0, acc1, w_first, x_ptr, x1_ptr, k, k < k_end, K, EVEN_K, SILU_MUL_X, BLOCK_M)
         k_start += BLOCK_K
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         k = k0 + rk
-        k_mask = k < k_end
-        if EVEN_K:
-            w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
-        else:
-            w = tl.load(w_rows + k[None, :], mask=k_mask[None, :], other=0, eviction_policy="evict_first")
-        w = w.to(tl.float32)
-        acc0 += w * _load_x(x_ptr, k, k_mask, K, EVEN_K, SILU_MUL_X)[None, :]
-        if BLOCK_M > 1:
-            acc1 += w * _load_x(x1_ptr, k, k_mask, K, EVEN_K, SILU_MUL_X)[None, :]
+        w = _load_w(w_rows, k, k < k_end, EVEN_K)
+        acc0, acc1 = _multiply_add(acc0, acc1, w, x_ptr, x1_ptr, k, k < k_end, K, EVEN_K, SILU_MUL_X, BLOCK_M)
     if BLOCK_M > 1:
         sums = tl.trans(tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1)))  # [2, BLOCK_N]
     else:
