@@ -1,6 +1,7 @@
-"""graphs.cuda_graph's capture loop on the CPU, with torch.cuda's graph and memory calls faked: the order it
-captures in, the memory it hands back before the first capture (and logs), and the error an out-of-memory
-capture becomes. The real captures run on the GPU (tests/test_gpu_engine.py)."""
+"""GPU memory accounting on the CPU, with torch.cuda's memory (and graph) calls faked: the KV cache's sizing
+hands back what its profile left cached; graphs.cuda_graph's capture loop captures largest first, hands back
+cached memory before the first capture (and logs it), and turns an out-of-memory capture into an error that
+names the flags. The real runs are on the GPU (tests/test_gpu_engine.py, perf/gpu_check.sh)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import logging
 import pytest
 import torch
 
+from types import SimpleNamespace
+
+from engine.model_runner import ModelRunner
 from graphs.cuda_graph import CudaGraphRunner
 
 GiB = 2**30
@@ -146,3 +150,39 @@ def test_an_out_of_memory_hidden_behind_the_capture_error_is_found(monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph", oom_then_invalidated)
     with pytest.raises(RuntimeError, match="ran out of GPU memory"):
         _runner([]).capture()
+
+
+def test_the_kv_sizing_hands_back_what_its_profile_left_cached(monkeypatch, caplog):
+    """The profile's largest step leaves blocks cached in torch's allocator; the KV cache is sized from the
+    peak, so that cache goes back to the driver before the KV cache is allocated, not on top of it."""
+    fake = FakeCuda()
+    fake.install(monkeypatch)
+    weights, activations, fragments, outside = 15 * GiB, GiB + GiB // 2, 7 * GiB + GiB // 2, GiB // 2
+    fake.allocated = fake.reserved = weights
+
+    def mem_get_info(device=None):
+        fake.events.append("mem_get_info")
+        return 80 * GiB - fake.reserved - outside, 80 * GiB
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+
+    class Model:
+        def __call__(self, ids, positions):
+            fake.events.append("forward")
+            fake.peak = weights + activations
+            fake.reserved = weights + activations + fragments  # freed, still cached
+            return torch.zeros(ids.shape[0], 4)
+
+        def compute_logits(self, hidden):
+            return hidden
+
+    runner = SimpleNamespace(
+        args=SimpleNamespace(max_num_batched_tokens=64, max_num_seqs=8, gpu_memory_utilization=0.9),
+        device=torch.device("cpu"), attention_backend="torch", model=Model(),
+        model_config=SimpleNamespace(max_model_len=32))
+    with caplog.at_level(logging.INFO, logger="engine"):
+        budget = ModelRunner._profile_free_gpu_memory(runner)
+    assert fake.events == ["empty_cache", "reset peak", "forward", "empty_cache", "mem_get_info"]
+    assert budget == int(80 * GiB * 0.9 - (weights + activations) - outside)
+    assert fake.reserved == weights  # the KV cache is allocated into memory the driver has back
+    assert "the profile left 9.00 GiB cached by torch (handed back)" in caplog.text
