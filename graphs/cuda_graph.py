@@ -181,7 +181,7 @@ class CudaGraphRunner:
                         f"--enforce-eager") from exc
             pool = graph.pool()
             (self.mixed_graphs if mixed else self.graphs)[size] = graph
-        logger.info("CUDA graphs: torch holds %.2f GiB more than before their first warm-up (the graphs' shared pool)",
+        logger.info("CUDA graphs: torch holds %.2f GiB more than just before the first capture (the graphs' shared pool)",
                     (torch.cuda.memory_reserved() - self._reserved_after_empty) / 2**30)
         # Launch every graph once more, on its padding inputs (no KV written): CUDA uploads an instantiated
         # graph to the device on its first launch, which would otherwise fall on the first request to use
