@@ -52,9 +52,18 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
         return q.unflatten(-1, (-1, self.head_dim)), k.unflatten(-1, (-1, self.head_dim)), v.unflatten(-1, (-1, self.head_dim))
 
+    def rotated_qkv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """project_qkv with q and k rotated, both in one pass over their heads side by side in the qkv
+        output: one kernel a layer once compiled, where rotating q and k apart made two (GPU profile,
+        perf/RESULTS.md, session 19). The same arithmetic, element by element."""
+        qkv = self.qkv_proj(hidden)
+        q_size, k_size, _ = self.split_sizes
+        qk = apply_rotary_emb(qkv[..., : q_size + k_size].unflatten(-1, (-1, self.head_dim)), cos, sin)
+        q, k = qk.split([q_size // self.head_dim, k_size // self.head_dim], dim=-2)
+        return q, k, qkv[..., q_size + k_size :].unflatten(-1, (-1, self.head_dim))
+
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.project_qkv(hidden)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k, v = self.rotated_qkv(hidden, cos, sin)
         return self.o_proj(self.attn(q, k, v))
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from engine.models.layers import RMSNorm
+from engine.models.layers import RMSNorm, apply_rotary_emb
 from engine.models.llama import LlamaAttention, LlamaForCausalLM, head_dim_of
 
 
@@ -17,9 +17,10 @@ class Qwen3Attention(LlamaAttention):
         self.q_norm = RMSNorm(head_dim_of(config), config.rms_norm_eps)
         self.k_norm = RMSNorm(head_dim_of(config), config.rms_norm_eps)
 
-    def project_qkv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = super().project_qkv(hidden)
-        return self.q_norm(q), self.k_norm(k), v
+    def rotated_qkv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each query and key head normed (its own weights for q and k), then rotated."""
+        q, k, v = self.project_qkv(hidden)
+        return apply_rotary_emb(self.q_norm(q), cos, sin), apply_rotary_emb(self.k_norm(k), cos, sin), v
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
