@@ -71,19 +71,18 @@ def _marks(BLOCK: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
-def _add_norm_store(acc, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, offs, cols, mask, hidden, eps,
-                    HAS_RESIDUAL: tl.constexpr):
-    """From the float32 sum of a row: round it as the all-reduce's output, add the residual, store that,
-    then RMSNorm it exactly as engine.models.layers.RMSNorm rounds."""
+def _add_norm_store(acc, residual, w, out_ptr, residual_out_ptr, offs, mask, hidden, eps, HAS_RESIDUAL: tl.constexpr):
+    """From the float32 sum of a row: round it as the all-reduce's output, add the row's residual, store
+    that, then RMSNorm it with the weight w exactly as engine.models.layers.RMSNorm rounds. (The residual
+    and weight come loaded: the Lamport kernel loads them before it waits for its peers.)"""
     dtype = out_ptr.dtype.element_ty
     h = acc.to(dtype)
     if HAS_RESIDUAL:
-        h = (h.to(tl.float32) + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+        h = (h.to(tl.float32) + residual.to(tl.float32)).to(dtype)
     tl.store(residual_out_ptr + offs, h, mask=mask)
     hf = h.to(tl.float32)
     inv = tl.rsqrt(tl.sum(hf * hf, axis=0) / hidden + eps)
     normed = (hf * inv).to(dtype)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     tl.store(out_ptr + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=mask)
 
 
@@ -124,15 +123,23 @@ def _lamport_kernel(
     # 2. sum, in rank order, each peer's row once all of it has landed in our buffer; then empty our
     # regions of the row's slot that the peers write two uses from now (they cannot get there before
     # this one is done: they need our values of the next use first), and move the row's counter on
+    # Everything a row needs besides the peers' values is loaded before waiting for them, so those loads'
+    # latency hides in the wait instead of following it (two dependent round trips less a call)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     for row in range(pid, n_rows, GRID):
         offs = tl.cast(row, tl.int64) * hidden + cols
         slot = tl.load(slot_ptr + row)
         here = own + slot.to(tl.int64) * slot_size + offs
+        mine = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        mine = tl.where(mine == 0, tl.zeros_like(mine), mine)  # as the peers got it
+        if HAS_RESIDUAL:
+            residual = tl.load(residual_ptr + offs, mask=mask, other=0.0)
+        else:
+            residual = mine  # (not read)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(WORLD):
             if r == rank:
-                part = tl.load(x_ptr + offs, mask=mask, other=0.0)
-                part = tl.where(part == 0, tl.zeros_like(part), part)  # as the peers got it
+                part = mine
             else:
                 src = here + r * region
                 part = tl.load(src, mask=mask, other=0.0, volatile=True)
@@ -149,8 +156,7 @@ def _lamport_kernel(
                     tl.store(status_ptr + 3, r)
                     tl.store(status_ptr + 4, missing)
             acc += part.to(tl.float32)
-        _add_norm_store(acc, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, offs, cols, mask, hidden,
-                        eps, HAS_RESIDUAL)
+        _add_norm_store(acc, residual, w, out_ptr, residual_out_ptr, offs, mask, hidden, eps, HAS_RESIDUAL)
         empty = own + ((slot + 2) % SLOTS).to(tl.int64) * slot_size + offs
         unwritten = _marks(BLOCK, dtype)
         for r in tl.static_range(WORLD):
@@ -200,8 +206,9 @@ def _flags_kernel(
                     peer = tl.multiple_of(tl.load(buffer_ptrs + r).to(tl.pointer_type(dtype)), 16)
                     part = tl.load(peer + stage + offs, mask=mask, other=0.0, cache_modifier=".cv")
                 acc += part.to(tl.float32)
-            _add_norm_store(acc, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, offs, cols, mask, hidden,
-                            eps, HAS_RESIDUAL)
+            residual = tl.load(residual_ptr + offs, mask=mask, other=0.0)  # (x itself without a residual: not read)
+            w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+            _add_norm_store(acc, residual, w, out_ptr, residual_out_ptr, offs, mask, hidden, eps, HAS_RESIDUAL)
 
 
 def lamport_buffer_numel(region: int, world_size: int) -> int:

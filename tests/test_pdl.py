@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ops import pdl
+from tests.ptx import ptx_lines, sm90_ptx
 
 
 def test_pdl_is_on_only_when_asked_on_a_cuda_device_of_capability_9(monkeypatch):
@@ -25,22 +26,6 @@ def test_pdl_is_on_only_when_asked_on_a_cuda_device_of_capability_9(monkeypatch)
     assert not pdl.enabled(torch.device("cuda", 0))
 
 
-def _ptx(fn, signature: dict[str, str], constexprs: dict[str, object], aligned: tuple[str, ...] = (),
-         **options) -> str:
-    """PTX of `fn` for sm_90; pointers, and the integers named in `aligned`, specialized as multiples of 16
-    the way a launch with such values specializes them (so loads vectorize as they do on the GPU)."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature = {**signature, **{name: "constexpr" for name in constexprs}}
-    signature = {name: signature[name] for name in fn.arg_names}  # in the kernel's order
-    divisible = [name for name, kind in signature.items() if kind.startswith("*") or name in aligned]
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-
-
 def _gemv_ptx(use_pdl: bool, **extra) -> str:
     from ops.triton_gemv import _gemv_kernel
 
@@ -50,22 +35,18 @@ def _gemv_ptx(use_pdl: bool, **extra) -> str:
     constexprs = dict(HAS_SCALES=False, HAS_BIAS=False, SPLIT_K=False, EVEN_K=True, BLOCK_M=1, BLOCK_N=8,
                       BLOCK_K=512, NUM_STAGES=3, SILU_MUL_X=False, USE_PDL=use_pdl)
     constexprs.update(extra)
-    return _ptx(_gemv_kernel, signature, constexprs, ("N", "K", "stride_xm", "stride_w", "k_per_split"),
+    return sm90_ptx(_gemv_kernel, signature, constexprs, ("N", "K", "stride_xm", "stride_w", "k_per_split"),
                 num_warps=4, num_stages=3, launch_pdl=use_pdl)
-
-
-def _lines(ptx: str, pattern: str) -> list[int]:
-    return [i for i, line in enumerate(ptx.splitlines()) if re.search(pattern, line)]
 
 
 @pytest.mark.parametrize("extra", [{}, {"BLOCK_M": 2, "SPLIT_K": True, "EVEN_K": False, "SILU_MUL_X": True}],
                          ids=["one-row", "two-rows-split-k-silu"])
 def test_gemv_loads_a_weight_tile_before_waiting_and_signals_after(extra):
     ptx = _gemv_ptx(True, **extra)
-    (wait,) = _lines(ptx, r"griddepcontrol\.wait")
-    (signal,) = _lines(ptx, r"griddepcontrol\.launch_dependents")
-    loads = _lines(ptx, r"ld\.global|cp\.async")
-    stores_and_atomics = _lines(ptx, r"st\.global|atom\.global|red\.global")
+    (wait,) = ptx_lines(ptx, r"griddepcontrol\.wait")
+    (signal,) = ptx_lines(ptx, r"griddepcontrol\.launch_dependents")
+    loads = ptx_lines(ptx, r"ld\.global|cp\.async")
+    stores_and_atomics = ptx_lines(ptx, r"st\.global|atom\.global|red\.global")
     assert signal > wait
     # Before the wait: the weight tile only (8 rows x 512 bf16 over 128 threads: 32 values a thread, in
     # 16-byte loads), none of x's; every store and atomic (output, split-K workspace, counters) after it.
@@ -76,7 +57,7 @@ def test_gemv_loads_a_weight_tile_before_waiting_and_signals_after(extra):
 
 
 def test_gemv_without_pdl_has_no_grid_dependency_control():
-    assert not _lines(_gemv_ptx(False), r"griddepcontrol")
+    assert not ptx_lines(_gemv_ptx(False), r"griddepcontrol")
 
 
 def test_decode_reduce_signals_first_when_asked():
@@ -86,24 +67,22 @@ def test_decode_reduce_signals_first_when_asked():
                  "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32",
                  **{i: "i32" for i in ["stride_ot", "stride_oh", "head_dim", "partition_size"]}}
     for signal in (True, False):
-        ptx = _ptx(_decode_reduce_kernel, signature, dict(NUM_PARTITIONS=64, P_PAD=64, D_PAD=128, PDL_SIGNAL=signal),
+        ptx = sm90_ptx(_decode_reduce_kernel, signature, dict(NUM_PARTITIONS=64, P_PAD=64, D_PAD=128, PDL_SIGNAL=signal),
                    num_warps=4)
-        found = _lines(ptx, r"griddepcontrol\.launch_dependents")
-        assert len(found) == signal and not _lines(ptx, r"griddepcontrol\.wait")
+        found = ptx_lines(ptx, r"griddepcontrol\.launch_dependents")
+        assert len(found) == signal and not ptx_lines(ptx, r"griddepcontrol\.wait")
         if signal:
-            assert found[0] < min(_lines(ptx, r"ld\.global"))
+            assert found[0] < min(ptx_lines(ptx, r"ld\.global"))
 
 
 def test_lamport_all_reduce_signals_first_when_asked():
     from ops.triton_allreduce import _lamport_kernel
+    from tests.test_triton_allreduce import LAMPORT_SIGNATURE as signature
 
-    signature = {**{p: "*bf16" for p in ["x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "residual_out_ptr"]},
-                 "buffer_ptrs": "*i64", "slot_ptr": "*i32", "status_ptr": "*i32",
-                 **{i: "i32" for i in ["n_rows", "hidden", "region", "rank", "spin_limit"]}, "eps": "fp32"}
     for signal in (True, False):
-        ptx = _ptx(_lamport_kernel, signature, dict(WORLD=2, GRID=64, BLOCK=4096, HAS_RESIDUAL=True, SLOTS=3,
+        ptx = sm90_ptx(_lamport_kernel, signature, dict(WORLD=2, GRID=64, BLOCK=4096, HAS_RESIDUAL=True, SLOTS=3,
                                                      PDL_SIGNAL=signal), num_warps=4)
-        found = _lines(ptx, r"griddepcontrol\.launch_dependents")
-        assert len(found) == signal and not _lines(ptx, r"griddepcontrol\.wait")
+        found = ptx_lines(ptx, r"griddepcontrol\.launch_dependents")
+        assert len(found) == signal and not ptx_lines(ptx, r"griddepcontrol\.wait")
         if signal:
-            assert found[0] < min(_lines(ptx, r"ld\.global"))
+            assert found[0] < min(ptx_lines(ptx, r"ld\.global"))

@@ -95,3 +95,24 @@ print("ok")
 
 def test_lamport_all_reduce_add_rms_norm_keeps_two_ranks_in_step_under_the_interpreter():
     run_under_the_interpreter(_SCRIPT)
+
+
+LAMPORT_SIGNATURE = {**{p: "*bf16" for p in ["x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "residual_out_ptr"]},
+                     "buffer_ptrs": "*i64", "slot_ptr": "*i32", "status_ptr": "*i32", "eps": "fp32",
+                     **{i: "i32" for i in ["n_rows", "hidden", "region", "rank", "spin_limit"]}}
+
+
+def test_lamport_kernel_loads_all_but_its_peers_values_before_waiting_for_them():
+    """Compiled for sm_90 (no GPU): after the first poll of a peer's values (a volatile load) the kernel
+    loads nothing else from global memory, so its own row, the residual and the weight are in flight
+    during the wait instead of three dependent round trips after it."""
+    from ops.triton_allreduce import _lamport_kernel
+    from tests.ptx import ptx_lines, sm90_ptx
+
+    for has_residual in (True, False):
+        ptx = sm90_ptx(_lamport_kernel, LAMPORT_SIGNATURE, dict(WORLD=2, GRID=64, BLOCK=4096, HAS_RESIDUAL=has_residual,
+                                                                 SLOTS=3, PDL_SIGNAL=False), ("hidden", "region"),
+                       num_warps=4)
+        polls = ptx_lines(ptx, r"ld\.volatile\.global")
+        loads = ptx_lines(ptx, r"\bld\.global")
+        assert polls and loads and max(loads) < min(polls), (has_residual, [i for i in loads if i > min(polls)])
