@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from engine.communication import rms_norm
 from engine.models.layers import RMSNorm, apply_rotary_emb
 from engine.models.llama import LlamaAttention, LlamaForCausalLM, head_dim_of
 
@@ -18,9 +19,17 @@ class Qwen3Attention(LlamaAttention):
         self.k_norm = RMSNorm(head_dim_of(config), config.rms_norm_eps)
 
     def rotated_qkv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each query and key head normed (its own weights for q and k), then rotated."""
-        q, k, v = self.project_qkv(hidden)
-        return apply_rotary_emb(self.q_norm(q), cos, sin), apply_rotary_emb(self.k_norm(k), cos, sin), v
+        """Each query and key head RMS-normed (q_norm's weight on the query heads, k_norm's on the key heads),
+        then rotated: all of them in one pass side by side in the qkv output, as Llama's rotation (one
+        kernel a layer once compiled, not one for q and one for k). The same arithmetic element by element."""
+        qkv = self.qkv_proj(hidden)
+        q_size, k_size, _ = self.split_sizes
+        q_heads, k_heads = q_size // self.head_dim, k_size // self.head_dim
+        weight = torch.cat([self.q_norm.weight.expand(q_heads, -1), self.k_norm.weight.expand(k_heads, -1)])
+        qk = qkv[..., : q_size + k_size].unflatten(-1, (-1, self.head_dim))
+        qk = apply_rotary_emb(rms_norm(qk, weight, self.q_norm.eps), cos, sin)
+        q, k = qk.split([q_heads, k_heads], dim=-2)
+        return q, k, qkv[..., q_size + k_size :].unflatten(-1, (-1, self.head_dim))
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
