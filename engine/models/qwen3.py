@@ -25,7 +25,8 @@ class Qwen3Attention(LlamaAttention):
         qkv = self.qkv_proj(hidden)
         q_size, k_size, _ = self.split_sizes
         q_heads, k_heads = q_size // self.head_dim, k_size // self.head_dim
-        weight = torch.cat([self.q_norm.weight.expand(q_heads, -1), self.k_norm.weight.expand(k_heads, -1)])
+        is_query = torch.arange(q_heads + k_heads, device=qkv.device)[:, None] < q_heads
+        weight = torch.where(is_query, self.q_norm.weight, self.k_norm.weight)  # [heads, head_dim], inlined once compiled
         qk = qkv[..., : q_size + k_size].unflatten(-1, (-1, self.head_dim))
         qk = apply_rotary_emb(rms_norm(qk, weight, self.q_norm.eps), cos, sin)
         q, k = qk.split([q_heads, k_heads], dim=-2)
