@@ -426,11 +426,11 @@ for stage in "$@"; do
              # kernels by stack a thread (perf/lmem_scan.py: the driver reserves that for every resident thread); if the
              # run failed, again without the prefill / mixed-step graphs (--mixed-cuda-graph-sizes 0)
              bench llama8b_awq_bs1 --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512
-             grep -hE "memory|out of memory|Error" "$OUT/llama8b_awq_bs1.log" | cut -c1-400 | head -12
+             grep -hE "memory|CUDA graphs:|Error" "$OUT/llama8b_awq_bs1.log" | cut -c1-400 | head -12
              python3 perf/lmem_scan.py "$COMPILE_CACHE" --top 25 2>&1 | tee "$OUT/lmem_scan.txt" | cut -c1-220
              if [ ! -s "$OUT/llama8b_awq_bs1.json" ]; then
                bench llama8b_awq_bs1_nomixed --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512 --mixed-cuda-graph-sizes 0
-               grep -hE "memory|out of memory|Error" "$OUT/llama8b_awq_bs1_nomixed.log" | cut -c1-400 | head -12
+               grep -hE "memory|CUDA graphs:|Error" "$OUT/llama8b_awq_bs1_nomixed.log" | cut -c1-400 | head -12
              fi ;;
     awq1) bench llama8b_awq_bs1 --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 --input-len 128 --output-len 512 ;;
     quant1) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py -k "int8 or cuda_graph" 2>&1 \
