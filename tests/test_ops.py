@@ -36,7 +36,7 @@ def test_opcheck_validates_the_registration():
     k_cache, v_cache, meta = _paged_batch([7, 12], [7, 1], block_size=4, num_kv_heads=2, head_dim=8, seed=0)
     q, k, v = torch.randn(8, 4, 8), torch.randn(8, 2, 8), torch.randn(8, 2, 8)
     with set_forward_context(ForwardContext(meta, [(k_cache, v_cache)], "torch")):
-        torch.library.opcheck(torch.ops.engine.paged_attention.default, (q, k, v, torch.empty_like(q), 0, 0.35))
+        torch.library.opcheck(torch.ops.engine.paged_attention.default, (torch.cat([q, k], 1), v, torch.empty_like(q), 0, 0.35))
 
 
 def test_paged_prefill_with_cached_context_equals_causal_attention_over_the_whole_sequence():
@@ -51,7 +51,7 @@ def test_paged_prefill_with_cached_context_equals_causal_attention_over_the_whol
     out = torch.full((q_len, heads, dim), float("nan"))
     # Re-writing the tail's own K/V through the op must leave the cache as it was.
     with set_forward_context(ForwardContext(meta, [(k_cache, v_cache)], "torch")):
-        torch.ops.engine.paged_attention(q_full[-q_len:], keys[-q_len:], values[-q_len:], out, 0, 0.2)
+        torch.ops.engine.paged_attention(torch.cat([q_full[-q_len:], keys[-q_len:]], 1), values[-q_len:], out, 0, 0.2)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 

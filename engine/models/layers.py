@@ -136,10 +136,11 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.scale = scale
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [T, num_heads, head_dim], k/v [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim]."""
-        out = torch.empty_like(q)
-        torch.ops.engine.paged_attention(q, k, v, out, self.layer_idx, self.scale)
+    def forward(self, qk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """qk [T, num_heads + num_kv_heads, head_dim] (the query heads, then the key heads), v [T, num_kv_heads,
+        head_dim] -> [T, num_heads * head_dim]."""
+        out = qk.new_empty(qk.shape[0], self.num_heads, self.head_dim)
+        torch.ops.engine.paged_attention(qk, v, out, self.layer_idx, self.scale)
         return out.flatten(1)
 
 

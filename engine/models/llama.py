@@ -47,24 +47,17 @@ class LlamaAttention(nn.Module):
         self.head_dim = head_dim
         self.attn = Attention(num_heads, num_kv_heads, head_dim, layer_idx, scale=head_dim**-0.5)
 
-    def project_qkv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[T, hidden] -> q [T, heads, head_dim], k and v [T, kv_heads, head_dim]."""
-        q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
-        return q.unflatten(-1, (-1, self.head_dim)), k.unflatten(-1, (-1, self.head_dim)), v.unflatten(-1, (-1, self.head_dim))
-
-    def rotated_qkv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """project_qkv with q and k rotated, both in one pass over their heads side by side in the qkv
-        output: one kernel a layer once compiled, where rotating q and k apart made two (GPU profile,
-        perf/RESULTS.md, session 19). The same arithmetic, element by element."""
+    def rotated_qkv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, hidden] -> qk [T, heads + kv_heads, head_dim] rotated (the query heads, then the key heads, side
+        by side as the qkv projection writes them: one pass, one kernel a layer once compiled), v [T, kv_heads,
+        head_dim]."""
         qkv = self.qkv_proj(hidden)
         q_size, k_size, _ = self.split_sizes
         qk = apply_rotary_emb(qkv[..., : q_size + k_size].unflatten(-1, (-1, self.head_dim)), cos, sin)
-        q, k = qk.split([q_size // self.head_dim, k_size // self.head_dim], dim=-2)
-        return q, k, qkv[..., q_size + k_size :].unflatten(-1, (-1, self.head_dim))
+        return qk, qkv[..., q_size + k_size :].unflatten(-1, (-1, self.head_dim))
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.rotated_qkv(hidden, cos, sin)
-        return self.o_proj(self.attn(q, k, v))
+        return self.o_proj(self.attn(*self.rotated_qkv(hidden, cos, sin)))
 
 
 class LlamaMLP(nn.Module):

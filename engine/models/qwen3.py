@@ -18,7 +18,7 @@ class Qwen3Attention(LlamaAttention):
         self.q_norm = RMSNorm(head_dim_of(config), config.rms_norm_eps)
         self.k_norm = RMSNorm(head_dim_of(config), config.rms_norm_eps)
 
-    def rotated_qkv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def rotated_qkv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each query and key head RMS-normed (q_norm's weight on the query heads, k_norm's on the key heads),
         then rotated: all of them in one pass side by side in the qkv output, as Llama's rotation (one
         kernel a layer once compiled, not one for q and one for k). The same arithmetic element by element."""
@@ -29,8 +29,7 @@ class Qwen3Attention(LlamaAttention):
         weight = torch.where(is_query, self.q_norm.weight, self.k_norm.weight)  # [heads, head_dim], inlined once compiled
         qk = qkv[..., : q_size + k_size].unflatten(-1, (-1, self.head_dim))
         qk = apply_rotary_emb(rms_norm(qk, weight, self.q_norm.eps), cos, sin)
-        q, k = qk.split([q_heads, k_heads], dim=-2)
-        return q, k, qkv[..., q_size + k_size :].unflatten(-1, (-1, self.head_dim))
+        return qk, qkv[..., q_size + k_size :].unflatten(-1, (-1, self.head_dim))
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
