@@ -52,6 +52,9 @@ class StepTimings:
     execute: float = 0.0
     update: float = 0.0  # detokenize, stop checks, outputs
     device_wait: float = 0.0  # of `execute`: the host blocked, waiting for sampled ids from the device
+    # A list to record every step in (benchmarks: where a run is host-bound): (sequences scheduled, host
+    # seconds, seconds waiting for the device); None records nothing.
+    per_step: list[tuple[int, float, float]] | None = None
 
     def as_dict(self) -> dict:
         return {"steps": self.steps, "schedule_s": self.schedule, "execute_s": self.execute, "update_s": self.update,
@@ -289,6 +292,9 @@ class LLMEngine:
         timings.schedule += t1 - t0
         timings.execute += t2 - t1
         timings.update += t3 - t2
+        if timings.per_step is not None:
+            waited = timings.device_wait - wait_before
+            timings.per_step.append((len(batch.scheduled) if batch else 0, t3 - t0 - waited, waited))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "step %d: %d seqs, %d tokens; schedule %.2f ms, execute + update %.2f ms (of which waiting for the device %.2f ms)",

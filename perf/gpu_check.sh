@@ -87,6 +87,7 @@
 #   tp-verify (2 GPUs) the fused all-reduce's GPU test, greedy TP=2 == TP=1 (compiled-async), Llama-3.1-8B batch 1
 #           (128 / 512) at TP=2 and TP=1, allreduce_bench
 #   tp-failure (2 GPUs) the worker-failure test alone
+#   tp-greedy (2 GPUs) tp-verify's two tests alone (the fused all-reduce's GPU test; greedy TP=2 == TP=1, compiled-async)
 #   tp-ab   (2 GPUs) Llama-3.1-8B batch 1 (128 / 512) at TP=2 with NCCL only, then with the custom all-reduce (tp-ar's order
 #           reversed)
 #   tp-ar   (2 GPUs) the custom all-reduce (#7): its latency in CUDA graphs against NCCL's (perf/allreduce_bench.py), its
@@ -505,6 +506,13 @@ for stage in "$@"; do
                CUDA_VISIBLE_DEVICES=0 bench llama8b_bs1_tp1 --model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512
                timeout 200 python3 perf/allreduce_bench.py --rows 1 2 8 64 256 --out "$OUT/allreduce.json" 2>&1 | tee "$OUT/allreduce.log" | tail -6
                unset ENGINE_FUSED_ALLREDUCE ENGINE_TEST_TRACE ;;
+    tp-greedy) # (2 GPUs) tp-verify's tests alone: the fused all-reduce's GPU test, greedy TP=2 == TP=1 (compiled-async)
+               export ENGINE_FUSED_ALLREDUCE=${ENGINE_FUSED_ALLREDUCE:-lamport}
+               timeout 200 python3 -m pytest -m gpu -q tests/test_tensor_parallel.py -k "custom_all_reduce or fused_all_reduce" 2>&1 \
+                 | tee "$OUT/custom_ar_test.log" | grep --line-buffered -E "passed|failed|Error" | cut -c1-200
+               timeout 200 python3 -m pytest -m gpu -v tests/test_tensor_parallel.py -k "two_ranks and compiled-async" 2>&1 \
+                 | tee "$OUT/tp_tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed" | cut -c1-300
+               unset ENGINE_FUSED_ALLREDUCE ;;
     tp-failure) timeout 150 python3 -m pytest -m gpu -v -o log_cli=true --log-cli-level=INFO -o faulthandler_timeout=120 tests/test_tensor_parallel.py -k worker_exception 2>&1 | tee "$OUT/tp_failure_test.log" | grep -E "PASSED|FAILED|Error|assert" | cut -c1-300 ;;
     tp-ab) for spec in "llama8b_bs1_tp2_nccl --disable-custom-all-reduce" "llama8b_bs1_tp2"; do
              set -- $spec

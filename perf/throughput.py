@@ -162,10 +162,12 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
     llm_stats_before = (before.prefix_cache_hits_total, before.prefix_cache_queries_total)
     triton_before = triton_kernel_variants()
     gc_watch = GcWatch()
+    llm.llm_engine.timings.per_step = []
     start = time.perf_counter()
     with gc_watch:
         outputs = llm.generate(inputs, params, use_tqdm=not args.no_tqdm)
     elapsed = time.perf_counter() - start
+    per_step, llm.llm_engine.timings.per_step = llm.llm_engine.timings.per_step, None
     triton_compiled = {name: n - triton_before.get(name, 0) for name, n in triton_kernel_variants().items()
                        if n > triton_before.get(name, 0)}
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -207,6 +209,7 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         "kv_cache_dtype": str(runner.kv_cache_dtype).removeprefix("torch."),
         "compiled": runner.forward is not runner.model,
         "step_timings": {k: v - timings_before[k] for k, v in llm.llm_engine.timings.as_dict().items()},
+        "step_phases": step_phases(per_step),
     }
     if args.greedy_check:
         # A fixed prompt set, greedy, after the timed run: its tokens land in the JSON, so two runs
@@ -371,6 +374,25 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+STEP_PHASE_BOUNDS = (0, 1, 16, 64, 128, 192)  # lower bounds of the batch-size classes step_phases groups steps by
+
+
+def step_phases(per_step: list[tuple[int, float, float]]) -> list[dict]:
+    """The timed run's steps grouped by how many sequences each scheduled: per class, the steps, their
+    seconds in all, and a step's mean host work and wait for the device in ms. A class whose wait is near
+    0 was host-bound; one that waits is device-bound (where the run's time goes, batch by batch)."""
+    phases = []
+    for i, low in enumerate(STEP_PHASE_BOUNDS):
+        high = STEP_PHASE_BOUNDS[i + 1] if i + 1 < len(STEP_PHASE_BOUNDS) else None
+        rows = [(host, wait) for n, host, wait in per_step if n >= low and (high is None or n < high)]
+        if rows:
+            phases.append({"min_seqs": low, "max_seqs": None if high is None else high - 1, "steps": len(rows),
+                           "seconds": sum(h + w for h, w in rows),
+                           "host_ms": 1e3 * sum(h for h, _ in rows) / len(rows),
+                           "wait_ms": 1e3 * sum(w for _, w in rows) / len(rows)})
+    return phases
+
+
 def throughput_figures(system: str, elapsed: float, requests: int, in_tokens: int, out_tokens: int) -> dict:
     """The figures every system compared reports, from one timed run."""
     return {
@@ -485,6 +507,10 @@ def main(argv: list[str] | None = None) -> dict:
                 busy = t["schedule_s"] + t["execute_s"] + t["update_s"] - t["device_wait_s"]
                 print(f"  {'':>14}  a step: {1e3 * busy / t['steps']:.3f} ms of host work, {1e3 * t['device_wait_s'] / t['steps']:.3f} ms "
                       "waiting for the device (host-bound when the wait is near 0)")
+            for ph in r.get("step_phases") or []:
+                seqs = f"{ph['min_seqs']}+" if ph["max_seqs"] is None else f"{ph['min_seqs']}-{ph['max_seqs']}"
+                print(f"  {'':>14}    {seqs:>8} seqs: {ph['steps']:5d} steps, {ph['seconds']:6.2f} s; a step {ph['host_ms']:.3f} ms "
+                      f"host, {ph['wait_ms']:.3f} ms waiting")
             print(f"  {'':>14}  weights {r['weights_gib']:.2f} GiB ({r['quantization'] or 'unquantized'}), "
                   f"KV cache {r['kv_cache_gib']:.2f} GiB ({r['kv_blocks']} blocks, {r['kv_cache_dtype']})")
             g = r.get("gc")

@@ -181,3 +181,18 @@ def test_triton_kernel_variants_counts_each_ops_kernels_compiled_variants():
         del kernel.device_caches["fake-device"]
     assert after["_gemv_kernel"] == before["_gemv_kernel"] + 2
     assert {k: v for k, v in after.items() if k != "_gemv_kernel"} == {k: v for k, v in before.items() if k != "_gemv_kernel"}
+
+
+def test_step_phases_group_every_timed_step_by_batch_size(tiny_model):
+    """The timed run's steps, grouped by sequences scheduled: every step counted once, in its class."""
+    phases = throughput.step_phases([(256, 0.004, 0.006), (200, 0.002, 0.0), (3, 0.001, 0.001), (0, 0.0005, 0.0)])
+    assert [(p["min_seqs"], p["max_seqs"], p["steps"]) for p in phases] == [(0, 0, 1), (1, 15, 1), (192, None, 2)]
+    assert [(p["seconds"], p["host_ms"], p["wait_ms"]) for p in phases] == [
+        pytest.approx((0.0005, 0.5, 0.0)), pytest.approx((0.002, 1.0, 1.0)), pytest.approx((0.012, 3.0, 3.0))]
+    record = throughput.main(["--model", tiny_model, "--workload", "fixed", "--num-requests", "3", "--input-len", "8",
+                              "--output-len", "5", "--max-model-len", "64", "--no-tqdm"])
+    (run,) = record["results"]
+    phases = run["step_phases"]
+    assert sum(p["steps"] for p in phases) == run["step_timings"]["steps"]
+    assert all(p["min_seqs"] in throughput.STEP_PHASE_BOUNDS for p in phases)
+    assert sum(p["seconds"] for p in phases) <= run["elapsed_s"]
