@@ -42,7 +42,7 @@ import triton.language as tl
 from ops import pdl
 from ops.forward_context import AttentionMetadata
 
-PARTITION_SIZE = 512  # context positions per decode program (flash-decoding split), at most...
+PARTITION_SIZE = 1024  # context positions per decode program (flash-decoding split), at most...
 MAX_DECODE_PARTITIONS = 16  # ...partitions beyond which they grow instead (see decode_partitions)
 DECODE_GRID_PROGRAMS = 4096  # unless the decode grid stays under this many programs
 MIN_PARTITION_SIZE = 64  # small batches halve the partitions down to this many positions (one inner step)...
@@ -418,22 +418,28 @@ def decode_partitions(max_seq_len: int, num_programs: int) -> tuple[int, int]:
     """(number of partitions, context positions per partition) for a decode grid of `num_programs`
     (sequence, KV head) pairs whose contexts are at most `max_seq_len`.
 
-    Partitions of PARTITION_SIZE, so that a long context is read by many programs at once; but
+    Partitions of PARTITION_SIZE, so that a long context is read by many programs at once. 1,024
+    positions rather than 512: fewer partials to write and merge, and under CUDA graphs half the
+    programs that start past a shorter context's end; `nano` on the H100, alternating runs of one
+    call: 21,016 / 21,254 output tok/s against 19,741 / 19,549 with an fp8 cache, 17,393 / 17,300
+    against 16,986 / 16,808 with bf16 (perf/RESULTS.md, session 20). But
     under CUDA graphs max_seq_len is max_model_len, and with a long one (Qwen3: 40,960; Llama 3.1:
     131,072) most partitions of a batch's shorter contexts start past their end and only cost a
     launch each: 164k such programs a layer at batch 256 and 40,960 positions, where a decode step
     at context 1,024 took 23 ms of forward on the H100 for ≈ 10 ms of KV reads (before this cap;
     not yet re-measured with it). So the count is capped at MAX_DECODE_PARTITIONS, or more while
     the grid stays under DECODE_GRID_PROGRAMS (small batches, where splitting is what keeps the
-    GPU busy), and the partitions grow instead. A max_model_len up to 8,192 is not affected.
+    GPU busy), and the partitions grow instead. A max_model_len up to 16,384 is not affected.
 
-    The other way, a batch of a few sequences (batch-1 decode: 8 KV heads, 8 partitions of a 4,096
-    bound) has fewer programs than SMs, each walking 512 positions in 8 dependent steps: partitions
+    The other way, a batch of a few sequences (batch-1 decode: 8 KV heads, 4 partitions of a 4,096
+    bound) has fewer programs than SMs, each walking 1,024 positions in 16 dependent steps: partitions
     halve (down to MIN_PARTITION_SIZE) while the grid stays within SMALL_GRID_PROGRAMS, so that the
     same context is read by more programs in fewer steps each. Down to 64 positions (one inner step a
     program) rather than 128: Llama-3.1-8B batch 1 on the H100, the decode kernel 7.0 -> 5.4 us a call,
     output 165.0 / 165.4 -> 166.9 / 167.0 tok/s (perf/RESULTS.md, session 19)."""
     size = PARTITION_SIZE
+    while size // 2 >= max(max_seq_len, MIN_PARTITION_SIZE):  # a short context: one partition, just bounded closer
+        size //= 2
     while (size // 2 >= MIN_PARTITION_SIZE and max_seq_len > size // 2
            and num_programs * triton.cdiv(max_seq_len, size // 2) <= SMALL_GRID_PROGRAMS):
         size //= 2

@@ -18,6 +18,8 @@
 #   inductor-ab llama1 with inductor's defaults, then each option set of INDUCTOR_AB (ENGINE_INDUCTOR_OPTIONS), profiled
 #   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out (llama-fp8: with an fp8 KV cache)
 #   window-nano nano with an fp8 cache profiled at step 200 (full batch) and step 900 (its tail)
+#   nano-profile nano (bf16) profiled at step 200 (full batch) and 700 (~100 sequences), every GPU op listed
+#   nano-parts-ab nano with 512- and 1,024-position decode partitions, alternating twice (fp8 cache, then bf16)
 #   nano-parts nano (bf16, fp8 caches) with 1,024- and 2,048-position decode partitions (run `nano` / `nano-fp8` beside it)
 #   nofuse  llama1 and nano with the KV write as its own kernel in decode steps (run `llama1 nano` beside it)
 #   nano-ab nano four times in one call: as it is, with the KV write as its own kernel (FUSE_DECODE_KV_WRITE = False),
@@ -251,6 +253,19 @@ for stage in "$@"; do
              timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --model qwen3-0.6b --workload nano \
                --kv-cache-dtype fp8 --profile-steps $steps 2>&1 | grep -vE "^\{|Capturing" | grep -A40 "requests$"
            done ;;
+    nano-profile) # nano (bf16 cache) profiled over 10 steps at full batch (step 200) and at ~100 sequences (step 700),
+           # every GPU op of a step listed (STEP_PROFILE_TOP=30): where a step's time goes besides the KV reads
+           for steps in "200 10" "700 10"; do
+             STEP_PROFILE_TOP=30 timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --model qwen3-0.6b --workload nano \
+               --profile-steps $steps --json-out "$OUT/nano_profile_${steps%% *}.json" 2>&1 | grep -vE "^\{|Capturing" | grep -A60 " requests ("
+           done ;;
+    nano-parts-ab) # nano with decode partitions of 512 positions (the default) and 1,024, alternating twice, fp8 cache
+           # then bf16 (session 20's nano-parts: fp8 20,541 at 1,024 against 19,270 at 512 in the call before)
+           for kv in fp8 auto; do for size in 512 1024 512 1024; do
+             timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, ops.triton_attention as t; t.PARTITION_SIZE = $size; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+               perf/throughput.py --no-tqdm --model qwen3-0.6b --workload nano --kv-cache-dtype $kv 2>&1 \
+               | grep -E "engine:" | sed "s/^/[$kv, partitions of $size] /"
+           done; done ;;
     nano-parts) # nano (bf16 and fp8 caches) with decode partitions of 1,024 and 2,048 positions at full batch
            # instead of 512: fewer partials to write and merge (contexts reach ~2,000), fewer programs
            for kv in auto fp8; do for size in 1024 2048; do

@@ -442,16 +442,18 @@ def test_decode_partitions_grow_instead_of_multiplying_past_the_cap():
     pytest.importorskip("triton")
     from ops.triton_attention import PARTITION_SIZE, decode_partitions
 
-    assert decode_partitions(4096, 256 * 8) == (8, PARTITION_SIZE)  # max_model_len <= 8192: as before
-    assert decode_partitions(32768, 1 * 8) == (64, PARTITION_SIZE)  # small batch: split for parallelism
+    assert PARTITION_SIZE == 1024
+    assert decode_partitions(4096, 256 * 8) == (4, 1024)  # max_model_len <= 8192: PARTITION_SIZE
+    assert decode_partitions(32768, 1 * 8) == (64, 512)  # small batch: split for parallelism
     parts, size = decode_partitions(40960, 256 * 8)
     assert parts <= 16 and parts * size >= 40960 and size % 64 == 0 and size > PARTITION_SIZE
     parts, size = decode_partitions(131072, 64 * 8)
     assert parts <= 16 and parts * size >= 131072
-    assert decode_partitions(1, 5) == (1, PARTITION_SIZE)
+    assert decode_partitions(1, 5) == (1, 64) and decode_partitions(700, 256 * 8) == (1, 1024)
     # A few sequences: smaller partitions while the grid stays within SMALL_GRID_PROGRAMS.
     assert decode_partitions(4096, 1 * 8) == (64, 64)
     assert decode_partitions(4096, 4 * 8) == (16, 256)
-    assert decode_partitions(4096, 8 * 8) == (8, PARTITION_SIZE)
+    assert decode_partitions(4096, 8 * 8) == (8, 512)
+    assert decode_partitions(4096, 16 * 8) == (4, 1024)  # 512 positions would make 1,024 programs
     assert decode_partitions(300, 1 * 8) == (5, 64)
     assert decode_partitions(4096, 2 * 8) == (32, 128)  # 64 positions would make 1,024 programs
