@@ -1,10 +1,11 @@
 """Quantized-matmul benchmark: the Triton AWQ / GPTQ / int8 kernels (ops.triton_quant) vs a bf16
-torch matmul, on Llama-3.1-8B's projection shapes at batch 1, 16 and 256.
+torch matmul, on Llama-3.1-8B's projection shapes (or 70B's, `--shapes 70b`) at batch 1, 16 and 256.
 
     python perf/quant_bench.py --out perf/quant_bench.json
     python perf/quant_bench.py --tiles default gemv small --kernels bf16 awq-g128 int8 --layers qkv gate_up
     python perf/quant_bench.py --tiles default planar-narrow --kernels bf16 gptq-g128 awq-gptq-g128 --batches 1 2
     python perf/quant_bench.py --planar-sweep --kernels bf16 awq-gptq-g128 --batches 1
+    python perf/quant_bench.py --shapes 70b --kernels bf16 awq-gptq-g128 --batches 128 256
 
 Each (kernel, layer, batch) is first checked against the dequantize-then-matmul reference, then warmed
 up (Triton compiles every kernel variant it needs here, outside the timer). Then `--iters` back-to-back
@@ -50,9 +51,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere, no install needed
 
 import ops.quant_matmul  # noqa: E402,F401  (registers torch.ops.engine.bnb_int8_matmul)
-from tests.test_triton_quant import LLAMA_8B_SHAPES, TOLERANCE, random_layer  # noqa: E402
+from tests.test_triton_quant import LLAMA_8B_SHAPES, LLAMA_70B_SHAPES, TOLERANCE, random_layer  # noqa: E402
 
-SHAPE_NAMES = ["qkv", "o", "gate_up", "down"]  # the order of LLAMA_8B_SHAPES
+SHAPE_NAMES = ["qkv", "o", "gate_up", "down"]  # the order of LLAMA_8B_SHAPES and LLAMA_70B_SHAPES
+SHAPES = {"8b": LLAMA_8B_SHAPES, "70b": LLAMA_70B_SHAPES}  # one rank's (K, N), unsharded
 BATCHES = (1, 2, 4, 16, 256)
 L2_DEFEAT_BYTES = 256 << 20
 KERNELS = ["bf16", "awq-g128", "awq-gptq-g128", "gptq-g128", "gptq-act-g128", "gptq-act-sorted-g128", "int8", "bnb-int8"]
@@ -201,6 +203,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", nargs="+", default=KERNELS, choices=KERNELS)
     parser.add_argument("--layers", nargs="+", default=SHAPE_NAMES, choices=SHAPE_NAMES)
+    parser.add_argument("--shapes", default="8b", choices=list(SHAPES),
+                        help="Llama-3.1-8B's or 70B's layer shapes (70b: qkv 8192->10240, o 8192->8192, "
+                             "gate_up 8192->57344, down 28672->8192)")
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--tiles", nargs="+", default=["default"], choices=list(triton_quant.CANDIDATE_TILES),
                         help="tile tables of ops.triton_quant.CANDIDATE_TILES to run the Triton kernels with")
@@ -222,7 +227,7 @@ def main() -> None:
     rows = []
     print(f"{'layer':>8} {'K':>6} {'N':>6} {'M':>4} {'kernel':>14} {'tiles':>10} {'launch':>27} {'us':>9} {'GB/s':>7} "
           f"{'vs bf16':>8}")
-    for name, (K, N) in zip(SHAPE_NAMES, LLAMA_8B_SHAPES):
+    for name, (K, N) in zip(SHAPE_NAMES, SHAPES[args.shapes]):
         if name not in args.layers:
             continue
         for kernel in kernels:
@@ -252,7 +257,7 @@ def main() -> None:
     if len(args.tiles) > 1:
         print_best_tiles(rows)
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "shapes": args.shapes, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
