@@ -18,6 +18,7 @@
 #   inductor-ab llama1 with inductor's defaults, then each option set of INDUCTOR_AB (ENGINE_INDUCTOR_OPTIONS), profiled
 #   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out (llama-fp8: with an fp8 KV cache)
 #   window-nano nano with an fp8 cache profiled at step 200 (full batch) and step 900 (its tail)
+#   fusion-probe the Triton kernels inductor makes of add + RMSNorm + linear, token dimension unbacked / dynamic / static
 #   nano-profile nano (bf16) profiled at step 200 (full batch) and 700 (~100 sequences), every GPU op listed
 #   nano-parts-ab nano with 512- and 1,024-position decode partitions, alternating twice (fp8 cache, then bf16)
 #   nano-parts nano (bf16, fp8 caches) with 1,024- and 2,048-position decode partitions (run `nano` / `nano-fp8` beside it)
@@ -253,6 +254,9 @@ for stage in "$@"; do
              timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --model qwen3-0.6b --workload nano \
                --kv-cache-dtype fp8 --profile-steps $steps 2>&1 | grep -vE "^\{|Capturing" | grep -A40 "requests$"
            done ;;
+    fusion-probe) # how many Triton kernels inductor makes of an add + RMSNorm feeding a linear (hidden 1,024, 4,096), with the
+           # token dimension unbacked (as graphs.compile marks it), dynamic, static (perf/fusion_probe.py)
+           timeout 240 python3 perf/fusion_probe.py 2>&1 | tee "$OUT/fusion_probe.log" | grep -E "hidden|Error" | cut -c1-400 ;;
     nano-profile) # nano (bf16 cache) profiled over 10 steps at full batch (step 200) and at ~100 sequences (step 700),
            # every GPU op of a step listed (STEP_PROFILE_TOP=30): where a step's time goes besides the KV reads
            for steps in "200 10" "700 10"; do
