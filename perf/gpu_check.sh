@@ -18,7 +18,8 @@
 #   inductor-ab llama1 with inductor's defaults, then each option set of INDUCTOR_AB (ENGINE_INDUCTOR_OPTIONS), profiled
 #   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out (llama-fp8: with an fp8 KV cache)
 #   window-nano nano with an fp8 cache profiled at step 200 (full batch) and step 900 (its tail)
-#   fusion-probe the Triton kernels inductor makes of add + RMSNorm + linear, token dimension unbacked / dynamic / static
+#   fusion-probe the Triton kernels inductor makes of add + RMSNorm + linear, token dimension unbacked / backed / static
+#   token-dim-ab nano and llama1 with the token dimension unbacked, then backed (ENGINE_TOKEN_DIM), profiled
 #   nano-profile nano (bf16) profiled at step 200 (full batch) and 700 (~100 sequences), every GPU op listed
 #   nano-parts-ab nano with 512- and 1,024-position decode partitions, alternating twice (fp8 cache, then bf16)
 #   nano-parts nano (bf16, fp8 caches) with 1,024- and 2,048-position decode partitions (run `nano` / `nano-fp8` beside it)
@@ -255,8 +256,19 @@ for stage in "$@"; do
                --kv-cache-dtype fp8 --profile-steps $steps 2>&1 | grep -vE "^\{|Capturing" | grep -A40 "requests$"
            done ;;
     fusion-probe) # how many Triton kernels inductor makes of an add + RMSNorm feeding a linear (hidden 1,024, 4,096), with the
-           # token dimension unbacked (as graphs.compile marks it), dynamic, static (perf/fusion_probe.py)
+           # token dimension unbacked (as graphs.compile marks it), backed, static (perf/fusion_probe.py)
            timeout 240 python3 perf/fusion_probe.py 2>&1 | tee "$OUT/fusion_probe.log" | grep -E "hidden|Error" | cut -c1-400 ;;
+    token-dim-ab) # the token dimension unbacked (default) against backed (ENGINE_TOKEN_DIM=backed: a second graph for one token):
+           # nano (bf16) and Llama-3.1-8B batch 1, each timed then profiled (GPU ops a step: does a backed size fuse
+           # each RMSNorm into one kernel?); the first backed start of each model compiles afresh
+           for spec in "nano_unbacked;unbacked;nano" "nano_backed;backed;nano" "llama1_unbacked;unbacked;llama1" \
+                       "llama1_backed;backed;llama1"; do
+             IFS=";" read -r name mark workload <<< "$spec"
+             if [ "$workload" = nano ]; then wl=(--model qwen3-0.6b --workload nano --profile-steps 200 10)
+             else wl=(--model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --profile-steps 100 20); fi
+             ENGINE_TOKEN_DIM=$mark timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" \
+               "${wl[@]}" 2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
+           done ;;
     nano-profile) # nano (bf16 cache) profiled over 10 steps at full batch (step 200) and at ~100 sequences (step 700),
            # every GPU op of a step listed (STEP_PROFILE_TOP=30): where a step's time goes besides the KV reads
            for steps in "200 10" "700 10"; do

@@ -189,10 +189,14 @@ class _Compiled(torch.nn.Module):
 
 
 @pytest.mark.slow
-def test_the_compiled_forward_serves_one_token_and_many_with_one_graph(tiny_checkpoints):
+@pytest.mark.parametrize("token_dim, graphs", [("unbacked", 1), ("backed", 2)])
+def test_the_compiled_forward_serves_one_token_and_many_in_the_graphs_its_mark_needs(tiny_checkpoints, monkeypatch,
+                                                                                     token_dim, graphs):
     """Inductor on the CPU: one compile covers a prefill, a one-token decode (dynamo would specialize
     size 1 and compile again, unless the token dimension is unbacked) and a two-sequence decode, and
-    gives the eager model's logits."""
+    gives the eager model's logits. ENGINE_TOKEN_DIM=backed (A/B runs) pays that second graph."""
+    monkeypatch.setenv("ENGINE_TOKEN_DIM", token_dim)
+    torch._dynamo.reset()  # the forward's code object keeps the other mark's graph otherwise
     path = tiny_checkpoints["llama"]
     eager, compiled = PagedRun(engine_model(path)), PagedRun(_Compiled(engine_model(path)))
     graphs_before = num_compiled_graphs()
@@ -203,7 +207,19 @@ def test_the_compiled_forward_serves_one_token_and_many_with_one_graph(tiny_chec
     for seqs in steps:
         for want, got in zip(eager.step(seqs), compiled.step(seqs)):
             torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-    assert num_compiled_graphs() - graphs_before == 1
+    assert num_compiled_graphs() - graphs_before == graphs
+
+
+def test_token_dim_mark_comes_from_the_environment(monkeypatch):
+    from graphs.compile import token_dim_mark
+
+    monkeypatch.delenv("ENGINE_TOKEN_DIM", raising=False)
+    assert token_dim_mark() == "unbacked"
+    monkeypatch.setenv("ENGINE_TOKEN_DIM", "backed")
+    assert token_dim_mark() == "backed"
+    monkeypatch.setenv("ENGINE_TOKEN_DIM", "oblivious")
+    with pytest.raises(ValueError, match="ENGINE_TOKEN_DIM='oblivious'; choose one of unbacked, backed"):
+        compile_model(torch.nn.Linear(2, 2))
 
 
 def test_inductor_options_come_from_the_environment(monkeypatch):
