@@ -67,6 +67,11 @@ For 4-bit formats the K-tile never spans two groups (BLOCK_K <= group size, whic
 so one row of zeros and scales serves the whole tile. GPTQ act-order is the exception: every input row
 has its own group (`g_idx`), and zeros and scales are gathered per row and applied to the tile.
 
+One exception, off by default (`DEQUANT_GEMM_ROWS`, `ENGINE_DEQUANT_GEMM_ROWS`): from that many rows, a 16-bit
+GPTQ-layout matmul dequantizes its layer's weight into a transient [K, N] scratch (`_dequant_gptq_kernel`, one
+layer at a time) and multiplies with cuBLAS, as vLLM's AWQ layers do from 256 tokens: for prefill-sized steps,
+where the tiles' dequantizing cannot overlap their tensor cores (perf/notes/gemm256_sass.md).
+
 Tile sizes are fixed per batch-size class in `TILES` (no autotuning: deterministic, and no benchmarking
 at start-up); `CANDIDATE_TILES` holds the alternatives `perf/quant_bench.py --tiles` compares.
 """
@@ -177,6 +182,14 @@ _TABLE_NAME = os.environ.get("ENGINE_QUANT_TILES", "default")
 if _TABLE_NAME not in CANDIDATE_TILES:
     raise ValueError(f"ENGINE_QUANT_TILES={_TABLE_NAME!r} is not a tile table; tables: {', '.join(CANDIDATE_TILES)}")
 TILES: TileTable = CANDIDATE_TILES[_TABLE_NAME]
+# From this many rows, a 16-bit GPTQ-layout matmul without act-order (AWQ checkpoints run as one) dequantizes
+# its weight into a [K, N] scratch in x's dtype (`_dequant_gptq_kernel`) and multiplies it with cuBLAS instead of
+# running the 4-bit tiles: prefill-sized steps. The 4-bit tiles cannot overlap their dequantizing with the
+# tensor cores (perf/notes/gemm256_sass.md): a 70B layer's four matmuls take 1.82x bf16 cuBLAS's time at 256
+# rows, while the dequantize pass costs about one read of the packed weight and one write of the 16-bit one
+# (~0.7 ms a 70B layer; 8,192 rows of its matmuls take ~20 ms). 0 (the default until timed on a GPU): never.
+# ENGINE_DEQUANT_GEMM_ROWS in the environment sets it.
+DEQUANT_GEMM_ROWS = int(os.environ.get("ENGINE_DEQUANT_GEMM_ROWS", "0"))
 
 _MAX_SPLIT_K_TILES = 1 << 16  # output tiles one split-K launch may have (one int32 counter each)
 _INTERPRETER_SMS = 2  # CPU (Triton interpreter): few enough "SMs" that test shapes stay small, yet split K
@@ -844,6 +857,11 @@ def _quant_matmul(x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor | N
     if M == 0:
         return out
     planar_ok = fmt == GPTQ and g_idx is None
+    if planar_ok and x2.element_size() == 2 and 0 < DEQUANT_GEMM_ROWS <= M:
+        torch.matmul(x2, dequantize_gptq(weight, zeros, scales, group_size, zero_offset, x2.dtype), out=out2)
+        if bias is not None:
+            out2 += bias
+        return out
     tiles = tiles_for(M, planar_ok, packed_ok=planar_ok and x2.element_size() == 2)
     block_k = tiles.block_k
     if g_idx is None and group_size < K:
@@ -888,6 +906,39 @@ def tiles_for(M: int, planar_ok: bool = False, packed_ok: bool = False) -> Tiles
     table = [(max_m, tiles) for max_m, tiles in TILES
              if (planar_ok or not tiles.planar) and (packed_ok or not tiles.packed)]
     return next((tiles for max_m, tiles in table if M <= max_m), table[-1][1])
+
+
+@triton.jit
+def _dequant_gptq_kernel(w_ptr, zeros_ptr, scales_ptr, out_ptr, N, K, stride_w, stride_z, stride_s, group_size,
+                         ZERO_OFFSET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out [K, N] = float32(q - zero) * float32(scale), rounded to out's dtype (`ops.quant_ref.dequantize_gptq`, bit
+    for bit): GPTQ's layout, input k nibble k % 8 of qweight[k // 8, n], output n of a zero word nibble n % 8. One
+    program: BLOCK_R packed rows (8 * BLOCK_R inputs) of BLOCK_N outputs."""
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rr < K // 8)[:, None] & (rn < N)[None, :]
+    words = tl.load(w_ptr + rr[:, None] * stride_w + rn[None, :], mask=mask, other=0)
+    for p in tl.static_range(8):
+        k = rr * 8 + p
+        group = (k // group_size)[:, None]
+        zero_words = tl.load(zeros_ptr + group * stride_z + (rn // 8)[None, :], mask=mask, other=0)
+        zeros = ((zero_words >> ((rn % 8) * 4)[None, :]) & 0xF) + ZERO_OFFSET
+        scales = tl.load(scales_ptr + group * stride_s + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        q = (words >> (4 * p)) & 0xF
+        tl.store(out_ptr + k[:, None] * N + rn[None, :], ((q - zeros).to(tl.float32) * scales).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                    zero_offset: int, dtype: torch.dtype) -> torch.Tensor:
+    """GPTQ's layout without act-order (qweight [K/8, N]) -> the weight [K, N] in `dtype`, on the GPU."""
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    out = torch.empty((K, N), dtype=dtype, device=qweight.device)
+    block_r, block_n = 8, 128
+    _dequant_gptq_kernel[(triton.cdiv(K // 8, block_r), triton.cdiv(N, block_n))](
+        qweight, qzeros, scales, out, N, K, qweight.stride(0), qzeros.stride(0), scales.stride(0), group_size,
+        ZERO_OFFSET=zero_offset, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
+    return out
 
 
 def _split_k(num_tiles: int, K: int, block_k: int, programs_per_sm: int, device: torch.device,

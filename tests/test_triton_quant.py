@@ -163,6 +163,25 @@ print("ok")
 """
 
 
+# From DEQUANT_GEMM_ROWS rows, GPTQ's layout with 16-bit x dequantizes into a scratch (`_dequant_gptq_kernel`) and
+# multiplies with torch: every zero format and group size, bf16 and fp16, a bias, rows below the bound (the tiles, fp16).
+_DEQUANT_GEMM_SCRIPT = _INTERPRETER_PRELUDE + """
+triton_quant.DEQUANT_GEMM_ROWS = 4
+for variant in ("gptq-v1-g128", "gptq-v2-g128", "gptq-v1-g32", "gptq-per-channel"):  # AWQ runs repacked as v2
+    for dtype in (torch.float16, torch.bfloat16):
+        for K, N in ((256, 96), (256, 384)):
+            layer = random_layer(variant, K, N, dtype, "cpu")
+            for M in (3, 4, 37) if dtype == torch.float16 else (4, 37):  # 3 rows: the tiles (no interpreted bf16 dot)
+                check_kernel(variant, layer, torch.randn(M, K).to(dtype), bias=torch.randn(N).to(dtype))
+qweight, qzeros, scales = (random_layer("gptq-v1-g32", 256, 384, torch.float16, "cpu")[0][k] for k in ("qweight", "qzeros", "scales"))
+from ops.quant_ref import dequantize_gptq
+want = dequantize_gptq(qweight, qzeros, scales, torch.arange(256) // 32, True)
+for dtype in (torch.float32, torch.float16):  # bit for bit (the interpreter truncates to bf16: the GPU test checks it)
+    assert torch.equal(triton_quant.dequantize_gptq(qweight, qzeros, scales, 32, 1, dtype), want.to(dtype)), dtype
+print("ok")
+"""
+
+
 def run_under_the_interpreter(script: str) -> None:
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parent.parent
@@ -170,6 +189,10 @@ def run_under_the_interpreter(script: str) -> None:
     result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_large_batches_dequantize_then_multiply_under_the_interpreter():
+    run_under_the_interpreter(_DEQUANT_GEMM_SCRIPT)
 
 
 def test_triton_quant_kernels_match_the_reference_under_the_interpreter():
@@ -210,6 +233,33 @@ def test_triton_quant_kernels_match_the_reference_on_llama_shapes(variant, shape
             check_kernel(variant, layer, torch.randn(M, K, device="cuda").to(dtype))
         del layer
         torch.cuda.empty_cache()
+
+
+@gpu
+@pytest.mark.parametrize("variant", ["gptq-v1-g128", "gptq-v2-g128", "gptq-per-channel"])
+def test_large_batches_dequantize_then_multiply_on_llama_70b_shapes(variant, monkeypatch):
+    """ENGINE_DEQUANT_GEMM_ROWS's path: the weight dequantized bit for bit as the reference does it (bf16 and
+    fp16), the product within the kernels' tolerance, 70B's shapes, rows at and above the bound."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from ops import triton_quant
+
+    monkeypatch.setattr(triton_quant, "DEQUANT_GEMM_ROWS", 1024)
+    torch.manual_seed(0)
+    for K, N in LLAMA_70B_SHAPES:
+        for dtype in (torch.float16, torch.bfloat16):
+            layer = random_layer(variant, K, N, dtype, "cuda")
+            tensors, weight = layer
+            group_size = K if tensors["group_size"] == -1 else tensors["group_size"]
+            got = triton_quant.dequantize_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"], group_size,
+                                               int(tensors["zeros_minus_one"]), dtype)
+            assert torch.equal(got.float(), weight), (variant, K, N, dtype)
+            for M in (1024, 1500):
+                check_kernel(variant, layer, torch.randn(M, K, device="cuda").to(dtype),
+                             bias=torch.randn(N, device="cuda").to(dtype))
+            del layer, got
+            torch.cuda.empty_cache()
 
 
 @gpu
