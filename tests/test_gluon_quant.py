@@ -1,0 +1,118 @@
+"""The Gluon W4A16 GEMM (ops.gluon_quant) for GPTQ's layout.
+
+CPU: compiled offline for sm_90 under Triton 3.6's Gluon (the local Triton if it is 3.6, else a side install
+named by $GLUON_TRITON_SITE or found at /tmp/t36; skipped without one): the K loop waits for wgmma with
+`wait_group 1` only, writes the next dequantized W tile between the current wgmmas and that wait, and neither
+spills nor draws a ptxas serialization warning.
+
+GPU (`-m gpu`, Hopper): against the dequantize-then-matmul reference (ops.quant_ref via random_layer) on the
+Llama-3.1-70B shapes, bf16 and fp16, groups 32 (GPTQ v1 zeros) and 128 (v2 zeros, as AWQ repacked), rows 129,
+256 and 300 (and a few off the 256-row grid), into NaN-filled outputs so an unwritten element shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_triton_quant import LLAMA_70B_SHAPES, TOLERANCE, random_layer
+
+gpu = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _triton36_env() -> dict | None:
+    """Environment for a Python whose `import triton` is 3.6 (None if there is none)."""
+    try:
+        import triton
+
+        if triton.__version__.startswith("3.6."):
+            return dict(os.environ)
+    except ImportError:
+        pass
+    for site in (os.environ.get("GLUON_TRITON_SITE"), "/tmp/t36/lib/python3.11/site-packages"):
+        if site and Path(site, "triton", "experimental", "gluon").is_dir():
+            return {**os.environ, "PYTHONPATH": site}
+    return None
+
+
+@pytest.mark.parametrize("dtype,group", [("bf16", 128), ("fp16", 32)])
+def test_gluon_kernel_compiles_for_sm90_with_the_dequant_under_an_async_wgmma(dtype, group):
+    env = _triton36_env()
+    if env is None:
+        pytest.skip("needs Triton 3.6's Gluon (local triton, $GLUON_TRITON_SITE or /tmp/t36)")
+    code = ("import json, sys; sys.path.insert(0, '.'); from perf.gluon_sass import analyze; "
+            f"info = analyze({dtype!r}, {group}); info.pop('_body'); print(json.dumps(info))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["triton"].startswith("3.6.")
+    assert "1" in info["ptx_wait_groups"], info["ptx_wait_groups"]  # the loop's wait leaves one wgmma running
+    assert info["loop_wgmma_waits"] == ["WARPGROUP.DEPBAR.LE gsb0, 0x1"], info["loop_wgmma_waits"]
+    assert info["loop_hgmma"] == info["block_k"] // 16  # one K-tile an iteration, 16 deep an HGMMA
+    assert info["sts_between_hgmma_and_wait"], info
+    assert info["spill_bytes"] == 0 and info["local"] == 0 and info["stack"] == 0, info
+    assert not [w for w in info["ptxas_warnings"] if "C75" in w], info["ptxas_warnings"]
+    assert info["shared_bytes"] <= 227 * 1024
+
+
+def _check(layer, weight, x, bias=None):
+    from ops.gluon_quant import gluon_gptq_matmul
+
+    K, N = weight.shape
+    out = torch.full((*x.shape[:-1], N), float("nan"), dtype=x.dtype, device=x.device)
+    got = gluon_gptq_matmul(x, layer["qweight"], layer["qzeros"], layer["scales"], layer["group_size"],
+                            zero_offset=int(layer["zeros_minus_one"]), bias=bias, out=out)
+    assert got is out
+    want = x.float() @ weight
+    if bias is not None:
+        want += bias.float()
+    assert not got.isnan().any(), f"unwritten (NaN) outputs, M={x.shape[0]}"
+    error = (got.float() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert error <= TOLERANCE[x.dtype] * scale, f"M={x.shape[0]} {x.dtype}: {error} vs {scale}"
+
+
+def _needs_hopper():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs sm_90 (wgmma)")
+
+
+@gpu
+@pytest.mark.parametrize("shape", LLAMA_70B_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("variant", ["gptq-v1-g32", "gptq-v2-g128"])
+def test_gluon_gptq_matmul_matches_the_reference_on_70b_shapes(variant, shape):
+    _needs_hopper()
+    torch.manual_seed(0)
+    K, N = shape
+    for dtype in (torch.bfloat16, torch.float16):
+        layer, weight = random_layer(variant, K, N, dtype, "cuda")
+        for M in (129, 256, 300):
+            _check(layer, weight, torch.randn(M, K, device="cuda").to(dtype))
+        del layer, weight
+        torch.cuda.empty_cache()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gluon_gptq_matmul_small_shapes_any_rows_and_bias(dtype):
+    _needs_hopper()
+    torch.manual_seed(0)
+    K, N = 1024, 384
+    for variant in ("gptq-v1-g32", "gptq-v1-g64", "gptq-v2-g128"):
+        layer, weight = random_layer(variant, K, N, dtype, "cuda")
+        bias = torch.randn(N, device="cuda").to(dtype)
+        for M in (1, 7, 64, 255, 257, 512, 513):
+            _check(layer, weight, torch.randn(M, K, device="cuda").to(dtype))
+            _check(layer, weight, torch.randn(M, K, device="cuda").to(dtype), bias=bias)
+        _check(layer, weight, torch.randn(3, 50, K, device="cuda").to(dtype))  # [..., K]
+        _check(layer, weight, torch.randn(100, K + 4, device="cuda").to(dtype)[:, :K])  # row stride not 16 bytes
