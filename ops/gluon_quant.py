@@ -42,6 +42,11 @@ per pair of nibbles a PRMT, a LOP3 (nibble | magic: MAGIC + q exactly), a packed
 scale (fp16: one packed multiply; bf16: the fp16 scale split s_hi + s_lo in bf16, one multiply and one FMA),
 rounded once: bit for bit the reference's float32 (q - zero) * scale rounded to x's dtype.
 
+Split-K (`split_for`, automatic unless `split_k` is given): at 256 rows the 70B layers have 64 (o, down) or 80
+(qkv) output tiles for 132 SMs, one program an SM; their K loops are then cut into 2 or 3 ranges (grid axis 1),
+each range's fp32 partial goes to a workspace, and the last program of a tile to finish (a counter per tile,
+`ops.triton_quant._split_k_counters`, zeroed again after use) sums them in a fixed order and writes the output.
+
 Requirements (the wrapper checks): N a multiple of BLOCK_N, K of the K-tile, group size a power of two >= 32
 dividing K (-1: one group). M any (masked). Not used by the engine: `perf/quant_bench.py --kernels
 gluon-gptq-g128` and `tests/test_gluon_quant.py` call it.
@@ -116,8 +121,10 @@ if HAVE_GLUON:
         return gl.reshape(t, [BLOCK_N, BLOCK_K])
 
     @gluon.jit(do_not_specialize=["M"])
-    def _gluon_gptq_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
+    def _gluon_gptq_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+                           M, N, K, stride_xm, tiles_per_split, split,
                            GROUP_SIZE: gl.constexpr, ZERO_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr,
+                           SPLIT_K: gl.constexpr,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                            X_STAGES: gl.constexpr, B_STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
         DTYPE: gl.constexpr = x_ptr.dtype.element_ty
@@ -139,7 +146,11 @@ if HAVE_GLUON:
         num_m = gl.cdiv(M, BLOCK_M)
         pid_m = pid % num_m
         n0 = (pid // num_m) * BLOCK_N
-        num_k = K // BLOCK_K
+        # This program's K-tiles: first .. last (split-K: the pid_k-th range of tiles_per_split; else all).
+        pid_k = gl.program_id(1)
+        first = pid_k * tiles_per_split
+        last = gl.minimum(first + tiles_per_split, K // BLOCK_K) - 1
+        num_k = last - first + 1
 
         rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_regs))
         rows = gl.minimum(rows, M - 1)  # rows past M copy row M - 1: valid memory, results never stored
@@ -157,11 +168,11 @@ if HAVE_GLUON:
 
         # Prologue: x's tiles 0 .. X_STAGES - 3 in flight; W's tile 0 dequantized into slot 0, tile 1's words loaded.
         for s in gl.static_range(X_STAGES - 2):
-            async_copy.async_copy_global_to_shared(x_smem.index(s), x_ptrs + gl.minimum(s, num_k - 1) * BLOCK_K)
+            async_copy.async_copy_global_to_shared(x_smem.index(s), x_ptrs + gl.minimum(first + s, last) * BLOCK_K)
             async_copy.commit_group()
-        words, zero_words, scales = _load_w_tile(w_ptrs, zeros_ptrs, scales_ptrs, 0, N, BLOCK_K, GROUP_SIZE)
+        words, zero_words, scales = _load_w_tile(w_ptrs, zeros_ptrs, scales_ptrs, first, N, BLOCK_K, GROUP_SIZE)
         b_smem.index(0).store(_dequant_tile(words, zero_words, scales, n, ZERO_OFFSET, DTYPE, BLOCK_N, BLOCK_K))
-        words, zero_words, scales = _load_w_tile(w_ptrs, zeros_ptrs, scales_ptrs, gl.minimum(1, num_k - 1), N,
+        words, zero_words, scales = _load_w_tile(w_ptrs, zeros_ptrs, scales_ptrs, gl.minimum(first + 1, last), N,
                                                  BLOCK_K, GROUP_SIZE)
         async_copy.wait_group(X_STAGES - 3)
         fence_async_shared()
@@ -175,11 +186,11 @@ if HAVE_GLUON:
             # 2. x's tile k + X_STAGES - 2 (clamped: past the end, a harmless re-copy keeps the group count).
             ahead = k + X_STAGES - 2
             async_copy.async_copy_global_to_shared(x_smem.index(ahead % X_STAGES),
-                                                   x_ptrs + gl.minimum(ahead, num_k - 1) * BLOCK_K)
+                                                   x_ptrs + gl.minimum(first + ahead, last) * BLOCK_K)
             async_copy.commit_group()
             # 3. W's tile k + 2, packed, into registers (waited for at its first use, in the next iteration).
             next_words, next_zero_words, next_scales = _load_w_tile(w_ptrs, zeros_ptrs, scales_ptrs,
-                                                                    gl.minimum(k + 2, num_k - 1), N, BLOCK_K,
+                                                                    gl.minimum(first + k + 2, last), N, BLOCK_K,
                                                                     GROUP_SIZE)
             # 4. W's tile k + 1 dequantized under wgmma k (past the end: a dead slot, never read).
             b_smem.index((k + 1) % B_STAGES).store(
@@ -195,21 +206,62 @@ if HAVE_GLUON:
 
         out_rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
         out_cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-        if HAS_BIAS:
-            acc = acc + gl.expand_dims(gl.load(bias_ptr + out_cols).to(gl.float32), 0)
-        out_ptrs = out_ptr + gl.expand_dims(out_rows * N, 1) + gl.expand_dims(out_cols, 0)
-        gl.store(out_ptrs, acc.to(DTYPE), mask=gl.expand_dims(out_rows < M, 1))
+        if SPLIT_K:
+            # Each K range's fp32 partial to the workspace [split, M, N]; the tile's last program to arrive (a
+            # counter per tile) sums them in order (deterministic) and writes the output, then zeroes the counter.
+            # (The 2-D offsets are rebuilt at each use from the 1-D ones: kept live beside acc, they would spill.)
+            gl.store(_tile_ptrs(partial_ptr + pid_k * M * N, out_rows, out_cols, N), acc,
+                     mask=gl.expand_dims(out_rows < M, 1))
+            gl.thread_barrier()  # every thread's partial stored before the counter says so
+            if gl.atomic_add(counter_ptr + pid, 1, sem="acq_rel") == split - 1:
+                acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
+                for i in range(split):  # ".cg": read at L2, where the other SMs' stores are
+                    acc += gl.load(_tile_ptrs(partial_ptr + i * M * N, out_rows, out_cols, N),
+                                   mask=gl.expand_dims(out_rows < M, 1), other=0.0, cache_modifier=".cg")
+                gl.atomic_xchg(counter_ptr + pid, 0)  # ready for the next launch (CUDA-graph replays included)
+                _store_output(acc, bias_ptr, out_ptr, out_rows, out_cols, M, N, HAS_BIAS)
+        else:
+            _store_output(acc, bias_ptr, out_ptr, out_rows, out_cols, M, N, HAS_BIAS)
 
+    @gluon.jit
+    def _tile_ptrs(base, rows, cols, N):
+        return base + gl.expand_dims(rows * N, 1) + gl.expand_dims(cols, 0)
+
+    @gluon.jit
+    def _store_output(acc, bias_ptr, out_ptr, rows, cols, M, N, HAS_BIAS: gl.constexpr):
+        if HAS_BIAS:
+            acc = acc + gl.expand_dims(gl.load(bias_ptr + cols).to(gl.float32), 0)
+        gl.store(_tile_ptrs(out_ptr, rows, cols, N), acc.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(rows < M, 1))
 
 def _block_k(group_size: int) -> int:
     return min(MAX_BLOCK_K, group_size)
 
 
+def split_for(num_tiles: int, num_k_tiles: int, sms: int, max_split: int = 8, min_k_tiles: int = 16,
+              min_gain: float = 0.15) -> int:
+    """K ranges per output tile: the split whose waves of programs (one program an SM) take the least time,
+    ceil(tiles * split / SMs) / split of the unsplit tile's, each larger split taken only if it saves at least
+    `min_gain` of the best so far (the partials' round trip through L2 costs something). 70B at 256 rows on 132
+    SMs: qkv (80 tiles) 3, o and down (64) 2, gate_up (448) 1."""
+    best, best_cost = 1, float(triton.cdiv(num_tiles, sms))
+    for split in range(2, max_split + 1):
+        if num_k_tiles < split * min_k_tiles or num_tiles * split > _MAX_SPLIT_K_TILES:
+            break
+        cost = triton.cdiv(num_tiles * split, sms) / split
+        if cost < best_cost * (1 - min_gain):
+            best, best_cost = split, cost
+    return best
+
+
+_MAX_SPLIT_K_TILES = 1 << 16  # ops.triton_quant's counters: one int32 per output tile
+
+
 def gluon_gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                       group_size: int, zero_offset: int, bias: torch.Tensor | None = None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
     """x [..., K] (bf16 / fp16) @ GPTQ weight (qweight int32 [K/8, N], no act-order) -> [..., N] in x's dtype.
-    `zero_offset` 1 for GPTQ v1 (stored zero - 1), 0 for v2 / AWQ repacked (`ops.quant_ref.awq_to_gptq`)."""
+    `zero_offset` 1 for GPTQ v1 (stored zero - 1), 0 for v2 / AWQ repacked (`ops.quant_ref.awq_to_gptq`).
+    `split_k`: K ranges per output tile (None: `split_for`'s choice; 1: none)."""
     if not HAVE_GLUON:
         raise RuntimeError(f"triton.experimental.gluon is unavailable: {_IMPORT_ERROR}")
     K, N = qweight.shape[0] * 8, qweight.shape[1]
@@ -221,27 +273,44 @@ def gluon_gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tens
         raise ValueError(f"x has {x.shape[-1]} inputs, the weight {K}")
     if N % BLOCK_N or K % group_size or group_size < 32 or group_size & (group_size - 1) or K % block_k:
         raise ValueError(f"unsupported shape: K={K}, N={N}, group {group_size} (N % {BLOCK_N}, group a power of 2 >= 32)")
+    if not (qweight.is_contiguous() and qzeros.is_contiguous() and scales.is_contiguous()):
+        raise ValueError("qweight, qzeros and scales must be contiguous")
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
-        x2 = x2.contiguous().clone()  # cp.async copies 16 aligned bytes
+        x2 = x2.clone(memory_format=torch.contiguous_format)  # cp.async copies 16 aligned bytes
     M = x2.shape[0]
     if out is None:
         out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
     out2 = out.view(-1, N)
     if M == 0:
         return out
-    grid = (triton.cdiv(M, BLOCK_M) * (N // BLOCK_N), )
-    _gluon_gptq_kernel[grid](
-        x2, qweight, qzeros, scales, bias if bias is not None else scales, out2, M, N, K, x2.stride(0),
-        GROUP_SIZE=group_size, ZERO_OFFSET=zero_offset, HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, BLOCK_K=block_k, X_STAGES=X_STAGES, B_STAGES=B_STAGES, NUM_WARPS=NUM_WARPS,
-        num_warps=NUM_WARPS,
+    num_tiles = triton.cdiv(M, BLOCK_M) * (N // BLOCK_N)
+    num_k_tiles = K // block_k
+    if split_k is None:
+        split_k = split_for(num_tiles, num_k_tiles, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    tiles_per_split = triton.cdiv(num_k_tiles, max(1, min(split_k, num_k_tiles)))
+    split = triton.cdiv(num_k_tiles, tiles_per_split)  # no empty range
+    if split > 1:
+        from ops.triton_quant import _split_k_counters
+
+        partial = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+        counters = _split_k_counters(x.device)
+        if num_tiles > counters.numel():
+            raise ValueError(f"{num_tiles} output tiles: split-K counts at most {counters.numel()}")
+    else:
+        partial, counters = out2, out2  # unread
+    _gluon_gptq_kernel[(num_tiles, split)](
+        x2, qweight, qzeros, scales, bias if bias is not None else scales, out2, partial, counters,
+        M, N, K, x2.stride(0), tiles_per_split, split,
+        GROUP_SIZE=group_size, ZERO_OFFSET=zero_offset, HAS_BIAS=bias is not None, SPLIT_K=split > 1,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=block_k, X_STAGES=X_STAGES, B_STAGES=B_STAGES,
+        NUM_WARPS=NUM_WARPS, num_warps=NUM_WARPS,
     )
     return out
 
 
 def compile_sm90(dtype: str = "bf16", group_size: int = 128, zero_offset: int = 0, has_bias: bool = False,
-                 x_stages: int = X_STAGES, num_warps: int = NUM_WARPS):
+                 x_stages: int = X_STAGES, num_warps: int = NUM_WARPS, split_k: bool = False):
     """The kernel compiled offline for sm_90 (no GPU needed): a CompiledKernel with .asm["ptx"] / ["cubin"]."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -249,8 +318,10 @@ def compile_sm90(dtype: str = "bf16", group_size: int = 128, zero_offset: int = 
     fn = _gluon_gptq_kernel
     ptr = "*" + dtype
     signature = dict(x_ptr=ptr, w_ptr="*i32", zeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16",
-                     out_ptr=ptr, M="i32", N="i32", K="i32", stride_xm="i32")
-    constexprs = dict(GROUP_SIZE=group_size, ZERO_OFFSET=zero_offset, HAS_BIAS=has_bias, BLOCK_M=BLOCK_M,
+                     out_ptr=ptr, partial_ptr="*fp32", counter_ptr="*i32", M="i32", N="i32", K="i32",
+                     stride_xm="i32", tiles_per_split="i32", split="i32")
+    constexprs = dict(GROUP_SIZE=group_size, ZERO_OFFSET=zero_offset, HAS_BIAS=has_bias, SPLIT_K=split_k,
+                      BLOCK_M=BLOCK_M,
                       BLOCK_N=BLOCK_N, BLOCK_K=_block_k(group_size), X_STAGES=x_stages, B_STAGES=B_STAGES,
                       NUM_WARPS=num_warps)
     names = fn.arg_names

@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from perf.quant_sass import bin_tool, k_loop, opcode, sass_lines, sequence, summarize  # noqa: E402
 
 
-def analyze(dtype: str = "bf16", group: int = 128, x_stages: int | None = None) -> dict:
+def analyze(dtype: str = "bf16", group: int = 128, x_stages: int | None = None, split_k: bool = False) -> dict:
     import triton
 
     from ops import gluon_quant as gq
 
-    kernel = gq.compile_sm90(dtype, group, x_stages=x_stages or gq.X_STAGES)
+    kernel = gq.compile_sm90(dtype, group, x_stages=x_stages or gq.X_STAGES, split_k=split_k)
     ptx, cubin = kernel.asm["ptx"], kernel.asm["cubin"]
     with tempfile.TemporaryDirectory() as d:
         Path(d, "k.cubin").write_bytes(cubin)
@@ -50,7 +50,7 @@ def analyze(dtype: str = "bf16", group: int = 128, x_stages: int | None = None) 
     depbar = [(i, s) for i, (_, s) in enumerate(body) if opcode(s).startswith("WARPGROUP.DEPBAR")]
     sts = [i for i, op in enumerate(ops) if op.startswith("STS")]
     return dict(
-        triton=triton.__version__, dtype=dtype, group=group, block_k=gq._block_k(group),
+        triton=triton.__version__, dtype=dtype, group=group, split_k=split_k, block_k=gq._block_k(group),
         registers=usage.get("REG"), stack=usage.get("STACK"), local=usage.get("LOCAL"),
         spill_bytes=sum(spills), shared_bytes=kernel.metadata.shared,
         ptxas_warnings=[line.strip() for line in ptxas.splitlines() if "arning" in line or "C75" in line],
@@ -71,13 +71,14 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--x-stages", type=int)
+    p.add_argument("--split-k", action="store_true", help="the split-K form (partials + the last program's sum)")
     p.add_argument("--seq", action="store_true", help="print the K loop's event sequence")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.add_argument("--dump", help="path prefix for .sass")
     args = p.parse_args()
     from ops import gluon_quant as gq
 
-    info = analyze(args.dtype, args.group, args.x_stages)
+    info = analyze(args.dtype, args.group, args.x_stages, args.split_k)
     body = info.pop("_body")
     if args.json:
         print(json.dumps(info))

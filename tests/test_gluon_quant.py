@@ -7,7 +7,8 @@ spills nor draws a ptxas serialization warning.
 
 GPU (`-m gpu`, Hopper): against the dequantize-then-matmul reference (ops.quant_ref via random_layer) on the
 Llama-3.1-70B shapes, bf16 and fp16, groups 32 (GPTQ v1 zeros) and 128 (v2 zeros, as AWQ repacked), rows 129,
-256 and 300 (and a few off the 256-row grid), into NaN-filled outputs so an unwritten element shows.
+256 and 300 (and a few off the 256-row grid), with and without split-K, into NaN-filled outputs so an unwritten
+element shows; and replayed in a CUDA graph (the split-K counters reset themselves).
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ def _triton36_env() -> dict | None:
     return None
 
 
-@pytest.mark.parametrize("dtype,group", [("bf16", 128), ("fp16", 32)])
-def test_gluon_kernel_compiles_for_sm90_with_the_dequant_under_an_async_wgmma(dtype, group):
+@pytest.mark.parametrize("dtype,group,split_k", [("bf16", 128, False), ("fp16", 32, True)])
+def test_gluon_kernel_compiles_for_sm90_with_the_dequant_under_an_async_wgmma(dtype, group, split_k):
     env = _triton36_env()
     if env is None:
         pytest.skip("needs Triton 3.6's Gluon (local triton, $GLUON_TRITON_SITE or /tmp/t36)")
     code = ("import json, sys; sys.path.insert(0, '.'); from perf.gluon_sass import analyze; "
-            f"info = analyze({dtype!r}, {group}); info.pop('_body'); print(json.dumps(info))")
+            f"info = analyze({dtype!r}, {group}, split_k={split_k}); info.pop('_body'); print(json.dumps(info))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -63,13 +64,13 @@ def test_gluon_kernel_compiles_for_sm90_with_the_dequant_under_an_async_wgmma(dt
     assert info["shared_bytes"] <= 227 * 1024
 
 
-def _check(layer, weight, x, bias=None):
+def _check(layer, weight, x, bias=None, split_k=None):
     from ops.gluon_quant import gluon_gptq_matmul
 
     K, N = weight.shape
     out = torch.full((*x.shape[:-1], N), float("nan"), dtype=x.dtype, device=x.device)
     got = gluon_gptq_matmul(x, layer["qweight"], layer["qzeros"], layer["scales"], layer["group_size"],
-                            zero_offset=int(layer["zeros_minus_one"]), bias=bias, out=out)
+                            zero_offset=int(layer["zeros_minus_one"]), bias=bias, out=out, split_k=split_k)
     assert got is out
     want = x.float() @ weight
     if bias is not None:
@@ -97,7 +98,8 @@ def test_gluon_gptq_matmul_matches_the_reference_on_70b_shapes(variant, shape):
     for dtype in (torch.bfloat16, torch.float16):
         layer, weight = random_layer(variant, K, N, dtype, "cuda")
         for M in (129, 256, 300):
-            _check(layer, weight, torch.randn(M, K, device="cuda").to(dtype))
+            _check(layer, weight, torch.randn(M, K, device="cuda").to(dtype))  # split-K as split_for picks it
+        _check(layer, weight, torch.randn(256, K, device="cuda").to(dtype), split_k=1)  # no split-K
         del layer, weight
         torch.cuda.empty_cache()
 
@@ -112,7 +114,31 @@ def test_gluon_gptq_matmul_small_shapes_any_rows_and_bias(dtype):
         layer, weight = random_layer(variant, K, N, dtype, "cuda")
         bias = torch.randn(N, device="cuda").to(dtype)
         for M in (1, 7, 64, 255, 257, 512, 513):
-            _check(layer, weight, torch.randn(M, K, device="cuda").to(dtype))
+            for split_k in (1, 3, 5):  # g32, 5: four ranges of 7 K-tiles and one of 4
+                _check(layer, weight, torch.randn(M, K, device="cuda").to(dtype), split_k=split_k)
             _check(layer, weight, torch.randn(M, K, device="cuda").to(dtype), bias=bias)
+            _check(layer, weight, torch.randn(M, K, device="cuda").to(dtype), bias=bias, split_k=2)
         _check(layer, weight, torch.randn(3, 50, K, device="cuda").to(dtype))  # [..., K]
         _check(layer, weight, torch.randn(100, K + 4, device="cuda").to(dtype)[:, :K])  # row stride not 16 bytes
+
+
+@gpu
+def test_gluon_gptq_matmul_replays_in_a_cuda_graph_with_split_k():
+    _needs_hopper()
+    torch.manual_seed(0)
+    K, N = 8192, 8192  # 70B's o: 64 tiles at 256 rows, split in 2
+    layer, weight = random_layer("gptq-v2-g128", K, N, torch.bfloat16, "cuda")
+    from ops.gluon_quant import gluon_gptq_matmul
+
+    x = torch.randn(256, K, device="cuda", dtype=torch.bfloat16)
+    call = lambda: gluon_gptq_matmul(x, layer["qweight"], layer["qzeros"], layer["scales"], 128, 0)  # noqa: E731
+    call()  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        out.fill_(float("nan"))
+        graph.replay()
+        want = x.float() @ weight
+        assert (out.float() - want).abs().max() <= TOLERANCE[torch.bfloat16] * want.abs().max()
