@@ -284,12 +284,16 @@ def gluon_gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tens
     out2 = out.view(-1, N)
     if M == 0:
         return out
+    if M * N >= 1 << 31 or M * K >= 1 << 31:
+        raise ValueError(f"{M} rows: int32 offsets overflow (M * N and M * K must stay below 2^31)")
     num_tiles = triton.cdiv(M, BLOCK_M) * (N // BLOCK_N)
     num_k_tiles = K // block_k
     if split_k is None:
         split_k = split_for(num_tiles, num_k_tiles, torch.cuda.get_device_properties(x.device).multi_processor_count)
     tiles_per_split = triton.cdiv(num_k_tiles, max(1, min(split_k, num_k_tiles)))
     split = triton.cdiv(num_k_tiles, tiles_per_split)  # no empty range
+    if split * M * N >= 1 << 31:  # the workspace's int32 offsets
+        tiles_per_split, split = num_k_tiles, 1
     if split > 1:
         from ops.triton_quant import _split_k_counters
 
