@@ -131,7 +131,7 @@ if HAVE_GLUON:
         gl.static_assert(X_STAGES >= 3)
         gl.static_assert(B_STAGES == 3)
         gl.static_assert(BLOCK_M % (16 * NUM_WARPS) == 0)
-        # Layouts. The accumulator: NUM_WARPS warps stacked along M (warpgroup g owns rows 64 g.. of each 64 NUM_WARPS/4).
+        # Layouts. The accumulator: warps stacked along M, 16 rows each (16 warps: warpgroup g owns rows 64 g .. 64 g + 63).
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                       instr_shape=[16, BLOCK_N, 16])
         # x's copies: 16 bytes (8 inputs) a thread, a row of the tile by BLOCK_K // 8 threads.
@@ -289,7 +289,9 @@ def gluon_gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tens
     num_tiles = triton.cdiv(M, BLOCK_M) * (N // BLOCK_N)
     num_k_tiles = K // block_k
     if split_k is None:
-        split_k = split_for(num_tiles, num_k_tiles, torch.cuda.get_device_properties(x.device).multi_processor_count)
+        from ops.triton_quant import _num_sms
+
+        split_k = split_for(num_tiles, num_k_tiles, _num_sms(x.device.index))
     tiles_per_split = triton.cdiv(num_k_tiles, max(1, min(split_k, num_k_tiles)))
     split = triton.cdiv(num_k_tiles, tiles_per_split)  # no empty range
     if split * M * N >= 1 << 31:  # the workspace's int32 offsets
