@@ -64,6 +64,30 @@ def test_gluon_kernel_compiles_for_sm90_with_the_dequant_under_an_async_wgmma(dt
     assert info["shared_bytes"] <= 227 * 1024
 
 
+def test_split_for_fills_the_sms_of_an_h100_on_the_70b_layers_at_256_rows():
+    gq = pytest.importorskip("ops.gluon_quant")
+    sms = 132
+    # (output tiles at 256 rows, 64-deep K-tiles) -> K ranges: qkv, o, gate_up, down
+    assert [gq.split_for(n // 128, k // 64, sms) for k, n in LLAMA_70B_SHAPES] == [3, 2, 1, 2]
+    assert gq.split_for(1000, 128, sms) == 1  # enough tiles: no split
+    assert gq.split_for(1, 16, sms) == 1  # too few K-tiles to cut
+
+
+def test_gluon_gptq_matmul_refuses_what_it_cannot_run():
+    gq = pytest.importorskip("ops.gluon_quant")
+    if not gq.HAVE_GLUON:
+        pytest.skip("no Gluon")
+    qweight = torch.zeros(1024 // 8, 384, dtype=torch.int32)
+    qzeros, scales = torch.zeros(8, 384 // 8, dtype=torch.int32), torch.ones(8, 384, dtype=torch.float16)
+    x = torch.zeros(4, 1024, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        gq.gluon_gptq_matmul(x.float(), qweight, qzeros, scales, 128, 0)
+    with pytest.raises(ValueError, match="unsupported shape"):  # N not a multiple of 128
+        gq.gluon_gptq_matmul(x, qweight[:, :200], qzeros[:, :25], scales[:, :200], 128, 0)
+    with pytest.raises(ValueError, match="unsupported shape"):  # group 16
+        gq.gluon_gptq_matmul(x, qweight, qzeros, scales, 16, 0)
+
+
 def _check(layer, weight, x, bias=None, split_k=None):
     from ops.gluon_quant import gluon_gptq_matmul
 
