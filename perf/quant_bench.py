@@ -6,6 +6,7 @@ torch matmul, on Llama-3.1-8B's projection shapes (or 70B's, `--shapes 70b`) at 
     python perf/quant_bench.py --tiles default planar-narrow --kernels bf16 gptq-g128 awq-gptq-g128 --batches 1 2
     python perf/quant_bench.py --planar-sweep --kernels bf16 awq-gptq-g128 --batches 1
     python perf/quant_bench.py --shapes 70b --kernels bf16 awq-gptq-g128 --batches 128 256
+    python perf/quant_bench.py --shapes 70b --kernels bf16 awq-gptq-g128 gluon-gptq-g128 --batches 256
 
 Each (kernel, layer, batch) is first checked against the dequantize-then-matmul reference, then warmed
 up (Triton compiles every kernel variant it needs here, outside the timer). Then `--iters` back-to-back
@@ -27,6 +28,10 @@ pipeline stages, programs an SM, K ranges at most; `planar_sweep_tables`), named
 - awq-g128:      AWQ GEMM layout, group 128
 - awq-gptq-g128: the same weights repacked into GPTQ's layout (ops.quant_ref.awq_to_gptq), as the engine
                  runs AWQ checkpoints: the planar kernel at 1..2 rows
+- gluon-gptq-g128: the awq-gptq-g128 weights through the Gluon kernel (ops.gluon_quant: Triton 3.6, sm_90,
+                 bf16/fp16 x; dequant overlapped with async wgmma), whatever the batch (256x128 tiles), split-K as
+                 ops.gluon_quant.split_for picks it (70B at 256 rows: qkv 3, o and down 2, gate_up 1)
+- gluon-gptq-g128-s1: the same without split-K (one program a tile, as awq-gptq-g128's 256-row entry)
 - gptq-g128:     GPTQ v1, group 128, no act-order (group of a K-tile from its index)
 - gptq-act-g128: GPTQ v1, group 128, act-order (zeros and scales gathered per input row via g_idx)
 - gptq-act-sorted-g128: the same weights sorted by group (ops.quant_ref.sort_by_group), as the engine
@@ -57,8 +62,8 @@ SHAPE_NAMES = ["qkv", "o", "gate_up", "down"]  # the order of LLAMA_8B_SHAPES an
 SHAPES = {"8b": LLAMA_8B_SHAPES, "70b": LLAMA_70B_SHAPES}  # one rank's (K, N), unsharded
 BATCHES = (1, 2, 4, 16, 256)
 L2_DEFEAT_BYTES = 256 << 20
-KERNELS = ["bf16", "awq-g128", "awq-gptq-g128", "gptq-g128", "gptq-act-g128", "gptq-act-sorted-g128", "int8", "bnb-int8"]
-VARIANT_OF = {"awq-g128": "awq-g128", "awq-gptq-g128": "awq-g128", "gptq-g128": "gptq-v1-g128", "gptq-act-g128": "gptq-act-order-g128",
+KERNELS = ["bf16", "awq-g128", "awq-gptq-g128", "gluon-gptq-g128", "gluon-gptq-g128-s1", "gptq-g128", "gptq-act-g128", "gptq-act-sorted-g128", "int8", "bnb-int8"]
+VARIANT_OF = {"awq-g128": "awq-g128", "awq-gptq-g128": "awq-g128", "gluon-gptq-g128": "awq-g128", "gluon-gptq-g128-s1": "awq-g128", "gptq-g128": "gptq-v1-g128", "gptq-act-g128": "gptq-act-order-g128",
               "gptq-act-sorted-g128": "gptq-act-order-g128", "int8": "int8"}
 
 
@@ -82,7 +87,7 @@ def make_layer(kernel: str, K: int, N: int) -> tuple[dict, torch.Tensor | None]:
         weight, scb = quantize_llm_int8(torch.randn(N, K, device="cuda") * 0.02)
         return {"weight": weight, "SCB": scb}, None
     layer, weight = random_layer(VARIANT_OF[kernel], K, N, torch.bfloat16, "cuda")
-    if kernel == "awq-gptq-g128":
+    if kernel in ("awq-gptq-g128", "gluon-gptq-g128", "gluon-gptq-g128-s1"):
         from ops.quant_ref import awq_to_gptq
 
         qweight, qzeros = awq_to_gptq(layer["qweight"], layer["qzeros"])
@@ -106,6 +111,12 @@ def matmul_of(kernel: str) -> Callable[[torch.Tensor, dict], torch.Tensor]:
         return lambda x, layer: F.linear(x, layer["weight"])
     if kernel == "bnb-int8":
         return lambda x, layer: torch.ops.engine.bnb_int8_matmul(x, layer["weight"], layer["SCB"], 6.0, None)
+    if kernel.startswith("gluon-gptq-g128"):  # GPTQ layout, zeros as stored (awq_to_gptq), no act-order
+        from ops.gluon_quant import gluon_gptq_matmul
+
+        split_k = 1 if kernel.endswith("-s1") else None
+        return lambda x, layer: gluon_gptq_matmul(x, layer["qweight"], layer["qzeros"], layer["scales"],
+                                                  layer["group_size"], zero_offset=0, split_k=split_k)
     from ops import triton_quant
 
     fmt = "gptq" if kernel == "awq-gptq-g128" else VARIANT_OF[kernel].split("-")[0]
@@ -176,6 +187,12 @@ def planar_sweep_tables() -> dict[str, tuple]:
 def tiles_label(M: int, kernel: str) -> str:
     from ops import triton_quant
 
+    if kernel.startswith("gluon-gptq-g128"):
+        from ops import gluon_quant as gq
+
+        return (f"gluon {gq.BLOCK_M}x{gq.BLOCK_N}x{gq.MAX_BLOCK_K}/w{gq.NUM_WARPS}"
+                f"x{gq.X_STAGES}b{gq.B_STAGES}" + ("/s1" if kernel.endswith("-s1") else "/split"))
+
     gptq_layout = kernel in ("gptq-g128", "awq-gptq-g128", "gptq-act-sorted-g128")  # as gptq_matmul sees them
     t = triton_quant.tiles_for(M, planar_ok=gptq_layout, packed_ok=gptq_layout)  # bf16 x
     packed = t.packed
@@ -201,7 +218,8 @@ def main() -> None:
     from ops import triton_quant
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kernels", nargs="+", default=KERNELS, choices=KERNELS)
+    parser.add_argument("--kernels", nargs="+", default=[k for k in KERNELS if not k.startswith("gluon")],
+                        choices=KERNELS, help="default: all but the Gluon ones (Triton 3.6, sm_90 only)")
     parser.add_argument("--layers", nargs="+", default=SHAPE_NAMES, choices=SHAPE_NAMES)
     parser.add_argument("--shapes", default="8b", choices=list(SHAPES),
                         help="Llama-3.1-8B's or 70B's layer shapes (70b: qkv 8192->10240, o 8192->8192, "
