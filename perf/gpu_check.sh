@@ -20,6 +20,8 @@
 #   window-nano nano with an fp8 cache profiled at step 200 (full batch) and step 900 (its tail)
 #   fusion-probe the Triton kernels inductor makes of add + RMSNorm + linear, token dimension unbacked / backed / static
 #   token-dim-ab nano and llama1 with the token dimension unbacked, then backed (ENGINE_TOKEN_DIM), profiled
+#   gluon   the Gluon 256-row W4A16 GEMM: its GPU tests, quant_bench 70B shapes at 256 rows against the tl kernel and bf16
+#   dequant-gemm ENGINE_DEQUANT_GEMM_ROWS's GPU test, quant_bench 70B shapes at 256-8,192 rows without / with it from 1,024
 #   nano-profile nano (bf16) profiled at step 200 (full batch) and 700 (~100 sequences), every GPU op listed
 #   nano-parts-ab nano with 512- and 1,024-position decode partitions, alternating twice (fp8 cache, then bf16)
 #   nano-parts nano (bf16, fp8 caches) with 1,024- and 2,048-position decode partitions (run `nano` / `nano-fp8` beside it)
@@ -268,6 +270,19 @@ for stage in "$@"; do
              else wl=(--model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --profile-steps 100 20); fi
              ENGINE_TOKEN_DIM=$mark timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" \
                "${wl[@]}" 2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
+           done ;;
+    gluon) # (#9) the Gluon 256-row W4A16 GEMM (ops/gluon_quant.py, Triton 3.6, sm_90; never run before session 21): its
+           # GPU tests, then quant_bench on 70B's shapes at 256 rows against the tl kernel and bf16 cuBLAS (-s1: no split-K)
+           timeout 240 python3 -m pytest -m gpu -q -x tests/test_gluon_quant.py 2>&1 | tee "$OUT/gluon_tests.log" | tail -15
+           timeout 300 python3 perf/quant_bench.py --shapes 70b --kernels bf16 awq-gptq-g128 gluon-gptq-g128 gluon-gptq-g128-s1 \
+             --batches 256 --out "$OUT/gluon_bench.json" 2>&1 | tee "$OUT/gluon_bench.log" | tail -25 ;;
+    dequant-gemm) # (#9) ENGINE_DEQUANT_GEMM_ROWS: its GPU test, then quant_bench on 70B's shapes at 256 to 8,192 rows with the
+           # 4-bit tiles (the default) and with the dequantize-then-cuBLAS path from 1,024 rows
+           timeout 240 python3 -m pytest -m gpu -q tests/test_triton_quant.py -k dequantize_then 2>&1 | tee "$OUT/dequant_tests.log" | tail -3
+           for rows in 0 1024; do
+             ENGINE_DEQUANT_GEMM_ROWS=$rows timeout 240 python3 perf/quant_bench.py --shapes 70b --kernels bf16 awq-gptq-g128 \
+               --batches 256 1024 2048 8192 --out "$OUT/dequant_bench_$rows.json" 2>&1 | tee "$OUT/dequant_bench_$rows.log" | tail -22 \
+               | sed "s/^/[ENGINE_DEQUANT_GEMM_ROWS=$rows] /"
            done ;;
     nano-profile) # nano (bf16 cache) profiled over 10 steps at full batch (step 200) and at ~100 sequences (step 700),
            # every GPU op of a step listed (STEP_PROFILE_TOP=30): where a step's time goes besides the KV reads
