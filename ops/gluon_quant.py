@@ -47,9 +47,10 @@ Split-K (`split_for`, automatic unless `split_k` is given): at 256 rows the 70B 
 each range's fp32 partial goes to a workspace, and the last program of a tile to finish (a counter per tile,
 `ops.triton_quant._split_k_counters`, zeroed again after use) sums them in a fixed order and writes the output.
 
-Requirements (the wrapper checks): N a multiple of BLOCK_N, K of the K-tile, group size a power of two >= 32
-dividing K (-1: one group). M any (masked). Not used by the engine: `perf/quant_bench.py --kernels
-gluon-gptq-g128` and `tests/test_gluon_quant.py` call it.
+Requirements (the wrapper checks; `supports` asks): N a multiple of BLOCK_N, K of the K-tile, group size a power
+of two >= 32 dividing K (-1: one group). M any (masked). The engine uses it only with ENGINE_GLUON_GEMM_ROWS set
+(`ops.triton_quant.GLUON_GEMM_ROWS`, off by default until it has run on a GPU); `perf/quant_bench.py --kernels
+gluon-gptq-g128` and `tests/test_gluon_quant.py` call it directly.
 """
 
 from __future__ import annotations
@@ -254,6 +255,20 @@ def split_for(num_tiles: int, num_k_tiles: int, sms: int, max_split: int = 8, mi
 
 
 _MAX_SPLIT_K_TILES = 1 << 16  # ops.triton_quant's counters: one int32 per output tile
+
+
+def supports(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> bool:
+    """Can `gluon_gptq_matmul` run this call (Gluon present, an sm_90 GPU, a shape and dtype it takes)? The
+    engine's dispatch (`ops.triton_quant`, ENGINE_GLUON_GEMM_ROWS) asks before it calls."""
+    if not (HAVE_GLUON and x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)):
+        return False
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    group_size = K if group_size == -1 else group_size
+    M = x.numel() // max(1, x.shape[-1])
+    return (x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] == K and N % BLOCK_N == 0
+            and group_size >= 32 and not group_size & (group_size - 1) and K % group_size == 0
+            and K % _block_k(group_size) == 0 and M * max(N, K) < 1 << 31
+            and qweight.is_contiguous() and qzeros.is_contiguous() and scales.is_contiguous())
 
 
 def gluon_gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,

@@ -70,7 +70,9 @@ has its own group (`g_idx`), and zeros and scales are gathered per row and appli
 One exception, off by default (`DEQUANT_GEMM_ROWS`, `ENGINE_DEQUANT_GEMM_ROWS`): from that many rows, a 16-bit
 GPTQ-layout matmul dequantizes its layer's weight into a transient [K, N] scratch (`_dequant_gptq_kernel`, one
 layer at a time) and multiplies with cuBLAS, as vLLM's AWQ layers do from 256 tokens: for prefill-sized steps,
-where the tiles' dequantizing cannot overlap their tensor cores (perf/notes/gemm256_sass.md).
+where the tiles' dequantizing cannot overlap their tensor cores (perf/notes/gemm256_sass.md). Another, also off
+(`GLUON_GEMM_ROWS`, `ENGINE_GLUON_GEMM_ROWS`): from that many rows, the Gluon GEMM of `ops.gluon_quant`, whose
+dequant runs under the tensor cores (perf/notes/gluon_gemm256.md), where it supports the call.
 
 Tile sizes are fixed per batch-size class in `TILES` (no autotuning: deterministic, and no benchmarking
 at start-up); `CANDIDATE_TILES` holds the alternatives `perf/quant_bench.py --tiles` compares.
@@ -79,6 +81,7 @@ at start-up); `CANDIDATE_TILES` holds the alternatives `perf/quant_bench.py --ti
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -190,6 +193,10 @@ TILES: TileTable = CANDIDATE_TILES[_TABLE_NAME]
 # (~0.7 ms a 70B layer; 8,192 rows of its matmuls take ~20 ms). 0 (the default until timed on a GPU): never.
 # ENGINE_DEQUANT_GEMM_ROWS in the environment sets it.
 DEQUANT_GEMM_ROWS = int(os.environ.get("ENGINE_DEQUANT_GEMM_ROWS", "0"))
+# From this many rows (and below DEQUANT_GEMM_ROWS, where that is set), the same matmuls go through the Gluon GEMM
+# (`ops.gluon_quant`: the next K-tile's dequant under the current wgmma) where it `supports` the call. 0 (the
+# default until it has run on a GPU): never. ENGINE_GLUON_GEMM_ROWS in the environment sets it.
+GLUON_GEMM_ROWS = int(os.environ.get("ENGINE_GLUON_GEMM_ROWS", "0"))
 
 _MAX_SPLIT_K_TILES = 1 << 16  # output tiles one split-K launch may have (one int32 counter each)
 _INTERPRETER_SMS = 2  # CPU (Triton interpreter): few enough "SMs" that test shapes stay small, yet split K
@@ -862,6 +869,11 @@ def _quant_matmul(x: torch.Tensor, weight: torch.Tensor, zeros: torch.Tensor | N
         if bias is not None:
             out2 += bias
         return out
+    if planar_ok and 0 < GLUON_GEMM_ROWS <= M:
+        gluon = importlib.import_module("ops.gluon_quant")
+        if gluon.supports(x2, weight, zeros, scales, group_size):
+            gluon.gluon_gptq_matmul(x2, weight, zeros, scales, group_size, zero_offset, bias, out2)
+            return out
     tiles = tiles_for(M, planar_ok, packed_ok=planar_ok and x2.element_size() == 2)
     block_k = tiles.block_k
     if g_idx is None and group_size < K:

@@ -166,3 +166,33 @@ def test_gluon_gptq_matmul_replays_in_a_cuda_graph_with_split_k():
         graph.replay()
         want = x.float() @ weight
         assert (out.float() - want).abs().max() <= TOLERANCE[torch.bfloat16] * want.abs().max()
+
+
+def test_engine_sends_large_batches_to_the_gluon_gemm_only_when_asked_and_supported(monkeypatch):
+    """ENGINE_GLUON_GEMM_ROWS's dispatch in ops.triton_quant: from that many rows, a 16-bit GPTQ-layout matmul
+    goes to gluon_gptq_matmul (stood in for here: no GPU) with the layer's tensors and writes the caller's output;
+    `supports` refuses CPU tensors, so CPU runs never get there."""
+    pytest.importorskip("triton")
+    gq = pytest.importorskip("ops.gluon_quant")
+    from ops import triton_quant
+    from ops.quant_ref import gptq_matmul_ref
+    from tests.test_triton_quant import random_layer
+
+    tensors, _ = random_layer("gptq-v2-g128", 256, 128, torch.float16, "cpu")
+    x = torch.randn(5, 256).half()
+    assert not gq.supports(x, tensors["qweight"], tensors["qzeros"], tensors["scales"], 128)
+    calls = []
+
+    def fake(x2, qweight, qzeros, scales, group_size, zero_offset, bias, out):
+        calls.append((x2.shape, group_size, zero_offset))
+        out.copy_(gptq_matmul_ref(x2, qweight, qzeros, scales, torch.arange(256) // group_size, bool(zero_offset), bias))
+        return out
+
+    monkeypatch.setattr(gq, "supports", lambda *args: True)
+    monkeypatch.setattr(gq, "gluon_gptq_matmul", fake)
+    monkeypatch.setattr(triton_quant, "GLUON_GEMM_ROWS", 4)
+    out = torch.full((5, 128), float("nan"), dtype=torch.float16)
+    got = triton_quant.gptq_matmul(x, **tensors, out=out)
+    assert got is out and calls == [((5, 256), 128, 0)]
+    want = gptq_matmul_ref(x, tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], False)
+    torch.testing.assert_close(out, want)
