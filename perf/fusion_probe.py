@@ -41,23 +41,28 @@ def probe(hidden: int, mark: str, tokens: int, show: bool) -> list[str]:
         h = x + residual
         return rms_norm(h, weight, 1e-6) @ proj, h
 
-    compiled = torch.compile(layer, fullgraph=True, dynamic=mark != "static")
     x = torch.randn(tokens, hidden, device=DEVICE, dtype=torch.bfloat16)
-    residual = torch.randn_like(x)
-    if mark == "unbacked":
-        mark_unbacked(x, 0)
-        mark_unbacked(residual, 0)
-    elif mark == "backed":
-        mark_dynamic(x, 0)
-        mark_dynamic(residual, 0)
-    with torch.no_grad():
-        (out, h), codes = run_and_get_code(compiled, x, residual)
-        want = layer(x, residual)
+    (out, _), want, kernels = compile_and_run(layer, mark, show, x, torch.randn_like(x))
     torch.testing.assert_close(out, want[0], rtol=2e-2, atol=2e-1)
+    return kernels
+
+
+def compile_and_run(fn, mark: str, show: bool, *inputs: torch.Tensor) -> tuple[object, object, list[str]]:
+    """fn compiled with its inputs' first dimension marked `mark`, run once: (its result, eager fn's result, the
+    Triton kernels of its output code)."""
+    compiled = torch.compile(fn, fullgraph=True, dynamic=mark != "static")
+    for tensor in inputs:
+        if mark == "unbacked":
+            mark_unbacked(tensor, 0)
+        elif mark == "backed":
+            mark_dynamic(tensor, 0)
+    with torch.no_grad():
+        result, codes = run_and_get_code(compiled, *inputs)
+        want = fn(*inputs)
     code = "\n".join(codes)
     if show:
         print(code)
-    return re.findall(r"^def (triton_\w+)\(", code, re.M)
+    return result, want, re.findall(r"^def (triton_\w+)\(", code, re.M)
 
 
 def probe_qwen3_qk(mark: str, tokens: int, show: bool) -> list[str]:
@@ -75,22 +80,10 @@ def probe_qwen3_qk(mark: str, tokens: int, show: bool) -> list[str]:
         qk = qkv[..., : (q_heads + kv_heads) * head_dim].unflatten(-1, (-1, head_dim))
         return apply_rotary_emb(rms_norm(qk, weight, 1e-6), cos, sin)
 
-    compiled = torch.compile(qk_path, fullgraph=True, dynamic=mark != "static")
     qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * head_dim, device=DEVICE, dtype=torch.bfloat16)
-    positions = torch.arange(tokens, device=DEVICE)
-    if mark == "unbacked":
-        mark_unbacked(qkv, 0)
-        mark_unbacked(positions, 0)
-    elif mark == "backed":
-        mark_dynamic(qkv, 0)
-        mark_dynamic(positions, 0)
-    with torch.no_grad():
-        out, codes = run_and_get_code(compiled, qkv, positions)
-        torch.testing.assert_close(out, qk_path(qkv, positions), rtol=2e-2, atol=2e-2)
-    code = "\n".join(codes)
-    if show:
-        print(code)
-    return re.findall(r"^def (triton_\w+)\(", code, re.M)
+    out, want, kernels = compile_and_run(qk_path, mark, show, qkv, torch.arange(tokens, device=DEVICE))
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+    return kernels
 
 
 def main(argv: list[str] | None = None) -> None:
