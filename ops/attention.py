@@ -5,8 +5,9 @@ and attends over it, for prefill, chunked prefill and decode alike.
 nothing. `qk` holds the query heads, then the key heads, of each token: one tensor, so that a compiled
 model computes its rotation (and Qwen3's per-head norms) into one buffer, one kernel a layer. Given q and
 k apart, even as views of one rotated tensor, inductor realized each into a buffer of its own: two
-kernels a layer (GPU profile, perf/RESULTS.md, session 20). The cache and the batch metadata come from `ops.forward_context` (see there why). The
-implementation is chosen per forward by `ForwardContext.backend`:
+kernels a layer (GPU profile, perf/RESULTS.md, session 20). The cache and the batch metadata come from
+`ops.forward_context` (see there why). The implementation is chosen per forward by
+`ForwardContext.backend`:
 
 - "torch":    `ops.torch_ref`, the reference (CPU, and the oracle for the GPU kernels)
 - "triton":   `ops.triton_attention` (GPU)
