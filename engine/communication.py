@@ -190,6 +190,40 @@ def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(h.dtype)
 
 
+# ENGINE_FUSED_NORM=1: without tensor parallelism, each decoder layer's residual add and RMSNorm on CUDA run as one
+# opaque kernel (`add_rms_norm`) instead of what inductor makes of them: two kernels a norm in every GPU profile
+# (a reduction, then a pointwise pass; perf/RESULTS.md, session 20). Off by default until timed on a GPU.
+FUSED_NORM = os.environ.get("ENGINE_FUSED_NORM") == "1"
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(h) * weight, h) for h = x + residual (residual None: h = x), without tensor parallelism: on
+    CUDA with FUSED_NORM one kernel (`engine::add_rms_norm`, ops.triton_allreduce's rounding), else torch."""
+    if FUSED_NORM and x.is_cuda:
+        return torch.ops.engine.add_rms_norm(x, residual, weight, eps)
+    h = x if residual is None else x + residual
+    return rms_norm(h, weight, eps), h
+
+
+@torch.library.custom_op("engine::add_rms_norm", mutates_args=())
+def _add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if not x.is_cuda:  # the op's CPU form: what torch computes (no alias of x among the outputs)
+        h = x.clone() if residual is None else x + residual
+        return rms_norm(h, weight, eps), h
+    x = x.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    out, h = x.new_empty(x.shape), x.new_empty(x.shape)
+    fused_kernel().add_rms_norm(x, residual, weight, eps, out, h)
+    return out, h
+
+
+@_add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)  # contiguous, as the kernel writes them
+
+
 def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """What follows a row-parallel layer: h = all_reduce(x) + residual (residual None: no add), then

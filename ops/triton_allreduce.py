@@ -252,3 +252,34 @@ def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weig
                                n_rows, hidden, region, eps, rank, **common)
     else:
         raise ValueError(f"protocol {protocol!r}: one of {PROTOCOLS}")
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, hidden, eps,
+                         BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """One row: residual_out = x (+ residual), out = RMSNorm(residual_out) * weight, rounded as the fused
+    all-reduce kernels round (`_add_norm_store`, the one rank's sum being x itself)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    offs = row * hidden + cols
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    residual = tl.load(residual_ptr + offs, mask=mask, other=0.0) if HAS_RESIDUAL else x
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    _add_norm_store(x.to(tl.float32), residual, w, out_ptr, residual_out_ptr, offs, mask, hidden, eps, HAS_RESIDUAL)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 out: torch.Tensor, residual_out: torch.Tensor) -> None:
+    """Without tensor parallelism: residual_out = x (+ residual); out = RMSNorm(residual_out) * weight, in
+    one kernel a call, one program a row (`engine.communication.add_rms_norm`). x, residual and the outputs:
+    contiguous [rows, hidden] of one dtype."""
+    hidden = x.shape[-1]
+    n_rows = x.numel() // hidden
+    if n_rows == 0:
+        return
+    assert hidden <= MAX_HIDDEN
+    block = triton.next_power_of_2(hidden)
+    _add_rms_norm_kernel[(n_rows,)](x, x if residual is None else residual, weight, out, residual_out, hidden, eps,
+                                    BLOCK=block, HAS_RESIDUAL=residual is not None,
+                                    num_warps=4 if block <= 4096 else 8)

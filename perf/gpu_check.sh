@@ -22,6 +22,7 @@
 #   token-dim-ab nano and llama1 with the token dimension unbacked, then backed (ENGINE_TOKEN_DIM), profiled
 #   gluon   the Gluon 256-row W4A16 GEMM: its GPU tests, quant_bench 70B shapes at 256 rows against the tl kernel and bf16
 #   dequant-gemm ENGINE_DEQUANT_GEMM_ROWS's GPU test, quant_bench 70B shapes at 256-8,192 rows without / with it from 1,024
+#   fused-norm-ab ENGINE_FUSED_NORM=1 (TP=1 add + RMSNorm in one kernel): GPU tests with it, llama1 and nano without / with, profiled
 #   nano-profile nano (bf16) profiled at step 200 (full batch) and 700 (~100 sequences), every GPU op listed
 #   nano-parts-ab nano with 512- and 1,024-position decode partitions, alternating twice (fp8 cache, then bf16)
 #   nano-parts nano (bf16, fp8 caches) with 1,024- and 2,048-position decode partitions (run `nano` / `nano-fp8` beside it)
@@ -283,6 +284,18 @@ for stage in "$@"; do
              ENGINE_DEQUANT_GEMM_ROWS=$rows timeout 240 python3 perf/quant_bench.py --shapes 70b --kernels bf16 awq-gptq-g128 \
                --batches 256 1024 2048 8192 --out "$OUT/dequant_bench_$rows.json" 2>&1 | tee "$OUT/dequant_bench_$rows.log" | tail -22 \
                | sed "s/^/[ENGINE_DEQUANT_GEMM_ROWS=$rows] /"
+           done ;;
+    fused-norm-ab) # ENGINE_FUSED_NORM=1 (TP=1: each residual add + RMSNorm one opaque kernel, not inductor's two): its
+           # GPU test and the GPU-engine tests with it, then Llama-3.1-8B batch 1 and nano (bf16) without / with it, each
+           # timed then profiled (GPU ops a step)
+           timeout 120 python3 -m pytest -m gpu -q tests/test_triton_allreduce.py -k add_rms_norm 2>&1 | tail -2
+           ENGINE_FUSED_NORM=1 timeout 200 python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 | tee "$OUT/fused_norm_tests.log" | tail -3
+           for spec in "llama1_norm0;0;llama1" "llama1_norm1;1;llama1" "nano_norm0;0;nano" "nano_norm1;1;nano"; do
+             IFS=";" read -r name flag workload <<< "$spec"
+             if [ "$workload" = nano ]; then wl=(--model qwen3-0.6b --workload nano --profile-steps 200 10)
+             else wl=(--model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --profile-steps 100 20); fi
+             ENGINE_FUSED_NORM=$flag timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" \
+               "${wl[@]}" 2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|Error" | sed "s/^/[$name] /"
            done ;;
     nano-profile) # nano (bf16 cache) profiled over 10 steps at full batch (step 200) and at ~100 sequences (step 700),
            # every GPU op of a step listed (STEP_PROFILE_TOP=30): where a step's time goes besides the KV reads

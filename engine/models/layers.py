@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.communication import all_reduce, all_reduce_add_rms_norm, rms_norm
+from engine.communication import add_rms_norm, all_reduce, all_reduce_add_rms_norm, rms_norm
 import ops.attention  # noqa: F401  (registers torch.ops.engine.paged_attention)
 from ops.linear import dense_linear, silu_and_mul, silu_mul_dense_linear
 
@@ -54,8 +54,7 @@ class RMSNorm(nn.Module):
         (engine.communication.all_reduce_add_rms_norm)."""
         if reduce:
             return all_reduce_add_rms_norm(x, residual, self.weight, self.eps)
-        h = x if residual is None else x + residual
-        return rms_norm(h, self.weight, self.eps), h
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
