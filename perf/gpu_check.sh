@@ -175,6 +175,18 @@ serve_fixed256() {
   kill $epserver; wait $epserver
   grep -h "engine process:" "$OUT/$name.log"
 }
+# profiled_ab VAR "name;value;workload"...: each run with VAR=value, timed then profiled (GPU ops a step); workload nano
+# (Qwen3-0.6B, profiled at step 200) or llama1 (Llama-3.1-8B batch 1, 128 / 512, steps 100-119)
+profiled_ab() {
+  local var=$1 spec name value workload wl; shift
+  for spec in "$@"; do
+    IFS=";" read -r name value workload <<< "$spec"
+    if [ "$workload" = nano ]; then wl=(--model qwen3-0.6b --workload nano --profile-steps 200 10)
+    else wl=(--model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --profile-steps 100 20); fi
+    env "$var=$value" timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" \
+      "${wl[@]}" 2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
+  done
+}
 for stage in "$@"; do
   echo "=== $stage"
   case $stage in
@@ -264,14 +276,8 @@ for stage in "$@"; do
     token-dim-ab) # the token dimension unbacked (default) against backed (ENGINE_TOKEN_DIM=backed: a second graph for one token):
            # nano (bf16) and Llama-3.1-8B batch 1, each timed then profiled (GPU ops a step: does a backed size fuse
            # each RMSNorm into one kernel?); the first backed start of each model compiles afresh
-           for spec in "nano_unbacked;unbacked;nano" "nano_backed;backed;nano" "llama1_unbacked;unbacked;llama1" \
-                       "llama1_backed;backed;llama1"; do
-             IFS=";" read -r name mark workload <<< "$spec"
-             if [ "$workload" = nano ]; then wl=(--model qwen3-0.6b --workload nano --profile-steps 200 10)
-             else wl=(--model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --profile-steps 100 20); fi
-             ENGINE_TOKEN_DIM=$mark timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" \
-               "${wl[@]}" 2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
-           done ;;
+           profiled_ab ENGINE_TOKEN_DIM "nano_unbacked;unbacked;nano" "nano_backed;backed;nano" \
+             "llama1_unbacked;unbacked;llama1" "llama1_backed;backed;llama1" ;;
     gluon) # (#9) the Gluon 256-row W4A16 GEMM (ops/gluon_quant.py, Triton 3.6, sm_90; never run before session 21): its
            # GPU tests, then quant_bench on 70B's shapes at 256 rows against the tl kernel and bf16 cuBLAS (-s1: no split-K)
            timeout 240 python3 -m pytest -m gpu -q -x tests/test_gluon_quant.py 2>&1 | tee "$OUT/gluon_tests.log" | tail -15
@@ -290,13 +296,7 @@ for stage in "$@"; do
            # timed then profiled (GPU ops a step)
            timeout 120 python3 -m pytest -m gpu -q tests/test_triton_allreduce.py -k add_rms_norm 2>&1 | tail -2
            ENGINE_FUSED_NORM=1 timeout 200 python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 | tee "$OUT/fused_norm_tests.log" | tail -3
-           for spec in "llama1_norm0;0;llama1" "llama1_norm1;1;llama1" "nano_norm0;0;nano" "nano_norm1;1;nano"; do
-             IFS=";" read -r name flag workload <<< "$spec"
-             if [ "$workload" = nano ]; then wl=(--model qwen3-0.6b --workload nano --profile-steps 200 10)
-             else wl=(--model llama-3.1-8b --workload fixed --num-requests 1 --input-len 128 --output-len 512 --profile-steps 100 20); fi
-             ENGINE_FUSED_NORM=$flag timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" \
-               "${wl[@]}" 2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|Error" | sed "s/^/[$name] /"
-           done ;;
+           profiled_ab ENGINE_FUSED_NORM "llama1_norm0;0;llama1" "llama1_norm1;1;llama1" "nano_norm0;0;nano" "nano_norm1;1;nano" ;;
     nano-profile) # nano (bf16 cache) profiled over 10 steps at full batch (step 200) and at ~100 sequences (step 700),
            # every GPU op of a step listed (STEP_PROFILE_TOP=30): where a step's time goes besides the KV reads
            for steps in "200 10" "700 10"; do
