@@ -35,7 +35,7 @@ DEVICE = "cuda"  # inductor's Triton code is what the probe counts (a CPU run on
 def probe(hidden: int, mark: str, tokens: int, show: bool) -> list[str]:
     torch._dynamo.reset()
     weight = torch.randn(hidden, device=DEVICE, dtype=torch.bfloat16)
-    proj = torch.randn(hidden, hidden, device=DEVICE, dtype=torch.bfloat16)
+    proj = torch.randn(hidden, hidden, device=DEVICE, dtype=torch.bfloat16) / hidden**0.5  # outputs of order 1
 
     def layer(x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = x + residual

@@ -21,6 +21,7 @@
 #   fusion-probe the Triton kernels inductor makes of add + RMSNorm + linear, token dimension unbacked / backed / static
 #   token-dim-ab nano and llama1 with the token dimension unbacked, then backed (ENGINE_TOKEN_DIM), profiled
 #   gluon   the Gluon 256-row W4A16 GEMM: its GPU tests, quant_bench 70B shapes at 256 rows against the tl kernel and bf16
+#   gluon-ncu Nsight Compute on the Gluon GEMM (70B gate_up and down, 256 rows): stall reasons, per-SASS-instruction samples
 #   dequant-gemm ENGINE_DEQUANT_GEMM_ROWS's GPU test, quant_bench 70B shapes at 256-8,192 rows without / with it from 1,024
 #   fused-norm-ab ENGINE_FUSED_NORM=1 (TP=1 add + RMSNorm in one kernel): GPU tests with it, llama1 and nano without / with, profiled
 #   nano-profile nano (bf16) profiled at step 200 (full batch) and 700 (~100 sequences), every GPU op listed
@@ -283,6 +284,19 @@ for stage in "$@"; do
            timeout 240 python3 -m pytest -m gpu -q -x tests/test_gluon_quant.py 2>&1 | tee "$OUT/gluon_tests.log" | tail -15
            timeout 300 python3 perf/quant_bench.py --shapes 70b --kernels bf16 awq-gptq-g128 gluon-gptq-g128 gluon-gptq-g128-s1 \
              --batches 256 --out "$OUT/gluon_bench.json" 2>&1 | tee "$OUT/gluon_bench.log" | tail -25 ;;
+    gluon-ncu) # (#9) Nsight Compute on the Gluon GEMM at 256 rows, 70B gate_up (no split) and down (split-K 2): stall
+           # reasons, and the warp-stall samples of every SASS instruction (is the fence after W's ld.global the stall?)
+           for layer in gate_up down; do
+             timeout 150 ncu --set full --import-source yes -k regex:_gluon_gptq_kernel -c 1 -f -o "$OUT/gluon_$layer" \
+               python3 perf/quant_bench.py --shapes 70b --kernels gluon-gptq-g128 --batches 256 --layers $layer \
+               --iters 1 --repeats 1 --eager > "$OUT/gluon_ncu_$layer.log" 2>&1
+             ncu --import "$OUT/gluon_$layer.ncu-rep" --page details > "$OUT/gluon_ncu_$layer.txt" 2>&1
+             grep -E "Duration|Throughput|Registers|Warp Cycles|Stall|Executed Ipc|Shared Memory|Issue Slot" \
+               "$OUT/gluon_ncu_$layer.txt" | head -40 | sed "s/^/[$layer] /"
+             ncu --import "$OUT/gluon_$layer.ncu-rep" --page source --csv --print-source sass \
+               > "$OUT/gluon_sass_$layer.csv" 2>&1
+             wc -l "$OUT/gluon_sass_$layer.csv"
+           done ;;
     dequant-gemm) # (#9) ENGINE_DEQUANT_GEMM_ROWS: its GPU test, then quant_bench on 70B's shapes at 256 to 8,192 rows with the
            # 4-bit tiles (the default) and with the dequantize-then-cuBLAS path from 1,024 rows
            timeout 240 python3 -m pytest -m gpu -q tests/test_triton_quant.py -k dequantize_then 2>&1 | tee "$OUT/dequant_tests.log" | tail -3
