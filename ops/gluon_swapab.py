@@ -1,0 +1,378 @@
+"""A second Gluon W4A16 GEMM for Hopper: "swap-AB", the dequantized weight as wgmma's REGISTER A operand (the
+design of vLLM's Machete / Marlin), so that W never goes through shared memory.
+
+Why (perf/notes/gluon_gemm256.md): `ops.gluon_quant` stores each dequantized W tile to shared memory, which costs
+three bar.syncs and a fence.proxy.async a K-tile and ~144 KB of shared-memory traffic; on the H100 it measured
+only 5% faster than the tl kernel. Here the output is computed transposed,
+
+    y^T[BLOCK_N, BLOCK_M] = W^T[BLOCK_N, K] @ x^T[K, BLOCK_M]
+
+so W^T is wgmma's A operand, which Hopper takes from registers (`HGMMA.64x256x16.F32.BF16 R.., R.., gdesc`):
+each thread dequantizes exactly the elements of its own A fragment and hands them to the tensor cores in place.
+x is the B operand, in shared memory, stored [BLOCK_M, BLOCK_K] K-contiguous (NVMMA swizzle) and given to wgmma
+as a [BLOCK_K, BLOCK_M] view (`.permute((1, 0))`).
+
+Weight format. qzeros int32 [K/group, N/8] and scales fp16 [K/group, N] are GPTQ's, untouched. qweight is
+repacked once at load time (`repack_swapab`, pure torch) from GPTQ's [K/8, N] into [K/64, N*8] int32 words
+ordered so that each thread reads its A fragment of a 64-deep K-tile with ONE 16-byte load (Marlin's trick):
+
+    word index  ((t * (N / 16) + b) * 32 + lane) * 4 + 2 * jj + r       t: 64-deep K-tile, b: 16-output block
+    lane = 4 * g + c (g = lane // 4, c = lane % 4: wgmma's groupID and thread-in-group)
+    nibble i = 4 * i2 + 2 * i1 + i0 of that word holds q[k, n] for
+        n = 16 b + 8 r + g
+        k = 64 t + 32 jj + 16 i2 + 8 i1 + 2 c + i0
+
+That is wgmma's m64nNk16 A fragment (PTX ISA "Register fragment for matrix A"): a thread holds rows g and g + 8
+of its warp's 16 rows, columns 2c, 2c + 1, 2c + 8, 2c + 9 of each 16-deep step. One word = one row (so one zero
+and one scale) and two 16-deep steps; its nibble pairs (2j, 2j + 1) are (k, k + 1), exactly the packed 16-bit
+pair one A register holds, and the dequant routine (`ops.triton_quant._nibble_pairs_asm`) produces nibbles in
+those pairs. A 32-deep K-tile (group 32) reads half of it (words jj = t % 2: one 8-byte load).
+
+One program: a BLOCK_N (128) x BLOCK_M (256) tile of y^T, NUM_WARPS (8) warps = 2 warpgroups of 64 outputs each
+(accumulator 64 x 256 fp32 per warpgroup: 128 registers a thread, `instr_shape [16, 256, 16]`); K-tiles of
+BLOCK_K = min(64, group) inputs. Shared memory: only x, a ring of STAGES (4) [BLOCK_M, BLOCK_K] slots filled by
+TMA (async proxy, completion on one mbarrier a slot; rows past M come back as zeros). Iteration k:
+
+    1. mbarrier wait: x's tile k landed in slot k % STAGES
+    2. issue wgmma k, async: acc += A_k (registers) @ x_k^T (shared)
+    3. wgmma.wait_group 1: wgmma k - 1 done in this warpgroup (A_{k-1}'s registers free: they are the wait's
+       deps, so they stay allocated until here)
+    4. bar.sync (both warpgroups past 3: slot (k - 1) % STAGES is free), then one thread issues the TMA of x's
+       tile k - 1 + STAGES into it (expect-tx on its mbarrier)
+    5. ld.global (16 bytes a thread) W's words of tile k + 2; dequantize tile k + 1's words (loaded in iteration
+       k - 1) straight into A_{k+1}: the CUDA cores' work, under wgmma k
+
+The loop is unrolled by two with two A fragments (even / odd K-tiles): A_{k+1} takes A_{k-1}'s registers only
+after step 3 retired wgmma k - 1. (Rolled, the fragment is a loop-carried value whose back-edge copy rewrote the
+registers of a wgmma still in flight: undefined behaviour in PTX, and ptxas did not guard it;
+perf/gluon_swapab_sass.py checks the SASS for such writes.) Hence K-tiles come in pairs: K % (2 BLOCK_K) == 0.
+
+No generic-proxy shared-memory writes in the loop, hence no fence.proxy.async; one bar.sync a K-tile (the ring's
+WAR: Gluon's mbarrier.arrive is one thread's, so a per-warpgroup "slot empty" barrier cannot be spelled here).
+
+Dequantization is bit for bit the reference's float32 (q - zero) * scale rounded to x's dtype (the PTX of
+`ops.triton_quant._nibble_pairs`). The dequantized [BLOCK_N, BLOCK_K] tile reaches wgmma's DotOperandLayout by
+`join` / `reshape` / `permute` only; the final `convert_layout(..., assert_trivial=True)` fails the compile if
+that is not a register renaming (no shared-memory round trip).
+
+Output: y[m, n] = acc[n, m], transposed in registers (`permute`) and converted to a row-major blocked layout for
+16-byte stores (Triton's shared-memory scratch, once a tile); rows past M masked. No split-K.
+
+Requirements (the wrapper checks): Gluon (Triton 3.6's API), sm_90, x bf16/fp16 with K a multiple of 64 (and
+of 128 when BLOCK_K is 64),
+N of BLOCK_N, group a power of two >= 32 dividing K (-1: one group), no act-order. Not wired into the engine:
+`perf/quant_bench.py --kernels gluon-swapab-gptq-g128` and `tests/test_gluon_swapab.py` call it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; the Hopper pieces' names are 3.6's
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+    HAVE_GLUON = True
+except ImportError as _error:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+    _IMPORT_ERROR = _error
+
+BLOCK_M = 256
+BLOCK_N = 128
+MAX_BLOCK_K = 64
+REPACK_K = 64  # the repacked format's K-tile
+NUM_WARPS = 8
+STAGES = 4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The repacked weight (pure torch; CPU or GPU)
+
+def repack_swapab(qweight: torch.Tensor) -> torch.Tensor:
+    """GPTQ qweight int32 [K/8, N] (input k of output n: nibble k % 8 of word [k // 8, n]) -> int32 [K/64, N*8]
+    in the per-thread A-fragment order of the module docstring. K a multiple of 64, N of 16."""
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    if K % REPACK_K or N % 16:
+        raise ValueError(f"repack_swapab needs K % 64 == 0 and N % 16 == 0, not K={K}, N={N}")
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
+    q = ((qweight.unsqueeze(1) >> shifts.view(1, 8, 1)) & 0xF).reshape(K, N)  # q[k, n], 0..15
+    # k = 64 t + 32 jj + 16 i2 + 8 i1 + 2 c + i0, n = 16 b + 8 r + g
+    q = q.view(K // 64, 2, 2, 2, 4, 2, N // 16, 2, 8)  # [t, jj, i2, i1, c, i0, b, r, g]
+    q = q.permute(0, 6, 8, 4, 1, 7, 2, 3, 5)  # [t, b, g, c, jj, r, i2, i1, i0]
+    q = q.reshape(K // 64, N // 16, 32, 4, 8).to(torch.int64)  # lane = 4 g + c, word = 2 jj + r, nibble i
+    words = (q << torch.arange(0, 32, 4, dtype=torch.int64, device=q.device)).sum(-1)
+    return words.to(torch.uint32).view(torch.int32).reshape(K // 64, N * 8).contiguous()
+
+
+def unpack_swapab(packed: torch.Tensor) -> torch.Tensor:
+    """The nibbles q [K, N] (int32, 0..15) of a repacked weight, read the way the kernel's threads read them
+    (word index and nibble -> (k, n) by the docstring's formulas, written out independently of the repack)."""
+    T, N = packed.shape[0], packed.shape[1] // 8
+    idx = torch.arange(packed.numel(), device=packed.device)
+    wlocal, lane, rest = idx % 4, (idx // 4) % 32, idx // 128
+    b, t = rest % (N // 16), rest // (N // 16)
+    jj, r, g, c = wlocal // 2, wlocal % 2, lane // 4, lane % 4
+    words = packed.reshape(-1)
+    q = torch.empty(T * 64, N, dtype=torch.int32, device=packed.device)
+    for i in range(8):
+        i2, i1, i0 = i // 4, (i // 2) % 2, i % 2
+        k = 64 * t + 32 * jj + 16 * i2 + 8 * i1 + 2 * c + i0
+        n = 16 * b + 8 * r + g
+        q[k, n] = (words >> (4 * i)) & 0xF
+    return q
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The kernel
+
+if HAVE_GLUON:
+    from ops.triton_quant import _nibble_pairs_asm, _SCALE_BF16_ASM, _SCALE_F16_ASM
+
+    _PAIRS_BF16 = gl.constexpr(_nibble_pairs_asm(0x4300, "bf16x2", _SCALE_BF16_ASM).value)
+    _PAIRS_F16 = gl.constexpr(_nibble_pairs_asm(0x6400, "f16x2", _SCALE_F16_ASM).value)
+
+    @gluon.jit
+    def _load_w_tile(w_ptrs, zeros_ptrs, scales_ptrs, t, N, BLOCK_K: gl.constexpr, GROUP_SIZE: gl.constexpr):
+        """K-tile t's words [NB, 32, WPT] (one 16- or 8-byte load a thread), and for each word its output's zero
+        word and scale (group of the tile)."""
+        TILES_PER_REPACK: gl.constexpr = 64 // BLOCK_K
+        WPT: gl.constexpr = BLOCK_K // 16
+        g = (t * BLOCK_K) // GROUP_SIZE
+        words = gl.load(w_ptrs + (t // TILES_PER_REPACK) * (N * 8) + (t % TILES_PER_REPACK) * WPT)
+        zero_words = gl.load(zeros_ptrs + g * (N // 8))
+        scales = gl.load(scales_ptrs + g * N)
+        return words, zero_words, scales
+
+    @gluon.jit
+    def _dequant_fragment(words, zero_words, zero_shift, scales, a_layout: gl.constexpr, ZERO_OFFSET: gl.constexpr,
+                          DTYPE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+        """(q - zero) * scale in DTYPE as W^T's [BLOCK_N, BLOCK_K] tile in wgmma's A-operand layout (each thread
+        its own fragment: the words it loaded are exactly its fragment's nibbles)."""
+        BF16: gl.constexpr = DTYPE == gl.bfloat16
+        MAGIC: gl.constexpr = 0x4300 if BF16 else 0x6400
+        NB: gl.constexpr = BLOCK_N // 16
+        JJ: gl.constexpr = BLOCK_K // 32
+        zeros = ((zero_words >> zero_shift) & 0xF) + ZERO_OFFSET  # 0..16
+        neg_zero_pairs = (zeros + (MAGIC | 0x8000)) * 0x10001  # -(MAGIC + zero), both halves
+        s = scales.to(gl.float32)
+        s_hi = s.to(DTYPE)
+        hi_pairs = (s_hi.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) * 0x10001
+        if BF16:  # s = s_hi + s_lo exactly (an fp16 scale has 11 significant bits)
+            s_lo = (s - s_hi.to(gl.float32)).to(gl.bfloat16)
+            lo_pairs = (s_lo.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) * 0x10001
+            p0, p1, p2, p3, p4, p5, p6, p7 = gl.inline_asm_elementwise(
+                _PAIRS_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", [words, neg_zero_pairs, hi_pairs, lo_pairs],
+                (gl.bfloat16, ) * 8, True, 1)
+        else:
+            p0, p1, p2, p3, p4, p5, p6, p7 = gl.inline_asm_elementwise(
+                _PAIRS_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, neg_zero_pairs, hi_pairs],
+                (gl.float16, ) * 8, True, 1)
+        # [NB, 32, WPT, i2, i1, i0] holding nibble 4 i2 + 2 i1 + i0 (the nesting as in ops.gluon_quant)
+        t = gl.join(gl.join(gl.join(p0, p4), gl.join(p2, p6)), gl.join(gl.join(p1, p5), gl.join(p3, p7)))
+        # lane = 4 g + c, word = 2 jj + r -> [b, g, c, jj, r, i2, i1, i0] -> [b, r, g | jj, i2, i1, c, i0]
+        t = gl.reshape(t, [NB, 8, 4, JJ, 2, 2, 2, 2])
+        t = gl.permute(t, (0, 4, 1, 3, 5, 6, 2, 7))
+        t = gl.reshape(t, [BLOCK_N, BLOCK_K])  # n = 16 b + 8 r + g, k = 32 jj + 16 i2 + 8 i1 + 2 c + i0
+        return gl.convert_layout(t, a_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _k_step(k, a_k, a_prev, acc, words, zero_words, scales, x_desc, x_smem, ready, w_ptrs, zeros_ptrs,
+                scales_ptrs, zero_shift, m0, N, num_k, a_layout: gl.constexpr, ZERO_OFFSET: gl.constexpr,
+                DTYPE: gl.constexpr, GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                STAGES: gl.constexpr):
+        """K-tile k: issue its wgmma (A_k from registers), retire wgmma k - 1, refill the x slot it read, and
+        dequantize tile k + 1 into a_prev's place (A_{k-1}'s registers, free once wgmma k - 1 is retired).
+        words / zero_words / scales: tile k + 1's, loaded one step earlier; returns tile k + 2's."""
+        X_BYTES: gl.constexpr = x_desc.block_type.nbytes
+        slot = k % STAGES
+        # 1. x's tile k landed
+        mbarrier.wait(ready.index(slot), (k // STAGES) & 1)
+        # 2. wgmma k, left running
+        acc = warpgroup_mma(a_k, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
+        # 3. wgmma k - 1 done in this warpgroup: A_{k-1} may be overwritten, its x slot is free here
+        acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+        # 4. ... and in every warpgroup: the slot takes x's tile k - 1 + STAGES
+        gl.thread_barrier()
+        refill = (k >= 1) & (k - 1 + STAGES < num_k)
+        free = (k + STAGES - 1) % STAGES
+        mbarrier.expect(ready.index(free), X_BYTES, pred=refill)
+        tma.async_copy_global_to_shared(x_desc, [m0, (k - 1 + STAGES) * BLOCK_K], ready.index(free),
+                                        x_smem.index(free), pred=refill)
+        # 5. W's tile k + 2 loaded; tile k + 1 dequantized into fresh A registers, under wgmma k
+        next_words, next_zero_words, next_scales = _load_w_tile(w_ptrs, zeros_ptrs, scales_ptrs,
+                                                                gl.minimum(k + 2, num_k - 1), N, BLOCK_K,
+                                                                GROUP_SIZE)
+        a_next = _dequant_fragment(words, zero_words, zero_shift, scales, a_layout, ZERO_OFFSET, DTYPE, BLOCK_N,
+                                   BLOCK_K)
+        return acc, a_next, next_words, next_zero_words, next_scales
+
+    @gluon.jit(do_not_specialize=["M"])
+    def _swapab_kernel(x_desc, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K,
+                       GROUP_SIZE: gl.constexpr, ZERO_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                       STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+        DTYPE: gl.constexpr = x_desc.dtype
+        WPT: gl.constexpr = BLOCK_K // 16  # words a thread a K-tile
+        NB: gl.constexpr = BLOCK_N // 16
+        gl.static_assert(BLOCK_N == 16 * NUM_WARPS)  # a warp's 16 outputs, 4 warps a warpgroup's 64
+        gl.static_assert(BLOCK_K == 32 or BLOCK_K == 64)
+        gl.static_assert(STAGES >= 2)
+        # Layouts. The accumulator y^T [BLOCK_N, BLOCK_M]: warps along the outputs, 16 each.
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        # The repacked words [NB, 32, WPT]: warp b, lane, the thread's WPT consecutive words (one vector load).
+        w_regs: gl.constexpr = gl.BlockedLayout([1, 1, WPT], [1, 32, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
+        # The output y [BLOCK_M, BLOCK_N]: 8 outputs (16 bytes) a thread, a warp two rows.
+        out_regs: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_N // 8), BLOCK_N // 8], [NUM_WARPS, 1],
+                                                  [1, 0])
+
+        pid = gl.program_id(0)
+        num_m = gl.cdiv(M, BLOCK_M)
+        pid_m = pid % num_m  # the row tiles of one output tile next to each other (they share W in L2)
+        m0 = pid_m * BLOCK_M
+        n0 = (pid // num_m) * BLOCK_N
+        num_k = K // BLOCK_K
+
+        # Each word's address (within a 64-deep repacked tile), output, and its zero's nibble.
+        b = gl.expand_dims(gl.expand_dims(gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_regs))), 1), 2)
+        lane = gl.expand_dims(gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_regs))), 0), 2)
+        w = gl.expand_dims(gl.expand_dims(gl.arange(0, WPT, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_regs))), 0), 1)
+        w_ptrs = w_ptr + ((n0 // 16 + b) * 32 + lane) * 4 + w
+        n = n0 + 16 * b + 8 * (w % 2) + lane // 4  # [NB, 32, WPT]
+        zeros_ptrs = zeros_ptr + n // 8
+        zero_shift = (n % 8) * 4
+        scales_ptrs = scales_ptr + n
+
+        x_smem = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+
+        # Prologue: x's tiles 0 .. STAGES - 1 requested; W's tile 0 dequantized, tile 1's words loaded.
+        X_BYTES: gl.constexpr = BLOCK_M * BLOCK_K * 2
+        for s in gl.static_range(STAGES):
+            mbarrier.expect(ready.index(s), X_BYTES, pred=s < num_k)
+            tma.async_copy_global_to_shared(x_desc, [m0, s * BLOCK_K], ready.index(s), x_smem.index(s),
+                                            pred=s < num_k)
+        words, zero_words, scales = _load_w_tile(w_ptrs, zeros_ptrs, scales_ptrs, 0, N, BLOCK_K, GROUP_SIZE)
+        a_even = _dequant_fragment(words, zero_words, zero_shift, scales, a_layout, ZERO_OFFSET, DTYPE, BLOCK_N,
+                                   BLOCK_K)
+        words, zero_words, scales = _load_w_tile(w_ptrs, zeros_ptrs, scales_ptrs, gl.minimum(1, num_k - 1), N,
+                                                 BLOCK_K, GROUP_SIZE)
+
+        # Two fragments, A_even / A_odd, for the even / odd K-tiles, and the loop unrolled by two: A_{k+1} is
+        # written only after the wait that retires wgmma k - 1 (its previous reader), never while a wgmma that
+        # reads those registers is in flight (PTX: undefined behaviour), and no copy is needed at the back edge.
+        a_odd = gl.zeros([BLOCK_N, BLOCK_K], DTYPE, layout=a_layout)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
+        for k in range(0, num_k, 2):
+            acc, a_odd, words, zero_words, scales = _k_step(
+                k, a_even, a_odd, acc, words, zero_words, scales, x_desc, x_smem, ready, w_ptrs, zeros_ptrs,
+                scales_ptrs, zero_shift, m0, N, num_k, a_layout, ZERO_OFFSET, DTYPE, GROUP_SIZE, BLOCK_N, BLOCK_K,
+                STAGES)
+            acc, a_even, words, zero_words, scales = _k_step(
+                k + 1, a_odd, a_even, acc, words, zero_words, scales, x_desc, x_smem, ready, w_ptrs, zeros_ptrs,
+                scales_ptrs, zero_shift, m0, N, num_k, a_layout, ZERO_OFFSET, DTYPE, GROUP_SIZE, BLOCK_N, BLOCK_K,
+                STAGES)
+        acc, a_odd = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_odd))
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
+
+        out_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+        if HAS_BIAS:
+            acc = acc + gl.expand_dims(gl.load(bias_ptr + out_n).to(gl.float32), 1)
+        y = gl.convert_layout(gl.permute(acc.to(out_ptr.dtype.element_ty), (1, 0)), out_regs)  # [BLOCK_M, BLOCK_N]
+        rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_regs))
+        cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_regs))
+        gl.store(out_ptr + gl.expand_dims(rows * N, 1) + gl.expand_dims(cols, 0), y,
+                 mask=gl.expand_dims(rows < M, 1))
+
+
+def _block_k(group_size: int) -> int:
+    return min(MAX_BLOCK_K, group_size)
+
+
+def _gl_dtype(dtype: torch.dtype):
+    return {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype]
+
+
+def x_layout(dtype, block_k: int):
+    """The x tile's shared layout (NVMMA swizzle, K contiguous), as both the TMA descriptor and the kernel use it."""
+    return gl.NVMMASharedLayout.get_default_for([BLOCK_M, block_k], dtype)
+
+
+def swapab_gptq_matmul(x: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                       group_size: int, zero_offset: int, bias: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (bf16 / fp16) @ a GPTQ weight (no act-order) whose qweight went through `repack_swapab`
+    (packed int32 [K/64, N*8]) -> [..., N] in x's dtype. qzeros [K/group, N/8] and scales [K/group, N] as GPTQ
+    stores them; `zero_offset` 1 for GPTQ v1 (stored zero - 1), 0 for v2 / AWQ repacked."""
+    if not HAVE_GLUON:
+        raise RuntimeError(f"triton.experimental.gluon is unavailable: {_IMPORT_ERROR}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be bf16 or fp16, not {x.dtype}")
+    K, N = x.shape[-1], scales.shape[-1]
+    if packed.dtype != torch.int32 or packed.shape != (K // REPACK_K, N * 8) or K % REPACK_K:
+        raise ValueError(f"packed must be repack_swapab's int32 [K/64, N*8] = [{K // REPACK_K}, {N * 8}] "
+                         f"(K % 64 == 0), not {packed.dtype} {tuple(packed.shape)}")
+    group_size = K if group_size == -1 else group_size
+    if (N % BLOCK_N or group_size < 32 or group_size & (group_size - 1) or K % group_size
+            or K % (2 * _block_k(group_size))):
+        raise ValueError(f"unsupported shape: K={K}, N={N}, group {group_size} (N % {BLOCK_N}, group a power of 2 >= 32, "
+                         f"K a multiple of two K-tiles)")
+    if scales.shape != (K // group_size, N) or qzeros.shape != (K // group_size, N // 8):
+        raise ValueError(f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not match K={K}, N={N}, "
+                         f"group {group_size}")
+    if not (packed.is_contiguous() and qzeros.is_contiguous() and scales.is_contiguous()):
+        raise ValueError("packed, qzeros and scales must be contiguous")
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+        x2 = x2.clone(memory_format=torch.contiguous_format)  # TMA: 16-byte aligned base and row stride
+    M = x2.shape[0]
+    if out is None:
+        out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+    out2 = out.view(-1, N)
+    if M == 0:
+        return out
+    if M * N >= 1 << 31:
+        raise ValueError(f"{M} rows: int32 offsets overflow (M * N must stay below 2^31)")
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    block_k = _block_k(group_size)
+    x_desc = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [BLOCK_M, block_k], x_layout(_gl_dtype(x.dtype), block_k))
+    grid = (triton.cdiv(M, BLOCK_M) * (N // BLOCK_N), )
+    _swapab_kernel[grid](
+        x_desc, packed, qzeros, scales, bias if bias is not None else scales, out2, M, N, K,
+        GROUP_SIZE=group_size, ZERO_OFFSET=zero_offset, HAS_BIAS=bias is not None,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=block_k, STAGES=STAGES, NUM_WARPS=NUM_WARPS,
+        num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def compile_sm90(dtype: str = "bf16", group_size: int = 128, zero_offset: int = 0, has_bias: bool = False,
+                 stages: int = STAGES, num_warps: int = NUM_WARPS):
+    """The kernel compiled offline for sm_90 (no GPU needed): a CompiledKernel with .asm["ttgir"] / ["ptx"] /
+    ["cubin"]."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = _swapab_kernel
+    block_k = _block_k(group_size)
+    layout = x_layout({"bf16": gl.bfloat16, "fp16": gl.float16}[dtype], block_k)
+    signature = dict(x_desc=f"tensordesc<{dtype}[{BLOCK_M}, {block_k}],{layout!r}>", w_ptr="*i32",
+                     zeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16", out_ptr="*" + dtype,
+                     M="i32", N="i32", K="i32")
+    constexprs = dict(GROUP_SIZE=group_size, ZERO_OFFSET=zero_offset, HAS_BIAS=has_bias, BLOCK_M=BLOCK_M,
+                      BLOCK_N=16 * num_warps, BLOCK_K=block_k, STAGES=stages, NUM_WARPS=num_warps)
+    names = fn.arg_names
+    sig = {**signature, **{k: "constexpr" for k in constexprs}}
+    sig = {k: sig[k] for k in names}
+    aligned = ("N", "K")  # as the JIT specializes them (multiples of 16) on the 70B shapes
+    attrs = {(names.index(k), ): [["tt.divisibility", 16]] for k, kind in sig.items()
+             if kind.startswith("*") or k in aligned}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
