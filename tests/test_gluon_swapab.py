@@ -1,0 +1,177 @@
+"""The swap-AB Gluon W4A16 GEMM (ops.gluon_swapab): its repacked weight format and its kernel.
+
+CPU: `repack_swapab` against the reference (ops.quant_ref): the nibbles as the kernel's threads read them
+(`unpack_swapab`, the docstring's word/nibble -> (k, n) formulas) and, with GPTQ's zeros and scales applied per
+output as the kernel applies them, the reference's dequantized weight bit for bit; the host wrapper's argument
+checks; and, under Triton 3.6's Gluon (the local Triton if it is 3.6, else $GLUON_TRITON_SITE or /tmp/t36;
+skipped without one), the offline sm_90 compile: HGMMA with A from registers, no shared-memory loads/stores in
+the K loop, `wait_group 1` only, no write to an in-flight HGMMA's A registers, no spills.
+
+GPU (`-m gpu`, Hopper): against dequantize-then-matmul (ops.quant_ref via random_layer) on the Llama-3.1-70B
+shapes at rows 1, 77 and 256, bf16 and fp16, groups 32 / 64 (GPTQ v1 zeros) and 128 (v2 zeros, as AWQ repacked),
+into NaN-filled outputs so an unwritten element shows.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ops.quant_ref import dequantize_gptq, unpack_int4
+from tests.test_gluon_quant import ROOT, _needs_hopper, _triton36_env
+from tests.test_triton_quant import LLAMA_70B_SHAPES, TOLERANCE, random_layer, random_words
+
+gpu = pytest.mark.gpu
+
+
+def _dequant_as_the_kernel(packed, qzeros, scales, group_size, zero_offset, dtype):
+    """W [K, N] from the repacked words, each word's output's zero and scale applied as the kernel does: fp32
+    (q - zero) * scale, rounded once to dtype."""
+    from ops.gluon_swapab import unpack_swapab
+
+    q = unpack_swapab(packed)
+    K, N = q.shape
+    zeros = unpack_int4(qzeros, dim=-1) + zero_offset  # [groups, N]
+    groups = torch.arange(K) // group_size
+    return ((q - zeros[groups]).float() * scales[groups].float()).to(dtype)
+
+
+@pytest.mark.parametrize("K,N", [(128, 16), (1024, 384), (8192, 128)])
+def test_repack_swapab_holds_the_gptq_nibbles_where_the_kernel_reads_them(K, N):
+    from ops.gluon_swapab import repack_swapab, unpack_swapab
+
+    torch.manual_seed(0)
+    qweight = random_words((K // 8, N), "cpu")
+    packed = repack_swapab(qweight)
+    assert packed.dtype == torch.int32 and packed.shape == (K // 64, N * 8) and packed.is_contiguous()
+    assert torch.equal(unpack_swapab(packed), unpack_int4(qweight, dim=0))
+
+
+@pytest.mark.parametrize("group_size,zero_offset", [(32, 1), (64, 1), (128, 0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_repacked_weight_dequantizes_to_the_reference_bit_for_bit(group_size, zero_offset, dtype):
+    from ops.gluon_swapab import repack_swapab
+
+    torch.manual_seed(0)
+    K, N = 512, 256
+    qweight = random_words((K // 8, N), "cpu")
+    qzeros = random_words((K // group_size, N // 8), "cpu")
+    scales = (torch.rand(K // group_size, N) * 0.02 + 1e-3).half()
+    g_idx = torch.arange(K, dtype=torch.int32) // group_size
+    want = dequantize_gptq(qweight, qzeros, scales, g_idx, zeros_minus_one=bool(zero_offset)).to(dtype)
+    got = _dequant_as_the_kernel(repack_swapab(qweight), qzeros, scales, group_size, zero_offset, dtype)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_repack_swapab_refuses_shapes_off_its_tiles():
+    from ops.gluon_swapab import repack_swapab
+
+    with pytest.raises(ValueError, match="K % 64"):
+        repack_swapab(torch.zeros(4, 16, dtype=torch.int32))  # K = 32
+    with pytest.raises(ValueError, match="N % 16"):
+        repack_swapab(torch.zeros(8, 24, dtype=torch.int32))
+
+
+def test_swapab_gptq_matmul_refuses_what_it_cannot_run():
+    gs = pytest.importorskip("ops.gluon_swapab")
+    if not gs.HAVE_GLUON:
+        pytest.skip("no Gluon")
+    K, N = 1024, 384
+    packed = gs.repack_swapab(torch.zeros(K // 8, N, dtype=torch.int32))
+    qzeros, scales = torch.zeros(K // 128, N // 8, dtype=torch.int32), torch.ones(K // 128, N, dtype=torch.float16)
+    x = torch.zeros(4, K, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        gs.swapab_gptq_matmul(x.float(), packed, qzeros, scales, 128, 0)
+    with pytest.raises(ValueError, match="repack_swapab"):  # GPTQ's qweight, not repacked
+        gs.swapab_gptq_matmul(x, torch.zeros(K // 8, N, dtype=torch.int32), qzeros, scales, 128, 0)
+    with pytest.raises(ValueError, match="unsupported shape"):  # N not a multiple of 128
+        p2 = gs.repack_swapab(torch.zeros(K // 8, 192, dtype=torch.int32))
+        gs.swapab_gptq_matmul(x, p2, qzeros[:, :24], scales[:, :192], 128, 0)
+    with pytest.raises(ValueError, match="unsupported shape"):  # group 16
+        gs.swapab_gptq_matmul(x, packed, torch.zeros(K // 16, N // 8, dtype=torch.int32),
+                              torch.ones(K // 16, N, dtype=torch.float16), 16, 0)
+    with pytest.raises(ValueError, match="unsupported shape"):  # K = 192: an odd number of 64-deep K-tiles
+        x3 = torch.zeros(4, 192, dtype=torch.bfloat16)
+        gs.swapab_gptq_matmul(x3, gs.repack_swapab(torch.zeros(24, N, dtype=torch.int32)),
+                              torch.zeros(3, N // 8, dtype=torch.int32), torch.ones(3, N, dtype=torch.float16), 64, 0)
+    with pytest.raises(ValueError, match="do not match"):  # scales of another group size
+        gs.swapab_gptq_matmul(x, packed, qzeros, scales[:4], 128, 0)
+
+
+@pytest.mark.parametrize("dtype,group", [("bf16", 128), ("fp16", 32), ("bf16", 64)])
+def test_swapab_kernel_compiles_for_sm90_with_w_in_registers(dtype, group):
+    env = _triton36_env()
+    if env is None:
+        pytest.skip("needs Triton 3.6's Gluon (local triton, $GLUON_TRITON_SITE or /tmp/t36)")
+    code = ("import json, sys; sys.path.insert(0, '.'); from perf.gluon_swapab_sass import analyze; "
+            f"info = analyze({dtype!r}, {group}); info.pop('_body'); print(json.dumps(info))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["triton"].startswith("3.6.")
+    assert info["hgmma_a_from_registers"], info["hgmma_forms"]  # HGMMA R.., R.., gdesc[..]
+    assert info["loop_hgmma"] == info["loop_k_tiles"] * info["block_k"] // 16
+    assert info["loop_shared_ld_st"] == 0  # W never in shared memory; x by TMA
+    assert info["loop_tma"] == info["loop_k_tiles"] and info["loop_fences"] == 0
+    assert set(info["loop_wgmma_waits"]) == {"WARPGROUP.DEPBAR.LE gsb0, 0x1"}, info["loop_wgmma_waits"]
+    assert info["loop_a_register_hazards"] == [], info["loop_a_register_hazards"]
+    assert info["ttgir_local_ops"] == {"local_alloc": 2}  # x's ring and the mbarriers
+    assert info["spill_bytes"] == 0 and info["local"] == 0 and info["stack"] == 0, info
+    assert not [w for w in info["ptxas_warnings"] if "C75" in w], info["ptxas_warnings"]
+    assert info["shared_bytes"] <= 227 * 1024
+
+
+def _check(layer, weight, x, bias=None):
+    from ops.gluon_swapab import repack_swapab, swapab_gptq_matmul
+
+    K, N = weight.shape
+    out = torch.full((*x.shape[:-1], N), float("nan"), dtype=x.dtype, device=x.device)
+    packed = layer.get("packed")
+    if packed is None:
+        packed = layer["packed"] = repack_swapab(layer["qweight"])
+    got = swapab_gptq_matmul(x, packed, layer["qzeros"], layer["scales"], layer["group_size"],
+                             zero_offset=int(layer["zeros_minus_one"]), bias=bias, out=out)
+    assert got is out
+    want = x.float() @ weight
+    if bias is not None:
+        want += bias.float()
+    assert not got.isnan().any(), f"unwritten (NaN) outputs, M={x.shape[0]}"
+    error = (got.float() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert error <= TOLERANCE[x.dtype] * scale, f"M={x.shape[0]} {x.dtype}: {error} vs {scale}"
+
+
+@gpu
+@pytest.mark.parametrize("shape", LLAMA_70B_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("variant", ["gptq-v1-g32", "gptq-v1-g64", "gptq-v2-g128"])
+def test_swapab_gptq_matmul_matches_the_reference_on_70b_shapes(variant, shape):
+    _needs_hopper()
+    torch.manual_seed(0)
+    K, N = shape
+    for dtype in (torch.bfloat16, torch.float16):
+        layer, weight = random_layer(variant, K, N, dtype, "cuda")
+        for M in (1, 77, 256):
+            _check(layer, weight, torch.randn(M, K, device="cuda").to(dtype))
+        del layer, weight
+        torch.cuda.empty_cache()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_swapab_gptq_matmul_small_shapes_any_rows_and_bias(dtype):
+    _needs_hopper()
+    torch.manual_seed(0)
+    K, N = 1024, 384
+    for variant in ("gptq-v1-g32", "gptq-v1-g64", "gptq-v2-g128"):
+        layer, weight = random_layer(variant, K, N, dtype, "cuda")
+        bias = torch.randn(N, device="cuda").to(dtype)
+        for M in (1, 7, 64, 255, 257, 512, 513):
+            _check(layer, weight, torch.randn(M, K, device="cuda").to(dtype))
+            _check(layer, weight, torch.randn(M, K, device="cuda").to(dtype), bias=bias)
+        _check(layer, weight, torch.randn(3, 50, K, device="cuda").to(dtype))  # [..., K]
+        _check(layer, weight, torch.randn(100, K + 4, device="cuda").to(dtype)[:, :K])  # row stride not 16 bytes
