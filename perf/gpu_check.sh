@@ -21,6 +21,7 @@
 #   fusion-probe the Triton kernels inductor makes of add + RMSNorm + linear, token dimension unbacked / backed / static
 #   token-dim-ab nano and llama1 with the token dimension unbacked, then backed (ENGINE_TOKEN_DIM), profiled
 #   gluon   the Gluon 256-row W4A16 GEMM: its GPU tests, quant_bench 70B shapes at 256 rows against the tl kernel and bf16
+#   swapab  the swap-AB Gluon GEMM: GPU tests, quant_bench 70B shapes at 128/256 rows, ncu on gate_up
 #   gluon-ncu Nsight Compute on the Gluon GEMM (70B gate_up and down, 256 rows): stall reasons, per-SASS-instruction samples
 #   dequant-gemm ENGINE_DEQUANT_GEMM_ROWS's GPU test, quant_bench 70B shapes at 256-8,192 rows without / with it from 1,024
 #   fused-norm-ab ENGINE_FUSED_NORM=1 (TP=1 add + RMSNorm in one kernel): GPU tests with it, llama1 and nano without / with, profiled
@@ -284,6 +285,18 @@ for stage in "$@"; do
            timeout 240 python3 -m pytest -m gpu -q -x tests/test_gluon_quant.py 2>&1 | tee "$OUT/gluon_tests.log" | tail -15
            timeout 300 python3 perf/quant_bench.py --shapes 70b --kernels bf16 awq-gptq-g128 gluon-gptq-g128 gluon-gptq-g128-s1 \
              --batches 256 --out "$OUT/gluon_bench.json" 2>&1 | tee "$OUT/gluon_bench.log" | tail -25 ;;
+    swapab) # (#9) the swap-AB Gluon GEMM (ops/gluon_swapab.py: W^T dequantized into wgmma's register A operand, x by TMA;
+           # never run before session 21): its GPU tests, then quant_bench on 70B's shapes at 128 / 256 rows against the
+           # first Gluon GEMM, the tl kernel and bf16 cuBLAS, then Nsight Compute's stall reasons on gate_up at 256 rows
+           timeout 240 python3 -m pytest -m gpu -q -x tests/test_gluon_swapab.py 2>&1 | tee "$OUT/swapab_tests.log" | tail -15
+           timeout 300 python3 perf/quant_bench.py --shapes 70b --kernels bf16 awq-gptq-g128 gluon-gptq-g128 gluon-swapab-gptq-g128 \
+             --batches 128 256 --out "$OUT/swapab_bench.json" 2>&1 | tee "$OUT/swapab_bench.log" | tail -33
+           timeout 150 ncu --set full --import-source yes -k regex:_swapab_kernel -c 1 -f -o "$OUT/swapab_gate_up" \
+             python3 perf/quant_bench.py --shapes 70b --kernels gluon-swapab-gptq-g128 --batches 256 --layers gate_up \
+             --iters 1 --repeats 1 --eager > "$OUT/swapab_ncu.log" 2>&1
+           ncu --import "$OUT/swapab_gate_up.ncu-rep" --page details > "$OUT/swapab_ncu.txt" 2>&1
+           grep -E "Duration|Compute \(SM\)|L1/TEX Cache|Issue Slots|Registers Per" "$OUT/swapab_ncu.txt" | head
+           ncu --import "$OUT/swapab_gate_up.ncu-rep" --page source --csv --print-source sass > "$OUT/swapab_sass.csv" 2>&1 ;;
     gluon-ncu) # (#9) Nsight Compute on the Gluon GEMM at 256 rows, 70B gate_up (no split) and down (split-K 2): stall
            # reasons, and the warp-stall samples of every SASS instruction (is the fence after W's ld.global the stall?)
            for layer in gate_up down; do
