@@ -8,6 +8,9 @@ columns have a data-dependent count, does not break the full graph.
 
 - ``torch.ops.engine.awq_matmul(x, qweight, qzeros, scales, group_size, bias)``
 - ``torch.ops.engine.gptq_matmul(x, qweight, qzeros, scales, g_idx, group_size, act_order, zeros_minus_one, bias)``
+- ``torch.ops.engine.swapab_matmul(x, packed, qzeros, scales, group_size, zeros_minus_one, bias)``: a GPTQ-layout
+  4-bit weight (no act-order) whose qweight `ops.gluon_swapab.repack_swapab` rearranged at load
+  (`ENGINE_SWAPAB_GEMM=1`): the swap-AB Gluon GEMM on an sm_90 GPU, the reference (the nibbles read back) elsewhere.
 - ``torch.ops.engine.int8_matmul(x, weight, scale, bias)``
 - ``torch.ops.engine.bnb_int8_matmul(x, weight, SCB, threshold, bias)``: LLM.int8() through
   bitsandbytes on any device (its CPU and CUDA builds), exactly as transformers' Linear8bitLt calls it.
@@ -61,6 +64,23 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
 @gptq_matmul.register_fake
 def _(x, qweight, qzeros, scales, g_idx, group_size, act_order, zeros_minus_one, bias):
     return _output_like(x, qweight.shape[1])
+
+
+@torch.library.custom_op("engine::swapab_matmul", mutates_args=())
+def swapab_matmul(x: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                  zeros_minus_one: bool, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    from ops import gluon_swapab
+
+    if x.is_cuda:
+        return gluon_swapab.swapab_gptq_matmul(x, packed, qzeros, scales, group_size, int(zeros_minus_one), bias)
+    qweight = quant_ref.pack_int4(gluon_swapab.unpack_swapab(packed), dim=0)
+    g_idx = torch.arange(qweight.shape[0] * quant_ref.PACK_FACTOR, device=x.device) // group_size
+    return quant_ref.gptq_matmul_ref(x, qweight, qzeros, scales, g_idx, zeros_minus_one, bias)
+
+
+@swapab_matmul.register_fake
+def _(x, packed, qzeros, scales, group_size, zeros_minus_one, bias):
+    return _output_like(x, scales.shape[-1])
 
 
 @torch.library.custom_op("engine::int8_matmul", mutates_args=())

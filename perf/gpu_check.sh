@@ -22,6 +22,7 @@
 #   token-dim-ab nano and llama1 with the token dimension unbacked, then backed (ENGINE_TOKEN_DIM), profiled
 #   gluon   the Gluon 256-row W4A16 GEMM: its GPU tests, quant_bench 70B shapes at 256 rows against the tl kernel and bf16
 #   swapab  the swap-AB Gluon GEMM: GPU tests, quant_bench 70B shapes at 128/256 rows, ncu on gate_up
+#   swapab-op engine::swapab_matmul's GPU test (the op ENGINE_SWAPAB_GEMM=1 routes 4-bit layers through)
 #   gluon-ncu Nsight Compute on the Gluon GEMM (70B gate_up and down, 256 rows): stall reasons, per-SASS-instruction samples
 #   dequant-gemm ENGINE_DEQUANT_GEMM_ROWS's GPU test, quant_bench 70B shapes at 256-8,192 rows without / with it from 1,024
 #   fused-norm-ab ENGINE_FUSED_NORM=1 (TP=1 add + RMSNorm in one kernel): GPU tests with it, llama1 and nano without / with, profiled
@@ -297,6 +298,8 @@ for stage in "$@"; do
            ncu --import "$OUT/swapab_gate_up.ncu-rep" --page details > "$OUT/swapab_ncu.txt" 2>&1
            grep -E "Duration|Compute \(SM\)|L1/TEX Cache|Issue Slots|Registers Per" "$OUT/swapab_ncu.txt" | head
            ncu --import "$OUT/swapab_gate_up.ncu-rep" --page source --csv --print-source sass > "$OUT/swapab_sass.csv" 2>&1 ;;
+    swapab-op) # (#9) engine::swapab_matmul (ENGINE_SWAPAB_GEMM=1's op) on CUDA against the reference, in a CUDA graph
+           timeout 200 python3 -m pytest -m gpu -q tests/test_triton_quant.py -k swapab 2>&1 | tee "$OUT/swapab_op_tests.log" | tail -3 ;;
     gluon-ncu) # (#9) Nsight Compute on the Gluon GEMM at 256 rows, 70B gate_up (no split) and down (split-K 2): stall
            # reasons, and the warp-stall samples of every SASS instruction (is the fence after W's ld.global the stall?)
            for layer in gate_up down; do

@@ -419,3 +419,33 @@ def test_weight_memory_counts_what_quantization_frees_for_the_kv_cache(llama_che
         LLM(llama_checkpoint, quantization="int8", dtype="bfloat16", max_model_len=128)
     freed = (dense_bytes - int8_bytes) / 2**30
     assert f"{freed:.2f} GiB less than unquantized" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["awq-g64", "gptq-sym-g32", "gptq-asym-act-order"])
+def test_swapab_repacked_layers_give_the_tokens_of_gptqs_layout(tmp_path, monkeypatch, fmt):
+    """ENGINE_SWAPAB_GEMM=1: qweight repacked at load into the swap-AB GEMM's order (the same nibbles) and every
+    matmul through engine::swapab_matmul (its CPU form here): the greedy tokens of the GPTQ-layout engine. The model
+    is sized for the GEMM (outputs a multiple of 128, inputs of 128)."""
+    from engine.demo_model import build_tiny_checkpoint
+    from engine.quantization import swapab
+    from ops.gluon_swapab import unpack_swapab
+
+    base = build_tiny_checkpoint(str(tmp_path / "float"), "LlamaForCausalLM", hidden_size=128, intermediate_size=256,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    packed = str(tmp_path / "packed")
+    write_quantized_checkpoint(base, packed, FORMATS[fmt])
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([5, 19], seed=3)]
+
+    def run(enabled: bool):
+        monkeypatch.setattr(swapab, "ENABLED", enabled)
+        llm = LLM(packed, block_size=4, max_model_len=64, seed=0)
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        return llm.llm_engine.runner.model.model.layers[0].mlp.down_proj, tokens
+
+    plain, want = run(False)
+    layer, got = run(True)
+    assert layer.swapab and not getattr(plain, "swapab", False)
+    assert layer.qweight.shape == (256 // 64, 128 * 8)  # down_proj: K = 256 inputs, N = 128 outputs
+    if getattr(plain, "input_order", None) is None:  # act-order sorted: another input order
+        assert torch.equal(unpack_swapab(layer.qweight), unpack_int4(plain.qweight, dim=0))
+    assert got == want

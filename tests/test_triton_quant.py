@@ -291,6 +291,46 @@ def test_quantized_matmul_ops_run_the_triton_kernels_and_replay_in_a_cuda_graph(
 
 
 @gpu
+@pytest.mark.parametrize("variant", ["awq-g128", "gptq-v1-g64"])
+def test_swapab_matmul_op_runs_the_swapab_gemm_and_replays_in_a_cuda_graph(variant):
+    """engine::swapab_matmul (ENGINE_SWAPAB_GEMM=1's op) on CUDA: the swap-AB Gluon GEMM on the repacked weight,
+    against the reference at every batch-size class, captured and replayed in a CUDA graph."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    from ops import gluon_swapab
+    from ops.quant_ref import awq_to_gptq
+
+    if not gluon_swapab.HAVE_GLUON:
+        pytest.skip("needs Triton's Gluon")
+    torch.manual_seed(0)
+    K, N = 4096, 6144
+    tensors, weight = random_layer(variant, K, N, torch.bfloat16, "cuda")
+    if VARIANTS[variant][0] == "awq":  # as the engine loads it: GPTQ's layout, zeros as stored
+        qweight, qzeros = awq_to_gptq(tensors["qweight"], tensors["qzeros"])
+        zeros_minus_one = False
+    else:
+        qweight, qzeros, zeros_minus_one = tensors["qweight"], tensors["qzeros"], tensors["zeros_minus_one"]
+    packed = gluon_swapab.repack_swapab(qweight)
+    group_size = tensors["group_size"]
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    for M in (1, 77, 256, 300):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        op = lambda: torch.ops.engine.swapab_matmul(x, packed, qzeros, tensors["scales"], group_size, zeros_minus_one,
+                                                    bias)
+        op()  # warm-up: compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = op()
+        for _ in range(2):
+            x.copy_(torch.randn_like(x))
+            out.fill_(float("nan"))
+            graph.replay()
+            want = x.float() @ weight + bias.float()
+            assert (out.float() - want).abs().max() <= TOLERANCE[torch.bfloat16] * want.abs().max(), M
+
+
+@gpu
 def test_act_order_sorted_by_group_runs_the_kernels_without_act_order_and_gives_the_same_product():
     """What the engine does with a GPTQ act-order layer (`sort_by_group` at load, x gathered by the
     order each call), on CUDA: every batch class's kernel (planar, split-K, tiled) without act-order."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from engine.quantization import swapab
 from engine.quantization.base import QuantizationConfig, check_bits, check_divisible, config_value, quant_param
 import ops.quant_matmul  # noqa: F401  (registers torch.ops.engine.awq_matmul)
 from ops.quant_ref import PACK_FACTOR, awq_to_gptq
@@ -73,8 +74,12 @@ class AWQLinearMethod:
         inputs = torch.arange(qweight.shape[0] * PACK_FACTOR, dtype=torch.int32, device=qweight.device)
         layer.register_buffer("g_idx", inputs // self.config.group_size)  # read by the CPU reference only
         layer.awq_repacked = True
+        swapab.maybe_repack(layer, self.config.group_size)  # ENGINE_SWAPAB_GEMM=1 (off by default)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if getattr(layer, "swapab", False):
+            return torch.ops.engine.swapab_matmul(x, layer.qweight, layer.qzeros, layer.scales, self.config.group_size,
+                                                  False, bias)
         if getattr(layer, "awq_repacked", False):
             return torch.ops.engine.gptq_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
                                                 self.config.group_size, False, False, bias)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from engine.models.layers import RowParallelLinear
+from engine.quantization import swapab
 from engine.quantization.base import QuantizationConfig, check_bits, check_divisible, config_value, quant_param
 import ops.quant_matmul  # noqa: F401  (registers torch.ops.engine.gptq_matmul)
 from ops.quant_ref import PACK_FACTOR, sort_by_group
@@ -103,21 +104,34 @@ class GPTQLinearMethod:
         rows over Llama-3.1-8B's four shapes: gptq-act-g128 against gptq-g128 in perf/quant_bench.py).
         Left as it is where the sorted inputs are not whole groups in order (a row-parallel rank's
         share)."""
-        if not layer.act_order:
+        if layer.act_order:
+            result = sort_by_group(layer.qweight.data, layer.g_idx.data, self.config.group_size)
+            if result is not None:
+                qweight, groups, order = result
+                if order is not None:
+                    layer.qweight = nn.Parameter(qweight, requires_grad=False)
+                    layer.input_order = order
+                layer.g_idx = nn.Parameter(groups, requires_grad=False)
+                layer.act_order = False
+        self._maybe_repack_swapab(layer)
+
+    def _maybe_repack_swapab(self, layer: nn.Module) -> None:
+        """ENGINE_SWAPAB_GEMM=1 (off by default): layers whose groups are the inputs in order (no act-order left)
+        keep qweight in the swap-AB GEMM's order (`engine.quantization.swapab`)."""
+        if not swapab.ENABLED or layer.act_order:
             return
-        result = sort_by_group(layer.qweight.data, layer.g_idx.data, self.config.group_size)
-        if result is None:
-            return
-        qweight, groups, order = result
-        if order is not None:
-            layer.qweight = nn.Parameter(qweight, requires_grad=False)
-            layer.input_order = order
-        layer.g_idx = nn.Parameter(groups, requires_grad=False)
-        layer.act_order = False
+        K = layer.qweight.shape[0] * PACK_FACTOR
+        group_size = self.config.group_size if self.config.group_size != -1 else K
+        in_order = torch.arange(K, device=layer.g_idx.device) // group_size
+        if layer.scales.shape[0] == K // group_size and torch.equal(layer.g_idx.data.long(), in_order):
+            swapab.maybe_repack(layer, group_size)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         config = self.config
         if layer.input_order is not None:
             x = x.index_select(-1, layer.input_order)
+        if getattr(layer, "swapab", False):
+            return torch.ops.engine.swapab_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.swapab_group,
+                                                  config.checkpoint_format == "gptq", bias)
         return torch.ops.engine.gptq_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, config.group_size,
                                             layer.act_order, config.checkpoint_format == "gptq", bias)
