@@ -28,10 +28,13 @@ and one scale) and two 16-deep steps; its nibble pairs (2j, 2j + 1) are (k, k + 
 pair one A register holds, and the dequant routine (`ops.triton_quant._nibble_pairs_asm`) produces nibbles in
 those pairs. A 32-deep K-tile (group 32) reads half of it (words jj = t % 2: one 8-byte load).
 
-One program: a BLOCK_N (128) x BLOCK_M (256) tile of y^T, NUM_WARPS (8) warps = 2 warpgroups of 64 outputs each
-(accumulator 64 x 256 fp32 per warpgroup: 128 registers a thread, `instr_shape [16, 256, 16]`); K-tiles of
-BLOCK_K = min(64, group) inputs. Shared memory: only x, a ring of STAGES (4) [BLOCK_M, BLOCK_K] slots filled by
-TMA (async proxy, completion on one mbarrier a slot; rows past M come back as zeros). Iteration k:
+One program: a BLOCK_N (128) x BLOCK_M tile of y^T, NUM_WARPS (8) warps = 2 warpgroups of 64 outputs each
+(accumulator 64 x BLOCK_M fp32 per warpgroup: BLOCK_M / 2 registers a thread, `instr_shape [16, BLOCK_M, 16]`,
+i.e. wgmma's N is BLOCK_M); K-tiles of BLOCK_K = min(64, group) inputs. BLOCK_M is a constexpr picked by rows
+(`block_m_for`): 64 for M <= 64, 128 for M <= 128, else 256 (a 256-wide wgmma on 77 rows would multiply 179
+zero rows). Shared memory: only x, a ring of STAGES (4) [BLOCK_M, BLOCK_K] slots filled by TMA (async proxy,
+completion on one mbarrier a slot; rows past M come back as zeros; the descriptor's box and the ring's NVMMA
+layout follow BLOCK_M). Iteration k:
 
     1. mbarrier wait: x's tile k landed in slot k % STAGES
     2. issue wgmma k, async: acc += A_k (registers) @ x_k^T (shared)
@@ -56,12 +59,30 @@ Dequantization is bit for bit the reference's float32 (q - zero) * scale rounded
 that is not a register renaming (no shared-memory round trip).
 
 Output: y[m, n] = acc[n, m], transposed in registers (`permute`) and converted to a row-major blocked layout for
-16-byte stores (Triton's shared-memory scratch, once a tile); rows past M masked. No split-K.
+16-byte stores (Triton's shared-memory scratch, once a tile); rows past M masked.
+
+Split-K (SPLIT_K constexpr; grid axis 1). There are N / 128 output tiles whatever M is when M <= BLOCK_M (70B:
+qkv 80, o / down 64, gate_up 448, for 132 SMs), so cutting K is the only way to fill the GPU at small M.
+`split_k_for` takes ops.gluon_quant.split_for's rule (fewest waves of programs; a larger split only if it saves
+>= 15%) over SMs x `PROGRAMS_PER_SM[BLOCK_M]` (2 at BLOCK_M 64 / 128: <= 128 registers, from the offline compile;
+1 at 256); `k_ranges` makes every range a multiple of two K-tiles (the loop's pairs) and of a group's K-tiles, so
+the kernel starts W's, the zeros' and the scales' pointers at its range (scalar adds before the loop; x's TMA
+coordinate adds `first`) and runs the same loop from 0. 70B on 132 SMs: qkv 3 ranges, o / down 4 at <= 128 rows
+and 2 at 129..256, gate_up 1. Each range's fp32 accumulator is stored, in the accumulator's own register order
+(constant offsets from a thread's base: no transpose), to a workspace [split, tiles, BLOCK_N, BLOCK_M] (columns of
+rows past M not written); then bar.sync and one acq_rel atomic add on the tile's counter
+(`ops.triton_quant._split_k_counters`, as ops.gluon_quant). The last program to arrive reads the partials back
+(".cg", L2) and sums them in range order (deterministic), in 64-row chunks (a whole running sum plus a whole
+loaded partial would be 256 registers a thread at BLOCK_M 256: it spilled), adds the bias, writes y, and zeroes
+the counter (CUDA-graph replays find them zeroed). Without SPLIT_K the SASS is the earlier kernel's, instruction
+for instruction (only the parameters' constant-bank offsets moved).
 
 Requirements (the wrapper checks): Gluon (Triton 3.6's API), sm_90, x bf16/fp16 with K a multiple of 64 (and
 of 128 when BLOCK_K is 64),
-N of BLOCK_N, group a power of two >= 32 dividing K (-1: one group), no act-order. Not wired into the engine:
-`perf/quant_bench.py --kernels gluon-swapab-gptq-g128` and `tests/test_gluon_swapab.py` call it.
+N of BLOCK_N, group a power of two >= 32 dividing K (-1: one group), no act-order. `swapab_gptq_matmul` takes
+optional `split_k` (None: automatic, 1: none) and `block_m` (None: by rows). Not wired into the engine:
+`perf/quant_bench.py --kernels gluon-swapab-gptq-g128 gluon-swapab-gptq-g128-s1` and `tests/test_gluon_swapab.py`
+call it.
 """
 
 from __future__ import annotations
