@@ -28,10 +28,13 @@ and one scale) and two 16-deep steps; its nibble pairs (2j, 2j + 1) are (k, k + 
 pair one A register holds, and the dequant routine (`ops.triton_quant._nibble_pairs_asm`) produces nibbles in
 those pairs. A 32-deep K-tile (group 32) reads half of it (words jj = t % 2: one 8-byte load).
 
-One program: a BLOCK_N (128) x BLOCK_M (256) tile of y^T, NUM_WARPS (8) warps = 2 warpgroups of 64 outputs each
-(accumulator 64 x 256 fp32 per warpgroup: 128 registers a thread, `instr_shape [16, 256, 16]`); K-tiles of
-BLOCK_K = min(64, group) inputs. Shared memory: only x, a ring of STAGES (4) [BLOCK_M, BLOCK_K] slots filled by
-TMA (async proxy, completion on one mbarrier a slot; rows past M come back as zeros). Iteration k:
+One program: a BLOCK_N (128) x BLOCK_M tile of y^T, NUM_WARPS (8) warps = 2 warpgroups of 64 outputs each
+(accumulator 64 x BLOCK_M fp32 per warpgroup: BLOCK_M / 2 registers a thread, `instr_shape [16, BLOCK_M, 16]`,
+i.e. wgmma's N is BLOCK_M); K-tiles of BLOCK_K = min(64, group) inputs. BLOCK_M is a constexpr picked by rows
+(`block_m_for`): 64 for M <= 64, 128 for M <= 128, else 256 (a 256-wide wgmma on 77 rows would multiply 179
+zero rows). Shared memory: only x, a ring of STAGES (4) [BLOCK_M, BLOCK_K] slots filled by TMA (async proxy,
+completion on one mbarrier a slot; rows past M come back as zeros; the descriptor's box and the ring's NVMMA
+layout follow BLOCK_M). Iteration k:
 
     1. mbarrier wait: x's tile k landed in slot k % STAGES
     2. issue wgmma k, async: acc += A_k (registers) @ x_k^T (shared)
@@ -56,12 +59,30 @@ Dequantization is bit for bit the reference's float32 (q - zero) * scale rounded
 that is not a register renaming (no shared-memory round trip).
 
 Output: y[m, n] = acc[n, m], transposed in registers (`permute`) and converted to a row-major blocked layout for
-16-byte stores (Triton's shared-memory scratch, once a tile); rows past M masked. No split-K.
+16-byte stores (Triton's shared-memory scratch, once a tile); rows past M masked.
+
+Split-K (SPLIT_K constexpr; grid axis 1). There are N / 128 output tiles whatever M is when M <= BLOCK_M (70B:
+qkv 80, o / down 64, gate_up 448, for 132 SMs), so cutting K is the only way to fill the GPU at small M.
+`split_k_for` takes ops.gluon_quant.split_for's rule (fewest waves of programs; a larger split only if it saves
+>= 15%) over SMs x `PROGRAMS_PER_SM[BLOCK_M]` (2 at BLOCK_M 64 / 128: <= 128 registers, from the offline compile;
+1 at 256); `k_ranges` makes every range a multiple of two K-tiles (the loop's pairs) and of a group's K-tiles, so
+the kernel starts W's, the zeros' and the scales' pointers at its range (scalar adds before the loop; x's TMA
+coordinate adds `first`) and runs the same loop from 0. 70B on 132 SMs: qkv 3 ranges, o / down 4 at <= 128 rows
+and 2 at 129..256, gate_up 1. Each range's fp32 accumulator is stored, in the accumulator's own register order
+(constant offsets from a thread's base: no transpose), to a workspace [split, tiles, BLOCK_N, BLOCK_M] (columns of
+rows past M not written); then bar.sync and one acq_rel atomic add on the tile's counter
+(`ops.triton_quant._split_k_counters`, as ops.gluon_quant). The last program to arrive reads the partials back
+(".cg", L2) and sums them in range order (deterministic), in 64-row chunks (a whole running sum plus a whole
+loaded partial would be 256 registers a thread at BLOCK_M 256: it spilled), adds the bias, writes y, and zeroes
+the counter (CUDA-graph replays find them zeroed). Without SPLIT_K the SASS is the earlier kernel's, instruction
+for instruction (only the parameters' constant-bank offsets moved).
 
 Requirements (the wrapper checks): Gluon (Triton 3.6's API), sm_90, x bf16/fp16 with K a multiple of 64 (and
 of 128 when BLOCK_K is 64),
-N of BLOCK_N, group a power of two >= 32 dividing K (-1: one group), no act-order. Not wired into the engine:
-`perf/quant_bench.py --kernels gluon-swapab-gptq-g128` and `tests/test_gluon_swapab.py` call it.
+N of BLOCK_N, group a power of two >= 32 dividing K (-1: one group), no act-order. `swapab_gptq_matmul` takes
+optional `split_k` (None: automatic, 1: none) and `block_m` (None: by rows). Not wired into the engine:
+`perf/quant_bench.py --kernels gluon-swapab-gptq-g128 gluon-swapab-gptq-g128-s1` and `tests/test_gluon_swapab.py`
+call it.
 """
 
 from __future__ import annotations
@@ -179,12 +200,13 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _k_step(k, a_k, a_prev, acc, words, zero_words, scales, x_desc, x_smem, ready, w_ptrs, zeros_ptrs,
-                scales_ptrs, zero_shift, m0, N, num_k, a_layout: gl.constexpr, ZERO_OFFSET: gl.constexpr,
+                scales_ptrs, zero_shift, m0, N, first, num_k, a_layout: gl.constexpr, ZERO_OFFSET: gl.constexpr,
                 DTYPE: gl.constexpr, GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                 STAGES: gl.constexpr):
         """K-tile k: issue its wgmma (A_k from registers), retire wgmma k - 1, refill the x slot it read, and
         dequantize tile k + 1 into a_prev's place (A_{k-1}'s registers, free once wgmma k - 1 is retired).
-        words / zero_words / scales: tile k + 1's, loaded one step earlier; returns tile k + 2's."""
+        words / zero_words / scales: tile k + 1's, loaded one step earlier; returns tile k + 2's. k counts from
+        this program's first K-tile (`first`: 0 without split-K; W's pointers start there, x's TMA adds it)."""
         X_BYTES: gl.constexpr = x_desc.block_type.nbytes
         slot = k % STAGES
         # 1. x's tile k landed
@@ -198,7 +220,7 @@ if HAVE_GLUON:
         refill = (k >= 1) & (k - 1 + STAGES < num_k)
         free = (k + STAGES - 1) % STAGES
         mbarrier.expect(ready.index(free), X_BYTES, pred=refill)
-        tma.async_copy_global_to_shared(x_desc, [m0, (k - 1 + STAGES) * BLOCK_K], ready.index(free),
+        tma.async_copy_global_to_shared(x_desc, [m0, (first + k - 1 + STAGES) * BLOCK_K], ready.index(free),
                                         x_smem.index(free), pred=refill)
         # 5. W's tile k + 2 loaded; tile k + 1 dequantized into fresh A registers, under wgmma k
         next_words, next_zero_words, next_scales = _load_w_tile(w_ptrs, zeros_ptrs, scales_ptrs,
@@ -208,10 +230,11 @@ if HAVE_GLUON:
                                    BLOCK_K)
         return acc, a_next, next_words, next_zero_words, next_scales
 
-    @gluon.jit(do_not_specialize=["M"])
-    def _swapab_kernel(x_desc, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K,
+    @gluon.jit(do_not_specialize=["M", "tiles_per_split", "split"])
+    def _swapab_kernel(x_desc, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K,
+                       tiles_per_split, split,
                        GROUP_SIZE: gl.constexpr, ZERO_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr,
-                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                       SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                        STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
         DTYPE: gl.constexpr = x_desc.dtype
         WPT: gl.constexpr = BLOCK_K // 16  # words a thread a K-tile
@@ -234,7 +257,20 @@ if HAVE_GLUON:
         pid_m = pid % num_m  # the row tiles of one output tile next to each other (they share W in L2)
         m0 = pid_m * BLOCK_M
         n0 = (pid // num_m) * BLOCK_N
-        num_k = K // BLOCK_K
+        # This program's K-tiles: first .. first + num_k - 1 (split-K: the pid_k-th range of tiles_per_split, an
+        # even number, so every range holds whole pairs of K-tiles, and whole groups and 64-deep repacked tiles,
+        # so that W's, the zeros' and the scales' pointers start at the range (scalars) and the loop counts from
+        # 0 as without split: the loop's code is the same; else all of them).
+        if SPLIT_K:
+            pid_k = gl.program_id(1)
+            first = pid_k * tiles_per_split
+            num_k = gl.minimum(tiles_per_split, K // BLOCK_K - first)
+            w_ptr += (first * BLOCK_K // 64) * (N * 8)
+            zeros_ptr += (first * BLOCK_K // GROUP_SIZE) * (N // 8)
+            scales_ptr += (first * BLOCK_K // GROUP_SIZE) * N
+        else:
+            first = 0
+            num_k = K // BLOCK_K
 
         # Each word's address (within a 64-deep repacked tile), output, and its zero's nibble.
         b = gl.expand_dims(gl.expand_dims(gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_regs))), 1), 2)
@@ -255,7 +291,7 @@ if HAVE_GLUON:
         X_BYTES: gl.constexpr = BLOCK_M * BLOCK_K * 2
         for s in gl.static_range(STAGES):
             mbarrier.expect(ready.index(s), X_BYTES, pred=s < num_k)
-            tma.async_copy_global_to_shared(x_desc, [m0, s * BLOCK_K], ready.index(s), x_smem.index(s),
+            tma.async_copy_global_to_shared(x_desc, [m0, (first + s) * BLOCK_K], ready.index(s), x_smem.index(s),
                                             pred=s < num_k)
         words, zero_words, scales = _load_w_tile(w_ptrs, zeros_ptrs, scales_ptrs, 0, N, BLOCK_K, GROUP_SIZE)
         a_even = _dequant_fragment(words, zero_words, zero_shift, scales, a_layout, ZERO_OFFSET, DTYPE, BLOCK_N,
@@ -271,21 +307,58 @@ if HAVE_GLUON:
         for k in range(0, num_k, 2):
             acc, a_odd, words, zero_words, scales = _k_step(
                 k, a_even, a_odd, acc, words, zero_words, scales, x_desc, x_smem, ready, w_ptrs, zeros_ptrs,
-                scales_ptrs, zero_shift, m0, N, num_k, a_layout, ZERO_OFFSET, DTYPE, GROUP_SIZE, BLOCK_N, BLOCK_K,
+                scales_ptrs, zero_shift, m0, N, first, num_k, a_layout, ZERO_OFFSET, DTYPE, GROUP_SIZE, BLOCK_N, BLOCK_K,
                 STAGES)
             acc, a_even, words, zero_words, scales = _k_step(
                 k + 1, a_odd, a_even, acc, words, zero_words, scales, x_desc, x_smem, ready, w_ptrs, zeros_ptrs,
-                scales_ptrs, zero_shift, m0, N, num_k, a_layout, ZERO_OFFSET, DTYPE, GROUP_SIZE, BLOCK_N, BLOCK_K,
+                scales_ptrs, zero_shift, m0, N, first, num_k, a_layout, ZERO_OFFSET, DTYPE, GROUP_SIZE, BLOCK_N, BLOCK_K,
                 STAGES)
         acc, a_odd = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_odd))
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
 
-        out_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+        if SPLIT_K:
+            # Each K range's fp32 partial to the workspace [split, tiles, BLOCK_N, BLOCK_M], in the accumulator's
+            # own order (a thread's element offsets are constants from its base), columns of rows past M left
+            # unwritten. The tile's last program to arrive (a counter per tile) sums the partials in range order
+            # (deterministic), CHUNK rows of x at a time (acc is dead by then; a whole running sum plus a whole
+            # loaded partial would be 256 registers a thread at BLOCK_M 256), writes the output, zeroes the counter.
+            TILE: gl.constexpr = BLOCK_N * BLOCK_M
+            tile_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+            tile_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+            num_tiles = gl.num_programs(0)
+            gl.store(partial_ptr + (pid_k * num_tiles + pid) * TILE + gl.expand_dims(tile_n * BLOCK_M, 1)
+                     + gl.expand_dims(tile_m, 0), acc, mask=gl.expand_dims(m0 + tile_m < M, 0))
+            gl.thread_barrier()  # every thread's partial stored before the counter says so
+            if gl.atomic_add(counter_ptr + pid, 1, sem="acq_rel") == split - 1:
+                # [BLOCK_N, CHUNK] pieces, 16 bytes (4 columns) a thread along the workspace's contiguous m
+                CHUNK: gl.constexpr = 64 if BLOCK_M > 64 else BLOCK_M
+                red: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (CHUNK // 4), CHUNK // 4], [NUM_WARPS, 1], [1, 0])
+                red_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, red))
+                red_m = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, red))
+                for c in gl.static_range(BLOCK_M // CHUNK):
+                    offs = gl.expand_dims(red_n * BLOCK_M, 1) + gl.expand_dims(c * CHUNK + red_m, 0)
+                    valid = gl.expand_dims(m0 + c * CHUNK + red_m < M, 0)
+                    part = gl.zeros([BLOCK_N, CHUNK], gl.float32, layout=red)
+                    for i in range(split):  # ".cg": read at L2, where the other SMs' stores are
+                        part += gl.load(partial_ptr + (i * num_tiles + pid) * TILE + offs, mask=valid, other=0.0,
+                                        cache_modifier=".cg")
+                    _store_output(part, bias_ptr, out_ptr, m0 + c * CHUNK, n0, M, N, red, out_regs, HAS_BIAS, CHUNK,
+                                  BLOCK_N)
+                gl.atomic_xchg(counter_ptr + pid, 0)  # ready for the next launch (CUDA-graph replays included)
+        else:
+            _store_output(acc, bias_ptr, out_ptr, m0, n0, M, N, mma, out_regs, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+    @gluon.jit
+    def _store_output(acc, bias_ptr, out_ptr, m0, n0, M, N, acc_layout: gl.constexpr, out_regs: gl.constexpr,
+                      HAS_BIAS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr):
+        """y[m0 + m, n0 + n] = acc[n, m] (+ bias[n]), acc [BLOCK_N, ROWS]: transposed in registers, converted to
+        16-byte rows, rows past M masked."""
+        out_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
         if HAS_BIAS:
             acc = acc + gl.expand_dims(gl.load(bias_ptr + out_n).to(gl.float32), 1)
-        y = gl.convert_layout(gl.permute(acc.to(out_ptr.dtype.element_ty), (1, 0)), out_regs)  # [BLOCK_M, BLOCK_N]
-        rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_regs))
+        y = gl.convert_layout(gl.permute(acc.to(out_ptr.dtype.element_ty), (1, 0)), out_regs)  # [ROWS, BLOCK_N]
+        rows = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out_regs))
         cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_regs))
         gl.store(out_ptr + gl.expand_dims(rows * N, 1) + gl.expand_dims(cols, 0), y,
                  mask=gl.expand_dims(rows < M, 1))
@@ -295,21 +368,57 @@ def _block_k(group_size: int) -> int:
     return min(MAX_BLOCK_K, group_size)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def block_m_for(M: int) -> int:
+    """The row tile (wgmma's N) for M rows: the smallest of 64 / 128 / 256 that holds them (256 past that)."""
+    return 64 if M <= 64 else 128 if M <= 128 else BLOCK_M
+
+
+# Programs an SM holds at once, by BLOCK_M (sm_90's 64K registers and 227 KB shared memory over the offline
+# compile's registers a thread x 256 threads and the x ring; perf/notes/gluon_swapab.md), for split_for's waves.
+PROGRAMS_PER_SM = {64: 2, 128: 2, 256: 1}
+
+
+def split_k_for(M: int, N: int, K: int, group_size: int, sms: int, block_m: int | None = None) -> int:
+    """K ranges per output tile, as ops.gluon_quant.split_for picks them (fewest waves of programs, each larger
+    split only if it saves >= 15%), over the SMs times the programs an SM holds at this BLOCK_M."""
+    from ops.gluon_quant import split_for
+
+    block_m = block_m or block_m_for(M)
+    num_tiles = _cdiv(M, block_m) * (N // BLOCK_N)
+    return split_for(num_tiles, K // _block_k(group_size), sms * PROGRAMS_PER_SM[block_m])
+
+
+def k_ranges(num_k_tiles: int, split_k: int, tiles_per_group: int = 1) -> tuple[int, int]:
+    """(K-tiles a range, ranges) for `split_k` requested ranges of `num_k_tiles` (even) K-tiles: each range a
+    multiple of 2 K-tiles (the loop runs them in pairs) and of a group's `tiles_per_group` (the kernel starts
+    W's, the zeros' and the scales' pointers at the range), none empty; fewer ranges where that does not fit."""
+    unit = max(2, tiles_per_group)  # both powers of two
+    tiles_per_split = unit * _cdiv(_cdiv(num_k_tiles, max(1, split_k)), unit)
+    return tiles_per_split, _cdiv(num_k_tiles, tiles_per_split)
+
+
 def _gl_dtype(dtype: torch.dtype):
     return {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype]
 
 
-def x_layout(dtype, block_k: int):
+def x_layout(dtype, block_k: int, block_m: int = BLOCK_M):
     """The x tile's shared layout (NVMMA swizzle, K contiguous), as both the TMA descriptor and the kernel use it."""
-    return gl.NVMMASharedLayout.get_default_for([BLOCK_M, block_k], dtype)
+    return gl.NVMMASharedLayout.get_default_for([block_m, block_k], dtype)
 
 
 def swapab_gptq_matmul(x: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                        group_size: int, zero_offset: int, bias: torch.Tensor | None = None,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, split_k: int | None = None,
+                       block_m: int | None = None) -> torch.Tensor:
     """x [..., K] (bf16 / fp16) @ a GPTQ weight (no act-order) whose qweight went through `repack_swapab`
     (packed int32 [K/64, N*8]) -> [..., N] in x's dtype. qzeros [K/group, N/8] and scales [K/group, N] as GPTQ
-    stores them; `zero_offset` 1 for GPTQ v1 (stored zero - 1), 0 for v2 / AWQ repacked."""
+    stores them; `zero_offset` 1 for GPTQ v1 (stored zero - 1), 0 for v2 / AWQ repacked.
+    `split_k`: K ranges per output tile (None: `split_k_for`'s choice; 1: none). `block_m`: the row tile, 64,
+    128 or 256 (None: `block_m_for(M)`)."""
     if not HAVE_GLUON:
         raise RuntimeError(f"triton.experimental.gluon is unavailable: {_IMPORT_ERROR}")
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -328,6 +437,8 @@ def swapab_gptq_matmul(x: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tens
                          f"group {group_size}")
     if not (packed.is_contiguous() and qzeros.is_contiguous() and scales.is_contiguous()):
         raise ValueError("packed, qzeros and scales must be contiguous")
+    if block_m is not None and block_m not in PROGRAMS_PER_SM:
+        raise ValueError(f"block_m must be one of {sorted(PROGRAMS_PER_SM)}, not {block_m}")
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
         x2 = x2.clone(memory_format=torch.contiguous_format)  # TMA: 16-byte aligned base and row stride
@@ -342,19 +453,38 @@ def swapab_gptq_matmul(x: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tens
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     block_k = _block_k(group_size)
-    x_desc = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [BLOCK_M, block_k], x_layout(_gl_dtype(x.dtype), block_k))
-    grid = (triton.cdiv(M, BLOCK_M) * (N // BLOCK_N), )
-    _swapab_kernel[grid](
-        x_desc, packed, qzeros, scales, bias if bias is not None else scales, out2, M, N, K,
-        GROUP_SIZE=group_size, ZERO_OFFSET=zero_offset, HAS_BIAS=bias is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=block_k, STAGES=STAGES, NUM_WARPS=NUM_WARPS,
+    block_m = block_m or block_m_for(M)
+    num_tiles = _cdiv(M, block_m) * (N // BLOCK_N)
+    if split_k is None:
+        from ops.triton_quant import _num_sms
+
+        split_k = split_k_for(M, N, K, group_size, _num_sms(x.device.index), block_m)
+    tiles_per_split, split = k_ranges(K // block_k, split_k, group_size // block_k)
+    if split * num_tiles * BLOCK_N * block_m >= 1 << 31:  # the workspace's int32 offsets
+        tiles_per_split, split = K // block_k, 1
+    if split > 1:
+        from ops.triton_quant import _split_k_counters
+
+        counters = _split_k_counters(x.device)
+        if num_tiles > counters.numel():
+            raise ValueError(f"{num_tiles} output tiles: split-K counts at most {counters.numel()}")
+        partial = torch.empty((split, num_tiles, BLOCK_N, block_m), dtype=torch.float32, device=x.device)
+    else:
+        partial, counters = out2, out2  # unread
+    x_desc = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [block_m, block_k],
+                              x_layout(_gl_dtype(x.dtype), block_k, block_m))
+    _swapab_kernel[(num_tiles, split)](
+        x_desc, packed, qzeros, scales, bias if bias is not None else scales, out2, partial, counters, M, N, K,
+        tiles_per_split, split,
+        GROUP_SIZE=group_size, ZERO_OFFSET=zero_offset, HAS_BIAS=bias is not None, SPLIT_K=split > 1,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k, STAGES=STAGES, NUM_WARPS=NUM_WARPS,
         num_warps=NUM_WARPS,
     )
     return out
 
 
 def compile_sm90(dtype: str = "bf16", group_size: int = 128, zero_offset: int = 0, has_bias: bool = False,
-                 stages: int = STAGES, num_warps: int = NUM_WARPS):
+                 stages: int = STAGES, num_warps: int = NUM_WARPS, block_m: int = BLOCK_M, split_k: bool = False):
     """The kernel compiled offline for sm_90 (no GPU needed): a CompiledKernel with .asm["ttgir"] / ["ptx"] /
     ["cubin"]."""
     from triton.backends.compiler import GPUTarget
@@ -362,12 +492,13 @@ def compile_sm90(dtype: str = "bf16", group_size: int = 128, zero_offset: int = 
 
     fn = _swapab_kernel
     block_k = _block_k(group_size)
-    layout = x_layout({"bf16": gl.bfloat16, "fp16": gl.float16}[dtype], block_k)
-    signature = dict(x_desc=f"tensordesc<{dtype}[{BLOCK_M}, {block_k}],{layout!r}>", w_ptr="*i32",
+    layout = x_layout({"bf16": gl.bfloat16, "fp16": gl.float16}[dtype], block_k, block_m)
+    signature = dict(x_desc=f"tensordesc<{dtype}[{block_m}, {block_k}],{layout!r}>", w_ptr="*i32",
                      zeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16", out_ptr="*" + dtype,
-                     M="i32", N="i32", K="i32")
-    constexprs = dict(GROUP_SIZE=group_size, ZERO_OFFSET=zero_offset, HAS_BIAS=has_bias, BLOCK_M=BLOCK_M,
-                      BLOCK_N=16 * num_warps, BLOCK_K=block_k, STAGES=stages, NUM_WARPS=num_warps)
+                     partial_ptr="*fp32", counter_ptr="*i32", M="i32", N="i32", K="i32", tiles_per_split="i32",
+                     split="i32")
+    constexprs = dict(GROUP_SIZE=group_size, ZERO_OFFSET=zero_offset, HAS_BIAS=has_bias, SPLIT_K=split_k,
+                      BLOCK_M=block_m, BLOCK_N=16 * num_warps, BLOCK_K=block_k, STAGES=stages, NUM_WARPS=num_warps)
     names = fn.arg_names
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
     sig = {k: sig[k] for k in names}

@@ -10,6 +10,7 @@ instruction mix and event order, plus the checks the design rests on:
 
     PYTHONPATH=/tmp/t36/lib/python3.11/site-packages python3 perf/gluon_swapab_sass.py --seq
     PYTHONPATH=/tmp/t36/lib/python3.11/site-packages python3 perf/gluon_swapab_sass.py --dtype fp16 --group 32 --json
+    PYTHONPATH=/tmp/t36/lib/python3.11/site-packages python3 perf/gluon_swapab_sass.py --block-m 64 --split-k
 
 Needs Triton 3.6's Gluon API (the GPU machine's).
 """
@@ -85,12 +86,14 @@ def a_register_hazards(body: list[tuple[int, str]]) -> list[str]:
     return out
 
 
-def analyze(dtype: str = "bf16", group: int = 128, stages: int | None = None) -> dict:
+def analyze(dtype: str = "bf16", group: int = 128, stages: int | None = None, block_m: int | None = None,
+            split_k: bool = False) -> dict:
     import triton
 
     from ops import gluon_swapab as gs
 
-    kernel = gs.compile_sm90(dtype, group, stages=stages or gs.STAGES)
+    block_m = block_m or gs.BLOCK_M
+    kernel = gs.compile_sm90(dtype, group, stages=stages or gs.STAGES, block_m=block_m, split_k=split_k)
     ttgir, ptx, cubin = kernel.asm["ttgir"], kernel.asm["ptx"], kernel.asm["cubin"]
     with tempfile.TemporaryDirectory() as d:
         Path(d, "k.cubin").write_bytes(cubin)
@@ -107,12 +110,15 @@ def analyze(dtype: str = "bf16", group: int = 128, stages: int | None = None) ->
     hgmma = [s for _, s in body if opcode(s).startswith("HGMMA")]
     depbar = [s for _, s in body if opcode(s).startswith("WARPGROUP.DEPBAR")]
     return dict(
-        triton=triton.__version__, dtype=dtype, group=group, block_k=gs._block_k(group),
+        triton=triton.__version__, dtype=dtype, group=group, block_m=block_m, split_k=split_k,
+        block_k=gs._block_k(group),
         registers=usage.get("REG"), stack=usage.get("STACK"), local=usage.get("LOCAL"),
         spill_bytes=sum(spills), shared_bytes=kernel.metadata.shared,
         ptxas_warnings=[line.strip() for line in ptxas.splitlines() if "arning" in line or "C75" in line],
         ttgir_local_ops=dict(Counter(re.findall(r"ttg\.(local_alloc|local_store|local_load)", ttgir))),
         ttgir_convert_layouts=len(re.findall(r"ttg\.convert_layout", ttgir)),
+        programs_per_sm=min(65536 // (usage.get("REG", 255) * 32 * gs.NUM_WARPS),
+                            (228 * 1024) // (kernel.metadata.shared + 1024)),
         ptx_wait_groups=re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx),
         loop_instructions=len(body), loop_k_tiles=len(hgmma) // (gs._block_k(group) // 16), loop_mix=dict(Counter(op.split(".")[0] for op in ops).most_common()),
         loop_hgmma=len(hgmma), hgmma_forms=sorted(set(re.sub(r"\s+", " ", s) for s in hgmma))[:2],
@@ -133,13 +139,15 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--stages", type=int)
+    p.add_argument("--block-m", type=int, choices=[64, 128, 256])
+    p.add_argument("--split-k", action="store_true", help="the split-K epilogue (SPLIT_K=True)")
     p.add_argument("--seq", action="store_true", help="print the K loop's event sequence")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.add_argument("--dump", help="path prefix for .sass")
     args = p.parse_args()
     from ops import gluon_swapab as gs
 
-    info = analyze(args.dtype, args.group, args.stages)
+    info = analyze(args.dtype, args.group, args.stages, args.block_m, args.split_k)
     body = info.pop("_body")
     if args.json:
         print(json.dumps(info))

@@ -34,7 +34,9 @@ pipeline stages, programs an SM, K ranges at most; `planar_sweep_tables`), named
 - gluon-gptq-g128-s1: the same without split-K (one program a tile, as awq-gptq-g128's 256-row entry)
 - gluon-swapab-gptq-g128: the same weights, qweight repacked once by ops.gluon_swapab.repack_swapab (not timed),
                  through the swap-AB Gluon kernel (W dequantized into wgmma's register A operand, x by TMA;
-                 128x256 tiles of y^T, no split-K)
+                 128 x BLOCK_M tiles of y^T, BLOCK_M 64 / 128 / 256 by rows (block_m_for), split-K as
+                 ops.gluon_swapab.split_k_for picks it)
+- gluon-swapab-gptq-g128-s1: the same without split-K
 - gptq-g128:     GPTQ v1, group 128, no act-order (group of a K-tile from its index)
 - gptq-act-g128: GPTQ v1, group 128, act-order (zeros and scales gathered per input row via g_idx)
 - gptq-act-sorted-g128: the same weights sorted by group (ops.quant_ref.sort_by_group), as the engine
@@ -65,8 +67,8 @@ SHAPE_NAMES = ["qkv", "o", "gate_up", "down"]  # the order of LLAMA_8B_SHAPES an
 SHAPES = {"8b": LLAMA_8B_SHAPES, "70b": LLAMA_70B_SHAPES}  # one rank's (K, N), unsharded
 BATCHES = (1, 2, 4, 16, 256)
 L2_DEFEAT_BYTES = 256 << 20
-KERNELS = ["bf16", "awq-g128", "awq-gptq-g128", "gluon-gptq-g128", "gluon-gptq-g128-s1", "gluon-swapab-gptq-g128", "gptq-g128", "gptq-act-g128", "gptq-act-sorted-g128", "int8", "bnb-int8"]
-VARIANT_OF = {"awq-g128": "awq-g128", "awq-gptq-g128": "awq-g128", "gluon-gptq-g128": "awq-g128", "gluon-gptq-g128-s1": "awq-g128", "gluon-swapab-gptq-g128": "awq-g128", "gptq-g128": "gptq-v1-g128", "gptq-act-g128": "gptq-act-order-g128",
+KERNELS = ["bf16", "awq-g128", "awq-gptq-g128", "gluon-gptq-g128", "gluon-gptq-g128-s1", "gluon-swapab-gptq-g128", "gluon-swapab-gptq-g128-s1", "gptq-g128", "gptq-act-g128", "gptq-act-sorted-g128", "int8", "bnb-int8"]
+VARIANT_OF = {"awq-g128": "awq-g128", "awq-gptq-g128": "awq-g128", "gluon-gptq-g128": "awq-g128", "gluon-gptq-g128-s1": "awq-g128", "gluon-swapab-gptq-g128": "awq-g128", "gluon-swapab-gptq-g128-s1": "awq-g128", "gptq-g128": "gptq-v1-g128", "gptq-act-g128": "gptq-act-order-g128",
               "gptq-act-sorted-g128": "gptq-act-order-g128", "int8": "int8"}
 
 
@@ -90,14 +92,15 @@ def make_layer(kernel: str, K: int, N: int) -> tuple[dict, torch.Tensor | None]:
         weight, scb = quantize_llm_int8(torch.randn(N, K, device="cuda") * 0.02)
         return {"weight": weight, "SCB": scb}, None
     layer, weight = random_layer(VARIANT_OF[kernel], K, N, torch.bfloat16, "cuda")
-    if kernel in ("awq-gptq-g128", "gluon-gptq-g128", "gluon-gptq-g128-s1", "gluon-swapab-gptq-g128"):
+    if kernel in ("awq-gptq-g128", "gluon-gptq-g128", "gluon-gptq-g128-s1", "gluon-swapab-gptq-g128",
+                  "gluon-swapab-gptq-g128-s1"):
         from ops.quant_ref import awq_to_gptq
 
         qweight, qzeros = awq_to_gptq(layer["qweight"], layer["qzeros"])
         g_idx = torch.arange(K, dtype=torch.int32, device="cuda") // layer["group_size"]
         layer = dict(qweight=qweight, qzeros=qzeros, scales=layer["scales"], g_idx=g_idx,
                      group_size=layer["group_size"], act_order=False, zeros_minus_one=False)
-        if kernel == "gluon-swapab-gptq-g128":  # repacked once, as a loader would
+        if kernel.startswith("gluon-swapab-gptq-g128"):  # repacked once, as a loader would
             from ops.gluon_swapab import repack_swapab
 
             layer = dict(packed=repack_swapab(qweight), qzeros=qzeros, scales=layer["scales"],
@@ -119,11 +122,12 @@ def matmul_of(kernel: str) -> Callable[[torch.Tensor, dict], torch.Tensor]:
         return lambda x, layer: F.linear(x, layer["weight"])
     if kernel == "bnb-int8":
         return lambda x, layer: torch.ops.engine.bnb_int8_matmul(x, layer["weight"], layer["SCB"], 6.0, None)
-    if kernel == "gluon-swapab-gptq-g128":
+    if kernel.startswith("gluon-swapab-gptq-g128"):
         from ops.gluon_swapab import swapab_gptq_matmul
 
+        split_k = 1 if kernel.endswith("-s1") else None
         return lambda x, layer: swapab_gptq_matmul(x, layer["packed"], layer["qzeros"], layer["scales"],
-                                                   layer["group_size"], zero_offset=0)
+                                                   layer["group_size"], zero_offset=0, split_k=split_k)
     if kernel.startswith("gluon-gptq-g128"):  # GPTQ layout, zeros as stored (awq_to_gptq), no act-order
         from ops.gluon_quant import gluon_gptq_matmul
 
@@ -200,10 +204,11 @@ def planar_sweep_tables() -> dict[str, tuple]:
 def tiles_label(M: int, kernel: str) -> str:
     from ops import triton_quant
 
-    if kernel == "gluon-swapab-gptq-g128":
+    if kernel.startswith("gluon-swapab-gptq-g128"):
         from ops import gluon_swapab as gs
 
-        return f"gluon-swapab {gs.BLOCK_N}x{gs.BLOCK_M}x{gs.MAX_BLOCK_K}/w{gs.NUM_WARPS}x{gs.STAGES}"
+        return (f"gluon-swapab {gs.BLOCK_N}x{gs.block_m_for(M)}x{gs.MAX_BLOCK_K}/w{gs.NUM_WARPS}x{gs.STAGES}"
+                + ("/s1" if kernel.endswith("-s1") else "/split"))
     if kernel.startswith("gluon-gptq-g128"):
         from ops import gluon_quant as gq
 

@@ -5,11 +5,13 @@ CPU: `repack_swapab` against the reference (ops.quant_ref): the nibbles as the k
 output as the kernel applies them, the reference's dequantized weight bit for bit; the host wrapper's argument
 checks; and, under Triton 3.6's Gluon (the local Triton if it is 3.6, else $GLUON_TRITON_SITE or /tmp/t36;
 skipped without one), the offline sm_90 compile: HGMMA with A from registers, no shared-memory loads/stores in
-the K loop, `wait_group 1` only, no write to an in-flight HGMMA's A registers, no spills.
+the K loop, `wait_group 1` only, no write to an in-flight HGMMA's A registers, no spills, for each BLOCK_M
+(64 / 128 / 256) with and without split-K; and the automatic row-tile / K-range choices.
 
 GPU (`-m gpu`, Hopper): against dequantize-then-matmul (ops.quant_ref via random_layer) on the Llama-3.1-70B
 shapes at rows 1, 77 and 256, bf16 and fp16, groups 32 / 64 (GPTQ v1 zeros) and 128 (v2 zeros, as AWQ repacked),
-into NaN-filled outputs so an unwritten element shows.
+into NaN-filled outputs so an unwritten element shows; split-K (off, automatic, 2, 3) with each BLOCK_M at rows
+1 / 77 / 128 / 200 / 256; and split-K calls replayed twice in a CUDA graph (the per-tile counters reset).
 """
 
 from __future__ import annotations
@@ -102,13 +104,42 @@ def test_swapab_gptq_matmul_refuses_what_it_cannot_run():
         gs.swapab_gptq_matmul(x, packed, qzeros, scales[:4], 128, 0)
 
 
-@pytest.mark.parametrize("dtype,group", [("bf16", 128), ("fp16", 32), ("bf16", 64)])
-def test_swapab_kernel_compiles_for_sm90_with_w_in_registers(dtype, group):
+def test_swapab_picks_row_tiles_and_k_ranges_that_fill_the_gpu():
+    """block_m_for, split_k_for (ops.gluon_quant.split_for's rule over 132 SMs x programs an SM) and k_ranges on
+    the 70B shapes: qkv / o / down get 2-4 K ranges, gate_up (448 tiles) none; every range a multiple of two
+    K-tiles and of a group's tiles, none empty, together exactly K."""
+    gs = pytest.importorskip("ops.gluon_swapab")
+    pytest.importorskip("triton")
+    assert [gs.block_m_for(m) for m in (1, 64, 65, 128, 129, 256, 300)] == [64, 64, 128, 128, 256, 256, 256]
+    for K, N in LLAMA_70B_SHAPES:
+        for M in (1, 77, 128, 200, 256):
+            split = gs.split_k_for(M, N, K, 128, 132)
+            assert (split == 1) == (N == 57344), (K, N, M, split)
+            assert 1 <= split <= 4
+    assert gs.split_k_for(256, 10240, 8192, 128, 132) == 3 and gs.split_k_for(256, 8192, 8192, 128, 132) == 2
+    for num_k in (2, 4, 128, 130, 256, 448):
+        for split_k in (1, 2, 3, 4, 5, 8, 1000):
+            for per_group in (1, 2, 4, 8, num_k):
+                if num_k % per_group:
+                    continue
+                tiles, split = gs.k_ranges(num_k, split_k, per_group)
+                assert tiles % 2 == 0 and tiles % per_group == 0 and 1 <= split <= max(1, split_k)
+                assert (split - 1) * tiles < num_k <= split * tiles  # no empty range
+    assert gs.k_ranges(128, 3, 2) == (44, 3) and gs.k_ranges(448, 2, 2) == (224, 2)
+    assert gs.k_ranges(128, 4, 128) == (128, 1)  # one group (group_size -1): no split
+
+
+@pytest.mark.parametrize("dtype,group,block_m,split_k", [
+    ("bf16", 128, 256, False), ("fp16", 32, 256, False), ("bf16", 64, 256, False),
+    ("bf16", 128, 256, True), ("bf16", 128, 128, False), ("bf16", 128, 128, True), ("bf16", 128, 64, False),
+    ("bf16", 128, 64, True), ("fp16", 32, 64, True), ("fp16", 64, 128, True)])
+def test_swapab_kernel_compiles_for_sm90_with_w_in_registers(dtype, group, block_m, split_k):
     env = _triton36_env()
     if env is None:
         pytest.skip("needs Triton 3.6's Gluon (local triton, $GLUON_TRITON_SITE or /tmp/t36)")
     code = ("import json, sys; sys.path.insert(0, '.'); from perf.gluon_swapab_sass import analyze; "
-            f"info = analyze({dtype!r}, {group}); info.pop('_body'); print(json.dumps(info))")
+            f"info = analyze({dtype!r}, {group}, block_m={block_m}, split_k={split_k}); info.pop('_body'); "
+            "print(json.dumps(info))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -124,9 +155,12 @@ def test_swapab_kernel_compiles_for_sm90_with_w_in_registers(dtype, group):
     assert info["spill_bytes"] == 0 and info["local"] == 0 and info["stack"] == 0, info
     assert not [w for w in info["ptxas_warnings"] if "C75" in w], info["ptxas_warnings"]
     assert info["shared_bytes"] <= 227 * 1024
+    assert f"HGMMA.64x{block_m}x16" in info["hgmma_forms"][0], info["hgmma_forms"]
+    if block_m <= 128 and (dtype, group) == ("bf16", 128):  # PROGRAMS_PER_SM's 2 (quant_bench's layer)
+        assert info["registers"] <= 128 and info["programs_per_sm"] >= 2, info
 
 
-def _check(layer, weight, x, bias=None):
+def _check(layer, weight, x, bias=None, **kwargs):
     from ops.gluon_swapab import repack_swapab, swapab_gptq_matmul
 
     K, N = weight.shape
@@ -135,7 +169,7 @@ def _check(layer, weight, x, bias=None):
     if packed is None:
         packed = layer["packed"] = repack_swapab(layer["qweight"])
     got = swapab_gptq_matmul(x, packed, layer["qzeros"], layer["scales"], layer["group_size"],
-                             zero_offset=int(layer["zeros_minus_one"]), bias=bias, out=out)
+                             zero_offset=int(layer["zeros_minus_one"]), bias=bias, out=out, **kwargs)
     assert got is out
     want = x.float() @ weight
     if bias is not None:
@@ -143,7 +177,7 @@ def _check(layer, weight, x, bias=None):
     assert not got.isnan().any(), f"unwritten (NaN) outputs, M={x.shape[0]}"
     error = (got.float() - want).abs().max().item()
     scale = want.abs().max().item()
-    assert error <= TOLERANCE[x.dtype] * scale, f"M={x.shape[0]} {x.dtype}: {error} vs {scale}"
+    assert error <= TOLERANCE[x.dtype] * scale, f"M={x.shape[0]} {x.dtype} {kwargs}: {error} vs {scale}"
 
 
 @gpu
@@ -175,3 +209,73 @@ def test_swapab_gptq_matmul_small_shapes_any_rows_and_bias(dtype):
             _check(layer, weight, torch.randn(M, K, device="cuda").to(dtype), bias=bias)
         _check(layer, weight, torch.randn(3, 50, K, device="cuda").to(dtype))  # [..., K]
         _check(layer, weight, torch.randn(100, K + 4, device="cuda").to(dtype)[:, :K])  # row stride not 16 bytes
+
+
+@gpu
+@pytest.mark.parametrize("shape", LLAMA_70B_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("variant", ["gptq-v1-g32", "gptq-v2-g128"])
+def test_swapab_split_k_and_each_row_tile_match_the_reference_on_70b_shapes(variant, shape):
+    """Every BLOCK_M (64 / 128 / 256, where it holds the rows or more), with split-K off, automatic and forced
+    (2 and 3 ranges; on gate_up too), at rows 1, 77, 128, 200 and 256; bf16, fp16 for the v1 zeros."""
+    _needs_hopper()
+    torch.manual_seed(0)
+    K, N = shape
+    dtypes = (torch.bfloat16, torch.float16) if variant == "gptq-v1-g32" else (torch.bfloat16, )
+    for dtype in dtypes:
+        layer, weight = random_layer(variant, K, N, dtype, "cuda")
+        for M in (1, 77, 128, 200, 256):
+            x = torch.randn(M, K, device="cuda").to(dtype)
+            for block_m in (64, 128, 256):
+                if block_m < M and block_m != 64:  # 64 covers the several-row-tiles case
+                    continue
+                for split_k in (1, None, 2, 3):
+                    _check(layer, weight, x, block_m=block_m, split_k=split_k)
+        del layer, weight
+        torch.cuda.empty_cache()
+
+
+@gpu
+def test_swapab_split_k_with_bias_and_odd_shapes():
+    _needs_hopper()
+    torch.manual_seed(0)
+    K, N = 2048, 384  # 32 K-tiles: split 3 gives ranges 12 / 12 / 8
+    for variant, dtype in (("gptq-v1-g32", torch.float16), ("gptq-v2-g128", torch.bfloat16)):
+        layer, weight = random_layer(variant, K, N, dtype, "cuda")
+        bias = torch.randn(N, device="cuda").to(dtype)
+        for M in (1, 63, 65, 129, 257):
+            for split_k in (2, 3, 16):
+                _check(layer, weight, torch.randn(M, K, device="cuda").to(dtype), bias=bias, split_k=split_k)
+
+
+@gpu
+def test_swapab_replays_in_a_cuda_graph_with_split_k():
+    """Two CUDA-graph replays of split-K calls (o at 256 rows: 2 ranges; at 64 rows: BLOCK_M 64, 4 ranges), new
+    x each time, NaN-filled outputs: the per-tile counters are left zeroed by every launch."""
+    _needs_hopper()
+    torch.manual_seed(0)
+    K, N = 8192, 8192
+    layer, weight = random_layer("gptq-v2-g128", K, N, torch.bfloat16, "cuda")
+    from ops.gluon_swapab import k_ranges, repack_swapab, split_k_for, swapab_gptq_matmul
+    from ops.triton_quant import _num_sms
+
+    packed = repack_swapab(layer["qweight"])
+    xs = [torch.randn(m, K, device="cuda", dtype=torch.bfloat16) for m in (256, 64)]
+    for x in xs:
+        assert k_ranges(K // 64, split_k_for(x.shape[0], N, K, 128, _num_sms(None)), 2)[1] > 1
+    calls = [lambda x=x: swapab_gptq_matmul(x, packed, layer["qzeros"], layer["scales"], 128, 0) for x in xs]
+    for call in calls:
+        call()  # compiles (and makes the counters) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [call() for call in calls]
+    for _ in range(2):
+        for x, out in zip(xs, outs):
+            x.copy_(torch.randn_like(x))
+            out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for x, out in zip(xs, outs):
+            want = x.float() @ weight
+            assert not out.isnan().any()
+            assert (out.float() - want).abs().max() <= TOLERANCE[torch.bfloat16] * want.abs().max()
