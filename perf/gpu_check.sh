@@ -21,7 +21,8 @@
 #   fusion-probe the Triton kernels inductor makes of add + RMSNorm + linear, token dimension unbacked / backed / static
 #   token-dim-ab nano and llama1 with the token dimension unbacked, then backed (ENGINE_TOKEN_DIM), profiled
 #   gluon   the Gluon 256-row W4A16 GEMM: its GPU tests, quant_bench 70B shapes at 256 rows against the tl kernel and bf16
-#   swapab  the swap-AB Gluon GEMM: GPU tests, quant_bench 70B shapes at 128/256 rows, ncu on gate_up
+#   swapab  the swap-AB Gluon GEMM: GPU tests (its own, the engine op's), quant_bench 70B shapes at 1-256 rows
+#   swapab-ncu Nsight Compute on the swap-AB GEMM (70B gate_up, 256 rows)
 #   swapab-op engine::swapab_matmul's GPU test (the op ENGINE_SWAPAB_GEMM=1 routes 4-bit layers through)
 #   gluon-ncu Nsight Compute on the Gluon GEMM (70B gate_up and down, 256 rows): stall reasons, per-SASS-instruction samples
 #   dequant-gemm ENGINE_DEQUANT_GEMM_ROWS's GPU test, quant_bench 70B shapes at 256-8,192 rows without / with it from 1,024
@@ -286,12 +287,15 @@ for stage in "$@"; do
            timeout 240 python3 -m pytest -m gpu -q -x tests/test_gluon_quant.py 2>&1 | tee "$OUT/gluon_tests.log" | tail -15
            timeout 300 python3 perf/quant_bench.py --shapes 70b --kernels bf16 awq-gptq-g128 gluon-gptq-g128 gluon-gptq-g128-s1 \
              --batches 256 --out "$OUT/gluon_bench.json" 2>&1 | tee "$OUT/gluon_bench.log" | tail -25 ;;
-    swapab) # (#9) the swap-AB Gluon GEMM (ops/gluon_swapab.py: W^T dequantized into wgmma's register A operand, x by TMA;
-           # never run before session 21): its GPU tests, then quant_bench on 70B's shapes at 128 / 256 rows against the
-           # first Gluon GEMM, the tl kernel and bf16 cuBLAS, then Nsight Compute's stall reasons on gate_up at 256 rows
-           timeout 240 python3 -m pytest -m gpu -q -x tests/test_gluon_swapab.py 2>&1 | tee "$OUT/swapab_tests.log" | tail -15
-           timeout 300 python3 perf/quant_bench.py --shapes 70b --kernels bf16 awq-gptq-g128 gluon-gptq-g128 gluon-swapab-gptq-g128 \
-             --batches 128 256 --out "$OUT/swapab_bench.json" 2>&1 | tee "$OUT/swapab_bench.log" | tail -33
+    swapab) # (#9) the swap-AB Gluon GEMM (ops/gluon_swapab.py: W^T dequantized into wgmma's register A operand, x by TMA):
+           # its GPU tests and engine::swapab_matmul's, then quant_bench on 70B's shapes at 1 to 256 rows against the tl
+           # kernel and bf16 cuBLAS, with its split-K / row tile chosen (and with split-K off: -s1)
+           timeout 240 python3 -m pytest -m gpu -q -x tests/test_gluon_swapab.py 2>&1 | tee "$OUT/swapab_tests.log" | tail -4
+           timeout 200 python3 -m pytest -m gpu -q tests/test_triton_quant.py -k swapab 2>&1 | tee "$OUT/swapab_op_tests.log" | tail -2
+           timeout 300 python3 perf/quant_bench.py --shapes 70b --kernels bf16 awq-gptq-g128 gluon-swapab-gptq-g128 \
+             gluon-swapab-gptq-g128-s1 --batches 1 16 64 128 256 --out "$OUT/swapab_bench.json" 2>&1 \
+             | tee "$OUT/swapab_bench.log" | tail -81 | grep -v "^ *[a-z_]* .* bf16 " ;;
+    swapab-ncu) # Nsight Compute's stall reasons on the swap-AB GEMM, 70B gate_up at 256 rows
            timeout 150 ncu --set full --import-source yes -k regex:_swapab_kernel -c 1 -f -o "$OUT/swapab_gate_up" \
              python3 perf/quant_bench.py --shapes 70b --kernels gluon-swapab-gptq-g128 --batches 256 --layers gate_up \
              --iters 1 --repeats 1 --eager > "$OUT/swapab_ncu.log" 2>&1
