@@ -63,12 +63,12 @@ Output: y[m, n] = acc[n, m], transposed in registers (`permute`) and converted t
 
 Split-K (SPLIT_K constexpr; grid axis 1). There are N / 128 output tiles whatever M is when M <= BLOCK_M (70B:
 qkv 80, o / down 64, gate_up 448, for 132 SMs), so cutting K is the only way to fill the GPU at small M.
-`split_k_for` takes ops.gluon_quant.split_for's rule (fewest waves of programs; a larger split only if it saves
->= 15%) over SMs x `PROGRAMS_PER_SM[BLOCK_M]` (2 at BLOCK_M 64 / 128: <= 128 registers, from the offline compile;
-1 at 256); `k_ranges` makes every range a multiple of two K-tiles (the loop's pairs) and of a group's K-tiles, so
+`split_k_for` takes the most ranges that still run as one wave of programs over SMs x `PROGRAMS_PER_SM[BLOCK_M]`
+(2 at BLOCK_M 64 / 128: <= 128 registers, from the offline compile; 1 at 256): a second wave of shorter programs
+lost on the H100 (session 21); `k_ranges` makes every range a multiple of two K-tiles (the loop's pairs) and of a group's K-tiles, so
 the kernel starts W's, the zeros' and the scales' pointers at its range (scalar adds before the loop; x's TMA
-coordinate adds `first`) and runs the same loop from 0. 70B on 132 SMs: qkv 3 ranges, o / down 4 at <= 128 rows
-and 2 at 129..256, gate_up 1. Each range's fp32 accumulator is stored, in the accumulator's own register order
+coordinate adds `first`) and runs the same loop from 0. 70B on 132 SMs: at <= 128 rows qkv 3 ranges, o / down 4;
+at 129..256 qkv 1, o / down 2; gate_up 1. Each range's fp32 accumulator is stored, in the accumulator's own register order
 (constant offsets from a thread's base: no transpose), to a workspace [split, tiles, BLOCK_N, BLOCK_M] (columns of
 rows past M not written); then bar.sync and one acq_rel atomic add on the tile's counter
 (`ops.triton_quant._split_k_counters`, as ops.gluon_quant). The last program to arrive reads the partials back
@@ -378,18 +378,27 @@ def block_m_for(M: int) -> int:
 
 
 # Programs an SM holds at once, by BLOCK_M (sm_90's 64K registers and 227 KB shared memory over the offline
-# compile's registers a thread x 256 threads and the x ring; perf/notes/gluon_swapab.md), for split_for's waves.
+# compile's registers a thread x 256 threads and the x ring; perf/notes/gluon_swapab.md), for split_k_for's one wave.
 PROGRAMS_PER_SM = {64: 2, 128: 2, 256: 1}
 
 
-def split_k_for(M: int, N: int, K: int, group_size: int, sms: int, block_m: int | None = None) -> int:
-    """K ranges per output tile, as ops.gluon_quant.split_for picks them (fewest waves of programs, each larger
-    split only if it saves >= 15%), over the SMs times the programs an SM holds at this BLOCK_M."""
-    from ops.gluon_quant import split_for
-
+def split_k_for(M: int, N: int, K: int, group_size: int, sms: int, block_m: int | None = None,
+                max_split: int = 8, min_k_tiles: int = 16) -> int:
+    """K ranges per output tile: the most that still run as ONE wave (tiles x ranges <= the SMs times the programs an
+    SM holds at this BLOCK_M), each range at least `min_k_tiles` K-tiles; 1 where the tiles alone fill a wave.
+    A second wave of shorter programs did not pay on the H100 (session 21, 70B qkv at 256 rows, 80 tiles, one
+    program an SM: 3 ranges 136.9 us, none 103.0), while one wave of split programs did (o / down at 256 rows,
+    2 ranges: 89.6 / 227.3 us against 102.3 / 345.0; qkv at 128 rows, 3 ranges: 77.4 against 102.1)."""
     block_m = block_m or block_m_for(M)
     num_tiles = _cdiv(M, block_m) * (N // BLOCK_N)
-    return split_for(num_tiles, K // _block_k(group_size), sms * PROGRAMS_PER_SM[block_m])
+    slots = sms * PROGRAMS_PER_SM[block_m]
+    num_k_tiles = K // _block_k(group_size)
+    split = 1
+    for candidate in range(2, max_split + 1):
+        if num_tiles * candidate > slots or num_k_tiles < candidate * min_k_tiles:
+            break
+        split = candidate
+    return split
 
 
 def k_ranges(num_k_tiles: int, split_k: int, tiles_per_group: int = 1) -> tuple[int, int]:
