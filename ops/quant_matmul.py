@@ -10,7 +10,9 @@ columns have a data-dependent count, does not break the full graph.
 - ``torch.ops.engine.gptq_matmul(x, qweight, qzeros, scales, g_idx, group_size, act_order, zeros_minus_one, bias)``
 - ``torch.ops.engine.swapab_matmul(x, packed, qzeros, scales, group_size, zeros_minus_one, bias)``: a GPTQ-layout
   4-bit weight (no act-order) whose qweight `ops.gluon_swapab.repack_swapab` rearranged at load
-  (`ENGINE_SWAPAB_GEMM=1`): the swap-AB Gluon GEMM on an sm_90 GPU, the reference (the nibbles read back) elsewhere.
+  (`ENGINE_SWAPAB_GEMM=1`): the swap-AB Gluon GEMM on an sm_90 GPU (from ENGINE_DEQUANT_GEMM_ROWS rows, where set,
+  the layer dequantized by `ops.triton_quant.dequantize_swapab` and multiplied by cuBLAS), the reference (the nibbles
+  read back) elsewhere.
 - ``torch.ops.engine.int8_matmul(x, weight, scale, bias)``
 - ``torch.ops.engine.bnb_int8_matmul(x, weight, SCB, threshold, bias)``: LLM.int8() through
   bitsandbytes on any device (its CPU and CUDA builds), exactly as transformers' Linear8bitLt calls it.
@@ -72,6 +74,12 @@ def swapab_matmul(x: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, s
     from ops import gluon_swapab
 
     if x.is_cuda:
+        triton_quant = _triton_quant()
+        if x.dtype in (torch.bfloat16, torch.float16) and 0 < triton_quant.DEQUANT_GEMM_ROWS <= x.numel() // x.shape[-1]:
+            # Prefill-sized steps (ENGINE_DEQUANT_GEMM_ROWS): the layer dequantized into a scratch, then cuBLAS.
+            weight = triton_quant.dequantize_swapab(packed, qzeros, scales, group_size, int(zeros_minus_one), x.dtype)
+            return x @ weight if bias is None else torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(
+                *x.shape[:-1], -1)
         return gluon_swapab.swapab_gptq_matmul(x, packed, qzeros, scales, group_size, int(zeros_minus_one), bias)
     qweight = quant_ref.pack_int4(gluon_swapab.unpack_swapab(packed), dim=0)
     g_idx = torch.arange(qweight.shape[0] * quant_ref.PACK_FACTOR, device=x.device) // group_size

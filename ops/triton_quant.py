@@ -70,7 +70,8 @@ has its own group (`g_idx`), and zeros and scales are gathered per row and appli
 One exception, off by default (`DEQUANT_GEMM_ROWS`, `ENGINE_DEQUANT_GEMM_ROWS`): from that many rows, a 16-bit
 GPTQ-layout matmul dequantizes its layer's weight into a transient [K, N] scratch (`_dequant_gptq_kernel`, one
 layer at a time) and multiplies with cuBLAS, as vLLM's AWQ layers do from 256 tokens: for prefill-sized steps,
-where the tiles' dequantizing cannot overlap their tensor cores (perf/notes/gemm256_sass.md). Another, also off
+where the tiles' dequantizing cannot overlap their tensor cores (perf/notes/gemm256_sass.md). `dequantize_swapab` does the
+same for weights in `ops.gluon_swapab`'s order (ENGINE_SWAPAB_GEMM=1). Another, also off
 (`GLUON_GEMM_ROWS`, `ENGINE_GLUON_GEMM_ROWS`): from that many rows, the Gluon GEMM of `ops.gluon_quant`, whose
 dequant runs under the tensor cores (perf/notes/gluon_gemm256.md), where it supports the call.
 
@@ -950,6 +951,44 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     _dequant_gptq_kernel[(triton.cdiv(K // 8, block_r), triton.cdiv(N, block_n))](
         qweight, qzeros, scales, out, N, K, qweight.stride(0), qzeros.stride(0), scales.stride(0), group_size,
         ZERO_OFFSET=zero_offset, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+@triton.jit
+def _dequant_swapab_kernel(w_ptr, zeros_ptr, scales_ptr, out_ptr, N, stride_z, stride_s, group_size,
+                           ZERO_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out [K, N] = float32(q - zero) * float32(scale) in out's dtype, from `ops.gluon_swapab.repack_swapab`'s words
+    (int32 [K/64, N*8]) instead of GPTQ's. One program: a 64-deep K-tile t of BLOCK_N outputs, each element gathering
+    its word (the module docstring of ops.gluon_swapab: word ((t * N/16 + n // 16) * 32 + 4 g + c) * 4 + 2 jj + r,
+    nibble 4 i2 + 2 i1 + i0 for k = 64 t + 32 jj + 16 i2 + 8 i1 + 2 c + i0, n = 16 b + 8 r + g), so that the
+    stores run along n. A word's 8 inputs lie in one 32-input block, hence in one group (groups >= 32)."""
+    t = tl.program_id(0)
+    k = tl.arange(0, 64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (n < N)[None, :]
+    lane = 4 * (n % 8)[None, :] + ((k % 8) // 2)[:, None]  # 4 g + c
+    word = ((t * (N // 16) + n // 16)[None, :] * 32 + lane) * 4 + (2 * (k // 32))[:, None] + ((n % 16) // 8)[None, :]
+    nibble = (4 * ((k % 32) // 16) + 2 * ((k % 16) // 8) + k % 2)[:, None]
+    q = (tl.load(w_ptr + word, mask=mask, other=0) >> (4 * nibble)) & 0xF
+    group = ((t * 64 + k) // group_size)[:, None]
+    zero_words = tl.load(zeros_ptr + group * stride_z + (n // 8)[None, :], mask=mask, other=0)
+    zeros = ((zero_words >> ((n % 8) * 4)[None, :]) & 0xF) + ZERO_OFFSET
+    scales = tl.load(scales_ptr + group * stride_s + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + (t * 64 + k)[:, None] * N + n[None, :],
+             ((q - zeros).to(tl.float32) * scales).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_swapab(packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                      zero_offset: int, dtype: torch.dtype) -> torch.Tensor:
+    """A weight in repack_swapab's words (packed [K/64, N*8]) -> [K, N] in `dtype`, on the GPU (the large-batch path
+    of engine::swapab_matmul, as `dequantize_gptq` is of the GPTQ-layout matmuls)."""
+    K, N = packed.shape[0] * 64, packed.shape[1] // 8
+    group_size = K if group_size == -1 else group_size
+    out = torch.empty((K, N), dtype=dtype, device=packed.device)
+    block_n = 128
+    _dequant_swapab_kernel[(K // 64, triton.cdiv(N, block_n))](
+        packed, qzeros, scales, out, N, qzeros.stride(0), scales.stride(0), group_size,
+        ZERO_OFFSET=zero_offset, BLOCK_N=block_n, num_warps=4)
     return out
 
 

@@ -178,6 +178,15 @@ from ops.quant_ref import dequantize_gptq
 want = dequantize_gptq(qweight, qzeros, scales, torch.arange(256) // 32, True)
 for dtype in (torch.float32, torch.float16):  # bit for bit (the interpreter truncates to bf16: the GPU test checks it)
     assert torch.equal(triton_quant.dequantize_gptq(qweight, qzeros, scales, 32, 1, dtype), want.to(dtype)), dtype
+from ops.gluon_swapab import repack_swapab  # the same weight in the swap-AB GEMM's words (ENGINE_SWAPAB_GEMM=1)
+for variant, group, zero_offset in (("gptq-v1-g32", 32, 1), ("gptq-v2-g128", 128, 0), ("gptq-per-channel", -1, 1)):
+    layer = random_layer(variant, 256, 384, torch.float16, "cpu")[0]
+    want = dequantize_gptq(layer["qweight"], layer["qzeros"], layer["scales"], torch.arange(256) // (256 if group == -1
+                           else group), bool(zero_offset))
+    for dtype in (torch.float32, torch.float16):
+        got = triton_quant.dequantize_swapab(repack_swapab(layer["qweight"]), layer["qzeros"], layer["scales"], group,
+                                             zero_offset, dtype)
+        assert torch.equal(got, want.to(dtype)), (variant, dtype)
 print("ok")
 """
 
@@ -291,9 +300,10 @@ def test_quantized_matmul_ops_run_the_triton_kernels_and_replay_in_a_cuda_graph(
 
 
 @gpu
-@pytest.mark.parametrize("variant", ["awq-g128", "gptq-v1-g64"])
-def test_swapab_matmul_op_runs_the_swapab_gemm_and_replays_in_a_cuda_graph(variant):
-    """engine::swapab_matmul (ENGINE_SWAPAB_GEMM=1's op) on CUDA: the swap-AB Gluon GEMM on the repacked weight,
+@pytest.mark.parametrize("variant,dequant_rows", [("awq-g128", 0), ("gptq-v1-g64", 0), ("awq-g128", 256)])
+def test_swapab_matmul_op_runs_the_swapab_gemm_and_replays_in_a_cuda_graph(variant, dequant_rows, monkeypatch):
+    """engine::swapab_matmul (ENGINE_SWAPAB_GEMM=1's op) on CUDA: the swap-AB Gluon GEMM on the repacked weight
+    (with DEQUANT_GEMM_ROWS set, from that many rows the weight dequantized by `dequantize_swapab` and cuBLAS),
     against the reference at every batch-size class, captured and replayed in a CUDA graph."""
     pytest.importorskip("triton")
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
@@ -303,6 +313,9 @@ def test_swapab_matmul_op_runs_the_swapab_gemm_and_replays_in_a_cuda_graph(varia
 
     if not gluon_swapab.HAVE_GLUON:
         pytest.skip("needs Triton's Gluon")
+    from ops import triton_quant
+
+    monkeypatch.setattr(triton_quant, "DEQUANT_GEMM_ROWS", dequant_rows)
     torch.manual_seed(0)
     K, N = 4096, 6144
     tensors, weight = random_layer(variant, K, N, torch.bfloat16, "cuda")

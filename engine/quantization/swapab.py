@@ -3,7 +3,13 @@ act-order) keep their qweight in `ops.gluon_swapab.repack_swapab`'s order instea
 as `torch.ops.engine.swapab_matmul`: on an sm_90 GPU the swap-AB Gluon GEMM (the weight dequantized straight into
 wgmma's register operand; perf/notes/gluon_swapab.md), elsewhere the reference. The repacked words replace GPTQ's
 (the same bytes), so the small-batch kernels of `ops.triton_quant`, which read GPTQ's order, are not used for these
-layers: every batch size goes through the swap-AB GEMM."""
+layers: every batch size goes through the swap-AB GEMM (from ENGINE_DEQUANT_GEMM_ROWS rows, where that is set, the
+layer is dequantized by `ops.triton_quant.dequantize_swapab` and multiplied by cuBLAS instead).
+
+On the H100 (perf/RESULTS.md, session 21) it took Llama-3.1-70B AWQ `fixed` 1000 x 128 x 512 from 3.52 to 4.86 req/s:
+a 70B layer's four matmuls at 256 rows in 883 us against the tl kernel's 1,261 (bf16 cuBLAS: 664). It stays off by
+default because one row costs 2.7x the planar GEMV's (474 against 174 us a 70B layer), and the two orders cannot
+both be kept without doubling the weights' memory."""
 
 from __future__ import annotations
 
