@@ -22,6 +22,8 @@
 #   token-dim-ab nano and llama1 with the token dimension unbacked, then backed (ENGINE_TOKEN_DIM), profiled
 #   gluon   the Gluon 256-row W4A16 GEMM: its GPU tests, quant_bench 70B shapes at 256 rows against the tl kernel and bf16
 #   swapab  the swap-AB Gluon GEMM: GPU tests (its own, the engine op's), quant_bench 70B shapes at 1-256 rows
+#   swapab-large engine::swapab_matmul at 256-8,192 rows (70B shapes), the kernel against dequantize_swapab + cuBLAS
+#   swapab-8b Llama-3.1-8B AWQ batch 1 and fixed without / with ENGINE_SWAPAB_GEMM=1
 #   swapab-ncu Nsight Compute on the swap-AB GEMM (70B gate_up, 256 rows)
 #   swapab-op engine::swapab_matmul's GPU test (the op ENGINE_SWAPAB_GEMM=1 routes 4-bit layers through)
 #   gluon-ncu Nsight Compute on the Gluon GEMM (70B gate_up and down, 256 rows): stall reasons, per-SASS-instruction samples
@@ -295,6 +297,21 @@ for stage in "$@"; do
            timeout 300 python3 perf/quant_bench.py --shapes 70b --kernels bf16 awq-gptq-g128 gluon-swapab-gptq-g128 \
              gluon-swapab-gptq-g128-s1 --batches 1 16 64 128 256 --out "$OUT/swapab_bench.json" 2>&1 \
              | tee "$OUT/swapab_bench.log" | tail -81 | grep -v "^ *[a-z_]* .* bf16 " ;;
+    swapab-large) # (#9) prefill-sized steps with ENGINE_SWAPAB_GEMM=1's layers: engine::swapab_matmul on 70B's shapes at 256 to
+           # 8,192 rows, as the swap-AB kernel (ENGINE_DEQUANT_GEMM_ROWS=0) and from 1,024 rows dequantize_swapab + cuBLAS
+           for rows in 0 1024; do
+             ENGINE_DEQUANT_GEMM_ROWS=$rows timeout 240 python3 perf/quant_bench.py --shapes 70b --kernels bf16 swapab-op-g128 \
+               --batches 256 1024 2048 8192 --out "$OUT/swapab_large_$rows.json" 2>&1 | tee "$OUT/swapab_large_$rows.log" \
+               | tail -16 | sed "s/^/[ENGINE_DEQUANT_GEMM_ROWS=$rows] /"
+           done ;;
+    swapab-8b) # (#9) what ENGINE_SWAPAB_GEMM=1 does to Llama-3.1-8B AWQ: batch 1 (128 / 512; the planar GEMV is 2.7x faster
+           # at one row on 70B's shapes) and fixed 1000 x 256 x 256, without then with it
+           for sw in 0 1; do
+             ENGINE_SWAPAB_GEMM=$sw bench llama8b_awq_bs1_swapab$sw --model llama-3.1-8b --quantization awq --workload fixed \
+               --num-requests 1 --input-len 128 --output-len 512
+             ENGINE_SWAPAB_GEMM=$sw bench llama8b_awq_fixed_swapab$sw --model llama-3.1-8b --quantization awq --workload fixed \
+               --num-requests 1000 --input-len 256 --output-len 256
+           done ;;
     swapab-ncu) # Nsight Compute's stall reasons on the swap-AB GEMM, 70B gate_up at 256 rows
            timeout 150 ncu --set full --import-source yes -k regex:_swapab_kernel -c 1 -f -o "$OUT/swapab_gate_up" \
              python3 perf/quant_bench.py --shapes 70b --kernels gluon-swapab-gptq-g128 --batches 256 --layers gate_up \

@@ -37,6 +37,8 @@ pipeline stages, programs an SM, K ranges at most; `planar_sweep_tables`), named
                  128 x BLOCK_M tiles of y^T, BLOCK_M 64 / 128 / 256 by rows (block_m_for), split-K as
                  ops.gluon_swapab.split_k_for picks it)
 - gluon-swapab-gptq-g128-s1: the same without split-K
+- swapab-op-g128: the same weights through engine::swapab_matmul, as ENGINE_SWAPAB_GEMM=1's layers run: the swap-AB
+                 kernel, or from ENGINE_DEQUANT_GEMM_ROWS rows (where set) dequantize_swapab + cuBLAS
 - gptq-g128:     GPTQ v1, group 128, no act-order (group of a K-tile from its index)
 - gptq-act-g128: GPTQ v1, group 128, act-order (zeros and scales gathered per input row via g_idx)
 - gptq-act-sorted-g128: the same weights sorted by group (ops.quant_ref.sort_by_group), as the engine
@@ -67,8 +69,8 @@ SHAPE_NAMES = ["qkv", "o", "gate_up", "down"]  # the order of LLAMA_8B_SHAPES an
 SHAPES = {"8b": LLAMA_8B_SHAPES, "70b": LLAMA_70B_SHAPES}  # one rank's (K, N), unsharded
 BATCHES = (1, 2, 4, 16, 256)
 L2_DEFEAT_BYTES = 256 << 20
-KERNELS = ["bf16", "awq-g128", "awq-gptq-g128", "gluon-gptq-g128", "gluon-gptq-g128-s1", "gluon-swapab-gptq-g128", "gluon-swapab-gptq-g128-s1", "gptq-g128", "gptq-act-g128", "gptq-act-sorted-g128", "int8", "bnb-int8"]
-VARIANT_OF = {"awq-g128": "awq-g128", "awq-gptq-g128": "awq-g128", "gluon-gptq-g128": "awq-g128", "gluon-gptq-g128-s1": "awq-g128", "gluon-swapab-gptq-g128": "awq-g128", "gluon-swapab-gptq-g128-s1": "awq-g128", "gptq-g128": "gptq-v1-g128", "gptq-act-g128": "gptq-act-order-g128",
+KERNELS = ["bf16", "awq-g128", "awq-gptq-g128", "gluon-gptq-g128", "gluon-gptq-g128-s1", "gluon-swapab-gptq-g128", "gluon-swapab-gptq-g128-s1", "swapab-op-g128", "gptq-g128", "gptq-act-g128", "gptq-act-sorted-g128", "int8", "bnb-int8"]
+VARIANT_OF = {"awq-g128": "awq-g128", "awq-gptq-g128": "awq-g128", "gluon-gptq-g128": "awq-g128", "gluon-gptq-g128-s1": "awq-g128", "gluon-swapab-gptq-g128": "awq-g128", "gluon-swapab-gptq-g128-s1": "awq-g128", "swapab-op-g128": "awq-g128", "gptq-g128": "gptq-v1-g128", "gptq-act-g128": "gptq-act-order-g128",
               "gptq-act-sorted-g128": "gptq-act-order-g128", "int8": "int8"}
 
 
@@ -93,14 +95,14 @@ def make_layer(kernel: str, K: int, N: int) -> tuple[dict, torch.Tensor | None]:
         return {"weight": weight, "SCB": scb}, None
     layer, weight = random_layer(VARIANT_OF[kernel], K, N, torch.bfloat16, "cuda")
     if kernel in ("awq-gptq-g128", "gluon-gptq-g128", "gluon-gptq-g128-s1", "gluon-swapab-gptq-g128",
-                  "gluon-swapab-gptq-g128-s1"):
+                  "gluon-swapab-gptq-g128-s1", "swapab-op-g128"):
         from ops.quant_ref import awq_to_gptq
 
         qweight, qzeros = awq_to_gptq(layer["qweight"], layer["qzeros"])
         g_idx = torch.arange(K, dtype=torch.int32, device="cuda") // layer["group_size"]
         layer = dict(qweight=qweight, qzeros=qzeros, scales=layer["scales"], g_idx=g_idx,
                      group_size=layer["group_size"], act_order=False, zeros_minus_one=False)
-        if kernel.startswith("gluon-swapab-gptq-g128"):  # repacked once, as a loader would
+        if kernel.startswith(("gluon-swapab-gptq-g128", "swapab-op")):  # repacked once, as a loader would
             from ops.gluon_swapab import repack_swapab
 
             layer = dict(packed=repack_swapab(qweight), qzeros=qzeros, scales=layer["scales"],
@@ -122,6 +124,9 @@ def matmul_of(kernel: str) -> Callable[[torch.Tensor, dict], torch.Tensor]:
         return lambda x, layer: F.linear(x, layer["weight"])
     if kernel == "bnb-int8":
         return lambda x, layer: torch.ops.engine.bnb_int8_matmul(x, layer["weight"], layer["SCB"], 6.0, None)
+    if kernel == "swapab-op-g128":
+        return lambda x, layer: torch.ops.engine.swapab_matmul(x, layer["packed"], layer["qzeros"], layer["scales"],
+                                                               layer["group_size"], False, None)
     if kernel.startswith("gluon-swapab-gptq-g128"):
         from ops.gluon_swapab import swapab_gptq_matmul
 
@@ -204,6 +209,12 @@ def planar_sweep_tables() -> dict[str, tuple]:
 def tiles_label(M: int, kernel: str) -> str:
     from ops import triton_quant
 
+    if kernel == "swapab-op-g128":
+        from ops import gluon_swapab as gs
+
+        if 0 < triton_quant.DEQUANT_GEMM_ROWS <= M:
+            return "dequantize_swapab + cuBLAS"
+        return f"gluon-swapab {gs.BLOCK_N}x{gs.block_m_for(M)}x{gs.MAX_BLOCK_K}/op"
     if kernel.startswith("gluon-swapab-gptq-g128"):
         from ops import gluon_swapab as gs
 
@@ -240,7 +251,7 @@ def main() -> None:
     from ops import triton_quant
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kernels", nargs="+", default=[k for k in KERNELS if not k.startswith("gluon")],
+    parser.add_argument("--kernels", nargs="+", default=[k for k in KERNELS if not k.startswith(("gluon", "swapab"))],
                         choices=KERNELS, help="default: all but the Gluon ones (Triton 3.6, sm_90 only)")
     parser.add_argument("--layers", nargs="+", default=SHAPE_NAMES, choices=SHAPE_NAMES)
     parser.add_argument("--shapes", default="8b", choices=list(SHAPES),
