@@ -94,21 +94,24 @@ if HAVE_GLUON:
         return words, zero_words, scales
 
     @gluon.jit
-    def _dequant_tile(words, zero_words, scales, n, ZERO_OFFSET: gl.constexpr, DTYPE: gl.constexpr,
-                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
-        """(q - zero) * scale in DTYPE, [BLOCK_N, BLOCK_K] (element [n, k]: input k0 + k of output n0 + n), in a
-        blocked layout of 8 consecutive inputs (one word) a thread; n: the outputs' offsets (for the zero's nibble).
-        The PTX of `ops.triton_quant._nibble_pairs` (17 / 21 instructions a word, fp16 / bf16)."""
-        BF16: gl.constexpr = DTYPE == gl.bfloat16
-        MAGIC: gl.constexpr = 0x4300 if BF16 else 0x6400
-        zeros = ((zero_words >> ((n % 8) * 4)) & 0xF) + ZERO_OFFSET  # 0..16
-        neg_zero_pairs = gl.expand_dims((zeros + (MAGIC | 0x8000)) * 0x10001, 1)  # -(MAGIC + zero), both halves
+    def _scale_pairs(scales, DTYPE: gl.constexpr):
+        """fp16 scales as packed pairs (both halves the same 16 bits) for `_nibbles_dequantized`: (s_hi, s_lo) in
+        bf16 for bf16 x (s = s_hi + s_lo exactly: an fp16 scale has 11 significant bits), (s, s) in fp16 for fp16 x."""
         s = scales.to(gl.float32)
         s_hi = s.to(DTYPE)
-        hi_pairs = gl.expand_dims((s_hi.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) * 0x10001, 1)
-        if BF16:  # s = s_hi + s_lo exactly (an fp16 scale has 11 significant bits)
+        hi_pairs = (s_hi.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) * 0x10001
+        lo_pairs = hi_pairs
+        if DTYPE == gl.bfloat16:
             s_lo = (s - s_hi.to(gl.float32)).to(gl.bfloat16)
-            lo_pairs = gl.expand_dims((s_lo.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) * 0x10001, 1)
+            lo_pairs = (s_lo.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) * 0x10001
+        return hi_pairs, lo_pairs
+
+    @gluon.jit
+    def _nibbles_dequantized(words, neg_zero_pairs, hi_pairs, lo_pairs, DTYPE: gl.constexpr):
+        """(q - zero) * scale in DTYPE of each word's 8 nibbles (`ops.triton_quant._nibble_pairs`'s PTX: 17 / 21
+        instructions a word, fp16 / bf16), as words' shape + [2, 2, 2]: element [..., c, b, a] is nibble 4c + 2b + a
+        (join(u, v)[..., i] is u for i = 0). Shared by this module's kernel and ops.gluon_swapab's."""
+        if DTYPE == gl.bfloat16:
             p0, p1, p2, p3, p4, p5, p6, p7 = gl.inline_asm_elementwise(
                 _PAIRS_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", [words, neg_zero_pairs, hi_pairs, lo_pairs],
                 (gl.bfloat16, ) * 8, True, 1)
@@ -116,9 +119,21 @@ if HAVE_GLUON:
             p0, p1, p2, p3, p4, p5, p6, p7 = gl.inline_asm_elementwise(
                 _PAIRS_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, neg_zero_pairs, hi_pairs],
                 (gl.float16, ) * 8, True, 1)
-        # [BLOCK_N, BLOCK_K // 8, 2, 2, 2]: join(u, v)[..., i] is u for i = 0, so element [n, w, c, b, a] of this
-        # nesting is p_(4 c + 2 b + a), which the reshape puts at input 8 w + 4 c + 2 b + a: the word's order.
-        t = gl.join(gl.join(gl.join(p0, p4), gl.join(p2, p6)), gl.join(gl.join(p1, p5), gl.join(p3, p7)))
+        return gl.join(gl.join(gl.join(p0, p4), gl.join(p2, p6)), gl.join(gl.join(p1, p5), gl.join(p3, p7)))
+
+    @gluon.jit
+    def _dequant_tile(words, zero_words, scales, n, ZERO_OFFSET: gl.constexpr, DTYPE: gl.constexpr,
+                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+        """(q - zero) * scale in DTYPE, [BLOCK_N, BLOCK_K] (element [n, k]: input k0 + k of output n0 + n), in a
+        blocked layout of 8 consecutive inputs (one word) a thread; n: the outputs' offsets (for the zero's nibble)."""
+        MAGIC: gl.constexpr = 0x4300 if DTYPE == gl.bfloat16 else 0x6400
+        zeros = ((zero_words >> ((n % 8) * 4)) & 0xF) + ZERO_OFFSET  # 0..16
+        neg_zero_pairs = gl.expand_dims((zeros + (MAGIC | 0x8000)) * 0x10001, 1)  # -(MAGIC + zero), both halves
+        hi_pairs, lo_pairs = _scale_pairs(scales, DTYPE)
+        t = _nibbles_dequantized(words, neg_zero_pairs, gl.expand_dims(hi_pairs, 1), gl.expand_dims(lo_pairs, 1),
+                                 DTYPE)
+        # [BLOCK_N, BLOCK_K // 8, 2, 2, 2]: element [n, w, c, b, a], nibble 4 c + 2 b + a of word w, which the
+        # reshape puts at input 8 w + 4 c + 2 b + a: the word's order.
         return gl.reshape(t, [BLOCK_N, BLOCK_K])
 
     @gluon.jit(do_not_specialize=["M"])

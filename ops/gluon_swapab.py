@@ -149,10 +149,7 @@ def unpack_swapab(packed: torch.Tensor) -> torch.Tensor:
 # The kernel
 
 if HAVE_GLUON:
-    from ops.triton_quant import _nibble_pairs_asm, _SCALE_BF16_ASM, _SCALE_F16_ASM
-
-    _PAIRS_BF16 = gl.constexpr(_nibble_pairs_asm(0x4300, "bf16x2", _SCALE_BF16_ASM).value)
-    _PAIRS_F16 = gl.constexpr(_nibble_pairs_asm(0x6400, "f16x2", _SCALE_F16_ASM).value)
+    from ops.gluon_quant import _nibbles_dequantized, _scale_pairs  # the dequant both Gluon GEMMs share
 
     @gluon.jit
     def _load_w_tile(w_ptrs, zeros_ptrs, scales_ptrs, t, N, BLOCK_K: gl.constexpr, GROUP_SIZE: gl.constexpr):
@@ -171,27 +168,14 @@ if HAVE_GLUON:
                           DTYPE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
         """(q - zero) * scale in DTYPE as W^T's [BLOCK_N, BLOCK_K] tile in wgmma's A-operand layout (each thread
         its own fragment: the words it loaded are exactly its fragment's nibbles)."""
-        BF16: gl.constexpr = DTYPE == gl.bfloat16
-        MAGIC: gl.constexpr = 0x4300 if BF16 else 0x6400
+        MAGIC: gl.constexpr = 0x4300 if DTYPE == gl.bfloat16 else 0x6400
         NB: gl.constexpr = BLOCK_N // 16
         JJ: gl.constexpr = BLOCK_K // 32
         zeros = ((zero_words >> zero_shift) & 0xF) + ZERO_OFFSET  # 0..16
         neg_zero_pairs = (zeros + (MAGIC | 0x8000)) * 0x10001  # -(MAGIC + zero), both halves
-        s = scales.to(gl.float32)
-        s_hi = s.to(DTYPE)
-        hi_pairs = (s_hi.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) * 0x10001
-        if BF16:  # s = s_hi + s_lo exactly (an fp16 scale has 11 significant bits)
-            s_lo = (s - s_hi.to(gl.float32)).to(gl.bfloat16)
-            lo_pairs = (s_lo.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) * 0x10001
-            p0, p1, p2, p3, p4, p5, p6, p7 = gl.inline_asm_elementwise(
-                _PAIRS_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", [words, neg_zero_pairs, hi_pairs, lo_pairs],
-                (gl.bfloat16, ) * 8, True, 1)
-        else:
-            p0, p1, p2, p3, p4, p5, p6, p7 = gl.inline_asm_elementwise(
-                _PAIRS_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, neg_zero_pairs, hi_pairs],
-                (gl.float16, ) * 8, True, 1)
-        # [NB, 32, WPT, i2, i1, i0] holding nibble 4 i2 + 2 i1 + i0 (the nesting as in ops.gluon_quant)
-        t = gl.join(gl.join(gl.join(p0, p4), gl.join(p2, p6)), gl.join(gl.join(p1, p5), gl.join(p3, p7)))
+        hi_pairs, lo_pairs = _scale_pairs(scales, DTYPE)
+        # [NB, 32, WPT, i2, i1, i0] holding nibble 4 i2 + 2 i1 + i0
+        t = _nibbles_dequantized(words, neg_zero_pairs, hi_pairs, lo_pairs, DTYPE)
         # lane = 4 g + c, word = 2 jj + r -> [b, g, c, jj, r, i2, i1, i0] -> [b, r, g | jj, i2, i1, c, i0]
         t = gl.reshape(t, [NB, 8, 4, JJ, 2, 2, 2, 2])
         t = gl.permute(t, (0, 4, 1, 3, 5, 6, 2, 7))
