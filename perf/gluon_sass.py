@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perf.quant_sass import bin_tool, k_loop, opcode, sass_lines, sequence, summarize  # noqa: E402
+from perf.quant_sass import resources, k_loop, opcode, sass_lines, sequence, summarize  # noqa: E402
 
 
 def analyze(dtype: str = "bf16", group: int = 128, x_stages: int | None = None, split_k: bool = False) -> dict:
@@ -34,15 +32,7 @@ def analyze(dtype: str = "bf16", group: int = 128, x_stages: int | None = None, 
 
     kernel = gq.compile_sm90(dtype, group, x_stages=x_stages or gq.X_STAGES, split_k=split_k)
     ptx, cubin = kernel.asm["ptx"], kernel.asm["cubin"]
-    with tempfile.TemporaryDirectory() as d:
-        Path(d, "k.cubin").write_bytes(cubin)
-        res = subprocess.run([bin_tool("cuobjdump"), "-res-usage", str(Path(d, "k.cubin"))], capture_output=True,
-                             text=True).stdout
-        Path(d, "k.ptx").write_text(ptx)
-        ptxas = subprocess.run([bin_tool("ptxas"), "-arch=sm_90a", "-v", str(Path(d, "k.ptx")), "-o",
-                                str(Path(d, "k2.cubin"))], capture_output=True, text=True).stderr
-    usage = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", res)}
-    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas)]
+    usage, spill_bytes, ptxas = resources(ptx, cubin)
     lines = sass_lines(cubin)
     body = k_loop(lines)
     ops = [opcode(s) for _, s in body]
@@ -52,7 +42,7 @@ def analyze(dtype: str = "bf16", group: int = 128, x_stages: int | None = None, 
     return dict(
         triton=triton.__version__, dtype=dtype, group=group, split_k=split_k, block_k=gq._block_k(group),
         registers=usage.get("REG"), stack=usage.get("STACK"), local=usage.get("LOCAL"),
-        spill_bytes=sum(spills), shared_bytes=kernel.metadata.shared,
+        spill_bytes=spill_bytes, shared_bytes=kernel.metadata.shared,
         ptxas_warnings=[line.strip() for line in ptxas.splitlines() if "arning" in line or "C75" in line],
         ptx_wait_groups=re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx),
         loop_instructions=len(body), loop_mix=dict(Counter(op.split(".")[0] for op in ops).most_common()),

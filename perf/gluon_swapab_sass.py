@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perf.quant_sass import bin_tool, opcode, sass_lines, sequence, summarize  # noqa: E402
+from perf.quant_sass import resources, opcode, sass_lines, sequence, summarize  # noqa: E402
 
 
 def k_loop(lines: list[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -95,15 +93,7 @@ def analyze(dtype: str = "bf16", group: int = 128, stages: int | None = None, bl
     block_m = block_m or gs.BLOCK_M
     kernel = gs.compile_sm90(dtype, group, stages=stages or gs.STAGES, block_m=block_m, split_k=split_k)
     ttgir, ptx, cubin = kernel.asm["ttgir"], kernel.asm["ptx"], kernel.asm["cubin"]
-    with tempfile.TemporaryDirectory() as d:
-        Path(d, "k.cubin").write_bytes(cubin)
-        res = subprocess.run([bin_tool("cuobjdump"), "-res-usage", str(Path(d, "k.cubin"))], capture_output=True,
-                             text=True).stdout
-        Path(d, "k.ptx").write_text(ptx)
-        ptxas = subprocess.run([bin_tool("ptxas"), "-arch=sm_90a", "-v", str(Path(d, "k.ptx")), "-o",
-                                str(Path(d, "k2.cubin"))], capture_output=True, text=True).stderr
-    usage = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", res)}
-    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas)]
+    usage, spill_bytes, ptxas = resources(ptx, cubin)
     lines = sass_lines(cubin)
     body = k_loop(lines)
     ops = [opcode(s) for _, s in body]
@@ -113,7 +103,7 @@ def analyze(dtype: str = "bf16", group: int = 128, stages: int | None = None, bl
         triton=triton.__version__, dtype=dtype, group=group, block_m=block_m, split_k=split_k,
         block_k=gs._block_k(group),
         registers=usage.get("REG"), stack=usage.get("STACK"), local=usage.get("LOCAL"),
-        spill_bytes=sum(spills), shared_bytes=kernel.metadata.shared,
+        spill_bytes=spill_bytes, shared_bytes=kernel.metadata.shared,
         ptxas_warnings=[line.strip() for line in ptxas.splitlines() if "arning" in line or "C75" in line],
         ttgir_local_ops=dict(Counter(re.findall(r"ttg\.(local_alloc|local_store|local_load)", ttgir))),
         ttgir_convert_layouts=len(re.findall(r"ttg\.convert_layout", ttgir)),

@@ -79,6 +79,21 @@ def sass_lines(cubin: bytes) -> list[tuple[int, str]]:
     return out
 
 
+def resources(ptx: str, cubin: bytes) -> tuple[dict[str, int], int, str]:
+    """A compiled kernel's cuobjdump -res-usage counts (REG / STACK / LOCAL), the spill bytes ptxas -v reports when
+    it assembles the PTX again for sm_90a, and that ptxas output (its warnings)."""
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "k.cubin").write_bytes(cubin)
+        res = subprocess.run([bin_tool("cuobjdump"), "-res-usage", str(Path(d, "k.cubin"))], capture_output=True,
+                             text=True).stdout
+        Path(d, "k.ptx").write_text(ptx)
+        ptxas = subprocess.run([bin_tool("ptxas"), "-arch=sm_90a", "-v", str(Path(d, "k.ptx")), "-o",
+                                str(Path(d, "k2.cubin"))], capture_output=True, text=True).stderr
+    usage = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", res)}
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas))
+    return usage, spills, ptxas
+
+
 def opcode(ins: str) -> str:
     ins = re.sub(r"^@!?U?P\w+\s+", "", ins)
     return ins.split()[0] if ins else ""
