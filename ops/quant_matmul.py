@@ -82,7 +82,8 @@ def swapab_matmul(x: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, s
                 *x.shape[:-1], -1)
         return gluon_swapab.swapab_gptq_matmul(x, packed, qzeros, scales, group_size, int(zeros_minus_one), bias)
     qweight = quant_ref.pack_int4(gluon_swapab.unpack_swapab(packed), dim=0)
-    g_idx = torch.arange(qweight.shape[0] * quant_ref.PACK_FACTOR, device=x.device) // group_size
+    K = qweight.shape[0] * quant_ref.PACK_FACTOR
+    g_idx = torch.arange(K, device=x.device) // (K if group_size == -1 else group_size)
     return quant_ref.gptq_matmul_ref(x, qweight, qzeros, scales, g_idx, zeros_minus_one, bias)
 
 

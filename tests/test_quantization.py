@@ -449,3 +449,24 @@ def test_swapab_repacked_layers_give_the_tokens_of_gptqs_layout(tmp_path, monkey
     if getattr(plain, "input_order", None) is None:  # act-order sorted: another input order
         assert torch.equal(unpack_swapab(layer.qweight), unpack_int4(plain.qweight, dim=0))
     assert got == want
+
+
+@pytest.mark.parametrize("group_size,zeros_minus_one", [(32, True), (128, False), (-1, True)])
+def test_swapab_matmul_op_on_cpu_is_the_gptq_reference_and_passes_opcheck(group_size, zeros_minus_one):
+    """engine::swapab_matmul's CPU form (the repacked nibbles read back) gives gptq_matmul's product on the same
+    weight, bit for bit, for every group form (-1: one group); torch.library.opcheck checks its schema and fake."""
+    import ops.quant_matmul  # noqa: F401  (registers the ops)
+    from ops.gluon_swapab import repack_swapab
+
+    torch.manual_seed(0)
+    K, N = 256, 128
+    qweight = torch.randint(-2**31, 2**31, (K // 8, N), dtype=torch.int64).to(torch.int32)
+    groups = 1 if group_size == -1 else K // group_size
+    qzeros = torch.randint(-2**31, 2**31, (groups, N // 8), dtype=torch.int64).to(torch.int32)
+    scales = (torch.rand(groups, N) * 0.02 + 1e-3).half()
+    g_idx = (torch.arange(K) // (K if group_size == -1 else group_size)).to(torch.int32)
+    x, bias = torch.randn(3, K), torch.randn(N)
+    want = torch.ops.engine.gptq_matmul(x, qweight, qzeros, scales, g_idx, group_size, False, zeros_minus_one, bias)
+    args = (x, repack_swapab(qweight), qzeros, scales, group_size, zeros_minus_one, bias)
+    assert torch.equal(torch.ops.engine.swapab_matmul(*args), want)
+    torch.library.opcheck(torch.ops.engine.swapab_matmul.default, args)
