@@ -87,6 +87,8 @@ call it.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:  # Gluon ships with Triton >= 3.5; the Hopper pieces' names are 3.6's
@@ -102,6 +104,7 @@ except ImportError as _error:  # pragma: no cover - depends on the installed Tri
 
 BLOCK_M = 256
 BLOCK_N = 128
+STREAM_K = os.environ.get("ENGINE_SWAPAB_STREAM_K", "1") == "1"  # use_stream_k's automatic choice on (A/B switch)
 MAX_BLOCK_K = 64
 REPACK_K = 64  # the repacked format's K-tile
 NUM_WARPS = 8
@@ -183,7 +186,7 @@ if HAVE_GLUON:
         return gl.convert_layout(t, a_layout, assert_trivial=True)
 
     @gluon.jit
-    def _k_step(k, a_k, a_prev, acc, words, zero_words, scales, x_desc, x_smem, ready, w_ptrs, zeros_ptrs,
+    def _k_step(k, kc, a_k, a_prev, acc, words, zero_words, scales, x_desc, x_smem, ready, w_ptrs, zeros_ptrs,
                 scales_ptrs, zero_shift, m0, N, first, num_k, a_layout: gl.constexpr, ZERO_OFFSET: gl.constexpr,
                 DTYPE: gl.constexpr, GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                 STAGES: gl.constexpr):
@@ -192,9 +195,9 @@ if HAVE_GLUON:
         words / zero_words / scales: tile k + 1's, loaded one step earlier; returns tile k + 2's. k counts from
         this program's first K-tile (`first`: 0 without split-K; W's pointers start there, x's TMA adds it)."""
         X_BYTES: gl.constexpr = x_desc.block_type.nbytes
-        slot = k % STAGES
+        slot = (kc + k) % STAGES
         # 1. x's tile k landed
-        mbarrier.wait(ready.index(slot), (k // STAGES) & 1)
+        mbarrier.wait(ready.index(slot), ((kc + k) // STAGES) & 1)
         # 2. wgmma k, left running
         acc = warpgroup_mma(a_k, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
         # 3. wgmma k - 1 done in this warpgroup: A_{k-1} may be overwritten, its x slot is free here
@@ -202,7 +205,7 @@ if HAVE_GLUON:
         # 4. ... and in every warpgroup: the slot takes x's tile k - 1 + STAGES
         gl.thread_barrier()
         refill = (k >= 1) & (k - 1 + STAGES < num_k)
-        free = (k + STAGES - 1) % STAGES
+        free = (kc + k + STAGES - 1) % STAGES
         mbarrier.expect(ready.index(free), X_BYTES, pred=refill)
         tma.async_copy_global_to_shared(x_desc, [m0, (first + k - 1 + STAGES) * BLOCK_K], ready.index(free),
                                         x_smem.index(free), pred=refill)
@@ -214,48 +217,27 @@ if HAVE_GLUON:
                                    BLOCK_K)
         return acc, a_next, next_words, next_zero_words, next_scales
 
-    @gluon.jit(do_not_specialize=["M", "tiles_per_split", "split"])
-    def _swapab_kernel(x_desc, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K,
-                       tiles_per_split, split,
-                       GROUP_SIZE: gl.constexpr, ZERO_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr,
-                       SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                       STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+    @gluon.jit
+    def _mainloop(x_desc, x_smem, ready, w_ptr, zeros_ptr, scales_ptr, m0, n0, N, first, num_k, kc,
+                  ZERO_OFFSET: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                  GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """y^T's tile (n0, m0) [BLOCK_N, BLOCK_M] over K-tiles first .. first + num_k - 1 (num_k even, `first` a
+        multiple of two K-tiles and of a group's), fp32 in the wgmma layout, every wgmma retired. kc: the x ring's
+        slots used before (a persistent program's earlier tiles), for the slots' mbarrier phases."""
         DTYPE: gl.constexpr = x_desc.dtype
         WPT: gl.constexpr = BLOCK_K // 16  # words a thread a K-tile
         NB: gl.constexpr = BLOCK_N // 16
-        gl.static_assert(BLOCK_N == 16 * NUM_WARPS)  # a warp's 16 outputs, 4 warps a warpgroup's 64
-        gl.static_assert(BLOCK_K == 32 or BLOCK_K == 64)
-        gl.static_assert(STAGES >= 2)
         # Layouts. The accumulator y^T [BLOCK_N, BLOCK_M]: warps along the outputs, 16 each.
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         # The repacked words [NB, 32, WPT]: warp b, lane, the thread's WPT consecutive words (one vector load).
         w_regs: gl.constexpr = gl.BlockedLayout([1, 1, WPT], [1, 32, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
-        # The output y [BLOCK_M, BLOCK_N]: 8 outputs (16 bytes) a thread, a warp two rows.
-        out_regs: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_N // 8), BLOCK_N // 8], [NUM_WARPS, 1],
-                                                  [1, 0])
 
-        pid = gl.program_id(0)
-        num_m = gl.cdiv(M, BLOCK_M)
-        pid_m = pid % num_m  # the row tiles of one output tile next to each other (they share W in L2)
-        m0 = pid_m * BLOCK_M
-        n0 = (pid // num_m) * BLOCK_N
-        # This program's K-tiles: first .. first + num_k - 1 (split-K: the pid_k-th range of tiles_per_split, an
-        # even number, so every range holds whole pairs of K-tiles, and whole groups and 64-deep repacked tiles,
-        # so that W's, the zeros' and the scales' pointers start at the range (scalars) and the loop counts from
-        # 0 as without split: the loop's code is the same; else all of them).
-        if SPLIT_K:
-            pid_k = gl.program_id(1)
-            first = pid_k * tiles_per_split
-            num_k = gl.minimum(tiles_per_split, K // BLOCK_K - first)
-            w_ptr += (first * BLOCK_K // 64) * (N * 8)
-            zeros_ptr += (first * BLOCK_K // GROUP_SIZE) * (N // 8)
-            scales_ptr += (first * BLOCK_K // GROUP_SIZE) * N
-        else:
-            first = 0
-            num_k = K // BLOCK_K
-
+        # W's, the zeros' and the scales' pointers start at K-tile `first` (scalars), so the loop counts from 0.
+        w_ptr += (first * BLOCK_K // 64) * (N * 8)
+        zeros_ptr += (first * BLOCK_K // GROUP_SIZE) * (N // 8)
+        scales_ptr += (first * BLOCK_K // GROUP_SIZE) * N
         # Each word's address (within a 64-deep repacked tile), output, and its zero's nibble.
         b = gl.expand_dims(gl.expand_dims(gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_regs))), 1), 2)
         lane = gl.expand_dims(gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_regs))), 0), 2)
@@ -266,17 +248,13 @@ if HAVE_GLUON:
         zero_shift = (n % 8) * 4
         scales_ptrs = scales_ptr + n
 
-        x_smem = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)
-
         # Prologue: x's tiles 0 .. STAGES - 1 requested; W's tile 0 dequantized, tile 1's words loaded.
         X_BYTES: gl.constexpr = BLOCK_M * BLOCK_K * 2
         for s in gl.static_range(STAGES):
-            mbarrier.expect(ready.index(s), X_BYTES, pred=s < num_k)
-            tma.async_copy_global_to_shared(x_desc, [m0, (first + s) * BLOCK_K], ready.index(s), x_smem.index(s),
-                                            pred=s < num_k)
+            slot = (kc + s) % STAGES
+            mbarrier.expect(ready.index(slot), X_BYTES, pred=s < num_k)
+            tma.async_copy_global_to_shared(x_desc, [m0, (first + s) * BLOCK_K], ready.index(slot),
+                                            x_smem.index(slot), pred=s < num_k)
         words, zero_words, scales = _load_w_tile(w_ptrs, zeros_ptrs, scales_ptrs, 0, N, BLOCK_K, GROUP_SIZE)
         a_even = _dequant_fragment(words, zero_words, zero_shift, scales, a_layout, ZERO_OFFSET, DTYPE, BLOCK_N,
                                    BLOCK_K)
@@ -290,48 +268,182 @@ if HAVE_GLUON:
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
         for k in range(0, num_k, 2):
             acc, a_odd, words, zero_words, scales = _k_step(
-                k, a_even, a_odd, acc, words, zero_words, scales, x_desc, x_smem, ready, w_ptrs, zeros_ptrs,
-                scales_ptrs, zero_shift, m0, N, first, num_k, a_layout, ZERO_OFFSET, DTYPE, GROUP_SIZE, BLOCK_N, BLOCK_K,
-                STAGES)
+                k, kc, a_even, a_odd, acc, words, zero_words, scales, x_desc, x_smem, ready, w_ptrs, zeros_ptrs,
+                scales_ptrs, zero_shift, m0, N, first, num_k, a_layout, ZERO_OFFSET, DTYPE, GROUP_SIZE, BLOCK_N,
+                BLOCK_K, STAGES)
             acc, a_even, words, zero_words, scales = _k_step(
-                k + 1, a_odd, a_even, acc, words, zero_words, scales, x_desc, x_smem, ready, w_ptrs, zeros_ptrs,
-                scales_ptrs, zero_shift, m0, N, first, num_k, a_layout, ZERO_OFFSET, DTYPE, GROUP_SIZE, BLOCK_N, BLOCK_K,
-                STAGES)
+                k + 1, kc, a_odd, a_even, acc, words, zero_words, scales, x_desc, x_smem, ready, w_ptrs, zeros_ptrs,
+                scales_ptrs, zero_shift, m0, N, first, num_k, a_layout, ZERO_OFFSET, DTYPE, GROUP_SIZE, BLOCK_N,
+                BLOCK_K, STAGES)
         acc, a_odd = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_odd))
+        return acc
+
+    @gluon.jit
+    def _store_partial(acc, partial_ptr, index, m0, M, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       NUM_WARPS: gl.constexpr):
+        """acc (fp32, wgmma layout) to the workspace's tile `index` ([.., BLOCK_N, BLOCK_M]), in the accumulator's
+        own order (a thread's element offsets are constants from its base), columns of rows past M unwritten."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        tile_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+        tile_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+        gl.store(partial_ptr + index * (BLOCK_N * BLOCK_M) + gl.expand_dims(tile_n * BLOCK_M, 1)
+                 + gl.expand_dims(tile_m, 0), acc, mask=gl.expand_dims(m0 + tile_m < M, 0))
+
+    @gluon.jit
+    def _reduce_partials(partial_ptr, counter_ptr, bias_ptr, out_ptr, tile, start, stride, first_extra, count, m0,
+                         n0, M, N, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                         NUM_WARPS: gl.constexpr):
+        """After this program stored its partial of output tile `tile`: count its arrival (an acq_rel atomic on
+        the tile's counter); the last of the tile's `count` partials to arrive sums them all, in order (partial i
+        at workspace index start + i * stride, + first_extra for i = 0: deterministic), CHUNK rows of x at a time
+        (a whole running sum plus a whole loaded partial would be 256 registers a thread at BLOCK_M 256), adds the
+        bias, writes y and zeroes the counter (CUDA-graph replays find them zeroed)."""
+        out_regs: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_N // 8), BLOCK_N // 8], [NUM_WARPS, 1],
+                                                  [1, 0])
+        TILE: gl.constexpr = BLOCK_N * BLOCK_M
+        gl.thread_barrier()  # every thread's partial stored before the counter says so
+        if gl.atomic_add(counter_ptr + tile, 1, sem="acq_rel") == count - 1:
+            # [BLOCK_N, CHUNK] pieces, 16 bytes (4 columns) a thread along the workspace's contiguous m
+            CHUNK: gl.constexpr = 64 if BLOCK_M > 64 else BLOCK_M
+            red: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (CHUNK // 4), CHUNK // 4], [NUM_WARPS, 1], [1, 0])
+            red_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, red))
+            red_m = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, red))
+            for c in gl.static_range(BLOCK_M // CHUNK):
+                offs = gl.expand_dims(red_n * BLOCK_M, 1) + gl.expand_dims(c * CHUNK + red_m, 0)
+                valid = gl.expand_dims(m0 + c * CHUNK + red_m < M, 0)
+                part = gl.zeros([BLOCK_N, CHUNK], gl.float32, layout=red)
+                for i in range(count):  # ".cg": read at L2, where the other SMs' stores are
+                    index = start + i * stride + gl.where(i == 0, first_extra, 0)
+                    part += gl.load(partial_ptr + index * TILE + offs, mask=valid, other=0.0, cache_modifier=".cg")
+                _store_output(part, bias_ptr, out_ptr, m0 + c * CHUNK, n0, M, N, red, out_regs, HAS_BIAS, CHUNK,
+                              BLOCK_N)
+            gl.atomic_xchg(counter_ptr + tile, 0)  # ready for the next launch (CUDA-graph replays included)
+
+    @gluon.jit(do_not_specialize=["M", "tiles_per_split", "split"])
+    def _swapab_kernel(x_desc, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K,
+                       tiles_per_split, split,
+                       GROUP_SIZE: gl.constexpr, ZERO_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr,
+                       SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                       STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """One output tile a program (grid axis 0; row tiles of one output tile next to each other: they share W
+        in L2), and with SPLIT_K one range of its K-tiles (grid axis 1)."""
+        DTYPE: gl.constexpr = x_desc.dtype
+        gl.static_assert(BLOCK_N == 16 * NUM_WARPS)  # a warp's 16 outputs, 4 warps a warpgroup's 64
+        gl.static_assert(BLOCK_K == 32 or BLOCK_K == 64)
+        gl.static_assert(STAGES >= 2)
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        # The output y [BLOCK_M, BLOCK_N]: 8 outputs (16 bytes) a thread, a warp two rows.
+        out_regs: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_N // 8), BLOCK_N // 8], [NUM_WARPS, 1],
+                                                  [1, 0])
+
+        pid = gl.program_id(0)
+        num_m = gl.cdiv(M, BLOCK_M)
+        m0 = (pid % num_m) * BLOCK_M
+        n0 = (pid // num_m) * BLOCK_N
+        # This program's K-tiles: first .. first + num_k - 1 (split-K: the pid_k-th range of tiles_per_split, an
+        # even number, so every range holds whole pairs of K-tiles, and whole groups and 64-deep repacked tiles;
+        # else all of them).
+        if SPLIT_K:
+            pid_k = gl.program_id(1)
+            first = pid_k * tiles_per_split
+            num_k = gl.minimum(tiles_per_split, K // BLOCK_K - first)
+        else:
+            first = 0
+            num_k = K // BLOCK_K
+
+        x_smem = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+        acc = _mainloop(x_desc, x_smem, ready, w_ptr, zeros_ptr, scales_ptr, m0, n0, N, first, num_k, 0,
+                        ZERO_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE, STAGES, NUM_WARPS)
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
 
         if SPLIT_K:
-            # Each K range's fp32 partial to the workspace [split, tiles, BLOCK_N, BLOCK_M], in the accumulator's
-            # own order (a thread's element offsets are constants from its base), columns of rows past M left
-            # unwritten. The tile's last program to arrive (a counter per tile) sums the partials in range order
-            # (deterministic), CHUNK rows of x at a time (acc is dead by then; a whole running sum plus a whole
-            # loaded partial would be 256 registers a thread at BLOCK_M 256), writes the output, zeroes the counter.
-            TILE: gl.constexpr = BLOCK_N * BLOCK_M
-            tile_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-            tile_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+            # Range pid_k's partial at workspace index pid_k * tiles + pid ([split, tiles, BLOCK_N, BLOCK_M]).
             num_tiles = gl.num_programs(0)
-            gl.store(partial_ptr + (pid_k * num_tiles + pid) * TILE + gl.expand_dims(tile_n * BLOCK_M, 1)
-                     + gl.expand_dims(tile_m, 0), acc, mask=gl.expand_dims(m0 + tile_m < M, 0))
-            gl.thread_barrier()  # every thread's partial stored before the counter says so
-            if gl.atomic_add(counter_ptr + pid, 1, sem="acq_rel") == split - 1:
-                # [BLOCK_N, CHUNK] pieces, 16 bytes (4 columns) a thread along the workspace's contiguous m
-                CHUNK: gl.constexpr = 64 if BLOCK_M > 64 else BLOCK_M
-                red: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (CHUNK // 4), CHUNK // 4], [NUM_WARPS, 1], [1, 0])
-                red_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, red))
-                red_m = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, red))
-                for c in gl.static_range(BLOCK_M // CHUNK):
-                    offs = gl.expand_dims(red_n * BLOCK_M, 1) + gl.expand_dims(c * CHUNK + red_m, 0)
-                    valid = gl.expand_dims(m0 + c * CHUNK + red_m < M, 0)
-                    part = gl.zeros([BLOCK_N, CHUNK], gl.float32, layout=red)
-                    for i in range(split):  # ".cg": read at L2, where the other SMs' stores are
-                        part += gl.load(partial_ptr + (i * num_tiles + pid) * TILE + offs, mask=valid, other=0.0,
-                                        cache_modifier=".cg")
-                    _store_output(part, bias_ptr, out_ptr, m0 + c * CHUNK, n0, M, N, red, out_regs, HAS_BIAS, CHUNK,
-                                  BLOCK_N)
-                gl.atomic_xchg(counter_ptr + pid, 0)  # ready for the next launch (CUDA-graph replays included)
+            _store_partial(acc, partial_ptr, pid_k * num_tiles + pid, m0, M, BLOCK_M, BLOCK_N, NUM_WARPS)
+            _reduce_partials(partial_ptr, counter_ptr, bias_ptr, out_ptr, pid, pid, num_tiles, 0, split, m0, n0, M,
+                             N, HAS_BIAS, BLOCK_M, BLOCK_N, NUM_WARPS)
         else:
             _store_output(acc, bias_ptr, out_ptr, m0, n0, M, N, mma, out_regs, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+    @gluon.jit(do_not_specialize=["M", "dp_rounds", "units"])
+    def _swapab_streamk_kernel(x_desc, w_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M,
+                               N, K, dp_rounds, units,
+                               GROUP_SIZE: gl.constexpr, ZERO_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr,
+                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                               STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """Persistent "data-parallel + stream-K" schedule (`stream_k_plan`): P = grid programs. Program p first
+        computes whole tiles p, p + P, ... (dp_rounds of them), then its range of the remaining tiles' K-tiles,
+        taken as one row of tiles x K-tiles: [p * units, (p + 1) * units) counted from tile dp_rounds * P's first
+        K-tile (`units` an even number, a multiple of a group's K-tiles). A tile that range covers whole is
+        written directly; a piece of a tile goes to the workspace [P, 2, BLOCK_N, BLOCK_M] (index 2p for the
+        program's first piece, 2p + 1 for its last), and the tile's last piece to arrive sums them."""
+        DTYPE: gl.constexpr = x_desc.dtype
+        gl.static_assert(BLOCK_N == 16 * NUM_WARPS)
+        gl.static_assert(BLOCK_K == 32 or BLOCK_K == 64)
+        gl.static_assert(STAGES >= 2)
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        out_regs: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_N // 8), BLOCK_N // 8], [NUM_WARPS, 1],
+                                                  [1, 0])
+
+        pid = gl.program_id(0)
+        programs = gl.num_programs(0)
+        num_m = gl.cdiv(M, BLOCK_M)
+        num_tiles = num_m * (N // BLOCK_N)
+        k_tiles = K // BLOCK_K  # a tile's K-tiles
+        dp_tiles = dp_rounds * programs
+        sk_tiles = num_tiles - dp_tiles
+        start = pid * units  # this program's stream-K range, counted from tile dp_tiles's first K-tile
+        end = gl.minimum(start + units, sk_tiles * k_tiles)
+
+        x_smem = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+
+        j = 0  # whole tiles done
+        it = start  # the next stream-K K-tile
+        kc = 0  # x ring slots used so far
+        while (j < dp_rounds) | (it < end):
+            if j < dp_rounds:
+                tile = pid + j * programs
+                first = 0
+                num_k = k_tiles
+                j += 1
+            else:
+                local = it // k_tiles  # the tile, counted from dp_tiles
+                tile = dp_tiles + local
+                first = it - local * k_tiles
+                num_k = gl.minimum(end, (local + 1) * k_tiles) - it
+                it += num_k
+            m0 = (tile % num_m) * BLOCK_M
+            n0 = (tile // num_m) * BLOCK_N
+            acc = _mainloop(x_desc, x_smem, ready, w_ptr, zeros_ptr, scales_ptr, m0, n0, N, first, num_k, kc,
+                            ZERO_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_SIZE, STAGES, NUM_WARPS)
+            kc += num_k
+            gl.thread_barrier()  # both warpgroups' wgmmas retired: the x ring is free for the next tile's loads
+            if num_k == k_tiles:
+                _store_output(acc, bias_ptr, out_ptr, m0, n0, M, N, mma, out_regs, HAS_BIAS, BLOCK_M, BLOCK_N)
+            else:
+                # This piece: the program's first (its range starts inside this tile) or its last.
+                u = (tile - dp_tiles) * k_tiles  # the tile's first K-tile in stream-K counting
+                index = 2 * pid + gl.where(start >= u, 0, 1)
+                _store_partial(acc, partial_ptr, index, m0, M, BLOCK_M, BLOCK_N, NUM_WARPS)
+                # The tile's pieces: programs p0 .. p1; p0's is its last piece (index 2 p0 + 1) unless p0's range
+                # starts exactly at the tile, every later program's is its first (2 p).
+                p0 = u // units
+                p1 = (u + k_tiles - 1) // units
+                _reduce_partials(partial_ptr, counter_ptr, bias_ptr, out_ptr, tile, 2 * p0, 2,
+                                 gl.where(p0 * units < u, 1, 0), p1 - p0 + 1, m0, n0, M, N, HAS_BIAS, BLOCK_M,
+                                 BLOCK_N, NUM_WARPS)
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
 
     @gluon.jit
     def _store_output(acc, bias_ptr, out_ptr, m0, n0, M, N, acc_layout: gl.constexpr, out_regs: gl.constexpr,
@@ -385,6 +497,35 @@ def split_k_for(M: int, N: int, K: int, group_size: int, sms: int, block_m: int 
     return split
 
 
+def stream_k_plan(num_tiles: int, num_k_tiles: int, tiles_per_group: int, slots: int,
+                  min_k_tiles: int = 16) -> tuple[int, int, int]:
+    """(programs, dp_rounds, units) of `_swapab_streamk_kernel`'s schedule for `num_tiles` output tiles of
+    `num_k_tiles` K-tiles on `slots` programs at once: dp_rounds whole waves of whole tiles, then the remaining
+    tiles' K-tiles cut into equal ranges of `units` (a multiple of two K-tiles and of a group's, at least
+    `min_k_tiles` so that no tile is cut into slivers), one a program."""
+    unit = max(2, tiles_per_group)
+    dp_rounds = num_tiles // slots
+    sk_k_tiles = (num_tiles - dp_rounds * slots) * num_k_tiles
+    if sk_k_tiles == 0:
+        return slots, dp_rounds, unit
+    units = unit * _cdiv(max(_cdiv(sk_k_tiles, slots), min_k_tiles), unit)
+    sk_programs = _cdiv(sk_k_tiles, units)
+    return (slots if dp_rounds else sk_programs), dp_rounds, units
+
+
+def use_stream_k(M: int, N: int, K: int, group_size: int, sms: int, block_m: int | None = None,
+                 min_efficiency: float = 0.9) -> bool:
+    """The automatic choice: stream-K at BLOCK_M 256 (one program an SM either way: the stream-K kernel takes
+    233-253 registers a thread, so at 64 / 128 it would halve PROGRAMS_PER_SM's 2) where `split_k_for` finds no
+    split and whole tiles would leave more than a tenth of the last wave's SMs idle. 70B on 132 SMs from 129 to
+    256 rows: gate_up (448 tiles: 3 waves and 52 tiles) and qkv (80 tiles); o / down split in 2 instead."""
+    block_m = block_m or block_m_for(M)
+    if not STREAM_K or block_m != 256 or split_k_for(M, N, K, group_size, sms, block_m) > 1:
+        return False
+    num_tiles = _cdiv(M, block_m) * (N // BLOCK_N)
+    return num_tiles / (_cdiv(num_tiles, sms) * sms) < min_efficiency
+
+
 def k_ranges(num_k_tiles: int, split_k: int, tiles_per_group: int = 1) -> tuple[int, int]:
     """(K-tiles a range, ranges) for `split_k` requested ranges of `num_k_tiles` (even) K-tiles: each range a
     multiple of 2 K-tiles (the loop runs them in pairs) and of a group's `tiles_per_group` (the kernel starts
@@ -406,12 +547,13 @@ def x_layout(dtype, block_k: int, block_m: int = BLOCK_M):
 def swapab_gptq_matmul(x: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                        group_size: int, zero_offset: int, bias: torch.Tensor | None = None,
                        out: torch.Tensor | None = None, split_k: int | None = None,
-                       block_m: int | None = None) -> torch.Tensor:
+                       block_m: int | None = None, stream_k: bool | None = None) -> torch.Tensor:
     """x [..., K] (bf16 / fp16) @ a GPTQ weight (no act-order) whose qweight went through `repack_swapab`
     (packed int32 [K/64, N*8]) -> [..., N] in x's dtype. qzeros [K/group, N/8] and scales [K/group, N] as GPTQ
     stores them; `zero_offset` 1 for GPTQ v1 (stored zero - 1), 0 for v2 / AWQ repacked.
     `split_k`: K ranges per output tile (None: `split_k_for`'s choice; 1: none). `block_m`: the row tile, 64,
-    128 or 256 (None: `block_m_for(M)`)."""
+    128 or 256 (None: `block_m_for(M)`). `stream_k`: the persistent data-parallel + stream-K schedule instead
+    (None: where `use_stream_k` says, if `split_k` is None)."""
     if not HAVE_GLUON:
         raise RuntimeError(f"triton.experimental.gluon is unavailable: {_IMPORT_ERROR}")
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -448,10 +590,30 @@ def swapab_gptq_matmul(x: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tens
     block_k = _block_k(group_size)
     block_m = block_m or block_m_for(M)
     num_tiles = _cdiv(M, block_m) * (N // BLOCK_N)
-    if split_k is None:
-        from ops.triton_quant import _num_sms
+    from ops.triton_quant import _num_sms
 
-        split_k = split_k_for(M, N, K, group_size, _num_sms(x.device.index), block_m)
+    sms = _num_sms(x.device.index)
+    x_desc = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [block_m, block_k],
+                              x_layout(_gl_dtype(x.dtype), block_k, block_m))
+    if stream_k is None:
+        stream_k = split_k is None and use_stream_k(M, N, K, group_size, sms, block_m)
+    if stream_k:
+        programs, dp_rounds, units = stream_k_plan(num_tiles, K // block_k, group_size // block_k, sms)
+        from ops.triton_quant import _split_k_counters
+
+        counters = _split_k_counters(x.device)
+        if num_tiles > counters.numel():
+            raise ValueError(f"{num_tiles} output tiles: stream-K counts at most {counters.numel()}")
+        partial = torch.empty((programs, 2, BLOCK_N, block_m), dtype=torch.float32, device=x.device)
+        _swapab_streamk_kernel[(programs, )](
+            x_desc, packed, qzeros, scales, bias if bias is not None else scales, out2, partial, counters, M, N, K,
+            dp_rounds, units,
+            GROUP_SIZE=group_size, ZERO_OFFSET=zero_offset, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+            BLOCK_N=BLOCK_N, BLOCK_K=block_k, STAGES=STAGES, NUM_WARPS=NUM_WARPS, num_warps=NUM_WARPS,
+        )
+        return out
+    if split_k is None:
+        split_k = split_k_for(M, N, K, group_size, sms, block_m)
     tiles_per_split, split = k_ranges(K // block_k, split_k, group_size // block_k)
     if split * num_tiles * BLOCK_N * block_m >= 1 << 31:  # the workspace's int32 offsets
         tiles_per_split, split = K // block_k, 1
@@ -464,8 +626,6 @@ def swapab_gptq_matmul(x: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tens
         partial = torch.empty((split, num_tiles, BLOCK_N, block_m), dtype=torch.float32, device=x.device)
     else:
         partial, counters = out2, out2  # unread
-    x_desc = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [block_m, block_k],
-                              x_layout(_gl_dtype(x.dtype), block_k, block_m))
     _swapab_kernel[(num_tiles, split)](
         x_desc, packed, qzeros, scales, bias if bias is not None else scales, out2, partial, counters, M, N, K,
         tiles_per_split, split,
@@ -477,24 +637,26 @@ def swapab_gptq_matmul(x: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tens
 
 
 def compile_sm90(dtype: str = "bf16", group_size: int = 128, zero_offset: int = 0, has_bias: bool = False,
-                 stages: int = STAGES, num_warps: int = NUM_WARPS, block_m: int = BLOCK_M, split_k: bool = False):
-    """The kernel compiled offline for sm_90 (no GPU needed): a CompiledKernel with .asm["ttgir"] / ["ptx"] /
-    ["cubin"]."""
+                 stages: int = STAGES, num_warps: int = NUM_WARPS, block_m: int = BLOCK_M, split_k: bool = False,
+                 stream_k: bool = False):
+    """The kernel (`stream_k`: the stream-K kernel) compiled offline for sm_90 (no GPU needed): a CompiledKernel
+    with .asm["ttgir"] / ["ptx"] / ["cubin"]."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn = _swapab_kernel
+    fn = _swapab_streamk_kernel if stream_k else _swapab_kernel
     block_k = _block_k(group_size)
     layout = x_layout({"bf16": gl.bfloat16, "fp16": gl.float16}[dtype], block_k, block_m)
     signature = dict(x_desc=f"tensordesc<{dtype}[{block_m}, {block_k}],{layout!r}>", w_ptr="*i32",
                      zeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16", out_ptr="*" + dtype,
                      partial_ptr="*fp32", counter_ptr="*i32", M="i32", N="i32", K="i32", tiles_per_split="i32",
-                     split="i32")
+                     split="i32", dp_rounds="i32", units="i32")
     constexprs = dict(GROUP_SIZE=group_size, ZERO_OFFSET=zero_offset, HAS_BIAS=has_bias, SPLIT_K=split_k,
                       BLOCK_M=block_m, BLOCK_N=16 * num_warps, BLOCK_K=block_k, STAGES=stages, NUM_WARPS=num_warps)
     names = fn.arg_names
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
     sig = {k: sig[k] for k in names}
+    constexprs = {k: v for k, v in constexprs.items() if k in names}
     aligned = ("N", "K")  # as the JIT specializes them (multiples of 16) on the 70B shapes
     attrs = {(names.index(k), ): [["tt.divisibility", 16]] for k, kind in sig.items()
              if kind.startswith("*") or k in aligned}

@@ -11,6 +11,7 @@ instruction mix and event order, plus the checks the design rests on:
     PYTHONPATH=/tmp/t36/lib/python3.11/site-packages python3 perf/gluon_swapab_sass.py --seq
     PYTHONPATH=/tmp/t36/lib/python3.11/site-packages python3 perf/gluon_swapab_sass.py --dtype fp16 --group 32 --json
     PYTHONPATH=/tmp/t36/lib/python3.11/site-packages python3 perf/gluon_swapab_sass.py --block-m 64 --split-k
+    PYTHONPATH=/tmp/t36/lib/python3.11/site-packages python3 perf/gluon_swapab_sass.py --stream-k
 
 Needs Triton 3.6's Gluon API (the GPU machine's).
 """
@@ -85,13 +86,14 @@ def a_register_hazards(body: list[tuple[int, str]]) -> list[str]:
 
 
 def analyze(dtype: str = "bf16", group: int = 128, stages: int | None = None, block_m: int | None = None,
-            split_k: bool = False) -> dict:
+            split_k: bool = False, stream_k: bool = False) -> dict:
     import triton
 
     from ops import gluon_swapab as gs
 
     block_m = block_m or gs.BLOCK_M
-    kernel = gs.compile_sm90(dtype, group, stages=stages or gs.STAGES, block_m=block_m, split_k=split_k)
+    kernel = gs.compile_sm90(dtype, group, stages=stages or gs.STAGES, block_m=block_m, split_k=split_k,
+                             stream_k=stream_k)
     ttgir, ptx, cubin = kernel.asm["ttgir"], kernel.asm["ptx"], kernel.asm["cubin"]
     usage, spill_bytes, ptxas = resources(ptx, cubin)
     lines = sass_lines(cubin)
@@ -100,7 +102,7 @@ def analyze(dtype: str = "bf16", group: int = 128, stages: int | None = None, bl
     hgmma = [s for _, s in body if opcode(s).startswith("HGMMA")]
     depbar = [s for _, s in body if opcode(s).startswith("WARPGROUP.DEPBAR")]
     return dict(
-        triton=triton.__version__, dtype=dtype, group=group, block_m=block_m, split_k=split_k,
+        triton=triton.__version__, dtype=dtype, group=group, block_m=block_m, split_k=split_k, stream_k=stream_k,
         block_k=gs._block_k(group),
         registers=usage.get("REG"), stack=usage.get("STACK"), local=usage.get("LOCAL"),
         spill_bytes=spill_bytes, shared_bytes=kernel.metadata.shared,
@@ -131,13 +133,14 @@ def main() -> None:
     p.add_argument("--stages", type=int)
     p.add_argument("--block-m", type=int, choices=[64, 128, 256])
     p.add_argument("--split-k", action="store_true", help="the split-K epilogue (SPLIT_K=True)")
+    p.add_argument("--stream-k", action="store_true", help="the persistent stream-K kernel")
     p.add_argument("--seq", action="store_true", help="print the K loop's event sequence")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.add_argument("--dump", help="path prefix for .sass")
     args = p.parse_args()
     from ops import gluon_swapab as gs
 
-    info = analyze(args.dtype, args.group, args.stages, args.block_m, args.split_k)
+    info = analyze(args.dtype, args.group, args.stages, args.block_m, args.split_k, args.stream_k)
     body = info.pop("_body")
     if args.json:
         print(json.dumps(info))

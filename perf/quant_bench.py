@@ -35,8 +35,10 @@ pipeline stages, programs an SM, K ranges at most; `planar_sweep_tables`), named
 - gluon-swapab-gptq-g128: the same weights, qweight repacked once by ops.gluon_swapab.repack_swapab (not timed),
                  through the swap-AB Gluon kernel (W dequantized into wgmma's register A operand, x by TMA;
                  128 x BLOCK_M tiles of y^T, BLOCK_M 64 / 128 / 256 by rows (block_m_for), split-K as
-                 ops.gluon_swapab.split_k_for picks it)
-- gluon-swapab-gptq-g128-s1: the same without split-K
+                 ops.gluon_swapab.split_k_for picks it, or the persistent stream-K kernel where
+                 ops.gluon_swapab.use_stream_k says: 70B gate_up and qkv at 129-256 rows)
+- gluon-swapab-gptq-g128-dp: the same without stream-K (one program a tile or a K range of a tile)
+- gluon-swapab-gptq-g128-s1: the same without split-K or stream-K
 - swapab-op-g128: the same weights through engine::swapab_matmul, as ENGINE_SWAPAB_GEMM=1's layers run: the swap-AB
                  kernel, or from ENGINE_DEQUANT_GEMM_ROWS rows (where set) dequantize_swapab + cuBLAS
 - gptq-g128:     GPTQ v1, group 128, no act-order (group of a K-tile from its index)
@@ -69,8 +71,8 @@ SHAPE_NAMES = ["qkv", "o", "gate_up", "down"]  # the order of LLAMA_8B_SHAPES an
 SHAPES = {"8b": LLAMA_8B_SHAPES, "70b": LLAMA_70B_SHAPES}  # one rank's (K, N), unsharded
 BATCHES = (1, 2, 4, 16, 256)
 L2_DEFEAT_BYTES = 256 << 20
-KERNELS = ["bf16", "awq-g128", "awq-gptq-g128", "gluon-gptq-g128", "gluon-gptq-g128-s1", "gluon-swapab-gptq-g128", "gluon-swapab-gptq-g128-s1", "swapab-op-g128", "gptq-g128", "gptq-act-g128", "gptq-act-sorted-g128", "int8", "bnb-int8"]
-VARIANT_OF = {"awq-g128": "awq-g128", "awq-gptq-g128": "awq-g128", "gluon-gptq-g128": "awq-g128", "gluon-gptq-g128-s1": "awq-g128", "gluon-swapab-gptq-g128": "awq-g128", "gluon-swapab-gptq-g128-s1": "awq-g128", "swapab-op-g128": "awq-g128", "gptq-g128": "gptq-v1-g128", "gptq-act-g128": "gptq-act-order-g128",
+KERNELS = ["bf16", "awq-g128", "awq-gptq-g128", "gluon-gptq-g128", "gluon-gptq-g128-s1", "gluon-swapab-gptq-g128", "gluon-swapab-gptq-g128-dp", "gluon-swapab-gptq-g128-s1", "swapab-op-g128", "gptq-g128", "gptq-act-g128", "gptq-act-sorted-g128", "int8", "bnb-int8"]
+VARIANT_OF = {"awq-g128": "awq-g128", "awq-gptq-g128": "awq-g128", "gluon-gptq-g128": "awq-g128", "gluon-gptq-g128-s1": "awq-g128", "gluon-swapab-gptq-g128": "awq-g128", "gluon-swapab-gptq-g128-dp": "awq-g128", "gluon-swapab-gptq-g128-s1": "awq-g128", "swapab-op-g128": "awq-g128", "gptq-g128": "gptq-v1-g128", "gptq-act-g128": "gptq-act-order-g128",
               "gptq-act-sorted-g128": "gptq-act-order-g128", "int8": "int8"}
 
 
@@ -95,7 +97,7 @@ def make_layer(kernel: str, K: int, N: int) -> tuple[dict, torch.Tensor | None]:
         return {"weight": weight, "SCB": scb}, None
     layer, weight = random_layer(VARIANT_OF[kernel], K, N, torch.bfloat16, "cuda")
     if kernel in ("awq-gptq-g128", "gluon-gptq-g128", "gluon-gptq-g128-s1", "gluon-swapab-gptq-g128",
-                  "gluon-swapab-gptq-g128-s1", "swapab-op-g128"):
+                  "gluon-swapab-gptq-g128-dp", "gluon-swapab-gptq-g128-s1", "swapab-op-g128"):
         from ops.quant_ref import awq_to_gptq
 
         qweight, qzeros = awq_to_gptq(layer["qweight"], layer["qzeros"])
@@ -131,8 +133,10 @@ def matmul_of(kernel: str) -> Callable[[torch.Tensor, dict], torch.Tensor]:
         from ops.gluon_swapab import swapab_gptq_matmul
 
         split_k = 1 if kernel.endswith("-s1") else None
+        stream_k = False if kernel.endswith(("-s1", "-dp")) else None
         return lambda x, layer: swapab_gptq_matmul(x, layer["packed"], layer["qzeros"], layer["scales"],
-                                                   layer["group_size"], zero_offset=0, split_k=split_k)
+                                                   layer["group_size"], zero_offset=0, split_k=split_k,
+                                                   stream_k=stream_k)
     if kernel.startswith("gluon-gptq-g128"):  # GPTQ layout, zeros as stored (awq_to_gptq), no act-order
         from ops.gluon_quant import gluon_gptq_matmul
 
@@ -206,7 +210,7 @@ def planar_sweep_tables() -> dict[str, tuple]:
     return tables
 
 
-def tiles_label(M: int, kernel: str) -> str:
+def tiles_label(M: int, kernel: str, N: int, K: int) -> str:
     from ops import triton_quant
 
     if kernel == "swapab-op-g128":
@@ -218,8 +222,10 @@ def tiles_label(M: int, kernel: str) -> str:
     if kernel.startswith("gluon-swapab-gptq-g128"):
         from ops import gluon_swapab as gs
 
+        auto_sk = gs.use_stream_k(M, N, K, 128, torch.cuda.get_device_properties(0).multi_processor_count)
         return (f"gluon-swapab {gs.BLOCK_N}x{gs.block_m_for(M)}x{gs.MAX_BLOCK_K}/w{gs.NUM_WARPS}x{gs.STAGES}"
-                + ("/s1" if kernel.endswith("-s1") else "/split"))
+                + ("/s1" if kernel.endswith("-s1") else "/split" if kernel.endswith("-dp") or not auto_sk
+                   else "/stream-k"))
     if kernel.startswith("gluon-gptq-g128"):
         from ops import gluon_quant as gq
 
@@ -293,7 +299,7 @@ def main() -> None:
                         check(matmul, x, copies[0], weight)
                     eager = args.eager or kernel == "bnb-int8"  # bnb: host syncs, no graph capture
                     us = time_us(matmul, x, copies, args.iters, args.repeats, eager)
-                    launch = tiles_label(M, kernel) if tiles else ""
+                    launch = tiles_label(M, kernel, N, K) if tiles else ""
                     row = dict(layer=name, K=K, N=N, M=M, kernel=kernel, tiles=tiles, launch=launch, eager=eager, us=us,
                                weight_bytes=tensor_bytes(copies[0]), gb_per_s=tensor_bytes(copies[0]) / us / 1e3)
                     rows.append(row)

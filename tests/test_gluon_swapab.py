@@ -6,12 +6,15 @@ output as the kernel applies them, the reference's dequantized weight bit for bi
 checks; and, under Triton 3.6's Gluon (the local Triton if it is 3.6, else $GLUON_TRITON_SITE or /tmp/t36;
 skipped without one), the offline sm_90 compile: HGMMA with A from registers, no shared-memory loads/stores in
 the K loop, `wait_group 1` only, no write to an in-flight HGMMA's A registers, no spills, for each BLOCK_M
-(64 / 128 / 256) with and without split-K; and the automatic row-tile / K-range choices.
+(64 / 128 / 256) with and without split-K, and the persistent stream-K kernel; the automatic row-tile / K-range /
+stream-K choices; and a model of the stream-K kernel's schedule (every K-tile of every tile done once, each piece
+of a tile written where the tile's reducer reads it).
 
 GPU (`-m gpu`, Hopper): against dequantize-then-matmul (ops.quant_ref via random_layer) on the Llama-3.1-70B
 shapes at rows 1, 77 and 256, bf16 and fp16, groups 32 / 64 (GPTQ v1 zeros) and 128 (v2 zeros, as AWQ repacked),
 into NaN-filled outputs so an unwritten element shows; split-K (off, automatic, 2, 3) with each BLOCK_M at rows
-1 / 77 / 128 / 200 / 256; and split-K calls replayed twice in a CUDA graph (the per-tile counters reset).
+1 / 77 / 128 / 200 / 256; the stream-K kernel on the same shapes and rows, with bias and on a shape whose ranges
+cut tiles in three; and split-K and stream-K calls replayed twice in a CUDA graph (the per-tile counters reset).
 """
 
 from __future__ import annotations
@@ -128,17 +131,89 @@ def test_swapab_picks_row_tiles_and_k_ranges_that_fill_the_gpu():
     assert gs.k_ranges(128, 4, 128) == (128, 1)  # one group (group_size -1): no split
 
 
-@pytest.mark.parametrize("dtype,group,block_m,split_k", [
-    ("bf16", 128, 256, False), ("fp16", 32, 256, False), ("bf16", 64, 256, False),
-    ("bf16", 128, 256, True), ("bf16", 128, 128, False), ("bf16", 128, 128, True), ("bf16", 128, 64, False),
-    ("bf16", 128, 64, True), ("fp16", 32, 64, True), ("fp16", 64, 128, True)])
-def test_swapab_kernel_compiles_for_sm90_with_w_in_registers(dtype, group, block_m, split_k):
+def _stream_k_model(num_tiles, k_tiles, programs, dp_rounds, units):
+    """`_swapab_streamk_kernel`'s schedule, step for step in Python: the whole tiles each program writes, the
+    pieces it stores (workspace index -> (tile, first K-tile, K-tiles)) and the indices each tile's reducer reads."""
+    direct, written, reads = [], {}, {}
+    dp_tiles = dp_rounds * programs
+    sk_tiles = num_tiles - dp_tiles
+    for pid in range(programs):
+        start = pid * units
+        end = min(start + units, sk_tiles * k_tiles)
+        j, it = 0, start
+        while j < dp_rounds or it < end:
+            if j < dp_rounds:
+                tile, first, num_k = pid + j * programs, 0, k_tiles
+                j += 1
+            else:
+                local = it // k_tiles
+                tile, first = dp_tiles + local, it - local * k_tiles
+                num_k = min(end, (local + 1) * k_tiles) - it
+                it += num_k
+            if num_k == k_tiles:
+                direct.append(tile)
+                continue
+            u = (tile - dp_tiles) * k_tiles
+            index = 2 * pid + (0 if start >= u else 1)
+            assert index not in written
+            written[index] = (tile, first, num_k)
+            p0, p1 = u // units, (u + k_tiles - 1) // units
+            reads[tile] = [2 * p0 + 2 * i + ((1 if p0 * units < u else 0) if i == 0 else 0) for i in range(p1 - p0 + 1)]
+    return direct, written, reads
+
+
+def test_stream_k_schedule_does_every_k_tile_once_and_reduces_what_it_wrote():
+    """stream_k_plan + the kernel's index arithmetic (modelled): every tile either written whole by one program
+    or cut into pieces that cover its K-tiles exactly once, in the order the reducer reads them, each piece an
+    even number of K-tiles starting on a group; no more programs than SMs; the 70B plans on 132 SMs."""
+    gs = pytest.importorskip("ops.gluon_swapab")
+    cases = [(448, 128, 2, 132), (80, 128, 2, 132), (160, 128, 2, 132), (60, 96, 2, 132), (6, 32, 2, 132),
+             (896, 128, 2, 132), (264, 128, 2, 132), (7, 64, 4, 8), (13, 30, 1, 5), (80, 256, 1, 132), (5, 8, 8, 3)]
+    for num_tiles, k_tiles, per_group, slots in cases:
+        programs, dp_rounds, units = gs.stream_k_plan(num_tiles, k_tiles, per_group, slots)
+        assert programs <= slots and units % max(2, per_group) == 0
+        direct, written, reads = _stream_k_model(num_tiles, k_tiles, programs, dp_rounds, units)
+        assert len(direct) == len(set(direct))
+        cut = sorted(reads)
+        assert sorted(direct + cut) == list(range(num_tiles)), (num_tiles, k_tiles, slots)
+        for tile in cut:
+            pieces = [written[i] for i in reads[tile]]
+            assert all(t == tile for t, _, _ in pieces)
+            assert [first for _, first, _ in pieces] == sorted(first for _, first, _ in pieces)
+            covered = [k for _, first, num_k in pieces for k in range(first, first + num_k)]
+            assert covered == list(range(k_tiles)), (num_tiles, k_tiles, slots, tile, pieces)
+            assert all(num_k % 2 == 0 and first % per_group == 0 for _, first, num_k in pieces)
+        assert sorted(i for r in reads.values() for i in r) == sorted(written)
+    assert gs.stream_k_plan(448, 128, 2, 132) == (132, 3, 52)  # 70B gate_up at 129-256 rows
+    assert gs.stream_k_plan(80, 128, 2, 132) == (132, 0, 78)  # qkv
+    assert gs.stream_k_plan(4, 128, 128, 132)[1:] == (0, 128)  # one group: whole tiles only
+
+
+def test_swapab_uses_stream_k_where_whole_tiles_leave_the_last_wave_short():
+    """use_stream_k on the 70B shapes, 132 SMs: only at BLOCK_M 256, for gate_up (448 tiles) and qkv (80 tiles);
+    o / down split in two instead; gate_up at 512 rows (896 tiles, 6.8 waves) stays data-parallel."""
+    gs = pytest.importorskip("ops.gluon_swapab")
+    pytest.importorskip("triton")
+    for K, N in LLAMA_70B_SHAPES:
+        for M in (1, 77, 128, 129, 200, 256, 512):
+            want = M > 128 and (N == 10240 or (N == 57344 and M <= 256))
+            assert gs.use_stream_k(M, N, K, 128, 132) == want, (K, N, M)
+    assert not gs.use_stream_k(200, 57344, 8192, 128, 132, block_m=128)
+
+
+@pytest.mark.parametrize("dtype,group,block_m,split_k,stream_k", [
+    ("bf16", 128, 256, False, False), ("fp16", 32, 256, False, False), ("bf16", 64, 256, False, False),
+    ("bf16", 128, 256, True, False), ("bf16", 128, 128, False, False), ("bf16", 128, 128, True, False),
+    ("bf16", 128, 64, False, False), ("bf16", 128, 64, True, False), ("fp16", 32, 64, True, False),
+    ("fp16", 64, 128, True, False), ("bf16", 128, 256, False, True), ("fp16", 32, 256, False, True),
+    ("bf16", 128, 64, False, True)])
+def test_swapab_kernel_compiles_for_sm90_with_w_in_registers(dtype, group, block_m, split_k, stream_k):
     env = _triton36_env()
     if env is None:
         pytest.skip("needs Triton 3.6's Gluon (local triton, $GLUON_TRITON_SITE or /tmp/t36)")
     code = ("import json, sys; sys.path.insert(0, '.'); from perf.gluon_swapab_sass import analyze; "
-            f"info = analyze({dtype!r}, {group}, block_m={block_m}, split_k={split_k}); info.pop('_body'); "
-            "print(json.dumps(info))")
+            f"info = analyze({dtype!r}, {group}, block_m={block_m}, split_k={split_k}, stream_k={stream_k}); "
+            "info.pop('_body'); print(json.dumps(info))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -155,7 +230,7 @@ def test_swapab_kernel_compiles_for_sm90_with_w_in_registers(dtype, group, block
     assert not [w for w in info["ptxas_warnings"] if "C75" in w], info["ptxas_warnings"]
     assert info["shared_bytes"] <= 227 * 1024
     assert f"HGMMA.64x{block_m}x16" in info["hgmma_forms"][0], info["hgmma_forms"]
-    if block_m <= 128 and (dtype, group) == ("bf16", 128):  # PROGRAMS_PER_SM's 2 (quant_bench's layer)
+    if block_m <= 128 and (dtype, group) == ("bf16", 128) and not stream_k:  # PROGRAMS_PER_SM's 2
         assert info["registers"] <= 128 and info["programs_per_sm"] >= 2, info
 
 
@@ -275,6 +350,81 @@ def test_swapab_replays_in_a_cuda_graph_with_split_k():
         graph.replay()
         torch.cuda.synchronize()
         for x, out in zip(xs, outs):
+            want = x.float() @ weight
+            assert not out.isnan().any()
+            assert (out.float() - want).abs().max() <= TOLERANCE[torch.bfloat16] * want.abs().max()
+
+
+@gpu
+@pytest.mark.parametrize("shape", LLAMA_70B_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("variant", ["gptq-v1-g32", "gptq-v2-g128"])
+def test_swapab_stream_k_matches_the_reference_on_70b_shapes(variant, shape):
+    """The persistent stream-K kernel, forced, at rows 1 / 77 / 128 / 200 / 256 with BLOCK_M 256 (and 64: several
+    row tiles an output tile), and automatic at 200 / 256 rows (stream-K on gate_up and qkv)."""
+    _needs_hopper()
+    torch.manual_seed(0)
+    K, N = shape
+    dtypes = (torch.bfloat16, torch.float16) if variant == "gptq-v1-g32" else (torch.bfloat16, )
+    for dtype in dtypes:
+        layer, weight = random_layer(variant, K, N, dtype, "cuda")
+        for M in (1, 77, 128, 200, 256):
+            x = torch.randn(M, K, device="cuda").to(dtype)
+            for block_m in (256, 64):
+                _check(layer, weight, x, block_m=block_m, stream_k=True)
+            if M >= 200:
+                _check(layer, weight, x)
+        del layer, weight
+        torch.cuda.empty_cache()
+
+
+@gpu
+def test_swapab_stream_k_with_bias_and_tiles_cut_in_three():
+    """K 6144 (96 K-tiles), N 3840, 300 rows: 60 tiles, ranges of 44 K-tiles, so a tile is cut in two or three
+    pieces and some start mid-range; with bias, group 32 fp16 (v1 zeros) and group 128 bf16."""
+    _needs_hopper()
+    torch.manual_seed(0)
+    from ops.gluon_swapab import stream_k_plan
+
+    K, N = 6144, 3840
+    if torch.cuda.get_device_properties(0).multi_processor_count == 132:  # the H100
+        assert stream_k_plan(60, 96, 2, 132) == (131, 0, 44)
+    for variant, dtype in (("gptq-v1-g32", torch.float16), ("gptq-v2-g128", torch.bfloat16)):
+        layer, weight = random_layer(variant, K, N, dtype, "cuda")
+        bias = torch.randn(N, device="cuda").to(dtype)
+        for M in (1, 257, 300):
+            _check(layer, weight, torch.randn(M, K, device="cuda").to(dtype), bias=bias, stream_k=True)
+
+
+@gpu
+def test_swapab_replays_in_a_cuda_graph_with_stream_k():
+    """70B qkv at 256 rows (stream-K by default: 80 tiles, each in 2-3 pieces) and gate_up's shape cut to 12,288
+    outputs at 200 rows (96 tiles), two calls in one CUDA graph replayed twice with new x into NaN-filled outputs."""
+    _needs_hopper()
+    torch.manual_seed(0)
+    from ops.gluon_swapab import repack_swapab, swapab_gptq_matmul, use_stream_k
+    from ops.triton_quant import _num_sms
+
+    cases = []
+    for (K, N), M in (((8192, 10240), 256), ((8192, 12288), 200)):
+        layer, weight = random_layer("gptq-v2-g128", K, N, torch.bfloat16, "cuda")
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        cases.append((x, repack_swapab(layer["qweight"]), layer, weight))
+    assert use_stream_k(256, 10240, 8192, 128, _num_sms(None))
+    calls = [lambda c=c: swapab_gptq_matmul(c[0], c[1], c[2]["qzeros"], c[2]["scales"], 128, 0, stream_k=True)
+             for c in cases]
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [call() for call in calls]
+    for _ in range(2):
+        for (x, *_), out in zip(cases, outs):
+            x.copy_(torch.randn_like(x))
+            out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for (x, _, _, weight), out in zip(cases, outs):
             want = x.float() @ weight
             assert not out.isnan().any()
             assert (out.float() - want).abs().max() <= TOLERANCE[torch.bfloat16] * want.abs().max()
