@@ -23,6 +23,7 @@
 #   gluon   the Gluon 256-row W4A16 GEMM: its GPU tests, quant_bench 70B shapes at 256 rows against the tl kernel and bf16
 #   swapab  the swap-AB Gluon GEMM: GPU tests (its own, the engine op's), quant_bench 70B shapes at 1-256 rows
 #   swapab-sk the stream-K swap-AB kernel: the swap-AB GPU tests, quant_bench 70B shapes at 128-256 rows with / without it
+#   swapab-sk-ncu Nsight Compute on the split / stream-K epilogues (70B qkv stream-K, o split and whole, 256 rows)
 #   swapab-large engine::swapab_matmul at 256-8,192 rows (70B shapes), the kernel against dequantize_swapab + cuBLAS
 #   swapab-8b Llama-3.1-8B AWQ batch 1 and fixed without / with ENGINE_SWAPAB_GEMM=1
 #   swapab-ncu Nsight Compute on the swap-AB GEMM (70B gate_up, 256 rows)
@@ -330,6 +331,17 @@ for stage in "$@"; do
            ncu --import "$OUT/swapab_gate_up.ncu-rep" --page details > "$OUT/swapab_ncu.txt" 2>&1
            grep -E "Duration|Compute \(SM\)|L1/TEX Cache|Issue Slots|Registers Per" "$OUT/swapab_ncu.txt" | head
            ncu --import "$OUT/swapab_gate_up.ncu-rep" --page source --csv --print-source sass > "$OUT/swapab_sass.csv" 2>&1 ;;
+    swapab-sk-ncu) # (#9) Nsight Compute on the swap-AB kernels' K-range epilogues at 256 rows: where does a split / stream-K
+           # piece's time go? qkv stream-K, o split in 2, o whole tiles (s1): details and per-SASS samples of each
+           for case in "qkv gluon-swapab-gptq-g128" "o gluon-swapab-gptq-g128" "o gluon-swapab-gptq-g128-s1"; do
+             read -r layer kernel <<< "$case"; name="ncu_${layer}_${kernel##*-}"
+             timeout 150 ncu --set full --import-source yes -k regex:_swapab -c 1 -f -o "/tmp/$name" \
+               python3 perf/quant_bench.py --shapes 70b --kernels "$kernel" --batches 256 --layers "$layer" --iters 1 --repeats 1 \
+               --eager > "$OUT/$name.log" 2>&1
+             ncu --import "/tmp/$name.ncu-rep" --page details > "$OUT/$name.txt" 2>&1
+             echo "== $name"; grep -E "^  _swapab|Duration|Compute \(SM\)|SM Active Cycles|Elapsed Cycles|Issue Slots|Registers Per" "$OUT/$name.txt" | head -8
+             ncu --import "/tmp/$name.ncu-rep" --page source --csv --print-source sass > "$OUT/$name.sass.csv" 2>&1
+           done ;;
     swapab-op) # (#9) engine::swapab_matmul (ENGINE_SWAPAB_GEMM=1's op) on CUDA against the reference, in a CUDA graph
            timeout 200 python3 -m pytest -m gpu -q tests/test_triton_quant.py -k swapab 2>&1 | tee "$OUT/swapab_op_tests.log" | tail -3 ;;
     gluon-ncu) # (#9) Nsight Compute on the Gluon GEMM at 256 rows, 70B gate_up (no split) and down (split-K 2): stall
