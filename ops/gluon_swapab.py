@@ -279,16 +279,28 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
-    def _store_partial(acc, partial_ptr, index, m0, M, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _workspace_offsets(n, m):
+        """Offsets in a workspace tile of y^T element (n, m) (n: [BLOCK_N] in SliceLayout(1, L), m: [R] in
+        SliceLayout(0, L) -> [BLOCK_N, R] in L), ordered as the wgmma accumulator's registers: for each 8 columns
+        (j = m // 8) and half warp row (n // 8 % 2), the 256 threads' pairs (thread 32 w + 4 g + c holds rows
+        16 w + g (+ 8), columns 8 j + 2 c, + 1) in thread order, so one store instruction of a warp writes 256
+        contiguous bytes (8-byte pairs). A bijection onto 0 .. 128 * BLOCK_M - 1 (BLOCK_N 128, 8 warps)."""
+        return (gl.expand_dims(512 * ((n // 8) % 2) + 64 * (n // 16) + 8 * (n % 8), 1)
+                + gl.expand_dims(1024 * (m // 8) + m % 8, 0))
+
+    @gluon.jit
+    def _store_partial(acc, partial_ptr, index, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        NUM_WARPS: gl.constexpr):
-        """acc (fp32, wgmma layout) to the workspace's tile `index` ([.., BLOCK_N, BLOCK_M]), in the accumulator's
-        own order (a thread's element offsets are constants from its base), columns of rows past M unwritten."""
+        """acc (fp32, wgmma layout) to the workspace's tile `index` ([.., BLOCK_N * BLOCK_M]) in
+        `_workspace_offsets`' order: 8-byte stores, 256 contiguous bytes a warp instruction. Every column is
+        written (those of rows past M hold zeros: TMA filled x's missing rows with them): no mask to split the
+        stores. (Row-major with a mask took 4-byte stores and ~30% of a split o projection's time, ncu.)"""
+        gl.static_assert(BLOCK_N == 128 and NUM_WARPS == 8)
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         tile_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
         tile_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-        gl.store(partial_ptr + index * (BLOCK_N * BLOCK_M) + gl.expand_dims(tile_n * BLOCK_M, 1)
-                 + gl.expand_dims(tile_m, 0), acc, mask=gl.expand_dims(m0 + tile_m < M, 0))
+        gl.store(partial_ptr + index * (BLOCK_N * BLOCK_M) + _workspace_offsets(tile_n, tile_m), acc)
 
     @gluon.jit
     def _reduce_partials(partial_ptr, counter_ptr, bias_ptr, out_ptr, tile, start, stride, first_extra, count, m0,
@@ -304,18 +316,18 @@ if HAVE_GLUON:
         TILE: gl.constexpr = BLOCK_N * BLOCK_M
         gl.thread_barrier()  # every thread's partial stored before the counter says so
         if gl.atomic_add(counter_ptr + tile, 1, sem="acq_rel") == count - 1:
-            # [BLOCK_N, CHUNK] pieces, 16 bytes (4 columns) a thread along the workspace's contiguous m
+            # [BLOCK_N, CHUNK] pieces; a thread 8 columns of one row (32 contiguous bytes of the workspace), a
+            # warp's 8 rows 8 * 8 floats apart: 4 x 256 contiguous bytes a load instruction
             CHUNK: gl.constexpr = 64 if BLOCK_M > 64 else BLOCK_M
-            red: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (CHUNK // 4), CHUNK // 4], [NUM_WARPS, 1], [1, 0])
+            red: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [NUM_WARPS, 1], [1, 0])
             red_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, red))
             red_m = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, red))
             for c in gl.static_range(BLOCK_M // CHUNK):
-                offs = gl.expand_dims(red_n * BLOCK_M, 1) + gl.expand_dims(c * CHUNK + red_m, 0)
-                valid = gl.expand_dims(m0 + c * CHUNK + red_m < M, 0)
+                offs = _workspace_offsets(red_n, c * CHUNK + red_m)
                 part = gl.zeros([BLOCK_N, CHUNK], gl.float32, layout=red)
                 for i in range(count):  # ".cg": read at L2, where the other SMs' stores are
                     index = start + i * stride + gl.where(i == 0, first_extra, 0)
-                    part += gl.load(partial_ptr + index * TILE + offs, mask=valid, other=0.0, cache_modifier=".cg")
+                    part += gl.load(partial_ptr + index * TILE + offs, cache_modifier=".cg")
                 _store_output(part, bias_ptr, out_ptr, m0 + c * CHUNK, n0, M, N, red, out_regs, HAS_BIAS, CHUNK,
                               BLOCK_N)
             gl.atomic_xchg(counter_ptr + tile, 0)  # ready for the next launch (CUDA-graph replays included)
@@ -365,7 +377,7 @@ if HAVE_GLUON:
         if SPLIT_K:
             # Range pid_k's partial at workspace index pid_k * tiles + pid ([split, tiles, BLOCK_N, BLOCK_M]).
             num_tiles = gl.num_programs(0)
-            _store_partial(acc, partial_ptr, pid_k * num_tiles + pid, m0, M, BLOCK_M, BLOCK_N, NUM_WARPS)
+            _store_partial(acc, partial_ptr, pid_k * num_tiles + pid, BLOCK_M, BLOCK_N, NUM_WARPS)
             _reduce_partials(partial_ptr, counter_ptr, bias_ptr, out_ptr, pid, pid, num_tiles, 0, split, m0, n0, M,
                              N, HAS_BIAS, BLOCK_M, BLOCK_N, NUM_WARPS)
         else:
@@ -434,7 +446,7 @@ if HAVE_GLUON:
                 # This piece: the program's first (its range starts inside this tile) or its last.
                 u = (tile - dp_tiles) * k_tiles  # the tile's first K-tile in stream-K counting
                 index = 2 * pid + gl.where(start >= u, 0, 1)
-                _store_partial(acc, partial_ptr, index, m0, M, BLOCK_M, BLOCK_N, NUM_WARPS)
+                _store_partial(acc, partial_ptr, index, BLOCK_M, BLOCK_N, NUM_WARPS)
                 # The tile's pieces: programs p0 .. p1; p0's is its last piece (index 2 p0 + 1) unless p0's range
                 # starts exactly at the tile, every later program's is its first (2 p).
                 p0 = u // units
