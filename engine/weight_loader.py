@@ -103,6 +103,9 @@ def load_model(
     else:
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     with torch.no_grad():  # a quantization method's repacking, once every weight is in
+        from engine.quantization import swapab
+
+        swapab.plan_copies(model)  # ENGINE_SWAPAB_GEMM=auto: whether 4-bit layers keep a swap-AB copy
         for module in model.modules():
             process = getattr(getattr(module, "quant_method", None), "process_weights_after_loading", None)
             if process is not None:

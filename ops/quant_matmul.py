@@ -13,6 +13,10 @@ columns have a data-dependent count, does not break the full graph.
   (`ENGINE_SWAPAB_GEMM=1`): the swap-AB Gluon GEMM on an sm_90 GPU (from ENGINE_DEQUANT_GEMM_ROWS rows, where set,
   the layer dequantized by `ops.triton_quant.dequantize_swapab` and multiplied by cuBLAS), the reference (the nibbles
   read back) elsewhere.
+- ``torch.ops.engine.dual_4bit_matmul(x, qweight, packed, qzeros, scales, group_size, zeros_minus_one, bias)``: a
+  GPTQ-layout 4-bit weight (no act-order) kept in both orders (`ENGINE_SWAPAB_GEMM=auto`, where the copy fits):
+  on an sm_90 GPU below `DUAL_SWAPAB_MIN_ROWS` rows GPTQ's kernels on qweight (the planar GEMV at 1-2 rows), from
+  there `swapab_matmul`'s path on `packed`; the reference on qweight elsewhere.
 - ``torch.ops.engine.int8_matmul(x, weight, scale, bias)``
 - ``torch.ops.engine.bnb_int8_matmul(x, weight, SCB, threshold, bias)``: LLM.int8() through
   bitsandbytes on any device (its CPU and CUDA builds), exactly as transformers' Linear8bitLt calls it.
@@ -68,27 +72,60 @@ def _(x, qweight, qzeros, scales, g_idx, group_size, act_order, zeros_minus_one,
     return _output_like(x, qweight.shape[1])
 
 
+def _swapab_cuda(x, packed, qzeros, scales, group_size: int, zeros_minus_one: bool, bias):
+    """The repacked weight's product on an sm_90 GPU: the swap-AB Gluon GEMM, or from ENGINE_DEQUANT_GEMM_ROWS rows
+    (prefill-sized steps, where set) the layer dequantized into a scratch, then cuBLAS."""
+    from ops import gluon_swapab
+
+    triton_quant = _triton_quant()
+    if x.dtype in (torch.bfloat16, torch.float16) and 0 < triton_quant.DEQUANT_GEMM_ROWS <= x.numel() // x.shape[-1]:
+        weight = triton_quant.dequantize_swapab(packed, qzeros, scales, group_size, int(zeros_minus_one), x.dtype)
+        return x @ weight if bias is None else torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(
+            *x.shape[:-1], -1)
+    return gluon_swapab.swapab_gptq_matmul(x, packed, qzeros, scales, group_size, int(zeros_minus_one), bias)
+
+
+def _in_order_groups(K: int, group_size: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(K, device=device) // (K if group_size == -1 else group_size)
+
+
 @torch.library.custom_op("engine::swapab_matmul", mutates_args=())
 def swapab_matmul(x: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                   zeros_minus_one: bool, bias: Optional[torch.Tensor]) -> torch.Tensor:
     from ops import gluon_swapab
 
     if x.is_cuda:
-        triton_quant = _triton_quant()
-        if x.dtype in (torch.bfloat16, torch.float16) and 0 < triton_quant.DEQUANT_GEMM_ROWS <= x.numel() // x.shape[-1]:
-            # Prefill-sized steps (ENGINE_DEQUANT_GEMM_ROWS): the layer dequantized into a scratch, then cuBLAS.
-            weight = triton_quant.dequantize_swapab(packed, qzeros, scales, group_size, int(zeros_minus_one), x.dtype)
-            return x @ weight if bias is None else torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(
-                *x.shape[:-1], -1)
-        return gluon_swapab.swapab_gptq_matmul(x, packed, qzeros, scales, group_size, int(zeros_minus_one), bias)
+        return _swapab_cuda(x, packed, qzeros, scales, group_size, zeros_minus_one, bias)
     qweight = quant_ref.pack_int4(gluon_swapab.unpack_swapab(packed), dim=0)
-    K = qweight.shape[0] * quant_ref.PACK_FACTOR
-    g_idx = torch.arange(K, device=x.device) // (K if group_size == -1 else group_size)
+    g_idx = _in_order_groups(qweight.shape[0] * quant_ref.PACK_FACTOR, group_size, x.device)
     return quant_ref.gptq_matmul_ref(x, qweight, qzeros, scales, g_idx, zeros_minus_one, bias)
 
 
 @swapab_matmul.register_fake
 def _(x, packed, qzeros, scales, group_size, zeros_minus_one, bias):
+    return _output_like(x, scales.shape[-1])
+
+
+# Rows from which a layer kept in both orders takes the swap-AB GEMM: below, GPTQ's kernels (1-2 rows: the planar
+# GEMV, 2.7x faster than swap-AB at one row on 70B's shapes; from 16 rows swap-AB beat the tl tiles, session 21).
+DUAL_SWAPAB_MIN_ROWS = 3
+
+
+@torch.library.custom_op("engine::dual_4bit_matmul", mutates_args=())
+def dual_4bit_matmul(x: torch.Tensor, qweight: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor,
+                     scales: torch.Tensor, group_size: int, zeros_minus_one: bool,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if x.is_cuda:
+        if x.numel() // x.shape[-1] >= DUAL_SWAPAB_MIN_ROWS:
+            return _swapab_cuda(x, packed, qzeros, scales, group_size, zeros_minus_one, bias)
+        # groups in input order: no act-order, so the kernels read no g_idx
+        return _triton_quant().gptq_matmul(x, qweight, qzeros, scales, None, group_size, False, zeros_minus_one, bias)
+    g_idx = _in_order_groups(qweight.shape[0] * quant_ref.PACK_FACTOR, group_size, x.device)
+    return quant_ref.gptq_matmul_ref(x, qweight, qzeros, scales, g_idx, zeros_minus_one, bias)
+
+
+@dual_4bit_matmul.register_fake
+def _(x, qweight, packed, qzeros, scales, group_size, zeros_minus_one, bias):
     return _output_like(x, scales.shape[-1])
 
 

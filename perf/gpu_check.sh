@@ -24,6 +24,7 @@
 #   swapab  the swap-AB Gluon GEMM: GPU tests (its own, the engine op's), quant_bench 70B shapes at 1-256 rows
 #   swapab-sk the stream-K swap-AB kernel: the swap-AB GPU tests, quant_bench 70B shapes at 128-256 rows with / without it
 #   swapab-sk-ncu Nsight Compute on the split / stream-K epilogues (70B qkv stream-K, o split and whole, 256 rows)
+#   swapab-auto ENGINE_SWAPAB_GEMM=auto (the default): the dual op's GPU test, 8B AWQ batch 1 and fixed
 #   swapab-large engine::swapab_matmul at 256-8,192 rows (70B shapes), the kernel against dequantize_swapab + cuBLAS
 #   swapab-8b Llama-3.1-8B AWQ batch 1 and fixed without / with ENGINE_SWAPAB_GEMM=1
 #   swapab-ncu Nsight Compute on the swap-AB GEMM (70B gate_up, 256 rows)
@@ -309,6 +310,13 @@ for stage in "$@"; do
            timeout 200 python3 -m pytest -m gpu -q tests/test_triton_quant.py -k swapab 2>&1 | tee "$OUT/swapab_op_tests.log" | tail -2
            timeout 300 python3 perf/quant_bench.py --shapes 70b --kernels bf16 gluon-swapab-gptq-g128 gluon-swapab-gptq-g128-dp \
              --batches 128 200 256 --out "$OUT/swapab_sk_bench.json" 2>&1 | tee "$OUT/swapab_sk_bench.log" | tail -40 ;;
+    swapab-auto) # (#9) ENGINE_SWAPAB_GEMM=auto (the default): engine::dual_4bit_matmul's GPU test, then Llama-3.1-8B AWQ batch 1
+           # (128 / 512: the planar GEMV must keep it) and fixed 1000 x 256 x 256 (swap-AB from 3 rows)
+           timeout 120 python3 -m pytest -m gpu -q tests/test_triton_quant.py -k swapab 2>&1 | tee "$OUT/swapab_op_tests.log" | tail -2
+           bench llama8b_awq_bs1_auto --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1 \
+             --input-len 128 --output-len 512
+           bench llama8b_awq_fixed_auto --model llama-3.1-8b --quantization awq --workload fixed --num-requests 1000 \
+             --input-len 256 --output-len 256 ;;
     swapab-large) # (#9) prefill-sized steps with ENGINE_SWAPAB_GEMM=1's layers: engine::swapab_matmul on 70B's shapes at 256 to
            # 8,192 rows, as the swap-AB kernel (ENGINE_DEQUANT_GEMM_ROWS=0) and from 1,024 rows dequantize_swapab + cuBLAS
            for rows in 0 1024; do

@@ -425,7 +425,7 @@ def test_weight_memory_counts_what_quantization_frees_for_the_kv_cache(llama_che
 def test_swapab_repacked_layers_give_the_tokens_of_gptqs_layout(tmp_path, monkeypatch, fmt):
     """ENGINE_SWAPAB_GEMM=1: qweight repacked at load into the swap-AB GEMM's order (the same nibbles) and every
     matmul through engine::swapab_matmul (its CPU form here): the greedy tokens of the GPTQ-layout engine. The model
-    is sized for the GEMM (outputs a multiple of 128, inputs of 128)."""
+    is sized for the GEMM (outputs a multiple of 128, inputs of 128). `auto` on this CPU keeps no copy."""
     from engine.demo_model import build_tiny_checkpoint
     from engine.quantization import swapab
     from ops.gluon_swapab import unpack_swapab
@@ -443,11 +443,54 @@ def test_swapab_repacked_layers_give_the_tokens_of_gptqs_layout(tmp_path, monkey
         return llm.llm_engine.runner.model.model.layers[0].mlp.down_proj, tokens
 
     plain, want = run(False)
+    assert getattr(plain, "swapab_packed", None) is None  # auto (the default) on a CPU: no copy
     layer, got = run(True)
     assert layer.swapab and not getattr(plain, "swapab", False)
     assert layer.qweight.shape == (256 // 64, 128 * 8)  # down_proj: K = 256 inputs, N = 128 outputs
     if getattr(plain, "input_order", None) is None:  # act-order sorted: another input order
         assert torch.equal(unpack_swapab(layer.qweight), unpack_int4(plain.qweight, dim=0))
+    assert got == want
+
+
+@pytest.mark.parametrize("fmt", ["awq-g64", "gptq-sym-g32", "gptq-asym-act-order"])
+def test_swapab_auto_keeps_a_repacked_copy_where_it_fits_and_the_tokens(tmp_path, monkeypatch, caplog, fmt):
+    """ENGINE_SWAPAB_GEMM=auto (the default), the GPU gate opened on this CPU: with a budget the copies fit in, each
+    4-bit layer keeps GPTQ's qweight and a repacked copy of the same nibbles, its matmuls go through
+    engine::dual_4bit_matmul, and the greedy tokens are the GPTQ-only engine's; with a budget they do not fit in, no
+    layer keeps one (all or none) and the log says why."""
+    from engine.demo_model import build_tiny_checkpoint
+    from engine.quantization import swapab
+    from ops.gluon_swapab import unpack_swapab
+
+    base = build_tiny_checkpoint(str(tmp_path / "float"), "LlamaForCausalLM", hidden_size=128, intermediate_size=256,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    packed = str(tmp_path / "packed")
+    write_quantized_checkpoint(base, packed, FORMATS[fmt])
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([5, 19], seed=3)]
+    calls = []
+    dual = torch.ops.engine.dual_4bit_matmul
+
+    def counting_dual(*args):
+        calls.append(args[0].shape)
+        return dual(*args)
+
+    def run(memory: int):
+        monkeypatch.setattr(swapab, "_copies_pay", lambda device: True)
+        monkeypatch.setattr(swapab, "_device_memory", lambda device: memory)
+        monkeypatch.setattr(torch.ops.engine, "dual_4bit_matmul", counting_dual)
+        llm = LLM(packed, block_size=4, max_model_len=64, seed=0)
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        return llm.llm_engine.runner.model.model.layers[0].mlp.down_proj, tokens
+
+    assert swapab.MODE == "auto"
+    with caplog.at_level(logging.INFO, logger="engine"):
+        plain, want = run(1000)  # 0.06 of 1,000 bytes: no room
+    assert getattr(plain, "swapab_packed", None) is None and not calls
+    assert "stay on GPTQ's kernels only" in caplog.text
+    layer, got = run(1 << 40)
+    assert layer.swapab_packed.shape == (256 // 64, 128 * 8) and torch.equal(layer.qweight, plain.qweight)
+    assert torch.equal(unpack_swapab(layer.swapab_packed), unpack_int4(layer.qweight, dim=0))
+    assert calls  # every 4-bit matmul went through the dual op
     assert got == want
 
 
@@ -470,3 +513,6 @@ def test_swapab_matmul_op_on_cpu_is_the_gptq_reference_and_passes_opcheck(group_
     args = (x, repack_swapab(qweight), qzeros, scales, group_size, zeros_minus_one, bias)
     assert torch.equal(torch.ops.engine.swapab_matmul(*args), want)
     torch.library.opcheck(torch.ops.engine.swapab_matmul.default, args)
+    dual_args = (x, qweight, *args[1:])
+    assert torch.equal(torch.ops.engine.dual_4bit_matmul(*dual_args), want)
+    torch.library.opcheck(torch.ops.engine.dual_4bit_matmul.default, dual_args)

@@ -304,7 +304,8 @@ def test_quantized_matmul_ops_run_the_triton_kernels_and_replay_in_a_cuda_graph(
 def test_swapab_matmul_op_runs_the_swapab_gemm_and_replays_in_a_cuda_graph(variant, dequant_rows, monkeypatch):
     """engine::swapab_matmul (ENGINE_SWAPAB_GEMM=1's op) on CUDA: the swap-AB Gluon GEMM on the repacked weight
     (with DEQUANT_GEMM_ROWS set, from that many rows the weight dequantized by `dequantize_swapab` and cuBLAS),
-    against the reference at every batch-size class, captured and replayed in a CUDA graph."""
+    against the reference at every batch-size class, captured and replayed in a CUDA graph; and
+    engine::dual_4bit_matmul (`auto`'s op) on both sides of its row switch."""
     pytest.importorskip("triton")
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs an sm_90 GPU")
@@ -327,10 +328,14 @@ def test_swapab_matmul_op_runs_the_swapab_gemm_and_replays_in_a_cuda_graph(varia
     packed = gluon_swapab.repack_swapab(qweight)
     group_size = tensors["group_size"]
     bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-    for M in (1, 77, 256, 300):
+    for M, dual in ((1, False), (77, False), (256, False), (300, False), (1, True), (2, True), (3, True), (200, True)):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        op = lambda: torch.ops.engine.swapab_matmul(x, packed, qzeros, tensors["scales"], group_size, zeros_minus_one,
-                                                    bias)
+        if dual:  # ENGINE_SWAPAB_GEMM=auto's op: 1-2 rows on qweight (the planar GEMV), more on the repacked copy
+            op = lambda: torch.ops.engine.dual_4bit_matmul(x, qweight, packed, qzeros, tensors["scales"], group_size,
+                                                           zeros_minus_one, bias)
+        else:
+            op = lambda: torch.ops.engine.swapab_matmul(x, packed, qzeros, tensors["scales"], group_size,
+                                                        zeros_minus_one, bias)
         op()  # warm-up: compiles outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

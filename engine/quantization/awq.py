@@ -74,12 +74,15 @@ class AWQLinearMethod:
         inputs = torch.arange(qweight.shape[0] * PACK_FACTOR, dtype=torch.int32, device=qweight.device)
         layer.register_buffer("g_idx", inputs // self.config.group_size)  # read by the CPU reference only
         layer.awq_repacked = True
-        swapab.maybe_repack(layer, self.config.group_size)  # ENGINE_SWAPAB_GEMM=1 (off by default)
+        swapab.maybe_repack(layer, self.config.group_size)  # ENGINE_SWAPAB_GEMM (engine.quantization.swapab)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if getattr(layer, "swapab", False):
             return torch.ops.engine.swapab_matmul(x, layer.qweight, layer.qzeros, layer.scales, self.config.group_size,
                                                   False, bias)
+        if getattr(layer, "swapab_packed", None) is not None:
+            return torch.ops.engine.dual_4bit_matmul(x, layer.qweight, layer.swapab_packed, layer.qzeros, layer.scales,
+                                                     self.config.group_size, False, bias)
         if getattr(layer, "awq_repacked", False):
             return torch.ops.engine.gptq_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
                                                 self.config.group_size, False, False, bias)

@@ -116,9 +116,9 @@ class GPTQLinearMethod:
         self._maybe_repack_swapab(layer)
 
     def _maybe_repack_swapab(self, layer: nn.Module) -> None:
-        """ENGINE_SWAPAB_GEMM=1 (off by default): layers whose groups are the inputs in order (no act-order left)
-        keep qweight in the swap-AB GEMM's order (`engine.quantization.swapab`)."""
-        if not swapab.ENABLED or layer.act_order:
+        """ENGINE_SWAPAB_GEMM (`engine.quantization.swapab`): layers whose groups are the inputs in order (no
+        act-order left) keep qweight in the swap-AB GEMM's order, instead (`1`) or beside GPTQ's (`auto`)."""
+        if not (swapab.ENABLED or getattr(layer, "swapab_copy", False)) or layer.act_order:
             return
         K = layer.qweight.shape[0] * PACK_FACTOR
         group_size = self.config.group_size if self.config.group_size != -1 else K
@@ -133,5 +133,8 @@ class GPTQLinearMethod:
         if getattr(layer, "swapab", False):
             return torch.ops.engine.swapab_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.swapab_group,
                                                   config.checkpoint_format == "gptq", bias)
+        if getattr(layer, "swapab_packed", None) is not None:
+            return torch.ops.engine.dual_4bit_matmul(x, layer.qweight, layer.swapab_packed, layer.qzeros, layer.scales,
+                                                     layer.swapab_group, config.checkpoint_format == "gptq", bias)
         return torch.ops.engine.gptq_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, config.group_size,
                                             layer.act_order, config.checkpoint_format == "gptq", bias)
