@@ -163,6 +163,22 @@ def unpack_swapab(packed: torch.Tensor) -> torch.Tensor:
 if HAVE_GLUON:
     from ops.gluon_quant import _nibbles_dequantized, _scale_pairs  # the dequant both Gluon GEMMs share
 
+    @gluon.constexpr_function
+    def _acc_layout(block_m, num_warps):
+        """The accumulator y^T [BLOCK_N, BLOCK_M]: wgmma's, warps along the outputs (16 each), N = BLOCK_M."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, block_m, 16])
+
+    @gluon.constexpr_function
+    def _out_layout(block_n, num_warps):
+        """The output y [rows, BLOCK_N]: 8 outputs (16 bytes) a thread, a warp two rows."""
+        return gl.BlockedLayout([1, 8], [32 // (block_n // 8), block_n // 8], [num_warps, 1], [1, 0])
+
+    @gluon.jit
+    def _check_tiles(BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+        gl.static_assert(BLOCK_N == 16 * NUM_WARPS)  # a warp's 16 outputs, 4 warps a warpgroup's 64
+        gl.static_assert(BLOCK_K == 32 or BLOCK_K == 64)
+        gl.static_assert(STAGES >= 2)
+
     @gluon.jit
     def _load_w_tile(w_ptrs, zeros_ptrs, scales_ptrs, t, N, BLOCK_K: gl.constexpr, GROUP_SIZE: gl.constexpr):
         """K-tile t's words [NB, 32, WPT] (one 16- or 8-byte load a thread), and for each word its output's zero
@@ -237,8 +253,7 @@ if HAVE_GLUON:
         WPT: gl.constexpr = BLOCK_K // 16  # words a thread a K-tile
         NB: gl.constexpr = BLOCK_N // 16
         # Layouts. The accumulator y^T [BLOCK_N, BLOCK_M]: warps along the outputs, 16 each.
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                      instr_shape=[16, BLOCK_M, 16])
+        mma: gl.constexpr = _acc_layout(BLOCK_M, NUM_WARPS)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         # The repacked words [NB, 32, WPT]: warp b, lane, the thread's WPT consecutive words (one vector load).
         w_regs: gl.constexpr = gl.BlockedLayout([1, 1, WPT], [1, 32, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
@@ -305,8 +320,7 @@ if HAVE_GLUON:
         written (those of rows past M hold zeros: TMA filled x's missing rows with them): no mask to split the
         stores. (Row-major with a mask took 4-byte stores and ~30% of a split o projection's time, ncu.)"""
         gl.static_assert(BLOCK_N == 128 and NUM_WARPS == 8)
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                      instr_shape=[16, BLOCK_M, 16])
+        mma: gl.constexpr = _acc_layout(BLOCK_M, NUM_WARPS)
         tile_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
         tile_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
         gl.store(partial_ptr + index * (BLOCK_N * BLOCK_M) + _workspace_offsets(tile_n, tile_m), acc)
@@ -320,8 +334,7 @@ if HAVE_GLUON:
         at workspace index start + i * stride, + first_extra for i = 0: deterministic), CHUNK rows of x at a time
         (a whole running sum plus a whole loaded partial would be 256 registers a thread at BLOCK_M 256), adds the
         bias, writes y and zeroes the counter (CUDA-graph replays find them zeroed)."""
-        out_regs: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_N // 8), BLOCK_N // 8], [NUM_WARPS, 1],
-                                                  [1, 0])
+        out_regs: gl.constexpr = _out_layout(BLOCK_N, NUM_WARPS)
         TILE: gl.constexpr = BLOCK_N * BLOCK_M
         gl.thread_barrier()  # every thread's partial stored before the counter says so
         if gl.atomic_add(counter_ptr + tile, 1, sem="acq_rel") == count - 1:
@@ -350,14 +363,9 @@ if HAVE_GLUON:
         """One output tile a program (grid axis 0; row tiles of one output tile next to each other: they share W
         in L2), and with SPLIT_K one range of its K-tiles (grid axis 1)."""
         DTYPE: gl.constexpr = x_desc.dtype
-        gl.static_assert(BLOCK_N == 16 * NUM_WARPS)  # a warp's 16 outputs, 4 warps a warpgroup's 64
-        gl.static_assert(BLOCK_K == 32 or BLOCK_K == 64)
-        gl.static_assert(STAGES >= 2)
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                      instr_shape=[16, BLOCK_M, 16])
-        # The output y [BLOCK_M, BLOCK_N]: 8 outputs (16 bytes) a thread, a warp two rows.
-        out_regs: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_N // 8), BLOCK_N // 8], [NUM_WARPS, 1],
-                                                  [1, 0])
+        _check_tiles(BLOCK_N, BLOCK_K, STAGES, NUM_WARPS)
+        mma: gl.constexpr = _acc_layout(BLOCK_M, NUM_WARPS)
+        out_regs: gl.constexpr = _out_layout(BLOCK_N, NUM_WARPS)
 
         pid = gl.program_id(0)
         num_m = gl.cdiv(M, BLOCK_M)
@@ -405,13 +413,9 @@ if HAVE_GLUON:
         written directly; a piece of a tile goes to the workspace [P, 2, BLOCK_N, BLOCK_M] (index 2p for the
         program's first piece, 2p + 1 for its last), and the tile's last piece to arrive sums them."""
         DTYPE: gl.constexpr = x_desc.dtype
-        gl.static_assert(BLOCK_N == 16 * NUM_WARPS)
-        gl.static_assert(BLOCK_K == 32 or BLOCK_K == 64)
-        gl.static_assert(STAGES >= 2)
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                      instr_shape=[16, BLOCK_M, 16])
-        out_regs: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_N // 8), BLOCK_N // 8], [NUM_WARPS, 1],
-                                                  [1, 0])
+        _check_tiles(BLOCK_N, BLOCK_K, STAGES, NUM_WARPS)
+        mma: gl.constexpr = _acc_layout(BLOCK_M, NUM_WARPS)
+        out_regs: gl.constexpr = _out_layout(BLOCK_N, NUM_WARPS)
 
         pid = gl.program_id(0)
         programs = gl.num_programs(0)

@@ -291,19 +291,25 @@ def test_swapab_gptq_matmul_small_shapes_any_rows_and_bias(dtype):
 def test_swapab_split_k_and_each_row_tile_match_the_reference_on_70b_shapes(variant, shape):
     """Every BLOCK_M (64 / 128 / 256, where it holds the rows or more), with split-K off, automatic and forced
     (2 and 3 ranges; on gate_up too), at rows 1, 77, 128, 200 and 256; bf16, fp16 for the v1 zeros."""
-    _needs_hopper()
-    torch.manual_seed(0)
-    K, N = shape
-    dtypes = (torch.bfloat16, torch.float16) if variant == "gptq-v1-g32" else (torch.bfloat16, )
-    for dtype in dtypes:
-        layer, weight = random_layer(variant, K, N, dtype, "cuda")
+    for dtype, layer, weight in _layers_on(variant, shape):
         for M in (1, 77, 128, 200, 256):
-            x = torch.randn(M, K, device="cuda").to(dtype)
+            x = torch.randn(M, shape[0], device="cuda").to(dtype)
             for block_m in (64, 128, 256):
                 if block_m < M and block_m != 64:  # 64 covers the several-row-tiles case
                     continue
                 for split_k in (1, None, 2, 3):
                     _check(layer, weight, x, block_m=block_m, split_k=split_k)
+
+
+def _layers_on(variant, shape):
+    """(dtype, layer, weight) on a Hopper GPU for each dtype a variant is checked in (fp16 too for the v1 zeros),
+    the memory handed back after each."""
+    _needs_hopper()
+    torch.manual_seed(0)
+    K, N = shape
+    for dtype in (torch.bfloat16, torch.float16) if variant == "gptq-v1-g32" else (torch.bfloat16, ):
+        layer, weight = random_layer(variant, K, N, dtype, "cuda")
+        yield dtype, layer, weight
         del layer, weight
         torch.cuda.empty_cache()
 
@@ -361,20 +367,13 @@ def test_swapab_replays_in_a_cuda_graph_with_split_k():
 def test_swapab_stream_k_matches_the_reference_on_70b_shapes(variant, shape):
     """The persistent stream-K kernel, forced, at rows 1 / 77 / 128 / 200 / 256 with BLOCK_M 256 (and 64: several
     row tiles an output tile), and automatic at 200 / 256 rows (stream-K on gate_up and qkv)."""
-    _needs_hopper()
-    torch.manual_seed(0)
-    K, N = shape
-    dtypes = (torch.bfloat16, torch.float16) if variant == "gptq-v1-g32" else (torch.bfloat16, )
-    for dtype in dtypes:
-        layer, weight = random_layer(variant, K, N, dtype, "cuda")
+    for dtype, layer, weight in _layers_on(variant, shape):
         for M in (1, 77, 128, 200, 256):
-            x = torch.randn(M, K, device="cuda").to(dtype)
+            x = torch.randn(M, shape[0], device="cuda").to(dtype)
             for block_m in (256, 64):
                 _check(layer, weight, x, block_m=block_m, stream_k=True)
             if M >= 200:
                 _check(layer, weight, x)
-        del layer, weight
-        torch.cuda.empty_cache()
 
 
 @gpu
