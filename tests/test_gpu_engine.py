@@ -99,12 +99,39 @@ def test_greedy_equals_transformers_in_bf16_where_margins_allow(checkpoint, grap
     nearly tie. Teacher-force transformers along our tokens in float32 (the oracle) and in bf16
     (to measure how far bf16 rounding alone moves this model's logits): at every step our token
     must be float32's argmax, or within twice that bf16 noise of it."""
+    prompts = prompts_for(8, seed=7)
+    assert_greedy_within_bf16_noise(checkpoint, prompts, graphed_bf16.generate(prompts, GREEDY, use_tqdm=False))
+
+
+@pytest.mark.parametrize("fmt", ["awq-g64", "gptq-sym-g32", "gptq-asym-act-order"])
+def test_quantized_engine_equals_transformers_on_the_dequantized_weights_where_margins_allow(tmp_path, fmt):
+    """A 4-bit checkpoint on the GPU as users run it (bf16, compiled, graphed, ENGINE_SWAPAB_GEMM's default): on an
+    sm_90 GPU with Gluon the layers keep a swap-AB copy (the model is sized for that GEMM), so a batch of 8 runs the
+    swap-AB GEMM and one prompt alone the planar GEMV; both against transformers on the dequantized weights, as
+    `test_greedy_equals_transformers_in_bf16_where_margins_allow`."""
+    from engine.quantization import swapab
+    from engine.quantization.pack import write_quantized_checkpoint
+    from tests.test_quantization import FORMATS
+
+    base = build_tiny_checkpoint(str(tmp_path / "float"), "LlamaForCausalLM", seed=3, dtype=torch.bfloat16,
+                                 hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
+                                 head_dim=64)
+    packed, dequantized = str(tmp_path / "packed"), str(tmp_path / "dequantized")
+    write_quantized_checkpoint(base, packed, FORMATS[fmt], dequantized_dir=dequantized)
+    llm = LLM(packed, dtype="bfloat16", max_model_len=512, max_num_seqs=32, cuda_graph_sizes=BUCKETS)
+    layer = llm.llm_engine.runner.model.model.layers[0].mlp.down_proj
+    if swapab.MODE == "auto" and swapab._copies_pay(torch.device("cuda")):
+        assert layer.swapab_packed is not None
+    batch, alone = prompts_for(8, seed=11), prompts_for(1, seed=12)
+    assert_greedy_within_bf16_noise(dequantized, batch, llm.generate(batch, GREEDY, use_tqdm=False))
+    assert_greedy_within_bf16_noise(dequantized, alone, llm.generate(alone, GREEDY, use_tqdm=False))
+
+
+def assert_greedy_within_bf16_noise(checkpoint, prompts, outputs) -> None:
     from transformers import AutoModelForCausalLM
 
     hf32 = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).cuda().eval()
     hf16 = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
-    prompts = prompts_for(8, seed=7)
-    outputs = graphed_bf16.generate(prompts, GREEDY, use_tqdm=False)
     exact = total = 0
     for prompt, out in zip(prompts, outputs):
         ids = prompt["prompt_token_ids"] + out.outputs[0].token_ids
