@@ -50,6 +50,12 @@ SMALL_GRID_PROGRAMS = 512  # ...while the decode grid stays within this many pro
 _DECODE_BLOCK_N = 64  # context positions per inner-loop step in decode
 _DECODE_NUM_WARPS = 4
 _DECODE_NUM_STAGES = 2
+# Decode grid order: (kv_head, seq, partition) rather than (seq, kv_head, partition), so that the programs reading one
+# sequence's KV heads are launched side by side (a cache block keeps a position's heads in one contiguous row).
+_DECODE_HEADS_FIRST = False
+# The reduce kernel merges the partials of as many heads a program as fit this many fp32 elements (heads x partitions
+# x head_dim): one program a sequence at nano's shapes, not one a head (most exit at once: one partition). 0: one a head.
+_REDUCE_ELEMENTS = 8192
 _MASKED = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max, so empty rows never make NaN
 
 
@@ -140,10 +146,16 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, Q_FP16: tl.constexpr = False,
     OFFSETS_64: tl.constexpr = True, WRITE_KV: tl.constexpr = False, FP8_MAX: tl.constexpr = 0.0,
-    IEEE: tl.constexpr = False,
+    IEEE: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEADS_FIRST:
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+        num_kv_heads = tl.num_programs(0)
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        num_kv_heads = tl.num_programs(1)
     part = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     token = tl.load(query_start_loc_ptr + seq)
@@ -208,7 +220,7 @@ def _decode_kernel(
                      out.to(out_ptr.dtype.element_ty), mask=io_mask)
     else:
         # Partials are [num_seqs, num_heads, NUM_PARTITIONS, (D_PAD)], contiguous.
-        part_idx = (seq * tl.num_programs(1) * GROUP + heads).to(tl.int64) * NUM_PARTITIONS + part
+        part_idx = (seq * num_kv_heads * GROUP + heads).to(tl.int64) * NUM_PARTITIONS + part
         live = rows < tl.where(has_query & (kv_lo < seq_len), GROUP, 0)
         tl.store(part_max_ptr + part_idx, m_i, mask=live)
         tl.store(part_sum_ptr + part_idx, l_i, mask=live)
@@ -218,13 +230,15 @@ def _decode_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, seq_lens_ptr, query_start_loc_ptr,
-    stride_ot, stride_oh, head_dim, partition_size,
-    NUM_PARTITIONS: tl.constexpr, P_PAD: tl.constexpr, D_PAD: tl.constexpr, PDL_SIGNAL: tl.constexpr = False,
+    stride_ot, stride_oh, head_dim, partition_size, num_heads,
+    NUM_PARTITIONS: tl.constexpr, P_PAD: tl.constexpr, D_PAD: tl.constexpr, H_BLOCK: tl.constexpr = 1,
+    PDL_SIGNAL: tl.constexpr = False,
 ):
+    """Grid (seq, head block): merges H_BLOCK heads' partials of one sequence."""
     if PDL_SIGNAL:  # the next kernel (the output projection's GEMV) may start loading its weights (ops.pdl)
         tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
-    head = tl.program_id(1)
+    heads = tl.program_id(1) * H_BLOCK + tl.arange(0, H_BLOCK)
     token = tl.load(query_start_loc_ptr + seq)
     has_query = tl.load(query_start_loc_ptr + seq + 1) > token
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -235,16 +249,18 @@ def _decode_reduce_kernel(
     num_live = tl.minimum(tl.cdiv(seq_len, partition_size), NUM_PARTITIONS)
     parts = tl.arange(0, P_PAD)
     dims = tl.arange(0, D_PAD)
-    live = parts < num_live
-    base = (seq * tl.num_programs(1) + head).to(tl.int64) * NUM_PARTITIONS
-    m = tl.load(part_max_ptr + base + parts, mask=live, other=_MASKED)
-    s = tl.load(part_sum_ptr + base + parts, mask=live, other=0.0)
-    acc = tl.load(part_acc_ptr + (base + parts)[:, None] * D_PAD + dims[None, :], mask=live[:, None], other=0.0)
-    weight = tl.where(live, tl.exp2(m - tl.max(m, 0)), 0.0)
-    total = tl.sum(weight * s, 0)
-    out = tl.sum(acc * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
-             mask=dims < tl.where(has_query, head_dim, 0))
+    head_ok = heads < num_heads
+    live = head_ok[:, None] & (parts < num_live)[None, :]  # [H_BLOCK, P_PAD]
+    idx = (seq * num_heads + heads).to(tl.int64)[:, None] * NUM_PARTITIONS + parts[None, :]
+    m = tl.load(part_max_ptr + idx, mask=live, other=_MASKED)
+    s = tl.load(part_sum_ptr + idx, mask=live, other=0.0)
+    acc = tl.load(part_acc_ptr + idx[:, :, None] * D_PAD + dims[None, None, :], mask=live[:, :, None], other=0.0)
+    weight = tl.where(live, tl.exp2(m - tl.max(m, 1)[:, None]), 0.0)
+    total = tl.sum(weight * s, 1)
+    out = tl.sum(acc * weight[:, :, None], 1) / tl.where(total > 0, total, 1.0)[:, None]
+    out_mask = head_ok[:, None] & (dims < tl.where(has_query, head_dim, 0))[None, :]
+    tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -391,7 +407,8 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
         part_acc = torch.empty((num_seqs, num_heads, num_partitions, d_pad), dtype=torch.float32, device=query.device)
     write = key is not None
     key, value = (key, value) if write else (query, query)  # (unread without WRITE_KV)
-    _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
+    grid = (num_kv_heads, num_seqs, num_partitions) if _DECODE_HEADS_FIRST else (num_seqs, num_kv_heads, num_partitions)
+    _decode_kernel[grid](
         out, part_acc, part_max, part_sum,
         query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         key, value, meta.slot_mapping,
@@ -403,14 +420,17 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
         BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, D_PAD=d_pad, Q_FP16=_q_fp16(query, k_cache),
         OFFSETS_64=_offsets_64(k_cache), WRITE_KV=write,
         FP8_MAX=torch.finfo(k_cache.dtype).max if write and k_cache.dtype.itemsize == 1 else 0.0,
-        IEEE=query.dtype == torch.float32, num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
+        IEEE=query.dtype == torch.float32, HEADS_FIRST=_DECODE_HEADS_FIRST,
+        num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
     )
     if num_partitions > 1:
-        _decode_reduce_kernel[(num_seqs, num_heads)](
+        p_pad = triton.next_power_of_2(num_partitions)
+        h_block = min(triton.next_power_of_2(num_heads), max(1, _REDUCE_ELEMENTS // (p_pad * d_pad)))
+        _decode_reduce_kernel[(num_seqs, triton.cdiv(num_heads, h_block))](
             out, part_acc, part_max, part_sum, meta.seq_lens, meta.query_start_loc,
-            out.stride(0), out.stride(1), head_dim, partition_size,
-            NUM_PARTITIONS=num_partitions, P_PAD=triton.next_power_of_2(num_partitions),
-            D_PAD=d_pad, PDL_SIGNAL=pdl.enabled(out.device), num_warps=4,
+            out.stride(0), out.stride(1), head_dim, partition_size, num_heads,
+            NUM_PARTITIONS=num_partitions, P_PAD=p_pad, D_PAD=d_pad, H_BLOCK=h_block,
+            PDL_SIGNAL=pdl.enabled(out.device), num_warps=4,
         )
 
 

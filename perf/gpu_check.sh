@@ -32,6 +32,10 @@
 #   gluon-ncu Nsight Compute on the Gluon GEMM (70B gate_up and down, 256 rows): stall reasons, per-SASS-instruction samples
 #   dequant-gemm ENGINE_DEQUANT_GEMM_ROWS's GPU test, quant_bench 70B shapes at 256-8,192 rows without / with it from 1,024
 #   fused-norm-ab ENGINE_FUSED_NORM=1 (TP=1 add + RMSNorm in one kernel): GPU tests with it, llama1 and nano without / with, profiled
+#   nano-decode (#3) the decode kernel on nano's steps as its graphs run them (perf/kernel_bench.py --nano: grid order,
+#           partition size, tiles, the reduce kernel's heads a program), and a plain streaming read for the ceiling
+#   dense-gemm (#3) ops.triton_dense's GPU tests, then quant_bench on Qwen3-0.6B's and Llama-3.1-8B's shapes at 8-256
+#           rows: cuBLAS (bf16) against triton-dense with each tile table
 #   nano-profile nano (bf16) profiled at step 200 (full batch) and 700 (~100 sequences), every GPU op listed
 #   nano-parts-ab nano with 512- and 1,024-position decode partitions, alternating twice (fp8 cache, then bf16)
 #   nano-parts nano (bf16, fp8 caches) with 1,024- and 2,048-position decode partitions (run `nano` / `nano-fp8` beside it)
@@ -379,6 +383,14 @@ for stage in "$@"; do
            timeout 120 python3 -m pytest -m gpu -q tests/test_triton_allreduce.py -k add_rms_norm 2>&1 | tail -2
            ENGINE_FUSED_NORM=1 timeout 200 python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 | tee "$OUT/fused_norm_tests.log" | tail -3
            profiled_ab ENGINE_FUSED_NORM "llama1_norm0;0;llama1" "llama1_norm1;1;llama1" "nano_norm0;0;nano" "nano_norm1;1;nano" ;;
+    nano-decode) timeout "${STAGE_TIMEOUT:-300}" python3 perf/kernel_bench.py --nano --out "$OUT/nano_decode.json" 2>&1 \
+             | tee "$OUT/nano_decode.log" | tail -25 ;;
+    dense-gemm) timeout 200 python3 -m pytest -m gpu -q tests/test_triton_dense.py 2>&1 | tee "$OUT/dense_tests.log" | tail -3
+           for shapes in qwen3-0.6b 8b; do
+             timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --shapes $shapes --kernels bf16 triton-dense \
+               --dense-tiles default n64 wide-m more-split --batches 8 16 32 64 128 256 --out "$OUT/dense_$shapes.json" 2>&1 \
+               | tee "$OUT/dense_$shapes.log" | tail -16
+           done ;;
     nano-profile) # nano (bf16 cache) profiled over 10 steps at full batch (step 200) and at ~100 sequences (step 700),
            # every GPU op of a step listed (STEP_PROFILE_TOP=30): where a step's time goes besides the KV reads
            for steps in "200 10" "700 10"; do

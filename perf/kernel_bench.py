@@ -1,6 +1,7 @@
 """Decode-attention kernel benchmark: the Triton backend vs xformers vs SDPA on pre-gathered K/V.
 
     python perf/kernel_bench.py --out perf/kernel_bench.json
+    python perf/kernel_bench.py --nano --out perf/nano_decode.json   # nano's decode steps, kernel variants
 
 One decode step of one layer (every sequence has one query token and the same context length),
 timed with `triton.testing.do_bench` (median; it flushes L2 before every run). Bandwidth counts
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere, no install needed
 
@@ -124,12 +126,125 @@ def sweep_triton_decode() -> list[dict]:
     return rows
 
 
+# --nano: the decode steps of nano's run (perf/throughput.py's workload, Qwen3-0.6B's heads), as its CUDA graphs
+# run them: each step's live sequences padded to the graph's batch bucket, contexts bounded by max_model_len 4,096
+# (so 4 partitions of 1,024 positions a sequence). Variants set ops.triton_attention's module constants.
+NANO_STEPS = (50, 500, 900)  # decode steps after the prefill: 256, 126 and 37 live sequences
+NANO_MAX_MODEL_LEN = 4096
+NANO_VARIANTS = {
+    "as is": {},
+    "heads-first": {"_DECODE_HEADS_FIRST": True},
+    "reduce-a-head": {"_REDUCE_ELEMENTS": 0},
+    "hf p512": {"_DECODE_HEADS_FIRST": True, "PARTITION_SIZE": 512},
+    "hf p2048": {"_DECODE_HEADS_FIRST": True, "PARTITION_SIZE": 2048},
+    "hf p4096": {"_DECODE_HEADS_FIRST": True, "PARTITION_SIZE": 4096},
+    "hf n32": {"_DECODE_HEADS_FIRST": True, "_DECODE_BLOCK_N": 32},
+    "hf n128": {"_DECODE_HEADS_FIRST": True, "_DECODE_BLOCK_N": 128},
+    "hf w8": {"_DECODE_HEADS_FIRST": True, "_DECODE_NUM_WARPS": 8},
+    "hf s3": {"_DECODE_HEADS_FIRST": True, "_DECODE_NUM_STAGES": 3},
+    "hf s4": {"_DECODE_HEADS_FIRST": True, "_DECODE_NUM_STAGES": 4},
+}
+NANO_FP8_VARIANTS = ("as is", "heads-first", "hf p2048")
+
+
+def nano_decode_inputs(step: int, cache_dtype: torch.dtype, block_size: int = 16):
+    """One layer's decode inputs at nano's decode step `step` (bucket-padded, as its graph replays them)."""
+    from perf.throughput import nano_workload
+
+    num_heads, num_kv_heads, head_dim = MODELS["qwen3-0.6b"]
+    prompts, max_tokens = nano_workload()
+    lens = [len(p) + step + 1 for p, m in zip(prompts, max_tokens) if m > step]
+    batch = len(lens) if len(lens) <= 8 else -(-len(lens) // 8) * 8  # the graph buckets: 1, 2, 4, 8, 16, ...
+    lens += [0] * (batch - len(lens))
+    blocks = [-(-n // block_size) for n in lens]
+    k_cache = torch.randn(sum(blocks), block_size, num_kv_heads, head_dim, device="cuda").to(cache_dtype)
+    v_cache = torch.randn_like(k_cache, dtype=torch.float32).to(cache_dtype)
+    order = torch.randperm(sum(blocks), dtype=torch.int32)
+    block_tables = torch.zeros(batch, NANO_MAX_MODEL_LEN // block_size, dtype=torch.int32)
+    start = 0
+    for i, n in enumerate(blocks):
+        block_tables[i, :n] = order[start:start + n]
+        start += n
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    query_start_loc = torch.arange(batch + 1, dtype=torch.int32)
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device="cuda"),
+        query_start_loc=query_start_loc.cuda(), seq_lens=seq_lens.cuda(), block_tables=block_tables.cuda(),
+        max_query_len=1, max_seq_len=NANO_MAX_MODEL_LEN, query_start_loc_cpu=query_start_loc, seq_lens_cpu=seq_lens,
+    )
+    query = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    kv_bytes = 2 * sum(lens) * num_kv_heads * head_dim * k_cache.element_size()
+    return (query, k_cache, v_cache, meta), kv_bytes, sum(n > 0 for n in lens)
+
+
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Reads ITERS * BLOCK consecutive elements a program, writes their sum (so the loads are not dropped)."""
+    base = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.range(ITERS, num_stages=3):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, 0))
+
+
+def read_bandwidth(nbytes: int = 2 << 30) -> float:
+    """GB/s of a plain streaming read of `nbytes` of bf16 (the ceiling a decode kernel could reach)."""
+    x = torch.randn(nbytes // 2, device="cuda").to(torch.bfloat16)
+    block, iters = 4096, 16
+    grid = triton.cdiv(x.numel(), block * iters)
+    out = torch.empty(grid, device="cuda")
+    ms = triton.testing.do_bench_cudagraph(lambda: _read_kernel[(grid,)](x, out, x.numel(), BLOCK=block, ITERS=iters),
+                                           return_mode="median")
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def nano_sweep() -> list[dict]:
+    """Every variant at every step of NANO_STEPS (bf16 cache), some with an fp8 cache: decode + reduce, graph-timed."""
+    from ops import triton_attention as ta
+
+    head_dim = MODELS["qwen3-0.6b"][2]
+    print(f"\nstreaming read: {read_bandwidth():.0f} GB/s")
+    rows = []
+    for cache_dtype, variants in ((torch.bfloat16, list(NANO_VARIANTS)), (torch.float8_e4m3fn, NANO_FP8_VARIANTS)):
+        for step in NANO_STEPS if cache_dtype == torch.bfloat16 else NANO_STEPS[:2]:
+            inputs, kv_bytes, live = nano_decode_inputs(step, cache_dtype)
+            line = f"{str(cache_dtype).removeprefix('torch.'):>14} step {step:>4} ({live:>3} live, {kv_bytes / 1e9:5.2f} GB):"
+            for name in variants:
+                saved = {key: getattr(ta, key) for key in NANO_VARIANTS[name]}
+                for key, value in NANO_VARIANTS[name].items():
+                    setattr(ta, key, value)
+                try:
+                    step_fn = decode_step("triton", *inputs, head_dim**-0.5)
+                    step_fn()
+                    ms = triton.testing.do_bench_cudagraph(step_fn, return_mode="median")
+                except Exception as exc:  # one failing variant must not cost the others' numbers
+                    print(f"  {name}: FAILED {type(exc).__name__}: {exc}"[:300])
+                    continue
+                finally:
+                    for key, value in saved.items():
+                        setattr(ta, key, value)
+                rows.append(dict(variant=name, cache=str(cache_dtype), step=step, live=live, kv_bytes=kv_bytes,
+                                 time_us=ms * 1e3, gb_per_s=kv_bytes / (ms * 1e-3) / 1e9))
+                line += f"  {name} {ms * 1e3:.1f} us {rows[-1]['gb_per_s']:.0f} GB/s;"
+            print(line, flush=True)
+            del inputs
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--impls", default="triton,triton-graph,xformers,sdpa", help="comma-separated subset of the default")
     parser.add_argument("--sweep", action="store_true", help="also time Triton decode settings (SWEEP)")
+    parser.add_argument("--nano", action="store_true", help="only nano's decode steps, NANO_VARIANTS (see nano_sweep)")
     args = parser.parse_args()
+    if args.nano:
+        rows = nano_sweep()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), nano=rows), indent=2))
+        return
     impls = args.impls.split(",")
     if "xformers" in impls:
         try:

@@ -350,16 +350,19 @@ triton_attention.PARTITION_SIZE = 128
 # sizes); partitions grown; partitions shrunk to 64 positions
 grow = [(16, 4096, 128), (2, 0, 128), (16, 4096, 64)]  # (64: the default since session 19)
 offsets_64 = [False, True, False]  # the 64-bit cache offsets (for caches of 2^31 elements or more) in one round
+heads_first = [False, True, True]  # the decode grid's order (_DECODE_HEADS_FIRST)
+reduce_elements = [8192, 8192, 0]  # the reduce kernel: several heads a program (6 heads: 2 masked), one a head
 cases = [  # q_lens, seq_lens, heads, kv heads, head_dim, block size, dtype
     ([1] * 5, [1, 129, 300, 0, 64], 8, 2, 32, 16, torch.float32),
     ([1] * 2, [520, 7], 6, 2, 24, 8, torch.float16),
     ([40, 1, 7, 1, 70], [40, 300, 100, 0, 75], 8, 1, 32, 16, torch.float32),
     ([33, 2], [50, 9], 6, 2, 80, 32, torch.float16),
 ]
-for (max_parts, grid, min_size), wide, (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [
-        (g, w, c) for g, w in zip(grow, offsets_64) for c in cases]:
+for (max_parts, grid, min_size), wide, first, elements, (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [
+        (g, w, f, e, c) for g, w, f, e in zip(grow, offsets_64, heads_first, reduce_elements) for c in cases]:
     triton_attention.MAX_DECODE_PARTITIONS, triton_attention.DECODE_GRID_PROGRAMS = max_parts, grid
     triton_attention.MIN_PARTITION_SIZE, triton_attention.OFFSETS_64_ALWAYS = min_size, wide
+    triton_attention._DECODE_HEADS_FIRST, triton_attention._REDUCE_ELEMENTS = first, elements
     query, k_cache, v_cache, meta = make_paged_batch(q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype, "cpu")
     out = torch.full_like(query, float("nan"))
     triton_attention.paged_attention(query, k_cache, v_cache, meta, head_dim ** -0.5, out)
@@ -393,9 +396,9 @@ for fp8, (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [
 # Decode with the K/V write inside the decode kernel (write_kv_and_attend): the output and the cache
 # of writing first, then attending; over partitions of every size above, a bf16-like and an fp8 cache.
 from tests.test_attention_kernels import check_fused_decode_write
-for (max_parts, grid, min_size), case in [(g, c) for g in grow for c in cases[:2]]:
+for (max_parts, grid, min_size), first, case in [(g, f, c) for g, f in zip(grow, heads_first) for c in cases[:2]]:
     triton_attention.MAX_DECODE_PARTITIONS, triton_attention.DECODE_GRID_PROGRAMS = max_parts, grid
-    triton_attention.MIN_PARTITION_SIZE = min_size
+    triton_attention.MIN_PARTITION_SIZE, triton_attention._DECODE_HEADS_FIRST = min_size, first
     check_fused_decode_write(*case[1:], "cpu", cache_dtype=None)
     check_fused_decode_write(*case[1:], "cpu", cache_dtype=torch.float8_e4m3fn)
 print("ok")

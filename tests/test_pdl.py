@@ -65,9 +65,9 @@ def test_decode_reduce_signals_first_when_asked():
 
     signature = {"out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
                  "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32",
-                 **{i: "i32" for i in ["stride_ot", "stride_oh", "head_dim", "partition_size"]}}
+                 **{i: "i32" for i in ["stride_ot", "stride_oh", "head_dim", "partition_size", "num_heads"]}}
     for signal in (True, False):
-        ptx = sm90_ptx(_decode_reduce_kernel, signature, dict(NUM_PARTITIONS=64, P_PAD=64, D_PAD=128, PDL_SIGNAL=signal),
+        ptx = sm90_ptx(_decode_reduce_kernel, signature, dict(NUM_PARTITIONS=64, P_PAD=64, D_PAD=128, H_BLOCK=1, PDL_SIGNAL=signal),
                    num_warps=4)
         found = ptx_lines(ptx, r"griddepcontrol\.launch_dependents")
         assert len(found) == signal and not ptx_lines(ptx, r"griddepcontrol\.wait")
