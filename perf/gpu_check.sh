@@ -36,6 +36,9 @@
 #           partition size, tiles, the reduce kernel's heads a program), and a plain streaming read for the ceiling
 #   dense-gemm (#3) ops.triton_dense's GPU tests, then quant_bench on Qwen3-0.6B's and Llama-3.1-8B's shapes at 8-256
 #           rows: cuBLAS (bf16) against triton-dense with each tile table
+#   nano-hf-pdl (#3) nano (bf16) as it is, with the decode grid heads first (_DECODE_HEADS_FIRST), then that with PDL
+#           wherever it can be (TORCHINDUCTOR_ENABLE_PDL=1: inductor's kernels; ENGINE_PDL=1: ours), each timed then
+#           profiled at step 200; then the GPU-engine tests under PDL (greedy tokens against transformers)
 #   nano-profile nano (bf16) profiled at step 200 (full batch) and 700 (~100 sequences), every GPU op listed
 #   nano-parts-ab nano with 512- and 1,024-position decode partitions, alternating twice (fp8 cache, then bf16)
 #   nano-parts nano (bf16, fp8 caches) with 1,024- and 2,048-position decode partitions (run `nano` / `nano-fp8` beside it)
@@ -391,6 +394,15 @@ for stage in "$@"; do
                --dense-tiles default n64 wide-m more-split --batches 8 16 32 64 128 256 --out "$OUT/dense_$shapes.json" 2>&1 \
                | tee "$OUT/dense_$shapes.log" | tail -16
            done ;;
+    nano-hf-pdl) python3 -c "import torch._inductor.config as c; print('inductor enable_pdl:', getattr(c.triton, 'enable_pdl', 'absent'))"
+           for spec in "nano_base;pass;" "nano_hf;t._DECODE_HEADS_FIRST = True;" "nano_hf_pdl;t._DECODE_HEADS_FIRST = True;pdl"; do
+             IFS=";" read -r name code pdl <<< "$spec"
+             env ${pdl:+TORCHINDUCTOR_ENABLE_PDL=1 ENGINE_PDL=1} timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, ops.triton_attention as t; $code; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+               perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano --profile-steps 200 10 \
+               2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
+           done
+           TORCHINDUCTOR_ENABLE_PDL=1 ENGINE_PDL=1 timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_gpu_engine.py \
+             2>&1 | tee "$OUT/pdl_engine_tests.log" | tail -3 ;;
     nano-profile) # nano (bf16 cache) profiled over 10 steps at full batch (step 200) and at ~100 sequences (step 700),
            # every GPU op of a step listed (STEP_PROFILE_TOP=30): where a step's time goes besides the KV reads
            for steps in "200 10" "700 10"; do
