@@ -7,7 +7,7 @@ gathered into a contiguous copy) and folds them into an fp32 online softmax:
 - `_write_kv_kernel`: one program per token, stores its K/V row at `slot_mapping[t]`; slot -1
   (padding rows of a CUDA-graph batch) stores nothing.
 - `_decode_kernel` + `_decode_reduce_kernel` (every query length is 1, i.e. `meta.max_query_len ==
-  1`): flash-decoding. Grid (seq, kv_head, partition): each program takes ALL query heads of one
+  1`): flash-decoding. Grid (kv_head, seq, partition): each program takes ALL query heads of one
   KV head (the GQA group, padded to >= 16 rows for the tensor cores), so each KV block is read
   once per KV head, over one partition of `PARTITION_SIZE` context positions; a second kernel
   merges the partitions' fp32 (max, sum, acc) triples. With a single partition, or for a sequence
@@ -50,11 +50,15 @@ SMALL_GRID_PROGRAMS = 512  # ...while the decode grid stays within this many pro
 _DECODE_BLOCK_N = 64  # context positions per inner-loop step in decode
 _DECODE_NUM_WARPS = 4
 _DECODE_NUM_STAGES = 2
-# Decode grid order: (kv_head, seq, partition) rather than (seq, kv_head, partition), so that the programs reading one
-# sequence's KV heads are launched side by side (a cache block keeps a position's heads in one contiguous row).
-_DECODE_HEADS_FIRST = False
+# The decode grid in (kv_head, seq, partition) order, not (seq, kv_head, partition): the programs reading one sequence's
+# KV heads launch side by side, and a cache block keeps a position's heads in one contiguous row. nano's decode steps
+# (perf/kernel_bench.py --nano, H100): 225.9 against 230.3 us a layer at 256 sequences, 194.4 against 196.1 at 126,
+# equal at 37; nano's profiled full-batch step 6.73 against 6.89 ms (perf/RESULTS.md, session 23).
+_DECODE_HEADS_FIRST = True
 # The reduce kernel merges the partials of as many heads a program as fit this many fp32 elements (heads x partitions
-# x head_dim): one program a sequence at nano's shapes, not one a head (most exit at once: one partition). 0: one a head.
+# x head_dim): one program a sequence at nano's shapes instead of one a head, most of which exit at once (a context
+# within one partition). 0: one a head. nano's decode steps (H100): decode + reduce 230.3 against 230.9 us at 256
+# sequences, 196.1 against 197.6 at 126, 85.6 against 85.4 at 37 (perf/RESULTS.md, session 23): within 1%.
 _REDUCE_ELEMENTS = 8192
 _MASKED = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max, so empty rows never make NaN
 

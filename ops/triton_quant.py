@@ -93,7 +93,6 @@ import triton.language as tl
 AWQ: tl.constexpr = tl.constexpr(0)
 GPTQ: tl.constexpr = tl.constexpr(1)
 INT8: tl.constexpr = tl.constexpr(2)
-DENSE: tl.constexpr = tl.constexpr(3)  # a 16-bit weight, no scales (ops.triton_dense, through `_finish`)
 
 FLOAT_2_23_BITS = 0x4B000000  # 2^23 as fp32: below its exponent bits, 23 bits of mantissa
 _FLOAT_2_23: tl.constexpr = tl.constexpr(8388608.0)

@@ -34,9 +34,8 @@
 #   fused-norm-ab ENGINE_FUSED_NORM=1 (TP=1 add + RMSNorm in one kernel): GPU tests with it, llama1 and nano without / with, profiled
 #   nano-decode (#3) the decode kernel on nano's steps as its graphs run them (perf/kernel_bench.py --nano: grid order,
 #           partition size, tiles, the reduce kernel's heads a program), and a plain streaming read for the ceiling
-#   dense-gemm (#3) ops.triton_dense's GPU tests, then quant_bench on Qwen3-0.6B's and Llama-3.1-8B's shapes at 8-256
-#           rows: cuBLAS (bf16) against triton-dense with each tile table
-#   nano-hf-pdl (#3) nano (bf16) as it is, with the decode grid heads first (_DECODE_HEADS_FIRST), then that with PDL
+#   nano-hf-ab (#3) nano (bf16), the decode grid (seq, head) and heads first, alternating twice; then a traced run
+#   nano-hf-pdl (#3) nano (bf16) with the decode grid (seq, head), heads first (_DECODE_HEADS_FIRST), then that with PDL
 #           wherever it can be (TORCHINDUCTOR_ENABLE_PDL=1: inductor's kernels; ENGINE_PDL=1: ours), each timed then
 #           profiled at step 200; then the GPU-engine tests under PDL (greedy tokens against transformers)
 #   nano-profile nano (bf16) profiled at step 200 (full batch) and 700 (~100 sequences), every GPU op listed
@@ -388,14 +387,8 @@ for stage in "$@"; do
            profiled_ab ENGINE_FUSED_NORM "llama1_norm0;0;llama1" "llama1_norm1;1;llama1" "nano_norm0;0;nano" "nano_norm1;1;nano" ;;
     nano-decode) timeout "${STAGE_TIMEOUT:-300}" python3 perf/kernel_bench.py --nano --out "$OUT/nano_decode.json" 2>&1 \
              | tee "$OUT/nano_decode.log" | tail -25 ;;
-    dense-gemm) timeout 200 python3 -m pytest -m gpu -q tests/test_triton_dense.py 2>&1 | tee "$OUT/dense_tests.log" | tail -3
-           for shapes in qwen3-0.6b 8b; do
-             timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --shapes $shapes --kernels bf16 triton-dense \
-               --dense-tiles default n64 wide-m more-split --batches 8 16 32 64 128 256 --out "$OUT/dense_$shapes.json" 2>&1 \
-               | tee "$OUT/dense_$shapes.log" | tail -16
-           done ;;
     nano-hf-pdl) python3 -c "import torch._inductor.config as c; print('inductor enable_pdl:', getattr(c.triton, 'enable_pdl', 'absent'))"
-           for spec in "nano_base;pass;" "nano_hf;t._DECODE_HEADS_FIRST = True;" "nano_hf_pdl;t._DECODE_HEADS_FIRST = True;pdl"; do
+           for spec in "nano_base;t._DECODE_HEADS_FIRST = False;" "nano_hf;t._DECODE_HEADS_FIRST = True;" "nano_hf_pdl;t._DECODE_HEADS_FIRST = True;pdl"; do
              IFS=";" read -r name code pdl <<< "$spec"
              env ${pdl:+TORCHINDUCTOR_ENABLE_PDL=1 ENGINE_PDL=1} timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, ops.triton_attention as t; $code; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
                perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano --profile-steps 200 10 \
@@ -403,6 +396,16 @@ for stage in "$@"; do
            done
            TORCHINDUCTOR_ENABLE_PDL=1 ENGINE_PDL=1 timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_gpu_engine.py \
              2>&1 | tee "$OUT/pdl_engine_tests.log" | tail -3 ;;
+    nano-hf-ab) # nano (bf16) with the decode grid (seq, head) then heads first (the default), alternating twice; then one run
+           # profiled over 3 full-batch steps with a chrome trace ($OUT/nano_trace.json: is the idle inside the graphs or between them?)
+           for spec in "nano_seqfirst;False" "nano_headsfirst;True" "nano_seqfirst2;False" "nano_headsfirst2;True"; do
+             IFS=";" read -r name first <<< "$spec"
+             timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, ops.triton_attention as t; t._DECODE_HEADS_FIRST = $first; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+               perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano \
+               2>&1 | tee "$OUT/$name.log" | grep -E "engine:|recompile|Error" | sed "s/^/[$name] /"
+           done
+           timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/nano_traced.json" --model qwen3-0.6b \
+             --workload nano --profile-steps 200 3 --trace-out "$OUT/nano_trace.json" 2>&1 | grep -E "engine:|profiled steps|Error" ;;
     nano-profile) # nano (bf16 cache) profiled over 10 steps at full batch (step 200) and at ~100 sequences (step 700),
            # every GPU op of a step listed (STEP_PROFILE_TOP=30): where a step's time goes besides the KV reads
            for steps in "200 10" "700 10"; do

@@ -7,7 +7,7 @@ torch matmul, on Llama-3.1-8B's projection shapes (or 70B's, `--shapes 70b`) at 
     python perf/quant_bench.py --planar-sweep --kernels bf16 awq-gptq-g128 --batches 1
     python perf/quant_bench.py --shapes 70b --kernels bf16 awq-gptq-g128 --batches 128 256
     python perf/quant_bench.py --shapes 70b --kernels bf16 awq-gptq-g128 gluon-gptq-g128 --batches 256
-    python perf/quant_bench.py --shapes qwen3-0.6b --kernels bf16 triton-dense --dense-tiles default n64 --batches 16 256
+    python perf/quant_bench.py --shapes qwen3-0.6b --kernels bf16 --batches 8 64 256
 
 Each (kernel, layer, batch) is first checked against the dequantize-then-matmul reference, then warmed
 up (Triton compiles every kernel variant it needs here, outside the timer). Then `--iters` back-to-back
@@ -26,7 +26,6 @@ tables that differ from the default only in its one-row planar entry (columns an
 pipeline stages, programs an SM, K ranges at most; `planar_sweep_tables`), named after those values.
 
 - bf16:          F.linear with a bf16 weight [N, K] (cuBLAS), the unquantized baseline
-- triton-dense:  the same weight through ops.triton_dense (swap-AB tiles, split-K; `--dense-tiles` tables)
 - awq-g128:      AWQ GEMM layout, group 128
 - awq-gptq-g128: the same weights repacked into GPTQ's layout (ops.quant_ref.awq_to_gptq), as the engine
                  runs AWQ checkpoints: the planar kernel at 1..2 rows
@@ -74,7 +73,7 @@ QWEN3_06B_SHAPES = [(1024, 4096), (2048, 1024), (1024, 6144), (3072, 1024)]
 SHAPES = {"8b": LLAMA_8B_SHAPES, "70b": LLAMA_70B_SHAPES, "qwen3-0.6b": QWEN3_06B_SHAPES}  # one rank's (K, N), unsharded
 BATCHES = (1, 2, 4, 16, 256)
 L2_DEFEAT_BYTES = 256 << 20
-KERNELS = ["bf16", "triton-dense", "awq-g128", "awq-gptq-g128", "gluon-gptq-g128", "gluon-gptq-g128-s1", "gluon-swapab-gptq-g128", "gluon-swapab-gptq-g128-dp", "gluon-swapab-gptq-g128-s1", "swapab-op-g128", "gptq-g128", "gptq-act-g128", "gptq-act-sorted-g128", "int8", "bnb-int8"]
+KERNELS = ["bf16", "awq-g128", "awq-gptq-g128", "gluon-gptq-g128", "gluon-gptq-g128-s1", "gluon-swapab-gptq-g128", "gluon-swapab-gptq-g128-dp", "gluon-swapab-gptq-g128-s1", "swapab-op-g128", "gptq-g128", "gptq-act-g128", "gptq-act-sorted-g128", "int8", "bnb-int8"]
 VARIANT_OF = {"awq-g128": "awq-g128", "awq-gptq-g128": "awq-g128", "gluon-gptq-g128": "awq-g128", "gluon-gptq-g128-s1": "awq-g128", "gluon-swapab-gptq-g128": "awq-g128", "gluon-swapab-gptq-g128-dp": "awq-g128", "gluon-swapab-gptq-g128-s1": "awq-g128", "swapab-op-g128": "awq-g128", "gptq-g128": "gptq-v1-g128", "gptq-act-g128": "gptq-act-order-g128",
               "gptq-act-sorted-g128": "gptq-act-order-g128", "int8": "int8"}
 
@@ -91,9 +90,8 @@ def layer_copies(kernel: str, K: int, N: int) -> tuple[list[dict], torch.Tensor 
 
 
 def make_layer(kernel: str, K: int, N: int) -> tuple[dict, torch.Tensor | None]:
-    if kernel in ("bf16", "triton-dense"):
-        weight = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-        return {"weight": weight}, (weight.T.float() if kernel == "triton-dense" else None)
+    if kernel == "bf16":
+        return {"weight": torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02}, None
     if kernel == "bnb-int8":
         from engine.quantization.bnb import quantize_llm_int8
 
@@ -128,10 +126,7 @@ def tensor_bytes(layer: dict) -> int:
 def matmul_of(kernel: str) -> Callable[[torch.Tensor, dict], torch.Tensor]:
     if kernel == "bf16":
         return lambda x, layer: F.linear(x, layer["weight"])
-    if kernel == "triton-dense":
-        from ops.triton_dense import dense_matmul
 
-        return lambda x, layer: dense_matmul(x, layer["weight"])
     if kernel == "bnb-int8":
         return lambda x, layer: torch.ops.engine.bnb_int8_matmul(x, layer["weight"], layer["SCB"], 6.0, None)
     if kernel == "swapab-op-g128":
@@ -234,11 +229,6 @@ def tiles_label(M: int, kernel: str, N: int, K: int) -> str:
         return (f"gluon-swapab {gs.BLOCK_N}x{gs.block_m_for(M)}x{gs.MAX_BLOCK_K}/w{gs.NUM_WARPS}x{gs.STAGES}"
                 + ("/s1" if kernel.endswith("-s1") else "/split" if kernel.endswith("-dp") or not auto_sk
                    else "/stream-k"))
-    if kernel == "triton-dense":
-        from ops import triton_dense
-
-        t = triton_dense.tiles_for(M)
-        return f"{t.block_n}x{t.block_m}x{t.block_k}/w{t.num_warps}s{t.num_stages}p{t.programs_per_sm}"
     if kernel.startswith("gluon-gptq-g128"):
         from ops import gluon_quant as gq
 
@@ -267,7 +257,7 @@ def print_best_tiles(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    from ops import triton_dense, triton_quant
+    from ops import triton_quant
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", nargs="+", default=[k for k in KERNELS if not k.startswith(("gluon", "swapab"))],
@@ -279,8 +269,6 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--tiles", nargs="+", default=["default"], choices=list(triton_quant.CANDIDATE_TILES),
                         help="tile tables of ops.triton_quant.CANDIDATE_TILES to run the Triton kernels with")
-    parser.add_argument("--dense-tiles", nargs="+", default=["default"],
-                        help="tile tables of ops.triton_dense.CANDIDATE_TILES to run triton-dense with")
     parser.add_argument("--planar-sweep", action="store_true",
                         help="also run tables that differ from the default in the one-row planar entry only")
     parser.add_argument("--iters", type=int, default=100)
@@ -305,10 +293,8 @@ def main() -> None:
         for kernel in kernels:
             copies, weight = layer_copies(kernel, K, N)
             matmul = matmul_of(kernel)
-            for tiles in args.tiles if kernel in VARIANT_OF else args.dense_tiles if kernel == "triton-dense" else [""]:
-                if tiles and kernel == "triton-dense":
-                    triton_dense.TILES = triton_dense.CANDIDATE_TILES[tiles]
-                elif tiles:
+            for tiles in args.tiles if kernel in VARIANT_OF else [""]:
+                if tiles:
                     triton_quant.TILES = triton_quant.CANDIDATE_TILES[tiles]
                 for M in args.batches:
                     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -326,10 +312,9 @@ def main() -> None:
                     print(f"{name:>8} {K:>6} {N:>6} {M:>4} {kernel:>14} {tiles:>10} {launch:>27} {us:9.1f} "
                           f"{row['gb_per_s']:7.0f} {speedup:>8}", flush=True)
             triton_quant.TILES = triton_quant.CANDIDATE_TILES["default"]
-            triton_dense.TILES = triton_dense.CANDIDATE_TILES["default"]
             del copies, weight
             torch.cuda.empty_cache()
-    if len(args.tiles) > 1 or len(args.dense_tiles) > 1:
+    if len(args.tiles) > 1:
         print_best_tiles(rows)
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "shapes": args.shapes, "rows": rows}, indent=1))
