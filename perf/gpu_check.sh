@@ -18,6 +18,7 @@
 #   inductor-ab llama1 with inductor's defaults, then each option set of INDUCTOR_AB (ENGINE_INDUCTOR_OPTIONS), profiled
 #   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out (llama-fp8: with an fp8 KV cache)
 #   window-nano nano with an fp8 cache profiled at step 200 (full batch) and step 900 (its tail)
+#   nano-backed-ab (#3) nano (bf16), the token dimension unbacked (default) and backed, alternating twice, timed only
 #   fusion-probe the Triton kernels inductor makes of add + RMSNorm + linear, token dimension unbacked / backed / static
 #   token-dim-ab nano and llama1 with the token dimension unbacked, then backed (ENGINE_TOKEN_DIM), profiled
 #   gluon   the Gluon 256-row W4A16 GEMM: its GPU tests, quant_bench 70B shapes at 256 rows against the tl kernel and bf16
@@ -293,6 +294,13 @@ for stage in "$@"; do
            # each RMSNorm into one kernel?); the first backed start of each model compiles afresh
            profiled_ab ENGINE_TOKEN_DIM "nano_unbacked;unbacked;nano" "nano_backed;backed;nano" \
              "llama1_unbacked;unbacked;llama1" "llama1_backed;backed;llama1" ;;
+    nano-backed-ab) # (#3) nano (bf16) with the token dimension unbacked (default) and backed (ENGINE_TOKEN_DIM=backed: a fifth
+           # fewer kernels a step, session 21), alternating twice, timed only (the first backed start compiles afresh)
+           for spec in "nano_unbacked;unbacked" "nano_backed;backed" "nano_unbacked2;unbacked" "nano_backed2;backed"; do
+             IFS=";" read -r name mark <<< "$spec"
+             ENGINE_TOKEN_DIM=$mark timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" \
+               --model qwen3-0.6b --workload nano 2>&1 | tee "$OUT/$name.log" | grep -E "engine:|recompile|Error" | sed "s/^/[$name] /"
+           done ;;
     gluon) # (#9) the Gluon 256-row W4A16 GEMM (ops/gluon_quant.py, Triton 3.6, sm_90; never run before session 21): its
            # GPU tests, then quant_bench on 70B's shapes at 256 rows against the tl kernel and bf16 cuBLAS (-s1: no split-K)
            timeout 240 python3 -m pytest -m gpu -q -x tests/test_gluon_quant.py 2>&1 | tee "$OUT/gluon_tests.log" | tail -15
