@@ -18,6 +18,7 @@
 #   inductor-ab llama1 with inductor's defaults, then each option set of INDUCTOR_AB (ENGINE_INDUCTOR_OPTIONS), profiled
 #   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out (llama-fp8: with an fp8 KV cache)
 #   window-nano nano with an fp8 cache profiled at step 200 (full batch) and step 900 (its tail)
+#   nano-host (#3) nano (bf16), the timed generate under cProfile (perf/throughput.py --host-profile)
 #   nano-backed-ab (#3) nano (bf16), the token dimension unbacked (default) and backed, alternating twice, timed only
 #   fusion-probe the Triton kernels inductor makes of add + RMSNorm + linear, token dimension unbacked / backed / static
 #   token-dim-ab nano and llama1 with the token dimension unbacked, then backed (ENGINE_TOKEN_DIM), profiled
@@ -294,6 +295,10 @@ for stage in "$@"; do
            # each RMSNorm into one kernel?); the first backed start of each model compiles afresh
            profiled_ab ENGINE_TOKEN_DIM "nano_unbacked;unbacked;nano" "nano_backed;backed;nano" \
              "llama1_unbacked;unbacked;llama1" "llama1_backed;backed;llama1" ;;
+    nano-host) # (#3) nano (bf16) with the timed generate under cProfile: where the host's ~6-8 ms a full-batch step go
+           # ($OUT/nano_host.prof; the run's own throughput is slowed by the profiler)
+           timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/nano_host.json" --model qwen3-0.6b \
+             --workload nano --host-profile "$OUT/nano_host.prof" 2>&1 | tee "$OUT/nano_host.log" | grep -vE "^\{" | grep -A45 "function calls" ;;
     nano-backed-ab) # (#3) nano (bf16) with the token dimension unbacked (default) and backed (ENGINE_TOKEN_DIM=backed: a fifth
            # fewer kernels a step, session 21), alternating twice, timed only (the first backed start compiles afresh)
            for spec in "nano_unbacked;unbacked" "nano_backed;backed" "nano_unbacked2;unbacked" "nano_backed2;backed"; do

@@ -30,9 +30,12 @@ directly. A checkpoint directory is loaded as it is, the flag checked against it
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import json
 import logging
 import os
+import pstats
 import random
 import shutil
 import sys
@@ -163,10 +166,15 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
     triton_before = triton_kernel_variants()
     gc_watch = GcWatch()
     llm.llm_engine.timings.per_step = []
+    host_profile = cProfile.Profile() if args.host_profile else contextlib.nullcontext()
     start = time.perf_counter()
-    with gc_watch:
+    with gc_watch, host_profile:
         outputs = llm.generate(inputs, params, use_tqdm=not args.no_tqdm)
     elapsed = time.perf_counter() - start
+    if args.host_profile:
+        # The timed run's Python on the host under cProfile (which slows it: the run's figures are not comparable).
+        host_profile.dump_stats(args.host_profile)
+        pstats.Stats(host_profile).sort_stats("tottime").print_stats(40)
     per_step, llm.llm_engine.timings.per_step = llm.llm_engine.timings.per_step, None
     triton_compiled = {name: n - triton_before.get(name, 0) for name, n in triton_kernel_variants().items()
                        if n > triton_before.get(name, 0)}
@@ -450,6 +458,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="after the timed run, run the workload again with steps FIRST.. FIRST+COUNT-1 under the "
                         "torch profiler: GPU busy time a step, top GPU ops and host CUDA calls")
     p.add_argument("--trace-out", default=None, help="with --profile-steps: write the chrome trace here")
+    p.add_argument("--host-profile", default=None, metavar="PATH",
+                   help="run the timed generate under cProfile, write its stats here and print the top functions "
+                        "(where the host's time a step goes; the throughput of such a run is not comparable)")
     p.add_argument("--greedy-check", type=int, default=0, metavar="N",
                    help="after the timed run, N fixed prompts greedy (32 tokens each), their tokens in the JSON")
     args = p.parse_args(argv)
