@@ -125,6 +125,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
                                    self.model_config.max_model_len)
         self.requests: dict[str, Request] = {}
+        self._history_readers = 0  # requests in self.requests whose sampling reads the token history (_needs_sync)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.timings = StepTimings()
@@ -173,6 +174,7 @@ class LLMEngine:
                 generator = torch.Generator(self.device).manual_seed((params.seed + index) % 2**64)
             request.seqs.append(Sequence(request, index, generator))
         self.requests[request_id] = request
+        self._history_readers += _reads_token_history(params)
         self.scheduler.add_request(request)
         logger.debug("request %s added: %d prompt tokens", request_id, len(token_ids))
 
@@ -243,6 +245,7 @@ class LLMEngine:
             request = self.requests.pop(rid, None)
             if request is None:
                 continue
+            self._history_readers -= _reads_token_history(request.params)
             for seq in request.seqs:
                 if not seq.is_finished:
                     seq.finish_reason = "abort"
@@ -305,8 +308,10 @@ class LLMEngine:
 
     def _needs_sync(self) -> bool:
         """Do some requests need each token before the next step is built (penalties and min_tokens
-        read the token history; prompt logprobs are read per chunk)? Then steps run one at a time."""
-        return any(_reads_token_history(r.params) for r in self.requests.values())
+        read the token history; prompt logprobs are read per chunk)? Then steps run one at a time.
+        A count kept as requests come and go: asking each request every step cost ~0.3 s of nano's 13 s
+        under cProfile on the H100 (perf/RESULTS.md, session 23)."""
+        return self._history_readers > 0
 
     def _advance(self, scheduled: list[ScheduledSequence], prompt_logprobs: dict) -> None:
         """Book a launched step: its tokens' K/V are (being) written; sampling sequences await a token."""
@@ -348,6 +353,7 @@ class LLMEngine:
             if finished:
                 request.metrics.finished_time = now
                 del self.requests[request.request_id]
+                self._history_readers -= _reads_token_history(request.params)
         return outputs
 
     def _add_prompt_logprobs(self, request: Request, chunk_start: int, chunk: list[PositionLogprobs]) -> None:

@@ -91,3 +91,26 @@ def test_abort_with_a_step_in_flight_frees_everything(llama_checkpoint):
     engine.step()  # collects nothing more
     assert engine._in_flight is None
     assert engine.block_manager.num_free_blocks == total
+
+
+def test_steps_go_back_to_async_once_no_request_reads_its_token_history(llama_checkpoint):
+    """A penalized request makes steps synchronous while it runs; once it has finished (or is aborted) a plain
+    request's steps run ahead again."""
+    engine = LLMEngine(EngineArgs(model=llama_checkpoint, async_scheduling=True, **ENGINE))
+    plain = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    engine.add_request("plain", random_ids(8, seed=1), plain)
+    engine.add_request("short", random_ids(9, seed=2), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True,
+                                                                      repetition_penalty=1.3))
+    engine.add_request("aborted", random_ids(7, seed=3), SamplingParams(temperature=0, max_tokens=40, min_tokens=2))
+    assert engine._needs_sync()
+    for _ in range(6):
+        engine.step()
+        assert engine._in_flight is None  # synchronous steps: nothing left in flight
+    assert "short" not in engine.requests and engine._needs_sync()  # "aborted" still reads its history
+    engine.abort_request("aborted")
+    assert not engine._needs_sync()
+    engine.step()
+    assert engine._in_flight is not None  # async again
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert not engine._needs_sync() and engine._history_readers == 0
