@@ -411,7 +411,8 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
         part_acc = torch.empty((num_seqs, num_heads, num_partitions, d_pad), dtype=torch.float32, device=query.device)
     write = key is not None
     key, value = (key, value) if write else (query, query)  # (unread without WRITE_KV)
-    grid = (num_kv_heads, num_seqs, num_partitions) if _DECODE_HEADS_FIRST else (num_seqs, num_kv_heads, num_partitions)
+    heads_first = _DECODE_HEADS_FIRST and num_seqs <= 65535  # (a grid's second dimension holds 65,535 at most)
+    grid = (num_kv_heads, num_seqs, num_partitions) if heads_first else (num_seqs, num_kv_heads, num_partitions)
     _decode_kernel[grid](
         out, part_acc, part_max, part_sum,
         query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
@@ -424,7 +425,7 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
         BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, D_PAD=d_pad, Q_FP16=_q_fp16(query, k_cache),
         OFFSETS_64=_offsets_64(k_cache), WRITE_KV=write,
         FP8_MAX=torch.finfo(k_cache.dtype).max if write and k_cache.dtype.itemsize == 1 else 0.0,
-        IEEE=query.dtype == torch.float32, HEADS_FIRST=_DECODE_HEADS_FIRST,
+        IEEE=query.dtype == torch.float32, HEADS_FIRST=heads_first,
         num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
     )
     if num_partitions > 1:
