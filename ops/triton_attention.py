@@ -43,6 +43,11 @@ from ops import pdl
 from ops.forward_context import AttentionMetadata
 
 PARTITION_SIZE = 1024  # context positions per decode program (flash-decoding split), at most...
+# ...or this many from LARGE_GRID_PROGRAMS (sequence, KV head) programs on, where there are programs enough without
+# splitting. 4,096 made nano's decode step at 256 sequences 2.4% faster and at 126 0.6% slower (perf/kernel_bench.py
+# --nano, H100, session 23); not yet measured on a whole run, so it stays PARTITION_SIZE (gpu_check nano-large-parts).
+LARGE_GRID_PROGRAMS = 2048
+LARGE_GRID_PARTITION_SIZE = PARTITION_SIZE
 MAX_DECODE_PARTITIONS = 16  # ...partitions beyond which they grow instead (see decode_partitions)
 DECODE_GRID_PROGRAMS = 4096  # unless the decode grid stays under this many programs
 MIN_PARTITION_SIZE = 64  # small batches halve the partitions down to this many positions (one inner step)...
@@ -462,7 +467,7 @@ def decode_partitions(max_seq_len: int, num_programs: int) -> tuple[int, int]:
     same context is read by more programs in fewer steps each. Down to 64 positions (one inner step a
     program) rather than 128: Llama-3.1-8B batch 1 on the H100, the decode kernel 7.0 -> 5.4 us a call,
     output 165.0 / 165.4 -> 166.9 / 167.0 tok/s (perf/RESULTS.md, session 19)."""
-    size = PARTITION_SIZE
+    size = PARTITION_SIZE if num_programs < LARGE_GRID_PROGRAMS else max(PARTITION_SIZE, LARGE_GRID_PARTITION_SIZE)
     while size // 2 >= max(max_seq_len, MIN_PARTITION_SIZE):  # a short context: one partition, just bounded closer
         size //= 2
     while (size // 2 >= MIN_PARTITION_SIZE and max_seq_len > size // 2

@@ -18,6 +18,7 @@
 #   inductor-ab llama1 with inductor's defaults, then each option set of INDUCTOR_AB (ENGINE_INDUCTOR_OPTIONS), profiled
 #   llama   Llama-3.1-8B, fixed 1000 x 256 in x 256 out (llama-fp8: with an fp8 KV cache)
 #   window-nano nano with an fp8 cache profiled at step 200 (full batch) and step 900 (its tail)
+#   nano-large-parts (#3) 4,096-position decode partitions at 256 sequences (LARGE_GRID_PARTITION_SIZE): nano, fixed 8B, A/B
 #   nano-host (#3) nano (bf16), the timed generate under cProfile (perf/throughput.py --host-profile)
 #   nano-backed-ab (#3) nano (bf16), the token dimension unbacked (default) and backed, alternating twice, timed only
 #   fusion-probe the Triton kernels inductor makes of add + RMSNorm + linear, token dimension unbacked / backed / static
@@ -295,6 +296,18 @@ for stage in "$@"; do
            # each RMSNorm into one kernel?); the first backed start of each model compiles afresh
            profiled_ab ENGINE_TOKEN_DIM "nano_unbacked;unbacked;nano" "nano_backed;backed;nano" \
              "llama1_unbacked;unbacked;llama1" "llama1_backed;backed;llama1" ;;
+    nano-large-parts) # (#3) decode partitions of 4,096 positions from 2,048 (sequence, KV head) programs on
+           # (ops.triton_attention.LARGE_GRID_PARTITION_SIZE; 1,024 as shipped): nano (bf16) then `fixed` 8B, each
+           # without / with it, alternating
+           for spec in "nano_p1024;1024;nano" "nano_p4096;4096;nano" "nano_p1024b;1024;nano" "nano_p4096b;4096;nano" \
+                       "llama8b_fixed_p1024;1024;llama" "llama8b_fixed_p4096;4096;llama"; do
+             IFS=";" read -r name size wl <<< "$spec"
+             if [ "$wl" = nano ]; then wl=(--model qwen3-0.6b --workload nano)
+             else wl=(--model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256); fi
+             timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, ops.triton_attention as t; t.LARGE_GRID_PARTITION_SIZE = $size; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+               perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" "${wl[@]}" 2>&1 | tee "$OUT/$name.log" \
+               | grep -E "engine:|recompile|Error" | sed "s/^/[$name] /"
+           done ;;
     nano-host) # (#3) nano (bf16) with the timed generate under cProfile: where the host's ~6-8 ms a full-batch step go
            # ($OUT/nano_host.prof; the run's own throughput is slowed by the profiler)
            timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/nano_host.json" --model qwen3-0.6b \

@@ -460,3 +460,16 @@ def test_decode_partitions_grow_instead_of_multiplying_past_the_cap():
     assert decode_partitions(4096, 16 * 8) == (4, 1024)  # 512 positions would make 1,024 programs
     assert decode_partitions(300, 1 * 8) == (5, 64)
     assert decode_partitions(4096, 2 * 8) == (32, 128)  # 64 positions would make 1,024 programs
+
+
+def test_large_grids_take_larger_partitions_when_asked(monkeypatch):
+    pytest.importorskip("triton")
+    from ops import triton_attention
+
+    assert triton_attention.decode_partitions(4096, 256 * 8) == (4, 1024)  # LARGE_GRID_PARTITION_SIZE as shipped
+    monkeypatch.setattr(triton_attention, "LARGE_GRID_PARTITION_SIZE", 4096)
+    assert triton_attention.decode_partitions(4096, 256 * 8) == (1, 4096)  # one partition: no reduce kernel
+    assert triton_attention.decode_partitions(4096, 128 * 8) == (4, 1024)  # below LARGE_GRID_PROGRAMS: as before
+    assert triton_attention.decode_partitions(700, 256 * 8) == (1, 1024)  # a short bound still narrows
+    parts, size = triton_attention.decode_partitions(40960, 256 * 8)
+    assert (parts, size) == (10, 4096)
