@@ -132,8 +132,8 @@ def sweep_triton_decode() -> list[dict]:
 NANO_STEPS = (50, 500, 900)  # decode steps after the prefill: 256, 126 and 37 live sequences
 NANO_MAX_MODEL_LEN = 4096
 NANO_VARIANTS = {
-    "as is": {},
-    "heads-first": {"_DECODE_HEADS_FIRST": True},
+    "as is": {},  # heads first (hf), the default since session 23
+    "seq-first": {"_DECODE_HEADS_FIRST": False},  # the grid before session 23 ("as is" in that session's table)
     "reduce-a-head": {"_REDUCE_ELEMENTS": 0},
     "hf p512": {"_DECODE_HEADS_FIRST": True, "PARTITION_SIZE": 512},
     "hf p2048": {"_DECODE_HEADS_FIRST": True, "PARTITION_SIZE": 2048},
@@ -144,7 +144,7 @@ NANO_VARIANTS = {
     "hf s3": {"_DECODE_HEADS_FIRST": True, "_DECODE_NUM_STAGES": 3},
     "hf s4": {"_DECODE_HEADS_FIRST": True, "_DECODE_NUM_STAGES": 4},
 }
-NANO_FP8_VARIANTS = ("as is", "heads-first", "hf p2048")
+NANO_FP8_VARIANTS = ("as is", "seq-first", "hf p2048")
 
 
 def nano_decode_inputs(step: int, cache_dtype: torch.dtype, block_size: int = 16):
@@ -154,7 +154,7 @@ def nano_decode_inputs(step: int, cache_dtype: torch.dtype, block_size: int = 16
     num_heads, num_kv_heads, head_dim = MODELS["qwen3-0.6b"]
     prompts, max_tokens = nano_workload()
     lens = [len(p) + step + 1 for p, m in zip(prompts, max_tokens) if m > step]
-    batch = len(lens) if len(lens) <= 8 else -(-len(lens) // 8) * 8  # the graph buckets: 1, 2, 4, 8, 16, ...
+    batch = triton.next_power_of_2(len(lens)) if len(lens) <= 8 else -(-len(lens) // 8) * 8  # buckets 1, 2, 4, 8, 16, 24...
     lens += [0] * (batch - len(lens))
     blocks = [-(-n // block_size) for n in lens]
     k_cache = torch.randn(sum(blocks), block_size, num_kv_heads, head_dim, device="cuda").to(cache_dtype)
