@@ -47,6 +47,18 @@ def dual_batch_min() -> int:
     return value
 
 
+PRIORITIES = ("dense", "equal", "attention")
+
+
+def dual_batch_priority() -> str:
+    """ENGINE_DUAL_BATCH_PRIORITY, for A/B runs: which stream's kernels get SMs first, "dense" (the pieces',
+    the default), "equal" or "attention"."""
+    value = os.environ.get("ENGINE_DUAL_BATCH_PRIORITY", "").strip() or "dense"
+    if value not in PRIORITIES:
+        raise ValueError(f"ENGINE_DUAL_BATCH_PRIORITY={value!r}; choose one of {', '.join(PRIORITIES)}")
+    return value
+
+
 def supports_dual_batch(model: torch.nn.Module) -> bool:
     """The model can run in pieces (a decoder of `LlamaModel`'s shape, without tensor parallelism)."""
     inner = getattr(model, "model", None)
@@ -94,8 +106,9 @@ class DualBatchForward:
         self.cuda = device.type == "cuda"
         if self.cuda:
             # Lower numbers are higher priorities; torch clamps to the device's range.
-            self.attention_stream = torch.cuda.Stream(device, priority=0)
-            self.dense_stream = torch.cuda.Stream(device, priority=-1)
+            attention, dense = {"dense": (0, -1), "equal": (0, 0), "attention": (-1, 0)}[dual_batch_priority()]
+            self.attention_stream = torch.cuda.Stream(device, priority=attention)
+            self.dense_stream = torch.cuda.Stream(device, priority=dense)
 
     def _on(self, stream_name: str) -> contextlib.AbstractContextManager:
         return torch.cuda.stream(getattr(self, stream_name)) if self.cuda else contextlib.nullcontext()
