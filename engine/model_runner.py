@@ -27,7 +27,6 @@ from engine.tensor_parallel import TensorParallelError, TensorParallelWorkers
 from engine.weight_loader import load_model, weight_memory
 from graphs.compile import compile_model, num_compiled_graphs
 from graphs.cuda_graph import CudaGraphRunner, default_batch_sizes
-from graphs.dual_batch import dual_batch_min, make_dual_forward
 from ops.attention import get_backend
 from ops.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 
@@ -163,15 +162,10 @@ class ModelRunner:
             return
         sizes = self.args.cuda_graph_sizes or default_batch_sizes(self.args.max_num_seqs)
         mixed = self.args.resolve_mixed_cuda_graph_sizes() or None
-        dual = make_dual_forward(self.model, self.args.compile_model, self.device)
-        if dual is not None:
-            logger.info("decode graphs of %d sequences and more run two half-batches on two streams "
-                        "(ENGINE_DUAL_BATCH_MIN)", dual_batch_min())
         self.graph_runner = CudaGraphRunner(
             self.forward, self.kv_caches, self.attention_backend, sizes,
             self.model_config.max_model_len, self.block_size, self.device,
             mixed_sizes=mixed, max_num_seqs=self.args.max_num_seqs,
-            dual_forward=dual, dual_min_batch=dual_batch_min(),
         )
         self.graph_runner.capture()
         self.compiled_graphs_after_warmup = num_compiled_graphs()

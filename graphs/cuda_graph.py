@@ -107,14 +107,8 @@ class CudaGraphRunner:
         device: torch.device,
         mixed_sizes: list[int] | None = None,
         max_num_seqs: int = 0,
-        dual_forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        dual_min_batch: int = 0,
     ):
         self.forward = forward
-        # Decode buckets of dual_min_batch sequences and more run as two half-batches on two streams
-        # (graphs/dual_batch.py), when a dual forward is given.
-        self.dual_forward = dual_forward
-        self.dual_min_batch = dual_min_batch if dual_forward is not None else 0
         self.kv_caches = kv_caches
         self.backend = backend
         self.batch_sizes = sorted(set(batch_sizes))
@@ -166,16 +160,15 @@ class CudaGraphRunner:
                 ids, positions = self.mixed.input_ids[size], self.mixed.positions[size]
             else:
                 meta, ids, positions = self._metadata(size), self.input_ids[size], self.positions[size]
-            forward = self.dual_forward if not mixed and self.uses_dual_batch(size) else self.forward
             with set_forward_context(ForwardContext(meta, self.kv_caches, self.backend)):
-                forward(ids, positions)  # warm-up: compile, autotune
+                self.forward(ids, positions)  # warm-up: compile, autotune
                 torch.cuda.synchronize()
                 if pool is None:
                     self._before_first_capture()
                 graph = torch.cuda.CUDAGraph()
                 try:
                     with torch.cuda.graph(graph, pool=pool):
-                        (self.mixed_outputs if mixed else self.outputs)[size] = forward(ids, positions)
+                        (self.mixed_outputs if mixed else self.outputs)[size] = self.forward(ids, positions)
                 except (torch.OutOfMemoryError, torch.AcceleratorError) as exc:
                     # (an error ending the capture may hide the out-of-memory that broke it: its context)
                     if "out of memory" not in f"{exc} {exc.__context__}":
@@ -219,10 +212,6 @@ class CudaGraphRunner:
                     (reserved - self._reserved_after_empty) / 2**30, allocated / 2**30,
                     (total - free - self._reserved_after_empty) / 2**30, self._reserved_at_start / 2**30,
                     torch.cuda.max_memory_allocated() / 2**30)
-
-    def uses_dual_batch(self, batch_size: int) -> bool:
-        """Does this decode bucket's graph run two half-batches on two streams?"""
-        return 0 < self.dual_min_batch <= batch_size
 
     def mixed_bucket_for(self, num_tokens: int, num_seqs: int) -> int | None:
         return self.mixed.bucket_for(num_tokens, num_seqs) if self.mixed is not None else None

@@ -20,12 +20,6 @@
 #   window-nano nano with an fp8 cache profiled at step 200 (full batch) and step 900 (its tail)
 #   nano-large-parts (#3) 4,096-position decode partitions at 256 sequences (LARGE_GRID_PARTITION_SIZE): nano, fixed 8B, A/B
 #   nano-host (#3) nano (bf16), the timed generate under cProfile (perf/throughput.py --host-profile)
-#   dual-tests (#3) the GPU test of the two-stream decode graphs (ENGINE_DUAL_BATCH_MIN) against eager
-#   nano-dual-ab (#3) nano (bf16), one stream and two half-batches on two streams (ENGINE_DUAL_BATCH_MIN=64), alternating
-#           twice, then the two-stream run profiled at step 200
-#   nano-dual-prio (#3) nano (bf16), two half-batches from 64 sequences with each stream priority (ENGINE_DUAL_BATCH_PRIORITY),
-#           profiled; chrome traces of 2 steps with two streams and with one (run with ENGINE_DUAL_BATCH_MIN=64)
-#   llama-dual-ab (#3) fixed 8B 1000 x 256 x 256, one stream then two half-batches on two streams (ENGINE_DUAL_BATCH_MIN=64)
 #   nano-backed-ab (#3) nano (bf16), the token dimension unbacked (default) and backed, alternating twice, timed only
 #   fusion-probe the Triton kernels inductor makes of add + RMSNorm + linear, token dimension unbacked / backed / static
 #   token-dim-ab nano and llama1 with the token dimension unbacked, then backed (ENGINE_TOKEN_DIM), profiled
@@ -318,34 +312,6 @@ for stage in "$@"; do
            # ($OUT/nano_host.prof; the run's own throughput is slowed by the profiler)
            timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/nano_host.json" --model qwen3-0.6b \
              --workload nano --host-profile "$OUT/nano_host.prof" 2>&1 | tee "$OUT/nano_host.log" | grep -vE "^\{" | grep -A45 "function calls" ;;
-    dual-tests) # (#3) the GPU test of ENGINE_DUAL_BATCH_MIN's graphs (two half-batches on two streams) against eager
-           timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q -x tests/test_gpu_engine.py -k dual 2>&1 | tee "$OUT/dual_tests.log" | tail -15 ;;
-    nano-dual-ab) # (#3) nano (bf16) with one stream (default) and two half-batches on two streams from 64 sequences
-           # (ENGINE_DUAL_BATCH_MIN=64, graphs/dual_batch.py), alternating twice, timed only; then the two-stream run profiled
-           for spec in "nano_one;0" "nano_dual64;64" "nano_one2;0" "nano_dual64b;64"; do
-             IFS=";" read -r name min <<< "$spec"
-             ENGINE_DUAL_BATCH_MIN=$min timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" \
-               --model qwen3-0.6b --workload nano 2>&1 | tee "$OUT/$name.log" | grep -E "engine:|recompile|Error|two streams" | sed "s/^/[$name] /"
-           done
-           profiled_ab ENGINE_DUAL_BATCH_MIN "nano_dual64_prof;64;nano" ;;
-    nano-dual-prio) # (#3) nano (bf16) with two half-batches from 64 sequences, the streams' priorities (ENGINE_DUAL_BATCH_PRIORITY)
-           # the pieces' first (default), equal, the attention's first, each profiled at step 200; then one stream, profiled,
-           # and a chrome trace of 2 steps of each of dense-first and one stream
-           profiled_ab ENGINE_DUAL_BATCH_PRIORITY "dual_dense;dense;nano" "dual_equal;equal;nano" "dual_attention;attention;nano"
-           for spec in "trace_dual;64" "trace_one;0"; do
-             IFS=";" read -r name min <<< "$spec"
-             ENGINE_DUAL_BATCH_MIN=$min timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" \
-               --model qwen3-0.6b --workload nano --profile-steps 200 2 --trace-out "$OUT/$name.trace.json" 2>&1 \
-               | grep -E "engine:|profiled steps|Error" | sed "s/^/[$name] /"
-           done ;;
-    llama-dual-ab) # (#3) fixed Llama-3.1-8B 1000 x 256 x 256 (bf16 cache) with one stream, then two half-batches on two streams
-           # from 64 sequences (ENGINE_DUAL_BATCH_MIN=64: the GEMMs here are long, the attention short), timed only
-           for spec in "llama_one;0" "llama_dual64;64"; do
-             IFS=";" read -r name min <<< "$spec"
-             ENGINE_DUAL_BATCH_MIN=$min timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" \
-               --model llama-3.1-8b --workload fixed --num-requests 1000 --input-len 256 --output-len 256 2>&1 | tee "$OUT/$name.log" \
-               | grep -E "engine:|recompile|Error|two streams" | sed "s/^/[$name] /"
-           done ;;
     nano-backed-ab) # (#3) nano (bf16) with the token dimension unbacked (default) and backed (ENGINE_TOKEN_DIM=backed: a fifth
            # fewer kernels a step, session 21), alternating twice, timed only (the first backed start compiles afresh)
            for spec in "nano_unbacked;unbacked" "nano_backed;backed" "nano_unbacked2;unbacked" "nano_backed2;backed"; do

@@ -89,27 +89,6 @@ def assert_same_greedy_but_ties(want, got) -> None:
     assert ties <= max(1, batch_size // 8), f"{ties} rows diverged: more than float32 ties explain"
 
 
-@pytest.fixture(scope="module")
-def dual_batch(checkpoint) -> LLM:
-    """ENGINE_DUAL_BATCH_MIN=8 (read when the engine captures): buckets of 8 sequences and more run two
-    half-batches on two streams (graphs/dual_batch.py)."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("ENGINE_DUAL_BATCH_MIN", "8")
-        return LLM(checkpoint, dtype="float32", max_model_len=512, max_num_seqs=32, cuda_graph_sizes=BUCKETS)
-
-
-@pytest.mark.parametrize("batch_size", [8, 9, 16, 17, 24, 25])
-def test_dual_batch_graphs_give_eager_tokens(eager, dual_batch, batch_size):
-    """The halves' graphs, padding rows in the second half included, give eager's tokens; no recompiles."""
-    graph_runner = dual_batch.llm_engine.runner.graph_runner
-    assert [bs for bs in BUCKETS if graph_runner.uses_dual_batch(bs)] == [8, 16, 24]
-    prompts = prompts_for(batch_size, seed=100 + batch_size)
-    want = [o.outputs[0] for o in eager.generate(prompts, GREEDY_TOP2, use_tqdm=False)]
-    got = [o.outputs[0] for o in dual_batch.generate(prompts, GREEDY_TOP2, use_tqdm=False)]
-    assert_same_greedy_but_ties(want, got)
-    assert dual_batch.llm_engine.runner.recompiles_since_warmup() == 0
-
-
 def test_no_recompiles_after_warmup(graphed):
     graphed.generate(prompts_for(13, seed=99), GREEDY, use_tqdm=False)
     assert graphed.llm_engine.runner.recompiles_since_warmup() == 0

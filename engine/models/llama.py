@@ -56,6 +56,9 @@ class LlamaAttention(nn.Module):
         qk = apply_rotary_emb(qkv[..., : q_size + k_size].unflatten(-1, (-1, self.head_dim)), cos, sin)
         return qk, qkv[..., q_size + k_size :].unflatten(-1, (-1, self.head_dim))
 
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self.attn(*self.rotated_qkv(hidden, cos, sin)))
+
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: Any, tp_rank: int, tp_size: int, quant_config: Any, prefix: str):
@@ -94,19 +97,8 @@ class LlamaDecoderLayer(nn.Module):
         x is what the previous layer added (with tensor parallelism, each rank's unreduced share,
         summed by the norm; None for the first layer, whose x is the embedding). Returns this
         layer's (x, residual)."""
-        qk, v, residual = self.before_attention(x, residual, cos, sin)
-        return self.after_attention(self.self_attn.attn(qk, v), residual)
-
-    def before_attention(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
-                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The layer up to the attention op: (qk rotated, v, residual)."""
         x, residual = self.input_layernorm.add_and_norm(x, residual, reduce=self.reduce)
-        qk, v = self.self_attn.rotated_qkv(x, cos, sin)
-        return qk, v, residual
-
-    def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer from the attention op's output on: (x, residual) for the next layer."""
-        x = self.self_attn.o_proj(attn_out)
+        x = self.self_attn(x, cos, sin)
         x, residual = self.post_attention_layernorm.add_and_norm(x, residual, reduce=self.reduce)
         return self.mlp(x), residual
 
@@ -130,29 +122,6 @@ class LlamaModel(nn.Module):
         cos, sin = self.rotary_emb(positions)
         for layer in self.layers:
             x, residual = layer(x, residual, cos, sin)
-        return self.norm.add_and_norm(x, residual, reduce=self.reduce)[0]
-
-    # The same forward cut at each attention op, for graphs that run the two halves of a decode batch
-    # on two streams (graphs/dual_batch.py): start, then between(layers[i], layers[i + 1]) after
-    # layer i's attention, then finish after the last one's. Each piece is compiled once: the layers
-    # it takes are arguments, so one graph serves every layer.
-
-    def start(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Embedding and the first layer up to its attention: (qk, v, residual, cos, sin)."""
-        x = self.embed_tokens(input_ids, reduce=False)
-        cos, sin = self.rotary_emb(positions)
-        qk, v, residual = self.layers[0].before_attention(x, None, cos, sin)
-        return qk, v, residual, cos, sin
-
-    def between(self, layer: LlamaDecoderLayer, next_layer: LlamaDecoderLayer, attn_out: torch.Tensor,
-                residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """From `layer`'s attention output to `next_layer`'s attention input: (qk, v, residual)."""
-        x, residual = layer.after_attention(attn_out, residual)
-        return next_layer.before_attention(x, residual, cos, sin)
-
-    def finish(self, layer: LlamaDecoderLayer, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """The last layer after its attention, and the final norm: the hidden states."""
-        x, residual = layer.after_attention(attn_out, residual)
         return self.norm.add_and_norm(x, residual, reduce=self.reduce)[0]
 
 
