@@ -83,8 +83,9 @@ class Sequence:
 
     def reached_length_limit(self, max_model_len: int) -> bool:
         """Will it be finished by length once its pending tokens arrive? Then no step should extend it."""
-        max_tokens = self.params.max_tokens or max_model_len
-        return self.num_tokens - self.num_prompt_tokens >= max_tokens or self.num_tokens >= max_model_len
+        max_tokens = self.request.params.max_tokens or max_model_len
+        num_tokens = len(self.token_ids) + self.num_pending_tokens
+        return num_tokens - self.num_prompt_tokens >= max_tokens or num_tokens >= max_model_len
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -173,6 +173,31 @@ def test_block_manager_copies_a_shared_block_only_before_writing_it():
     assert bm.num_free_blocks == 8
 
 
+def test_block_manager_try_grow_grows_copies_or_refuses_as_can_grow_and_grow():
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
+    request = Request("r", "", list(range(6)), SamplingParams(n=2), arrival_time=0.0)
+    parent, child = Sequence(request, 0, None), Sequence(request, 1, None)
+    bm.admit(parent, [], 6, count_query=False)
+    parent.num_computed_tokens = 6
+    bm.fork(parent, child, 6)
+    # Within the table, but the written block is shared: the child gets a copy.
+    assert bm.try_grow(child, 1) and bm.take_block_copies() == [(parent.block_table[1], child.block_table[1])]
+    child.num_computed_tokens = 7
+    assert bm.num_free_blocks == 1
+    # Within a block it holds alone: nothing taken.
+    assert bm.try_grow(child, 1) and bm.num_free_blocks == 1 and len(child.block_table) == 2
+    child.num_computed_tokens = 8
+    # Past the table: a new block (the last free one).
+    assert bm.try_grow(child, 1) and bm.num_free_blocks == 0 and len(child.block_table) == 3
+    assert bm.take_block_copies() == []
+    # The parent now holds its partial block alone again: written in place.
+    assert bm.try_grow(parent, 2) and bm.num_free_blocks == 0 and bm.take_block_copies() == []
+    parent.num_computed_tokens = 8
+    # Past the table with no free block: refused, nothing changed.
+    table = list(parent.block_table)
+    assert not bm.can_grow(parent, 1) and not bm.try_grow(parent, 1) and parent.block_table == table
+
+
 def test_kv_waste_stays_small_on_long_sequences(llama_checkpoint):
     """Paged allocation reserves at most one partly filled block per sequence: on nano-like prompt
     lengths (100-1024 tokens) the reserved-but-empty slots stay far under the paper's 4%."""
