@@ -41,7 +41,10 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(seq.is_finished for seq in self.seqs)
+        for seq in self.seqs:  # all(seq.is_finished ...), without a generator: asked every step
+            if seq.status is not SequenceStatus.FINISHED:
+                return False
+        return True
 
 
 _seq_ids = itertools.count()

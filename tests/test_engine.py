@@ -229,6 +229,27 @@ def test_incremental_text_equals_decoding_all_tokens_at_once(llm):
         assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("clean_up_spaces", [False, True])  # the Rust decoder directly / tokenizer.decode
+def test_incremental_detokenizer_one_token_at_a_time_gives_the_whole_decode(checkpoint, clean_up_spaces):
+    from transformers import AutoTokenizer
+
+    from engine.detokenizer import IncrementalDetokenizer
+    from engine.sequence import Request, Sequence
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, clean_up_tokenization_spaces=clean_up_spaces)
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    prompt = tokenizer.encode("The quick fox")
+    output = tokenizer.encode("日本語 café 🙂🚀 Привет , мир !", add_special_tokens=False) + [tokenizer.eos_token_id]
+    seq = Sequence(Request("r", None, prompt, SamplingParams(), arrival_time=0.0), 0, None)
+    pieces = []
+    for i, token in enumerate(output):
+        seq.token_ids.append(token)
+        pieces.append(detokenizer.step(seq, final=i == len(output) - 1))
+    assert "".join(pieces) == seq.output_text == tokenizer.decode(output, skip_special_tokens=True)
+    assert any(p == "" for p in pieces)  # a character that spans tokens waits for its last one
+    assert detokenizer.decode_token(output[0]) == tokenizer.decode([output[0]])
+
+
 def test_delta_outputs_add_up_to_the_cumulative_ones_at_every_step(checkpoint, llm):
     # The same seeded requests in two engines, cumulative in one and deltas in the other: at every step
     # the deltas so far, joined, are the cumulative output (text held back for a stop string, logprobs,
