@@ -143,7 +143,8 @@ class BlockManager:
             shared = seq.block_table[index]
             copy = self._take_free_block()
             self.blocks[shared].ref_count -= 1
-            seq.block_table[index] = copy
+            # A new list, not a change in place: see BlockTableRows in the model runner.
+            seq.block_table = seq.block_table[:index] + [copy] + seq.block_table[index + 1 :]
             self.block_copies.append((shared, copy))
             self.copy_on_writes_total += 1
         needed = self._blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)

@@ -61,6 +61,7 @@ class Sequence:
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache (or being written by a launched step)
         self.num_pending_tokens = 0  # sampled by a launched step, not yet read back (async scheduling)
+        # Only ever appended to in place; any other change is a new list (BlockTableRows relies on it).
         self.block_table: list[int] = []
         self.status = SequenceStatus.WAITING
         self.generator = generator  # seeded requests sample from their own generator

@@ -256,3 +256,36 @@ def test_forks_prefix_hits_and_preemption_together_keep_every_output_and_block(l
     for rid, out in finals.items():
         assert [c.token_ids for c in out.outputs] == [alone[rid]] * params[int(rid)].n
     assert engine.get_stats().num_used_blocks == 0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_kept_block_table_rows_equal_the_sequences_tables_at_every_step(llama_checkpoint, async_scheduling):
+    """The model runner keeps block tables from step to step (BlockTableRows) and copies in only what
+    changed: through admissions, prefix hits, forks, copy-on-write, preemption, finishing and rows
+    given back for reuse, every step's tables are the sequences' own, zero-padded."""
+    system = random_ids(9, seed=21)
+    prompts = [system + random_ids(n, seed=n) for n in (2, 7, 14, 3, 11, 5)]
+    engine = engine_for(llama_checkpoint, caching=True, num_gpu_blocks_override=20, max_num_seqs=4,
+                        async_scheduling=async_scheduling)
+    runner = engine.runner
+    prepare, checked, seen = runner._prepare, [], set()
+
+    def checking_prepare(scheduled):
+        batch = prepare(scheduled)
+        tables = [s.seq.block_table for s in scheduled if s.sample_from is None]
+        width = max(map(len, tables))
+        assert batch.metadata.block_tables.tolist() == [t + [0] * (width - len(t)) for t in tables]
+        checked.append(len(tables))
+        seen.update(s.seq.seq_id for s in scheduled)
+        return batch
+
+    runner._prepare = checking_prepare
+    for i, prompt in enumerate(prompts):  # one at a time, so that forks find seats (and copy on write)
+        engine.add_request(str(i), prompt, SamplingParams(n=3 - i % 3, temperature=1.0, seed=i, max_tokens=12 + 3 * i, ignore_eos=True))
+        engine.step()
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.scheduler.num_preemptions_total > 0 and engine.block_manager.copy_on_writes_total > 0
+    assert len(seen) > len(runner.block_table_rows.length)  # more sequences than rows: rows were reused
+    assert runner.block_table_rows.array.shape[1] > 8  # widened
+    assert len(checked) > 20
