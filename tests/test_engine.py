@@ -248,6 +248,11 @@ def test_incremental_detokenizer_one_token_at_a_time_gives_the_whole_decode(chec
     assert "".join(pieces) == seq.output_text == tokenizer.decode(output, skip_special_tokens=True)
     assert any(p == "" for p in pieces)  # a character that spans tokens waits for its last one
     assert detokenizer.decode_token(output[0]) == tokenizer.decode([output[0]])
+    # Single tokens' texts are kept per skip_special_tokens: a special token's differ.
+    eos = tokenizer.eos_token_id
+    for _ in range(2):  # decoded, then kept
+        assert detokenizer.decode_token(eos, skip_special_tokens=True) == "" != tokenizer.decode([eos])
+        assert detokenizer.decode_token(eos) == tokenizer.decode([eos])
 
 
 def test_delta_outputs_add_up_to_the_cumulative_ones_at_every_step(checkpoint, llm):
