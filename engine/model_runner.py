@@ -390,10 +390,12 @@ class ModelRunner:
             if s.sample_from is not None:
                 sample_rows.append(last_row[s.sample_from.seq_id])
                 continue
-            computed.append(s)
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens
+            computed.append(seq)
+            num_new = s.num_new_tokens
+            start = seq.num_computed_tokens
+            end = start + num_new
             table = seq.block_table
-            if end - start == 1:  # decode: plain Python beats numpy for one token
+            if num_new == 1:  # decode: plain Python beats numpy for one token
                 if start < len(seq.token_ids):
                     input_ids.append(seq.token_ids[start])
                 else:  # async scheduling: the token is still being sampled by the step in flight
@@ -407,17 +409,17 @@ class ModelRunner:
                 positions.extend(pos.tolist())
                 slots.extend((np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist())
             seq_lens.append(end)
-            query_lens.append(end - start)
-            last_row[seq.seq_id] = num_tokens + end - start - 1
+            query_lens.append(num_new)
+            row = last_row[seq.seq_id] = num_tokens + num_new - 1
             if s.samples:
-                sample_rows.append(last_row[seq.seq_id])
-            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                sample_rows.append(row)
+            if seq.request.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
                 last = min(end, seq.num_prompt_tokens - 1)  # position p predicts prompt token p + 1
                 rows = list(range(num_tokens, num_tokens + last - start))
                 prompt_rows.append((i, rows, seq.token_ids[start + 1 : last + 1]))
-            num_tokens += end - start
+            num_tokens += num_new
 
-        tables = self.block_table_rows.gather([s.seq for s in computed])
+        tables = self.block_table_rows.gather(computed)
         query_start = np.zeros(len(computed) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=query_start[1:])
         query_start_cpu = torch.from_numpy(query_start)
