@@ -565,3 +565,22 @@ def test_prefill_and_mixed_steps_padded_into_graph_buckets_keep_the_tokens(check
     assert len({n for n, _, _ in padded_steps}) >= 4  # steps of several sizes, each padded in turn
     assert any(n < t for n, _, t in padded_steps)  # padding tokens
     assert any(s > 1 for _, s, _ in padded_steps)  # several sequences (decodes beside a prompt chunk)
+
+
+def test_sampler_applies_each_rows_own_params_in_a_batch_sharing_params_objects():
+    """The sampler checks each distinct SamplingParams once per batch; a setting only a later
+    row's params have (logit bias, min_tokens) still applies to that row, and only to it."""
+    from engine.sampler import SamplingBatch, sample
+
+    vocab = 16
+    logits = torch.zeros(4, vocab)
+    logits[:, 7] = 5.0  # every row prefers token 7
+    shared = SamplingParams(temperature=0)
+    biased = SamplingParams(temperature=0, logit_bias={5: 100.0})
+    waits = SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[7])
+    batch = SamplingBatch(params=[shared, shared, biased, waits], generators=[None] * 4,
+                          token_ids=[[1, 2]] * 4, num_prompt_tokens=[2] * 4, eos_token_ids={0})
+    assert sample(logits, batch, max_logprobs=5).token_ids.tolist()[:3] == [7, 7, 5]
+    assert sample(logits, batch, max_logprobs=5).token_ids.tolist()[3] != 7  # blocked until 3 tokens
+    batch.token_ids = [[1, 2, 3, 4, 5]] * 4  # 3 tokens generated: no longer blocked
+    assert sample(logits, batch, max_logprobs=5).token_ids.tolist() == [7, 7, 5, 7]
