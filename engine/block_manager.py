@@ -118,6 +118,23 @@ class BlockManager:
         needed = self._blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         return needed + self._needs_copy(seq, num_new_tokens) <= self.num_free_blocks
 
+    def try_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """`grow` if `can_grow`; returns whether it did. The scheduler's call for every sequence
+        every step: a decode mostly writes into a block it already holds alone (a new block is
+        needed once every block_size tokens), which is checked first, inline."""
+        start = seq.num_computed_tokens
+        table = seq.block_table
+        if start + num_new_tokens <= len(table) * self.block_size:  # no block to add
+            # The block written first is shared (see `_needs_copy`; it is in the table, as the
+            # write ends within it).
+            if not (num_new_tokens and start % self.block_size
+                    and self.blocks[table[start // self.block_size]].ref_count > 1):
+                return True
+        if not self.can_grow(seq, num_new_tokens):
+            return False
+        self.grow(seq, num_new_tokens)
+        return True
+
     def grow(self, seq: Sequence, num_new_tokens: int) -> None:
         """Make the block table cover the sequence's computed tokens plus `num_new_tokens`, copying
         a shared block before it is written."""
@@ -126,7 +143,8 @@ class BlockManager:
             shared = seq.block_table[index]
             copy = self._take_free_block()
             self.blocks[shared].ref_count -= 1
-            seq.block_table[index] = copy
+            # A new list, not a change in place: see BlockTableRows in the model runner.
+            seq.block_table = seq.block_table[:index] + [copy] + seq.block_table[index + 1 :]
             self.block_copies.append((shared, copy))
             self.copy_on_writes_total += 1
         needed = self._blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)

@@ -20,20 +20,35 @@ class IncrementalDetokenizer:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
             # The Rust tokenizer directly: the same text as tokenizer.decode without its Python
-            # overhead, which costs more than the model step at large batch sizes.
-            self._decode = lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
+            # overhead, which costs more than the model step at large batch sizes. Called as
+            # decode(ids, skip_special_tokens=...), like tokenizer.decode: no Python layer between.
+            self._decode = backend.decode
         else:
-            self._decode = lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
+            self._decode = tokenizer.decode
+        # The text of single tokens, by skip_special_tokens then token id (a decode is a pure
+        # function of its ids): one decoding sequence's prefix window is its previous token, so
+        # the step's first decode is mostly a look-up here. At most one entry per vocabulary token.
+        self._token_texts: dict[bool, dict[int, str]] = {False: {}, True: {}}
 
-    def decode_token(self, token_id: int) -> str:
-        return self._decode([token_id], False)
+    def decode_token(self, token_id: int, skip_special_tokens: bool = False) -> str:
+        texts = self._token_texts[skip_special_tokens]
+        text = texts.get(token_id)
+        if text is None:
+            text = texts[token_id] = self._decode([token_id], skip_special_tokens=skip_special_tokens)
+        return text
 
     def step(self, seq: Sequence, final: bool = False) -> str:
         """Append the text of `seq`'s newest tokens to `seq.output_text`; returns the new text.
         `final` flushes a trailing incomplete character too (the sequence ended on it)."""
-        skip = seq.params.skip_special_tokens
-        prefix_text = self._decode(seq.token_ids[seq.prefix_offset : seq.read_offset], skip)
-        full_text = self._decode(seq.token_ids[seq.prefix_offset :], skip)
+        skip = seq.request.params.skip_special_tokens
+        tokens, prefix_offset = seq.token_ids, seq.prefix_offset
+        if seq.read_offset - prefix_offset == 1:
+            prefix_text = self._token_texts[skip].get(tokens[prefix_offset])
+            if prefix_text is None:
+                prefix_text = self.decode_token(tokens[prefix_offset], skip)
+        else:
+            prefix_text = self._decode(tokens[prefix_offset : seq.read_offset], skip_special_tokens=skip)
+        full_text = self._decode(tokens[prefix_offset:], skip_special_tokens=skip)
         if len(full_text) > len(prefix_text) and (final or not full_text.endswith("\ufffd")):
             new_text = full_text[len(prefix_text) :]
             seq.prefix_offset = seq.read_offset

@@ -338,8 +338,9 @@ class LLMEngine:
             seq, request = s.seq, s.seq.request
             if s.samples:
                 seq.num_pending_tokens -= 1
-            if seq.seq_id in result.sampled and not seq.is_finished:  # not finished or aborted meanwhile
-                self._append_token(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id), now)
+            token = result.sampled.get(seq.seq_id)
+            if token is not None and seq.status is not SequenceStatus.FINISHED:  # not finished or aborted meanwhile
+                self._append_token(seq, token, result.logprobs.get(seq.seq_id), now)
                 if (share_blocks or request.params.n > 1) and seq.status == SequenceStatus.RUNNING:
                     self.block_manager.commit_full_blocks(seq)  # a full block may have waited for this token
             touched[request.request_id] = request
@@ -381,20 +382,22 @@ class LLMEngine:
             self.scheduler.finish(seq)
 
     def _check_stop(self, seq: Sequence, token: int, new_text_len: int) -> None:
-        params = seq.params
-        max_tokens = params.max_tokens or self.model_config.max_model_len
-        if seq.num_output_tokens >= params.min_tokens:
+        params = seq.request.params
+        max_model_len = self.model_config.max_model_len
+        num_tokens = len(seq.token_ids)
+        num_output_tokens = num_tokens - seq.num_prompt_tokens
+        if num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token in self.model_config.eos_token_ids:
                 seq.finish_reason = "stop"
                 return
-            if token in params.stop_token_ids:
+            if params.stop_token_ids and token in params.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token
                 return
-            stop = find_stop_string(seq, new_text_len)
+            stop = find_stop_string(seq, new_text_len) if params.stop_strings else None
             if stop is not None:
                 seq.finish_reason, seq.stop_reason = "stop", stop
                 return
-        if seq.num_output_tokens >= max_tokens or len(seq.token_ids) >= self.model_config.max_model_len:
+        if num_output_tokens >= (params.max_tokens or max_model_len) or num_tokens >= max_model_len:
             seq.finish_reason = "length"
 
     def _decode_logprob_tokens(self, positions: list[PositionLogprobs]) -> None:

@@ -54,6 +54,64 @@ class PreparedBatch:
     pending_rows: list[tuple[int, int]]  # (flat row, seq id) of inputs the step in flight is sampling
 
 
+class BlockTableRows:
+    """The block tables of the sequences a step computes, as one [sequences, blocks] int32 array
+    (zero past each table's end), from rows kept from step to step, as vLLM V1 keeps its block
+    tables: a step copies in only the blocks added since the row was last read (a decode adds one
+    every block_size steps). Building the array anew converted every entry of every table each
+    step: ~0.18 ms of `_prepare`'s ~0.35 at nano's 256 sequences on the CPU.
+
+    This relies on how the block manager changes a table: it only ever appends to a sequence's
+    `block_table` list in place; any other change (admission, fork, copy-on-write, freeing) gives
+    the sequence a new list. A row whose sequence holds another list than the one it was read
+    from is read again whole."""
+
+    def __init__(self, num_rows: int):
+        self.array = np.zeros((num_rows, 8), dtype=np.int32)  # widened as tables grow
+        self.row_of: dict[int, int] = {}  # seq id -> its row
+        self.source: list[list[int] | None] = [None] * num_rows  # the list each row was read from
+        self.length = [0] * num_rows  # how many of its entries are in the row
+        self.free_rows = list(range(num_rows - 1, -1, -1))
+
+    def gather(self, seqs: list) -> np.ndarray:
+        rows, max_blocks = [], 0
+        for seq in seqs:
+            table = seq.block_table
+            row = self.row_of.get(seq.seq_id)
+            if row is None:
+                row = self._take_row(seq, seqs)
+            if self.source[row] is not table:  # a new list: clear the row, read it whole
+                self.array[row, : self.length[row]] = 0
+                self.source[row], self.length[row] = table, 0
+            done, n = self.length[row], len(table)
+            if n != done:
+                if n > self.array.shape[1]:
+                    self._widen(n)
+                self.array[row, done:n] = table[done:]
+                self.length[row] = n
+            rows.append(row)
+            max_blocks = max(max_blocks, n)
+        return self.array[rows, :max_blocks]  # a copy (fancy indexing)
+
+    def _take_row(self, seq, seqs: list) -> int:
+        if not self.free_rows:  # give back the rows of sequences not in this step (finished or waiting)
+            current = {s.seq_id for s in seqs}
+            for seq_id, row in list(self.row_of.items()):
+                if seq_id not in current:
+                    del self.row_of[seq_id]
+                    self.source[row] = None
+                    self.free_rows.append(row)
+        row = self.free_rows.pop()
+        self.row_of[seq.seq_id] = row
+        return row
+
+    def _widen(self, num_blocks: int) -> None:
+        rows, width = self.array.shape
+        wider = np.zeros((rows, max(num_blocks, 2 * width)), dtype=np.int32)
+        wider[:, :width] = self.array
+        self.array = wider
+
+
 class ModelRunner:
     """One rank's model shard and KV cache. With tensor parallelism every rank has one; rank 0's also
     prepares each step, starts the other ranks (`TensorParallelWorkers`) and samples."""
@@ -72,6 +130,8 @@ class ModelRunner:
         self.attention_backend = args.resolve_attention_backend(device)
         self.kv_cache_dtype = args.resolve_kv_cache_dtype(model_config.dtype)
         self._check_attention_backend()
+        # Twice the most sequences a step holds: a step can always find a row for each of its own.
+        self.block_table_rows = BlockTableRows(2 * args.max_num_seqs)
         self.workers: TensorParallelWorkers | None = None
         if self.tp_size > 1 and tp_rank == 0:
             self.workers = TensorParallelWorkers(args, model_config, device)
@@ -330,10 +390,12 @@ class ModelRunner:
             if s.sample_from is not None:
                 sample_rows.append(last_row[s.sample_from.seq_id])
                 continue
-            computed.append(s)
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens
+            computed.append(seq)
+            num_new = s.num_new_tokens
+            start = seq.num_computed_tokens
+            end = start + num_new
             table = seq.block_table
-            if end - start == 1:  # decode: plain Python beats numpy for one token
+            if num_new == 1:  # decode: plain Python beats numpy for one token
                 if start < len(seq.token_ids):
                     input_ids.append(seq.token_ids[start])
                 else:  # async scheduling: the token is still being sampled by the step in flight
@@ -347,20 +409,17 @@ class ModelRunner:
                 positions.extend(pos.tolist())
                 slots.extend((np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist())
             seq_lens.append(end)
-            query_lens.append(end - start)
-            last_row[seq.seq_id] = num_tokens + end - start - 1
+            query_lens.append(num_new)
+            row = last_row[seq.seq_id] = num_tokens + num_new - 1
             if s.samples:
-                sample_rows.append(last_row[seq.seq_id])
-            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                sample_rows.append(row)
+            if seq.request.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
                 last = min(end, seq.num_prompt_tokens - 1)  # position p predicts prompt token p + 1
                 rows = list(range(num_tokens, num_tokens + last - start))
                 prompt_rows.append((i, rows, seq.token_ids[start + 1 : last + 1]))
-            num_tokens += end - start
+            num_tokens += num_new
 
-        max_blocks = max(len(s.seq.block_table) for s in computed)
-        tables = np.zeros((len(computed), max_blocks), dtype=np.int32)
-        for i, s in enumerate(computed):
-            tables[i, : len(s.seq.block_table)] = s.seq.block_table
+        tables = self.block_table_rows.gather(computed)
         query_start = np.zeros(len(computed) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=query_start[1:])
         query_start_cpu = torch.from_numpy(query_start)

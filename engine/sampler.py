@@ -60,13 +60,16 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, max_logprobs: int) -> Sam
     num_rows, vocab = logits.shape
     device = logits.device
     params = batch.params
-    greedy_only = all(p.greedy for p in params)
+    # The checks of the whole batch look at each SamplingParams object once: rows mostly share a
+    # few (LLM.generate gives every prompt the same one).
+    distinct = list({id(p): p for p in params}.values())
+    greedy_only = all(p.greedy for p in distinct)
     fused = not greedy_only and device.type in FUSED_SAMPLING_DEVICES
-    filtered = _needs_filter(params, vocab)
+    filtered = _needs_filter(distinct, vocab)
     # Logprobs are of the model's own distribution, before penalties and temperature (as vLLM).
-    want_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-    blocked = _min_token_blocks(batch, vocab)
-    edits = bool(blocked) or _has_penalties(params) or any(p.logit_bias for p in params)
+    want_logprobs = max((p.logprobs for p in distinct if p.logprobs is not None), default=None)
+    blocked = _min_token_blocks(batch, vocab) if any(p.min_tokens for p in distinct) else []
+    edits = bool(blocked) or _has_penalties(distinct) or any(p.logit_bias for p in distinct)
     if want_logprobs is not None or edits or filtered or not (greedy_only or fused):
         logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs is not None else None

@@ -32,7 +32,8 @@ class ScheduledSequence:
     samples: bool = field(init=False)  # does the step reach the end of its tokens, and so produce the next?
 
     def __post_init__(self) -> None:
-        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        seq = self.seq
+        self.samples = seq.num_computed_tokens + self.num_new_tokens == len(seq.token_ids) + seq.num_pending_tokens
 
 
 @dataclass
@@ -78,13 +79,12 @@ class Scheduler:
             if seq.num_pending_tokens and seq.reached_length_limit(self.max_model_len):
                 continue  # async scheduling: its last token is in flight; it finishes when that arrives
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.can_grow(seq, num_new):
+            while not self.block_manager.try_grow(seq, num_new):
                 victim = self.running[-1]
                 budget += self._preempt(victim, out)
                 if victim is seq:
                     break
             else:
-                self.block_manager.grow(seq, num_new)
                 out.scheduled.append(ScheduledSequence(seq, num_new))
                 budget -= num_new
         if not out.preempted:  # memory is short: admit no one new this step

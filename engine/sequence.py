@@ -41,7 +41,10 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(seq.is_finished for seq in self.seqs)
+        for seq in self.seqs:  # all(seq.is_finished ...), without a generator: asked every step
+            if seq.status is not SequenceStatus.FINISHED:
+                return False
+        return True
 
 
 _seq_ids = itertools.count()
@@ -58,6 +61,7 @@ class Sequence:
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache (or being written by a launched step)
         self.num_pending_tokens = 0  # sampled by a launched step, not yet read back (async scheduling)
+        # Only ever appended to in place; any other change is a new list (BlockTableRows relies on it).
         self.block_table: list[int] = []
         self.status = SequenceStatus.WAITING
         self.generator = generator  # seeded requests sample from their own generator
@@ -83,8 +87,9 @@ class Sequence:
 
     def reached_length_limit(self, max_model_len: int) -> bool:
         """Will it be finished by length once its pending tokens arrive? Then no step should extend it."""
-        max_tokens = self.params.max_tokens or max_model_len
-        return self.num_tokens - self.num_prompt_tokens >= max_tokens or self.num_tokens >= max_model_len
+        max_tokens = self.request.params.max_tokens or max_model_len
+        num_tokens = len(self.token_ids) + self.num_pending_tokens
+        return num_tokens - self.num_prompt_tokens >= max_tokens or num_tokens >= max_model_len
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -229,6 +229,32 @@ def test_incremental_text_equals_decoding_all_tokens_at_once(llm):
         assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("clean_up_spaces", [False, True])  # the Rust decoder directly / tokenizer.decode
+def test_incremental_detokenizer_one_token_at_a_time_gives_the_whole_decode(checkpoint, clean_up_spaces):
+    from transformers import AutoTokenizer
+
+    from engine.detokenizer import IncrementalDetokenizer
+    from engine.sequence import Request, Sequence
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, clean_up_tokenization_spaces=clean_up_spaces)
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    prompt = tokenizer.encode("The quick fox")
+    output = tokenizer.encode("日本語 café 🙂🚀 Привет , мир !", add_special_tokens=False) + [tokenizer.eos_token_id]
+    seq = Sequence(Request("r", None, prompt, SamplingParams(), arrival_time=0.0), 0, None)
+    pieces = []
+    for i, token in enumerate(output):
+        seq.token_ids.append(token)
+        pieces.append(detokenizer.step(seq, final=i == len(output) - 1))
+    assert "".join(pieces) == seq.output_text == tokenizer.decode(output, skip_special_tokens=True)
+    assert any(p == "" for p in pieces)  # a character that spans tokens waits for its last one
+    assert detokenizer.decode_token(output[0]) == tokenizer.decode([output[0]])
+    # Single tokens' texts are kept per skip_special_tokens: a special token's differ.
+    eos = tokenizer.eos_token_id
+    for _ in range(2):  # decoded, then kept
+        assert detokenizer.decode_token(eos, skip_special_tokens=True) == "" != tokenizer.decode([eos])
+        assert detokenizer.decode_token(eos) == tokenizer.decode([eos])
+
+
 def test_delta_outputs_add_up_to_the_cumulative_ones_at_every_step(checkpoint, llm):
     # The same seeded requests in two engines, cumulative in one and deltas in the other: at every step
     # the deltas so far, joined, are the cumulative output (text held back for a stop string, logprobs,
@@ -539,3 +565,22 @@ def test_prefill_and_mixed_steps_padded_into_graph_buckets_keep_the_tokens(check
     assert len({n for n, _, _ in padded_steps}) >= 4  # steps of several sizes, each padded in turn
     assert any(n < t for n, _, t in padded_steps)  # padding tokens
     assert any(s > 1 for _, s, _ in padded_steps)  # several sequences (decodes beside a prompt chunk)
+
+
+def test_sampler_applies_each_rows_own_params_in_a_batch_sharing_params_objects():
+    """The sampler checks each distinct SamplingParams once per batch; a setting only a later
+    row's params have (logit bias, min_tokens) still applies to that row, and only to it."""
+    from engine.sampler import SamplingBatch, sample
+
+    vocab = 16
+    logits = torch.zeros(4, vocab)
+    logits[:, 7] = 5.0  # every row prefers token 7
+    shared = SamplingParams(temperature=0)
+    biased = SamplingParams(temperature=0, logit_bias={5: 100.0})
+    waits = SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[7])
+    batch = SamplingBatch(params=[shared, shared, biased, waits], generators=[None] * 4,
+                          token_ids=[[1, 2]] * 4, num_prompt_tokens=[2] * 4, eos_token_ids={0})
+    assert sample(logits, batch, max_logprobs=5).token_ids.tolist()[:3] == [7, 7, 5]
+    assert sample(logits, batch, max_logprobs=5).token_ids.tolist()[3] != 7  # blocked until 3 tokens
+    batch.token_ids = [[1, 2, 3, 4, 5]] * 4  # 3 tokens generated: no longer blocked
+    assert sample(logits, batch, max_logprobs=5).token_ids.tolist() == [7, 7, 5, 7]

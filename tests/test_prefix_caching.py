@@ -173,6 +173,31 @@ def test_block_manager_copies_a_shared_block_only_before_writing_it():
     assert bm.num_free_blocks == 8
 
 
+def test_block_manager_try_grow_grows_copies_or_refuses_as_can_grow_and_grow():
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
+    request = Request("r", "", list(range(6)), SamplingParams(n=2), arrival_time=0.0)
+    parent, child = Sequence(request, 0, None), Sequence(request, 1, None)
+    bm.admit(parent, [], 6, count_query=False)
+    parent.num_computed_tokens = 6
+    bm.fork(parent, child, 6)
+    # Within the table, but the written block is shared: the child gets a copy.
+    assert bm.try_grow(child, 1) and bm.take_block_copies() == [(parent.block_table[1], child.block_table[1])]
+    child.num_computed_tokens = 7
+    assert bm.num_free_blocks == 1
+    # Within a block it holds alone: nothing taken.
+    assert bm.try_grow(child, 1) and bm.num_free_blocks == 1 and len(child.block_table) == 2
+    child.num_computed_tokens = 8
+    # Past the table: a new block (the last free one).
+    assert bm.try_grow(child, 1) and bm.num_free_blocks == 0 and len(child.block_table) == 3
+    assert bm.take_block_copies() == []
+    # The parent now holds its partial block alone again: written in place.
+    assert bm.try_grow(parent, 2) and bm.num_free_blocks == 0 and bm.take_block_copies() == []
+    parent.num_computed_tokens = 8
+    # Past the table with no free block: refused, nothing changed.
+    table = list(parent.block_table)
+    assert not bm.can_grow(parent, 1) and not bm.try_grow(parent, 1) and parent.block_table == table
+
+
 def test_kv_waste_stays_small_on_long_sequences(llama_checkpoint):
     """Paged allocation reserves at most one partly filled block per sequence: on nano-like prompt
     lengths (100-1024 tokens) the reserved-but-empty slots stay far under the paper's 4%."""
@@ -231,3 +256,36 @@ def test_forks_prefix_hits_and_preemption_together_keep_every_output_and_block(l
     for rid, out in finals.items():
         assert [c.token_ids for c in out.outputs] == [alone[rid]] * params[int(rid)].n
     assert engine.get_stats().num_used_blocks == 0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_kept_block_table_rows_equal_the_sequences_tables_at_every_step(llama_checkpoint, async_scheduling):
+    """The model runner keeps block tables from step to step (BlockTableRows) and copies in only what
+    changed: through admissions, prefix hits, forks, copy-on-write, preemption, finishing and rows
+    given back for reuse, every step's tables are the sequences' own, zero-padded."""
+    system = random_ids(9, seed=21)
+    prompts = [system + random_ids(n, seed=n) for n in (2, 7, 14, 3, 11, 5)]
+    engine = engine_for(llama_checkpoint, caching=True, num_gpu_blocks_override=20, max_num_seqs=4,
+                        async_scheduling=async_scheduling)
+    runner = engine.runner
+    prepare, checked, seen = runner._prepare, [], set()
+
+    def checking_prepare(scheduled):
+        batch = prepare(scheduled)
+        tables = [s.seq.block_table for s in scheduled if s.sample_from is None]
+        width = max(map(len, tables))
+        assert batch.metadata.block_tables.tolist() == [t + [0] * (width - len(t)) for t in tables]
+        checked.append(len(tables))
+        seen.update(s.seq.seq_id for s in scheduled)
+        return batch
+
+    runner._prepare = checking_prepare
+    for i, prompt in enumerate(prompts):  # one at a time, so that forks find seats (and copy on write)
+        engine.add_request(str(i), prompt, SamplingParams(n=3 - i % 3, temperature=1.0, seed=i, max_tokens=12 + 3 * i, ignore_eos=True))
+        engine.step()
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.scheduler.num_preemptions_total > 0 and engine.block_manager.copy_on_writes_total > 0
+    assert len(seen) > len(runner.block_table_rows.length)  # more sequences than rows: rows were reused
+    assert runner.block_table_rows.array.shape[1] > 8  # widened
+    assert len(checked) > 20
