@@ -5,7 +5,7 @@
 # bitsandbytes). Compile caches: SAVE_COMPILE_CACHE=1 sends them back, `bash perf/compile_cache.sh FILES_DIR` keeps
 # them here, and a call that carries ".compile_cache.tgz" starts warm (see COMPILE_CACHE below).
 # Usage (on the lent GPU, from the repo root): bash perf/gpu_check.sh STAGE...
-#   tests   pytest -m gpu (attention kernels, the GPU engine, the fused sampler, the GEMV)
+#   tests   pytest -m gpu (attention kernels, the GPU engine, the fused sampler, the GEMV, the q/k norm kernel)
 #   nano    Qwen3-0.6B, nano workload (nano-sync: without async scheduling; nano-nc: graphs without torch.compile;
 #           nano-silu: with the SwiGLU activation left to torch.compile, then as it is;
 #           nano-fp8: with an fp8 KV cache)
@@ -20,6 +20,7 @@
 #   window-nano nano with an fp8 cache profiled at step 200 (full batch) and step 900 (its tail)
 #   nano-large-parts (#3) 4,096-position decode partitions at 256 sequences (LARGE_GRID_PARTITION_SIZE): nano, fixed 8B, A/B
 #   nano-host (#3) nano (bf16), the timed generate under cProfile (perf/throughput.py --host-profile)
+#   qk-norm-ab (#3) ENGINE_QK_NORM_KERNEL=1 (Qwen3's q/k norm + rotation as one kernel): its GPU tests, nano off / on twice, profiled
 #   nano-backed-ab (#3) nano (bf16), the token dimension unbacked (default) and backed, alternating twice, timed only
 #   fusion-probe the Triton kernels inductor makes of add + RMSNorm + linear, token dimension unbacked / backed / static
 #   token-dim-ab nano and llama1 with the token dimension unbacked, then backed (ENGINE_TOKEN_DIM), profiled
@@ -208,7 +209,7 @@ profiled_ab() {
 for stage in "$@"; do
   echo "=== $stage"
   case $stage in
-    tests) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_attention_kernels.py tests/test_gpu_engine.py tests/test_triton_sampling.py tests/test_triton_gemv.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    tests) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_attention_kernels.py tests/test_gpu_engine.py tests/test_triton_sampling.py tests/test_triton_gemv.py tests/test_qk_norm.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     quant) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py 2>&1 | tee "$OUT/quant_tests.log" | tail -15
            timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --out "$OUT/quant_bench.json" 2>&1 | tee "$OUT/quant_bench.log" | tail -80 ;;
     nano) TORCH_LOGS=recompiles bench nano_qwen3 --model qwen3-0.6b --workload nano ;;
@@ -312,6 +313,11 @@ for stage in "$@"; do
            # ($OUT/nano_host.prof; the run's own throughput is slowed by the profiler)
            timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/nano_host.json" --model qwen3-0.6b \
              --workload nano --host-profile "$OUT/nano_host.prof" 2>&1 | tee "$OUT/nano_host.log" | grep -vE "^\{" | grep -A45 "function calls" ;;
+    qk-norm-ab) # (#3) Qwen3's q/k RMSNorm + rotation as one Triton kernel (ENGINE_QK_NORM_KERNEL=1, ops/triton_qk_norm.py; three
+           # inductor kernels a layer without): its GPU tests, then nano (bf16) without / with it, alternating twice, each
+           # timed then profiled at step 200 (GPU busy a step is the steadier figure: throughput's spread is ~1.5%)
+           timeout 240 python3 -m pytest -m gpu -q tests/test_qk_norm.py 2>&1 | tee "$OUT/qk_norm_tests.log" | tail -3
+           profiled_ab ENGINE_QK_NORM_KERNEL "nano_qk0;0;nano" "nano_qk1;1;nano" "nano_qk0b;0;nano" "nano_qk1b;1;nano" ;;
     nano-backed-ab) # (#3) nano (bf16) with the token dimension unbacked (default) and backed (ENGINE_TOKEN_DIM=backed: a fifth
            # fewer kernels a step, session 21), alternating twice, timed only (the first backed start compiles afresh)
            for spec in "nano_unbacked;unbacked" "nano_backed;backed" "nano_unbacked2;unbacked" "nano_backed2;backed"; do
