@@ -60,6 +60,10 @@ _DECODE_NUM_STAGES = 2
 # (perf/kernel_bench.py --nano, H100): 225.9 against 230.3 us a layer at 256 sequences, 194.4 against 196.1 at 126,
 # equal at 37; nano's profiled full-batch step 6.73 against 6.89 ms (perf/RESULTS.md, session 23).
 _DECODE_HEADS_FIRST = True
+# Decode inner-loop variants, off until perf/kernel_bench.py --nano times them (see _attend_kv_range): V's tile
+# loaded beside K's, and K/V loads marked evict-first in L2.
+_DECODE_V_EARLY = False
+_DECODE_EVICT_FIRST = False
 # The reduce kernel merges the partials of as many heads a program as fit this many fp32 elements (heads x partitions
 # x head_dim): one program a sequence at nano's shapes instead of one a head, most of which exit at once (a context
 # within one partition). 0: one a head. nano's decode steps (H100): decode + reduce 230.3 against 230.9 us at 256
@@ -93,12 +97,20 @@ def _write_kv_kernel(
 
 
 @triton.jit
+def _load_kv(ptrs, mask, EVICT_FIRST: tl.constexpr):
+    if EVICT_FIRST:
+        return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _attend_kv_range(
     acc, m_i, l_i, q, row_pos, kv_lo, kv_hi,
     k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
     stride_cb, stride_cs, stride_ch, head_dim, qk_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, OFFSETS_64: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, V_EARLY: tl.constexpr = False, EVICT_FIRST: tl.constexpr = False,
 ):
     """Fold context positions [kv_lo, kv_hi) into the online softmax of the rows of `q`.
 
@@ -106,6 +118,9 @@ def _attend_kv_range(
     includes log2(e)); m_i is the running max, l_i the running sum, acc the unnormalized output.
     IEEE (a float32 model): full float32 products, not tl.dot's default TF32 (10-bit mantissas),
     which gave TP=2 and TP=1 different greedy tokens on a float32 model (session 10, two H100s).
+    V_EARLY loads a step's V tile beside its K tile, before the scores (more bytes in flight a program);
+    EVICT_FIRST marks the K/V loads evict-first in L2 (each is read once a step): decode variants for
+    perf/kernel_bench.py --nano, off by default until timed (_DECODE_V_EARLY, _DECODE_EVICT_FIRST).
     """
     offs_n = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, D_PAD)
@@ -120,7 +135,9 @@ def _attend_kv_range(
         block = block.to(tl.int64) if OFFSETS_64 else block
         kv_off = (block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch)[:, None] + dims[None, :]
         kv_mask = in_range[:, None] & dim_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)  # (an fp8 cache: widened here)
+        k = _load_kv(k_cache_ptr + kv_off, kv_mask, EVICT_FIRST).to(q.dtype)  # (an fp8 cache: widened here)
+        if V_EARLY:
+            v = _load_kv(v_cache_ptr + kv_off, kv_mask, EVICT_FIRST).to(q.dtype)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         else:
@@ -131,7 +148,8 @@ def _attend_kv_range(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        if not V_EARLY:
+            v = _load_kv(v_cache_ptr + kv_off, kv_mask, EVICT_FIRST).to(q.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -155,7 +173,8 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, Q_FP16: tl.constexpr = False,
     OFFSETS_64: tl.constexpr = True, WRITE_KV: tl.constexpr = False, FP8_MAX: tl.constexpr = 0.0,
-    IEEE: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False,
+    IEEE: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False, V_EARLY: tl.constexpr = False,
+    EVICT_FIRST: tl.constexpr = False,
 ):
     if HEADS_FIRST:
         kv_head = tl.program_id(0)
@@ -195,7 +214,7 @@ def _decode_kernel(
     acc, m_i, l_i = _attend_kv_range(
         acc, m_i, l_i, q, row_pos, kv_lo, kv_hi, k_cache_ptr, v_cache_ptr,
         block_tables_ptr + seq.to(tl.int64) * stride_bt, kv_head, stride_cb, stride_cs, stride_ch,
-        head_dim, qk_scale, BLOCK_SIZE, BLOCK_N, D_PAD, OFFSETS_64, IEEE,
+        head_dim, qk_scale, BLOCK_SIZE, BLOCK_N, D_PAD, OFFSETS_64, IEEE, V_EARLY, EVICT_FIRST,
     )
     if WRITE_KV:
         new_mask = dims < tl.where(writer, head_dim, 0)
@@ -430,8 +449,8 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
         BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, D_PAD=d_pad, Q_FP16=_q_fp16(query, k_cache),
         OFFSETS_64=_offsets_64(k_cache), WRITE_KV=write,
         FP8_MAX=torch.finfo(k_cache.dtype).max if write and k_cache.dtype.itemsize == 1 else 0.0,
-        IEEE=query.dtype == torch.float32, HEADS_FIRST=heads_first,
-        num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
+        IEEE=query.dtype == torch.float32, HEADS_FIRST=heads_first, V_EARLY=_DECODE_V_EARLY,
+        EVICT_FIRST=_DECODE_EVICT_FIRST, num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
     )
     if num_partitions > 1:
         p_pad = triton.next_power_of_2(num_partitions)

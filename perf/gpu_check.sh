@@ -21,6 +21,7 @@
 #   nano-large-parts (#3) 4,096-position decode partitions at 256 sequences (LARGE_GRID_PARTITION_SIZE): nano, fixed 8B, A/B
 #   nano-host (#3) nano (bf16), the timed generate under cProfile (perf/throughput.py --host-profile)
 #   qk-norm-ab (#3) ENGINE_QK_NORM_KERNEL=1 (Qwen3's q/k norm + rotation as one kernel): its GPU tests, nano off / on twice, profiled
+#   small-kernels-ab (#3) nano (bf16) as it is and with ENGINE_FUSED_NORM=1 ENGINE_QK_NORM_KERNEL=1 ENGINE_TOKEN_DIM=backed, twice, profiled
 #   nano-backed-ab (#3) nano (bf16), the token dimension unbacked (default) and backed, alternating twice, timed only
 #   fusion-probe the Triton kernels inductor makes of add + RMSNorm + linear, token dimension unbacked / backed / static
 #   token-dim-ab nano and llama1 with the token dimension unbacked, then backed (ENGINE_TOKEN_DIM), profiled
@@ -318,6 +319,15 @@ for stage in "$@"; do
            # timed then profiled at step 200 (GPU busy a step is the steadier figure: throughput's spread is ~1.5%)
            timeout 240 python3 -m pytest -m gpu -q tests/test_qk_norm.py 2>&1 | tee "$OUT/qk_norm_tests.log" | tail -3
            profiled_ab ENGINE_QK_NORM_KERNEL "nano_qk0;0;nano" "nano_qk1;1;nano" "nano_qk0b;0;nano" "nano_qk1b;1;nano" ;;
+    small-kernels-ab) # (#3) nano (bf16) as it is, then with every small-kernel cut that is off by default: one kernel an add + RMSNorm
+           # (ENGINE_FUSED_NORM=1), the q/k norm + rotation as one (ENGINE_QK_NORM_KERNEL=1), the token dimension backed
+           # (ENGINE_TOKEN_DIM=backed: a second compile for one token); alternating twice, each timed then profiled at step 200
+           for spec in "nano_default;0;0;unbacked" "nano_cuts;1;1;backed" "nano_default2;0;0;unbacked" "nano_cuts2;1;1;backed"; do
+             IFS=";" read -r name fused qk mark <<< "$spec"
+             ENGINE_FUSED_NORM=$fused ENGINE_QK_NORM_KERNEL=$qk ENGINE_TOKEN_DIM=$mark timeout "${STAGE_TIMEOUT:-300}" \
+               python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano \
+               --profile-steps 200 10 2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
+           done ;;
     nano-backed-ab) # (#3) nano (bf16) with the token dimension unbacked (default) and backed (ENGINE_TOKEN_DIM=backed: a fifth
            # fewer kernels a step, session 21), alternating twice, timed only (the first backed start compiles afresh)
            for spec in "nano_unbacked;unbacked" "nano_backed;backed" "nano_unbacked2;unbacked" "nano_backed2;backed"; do

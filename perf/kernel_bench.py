@@ -143,6 +143,9 @@ NANO_VARIANTS = {
     "hf w8": {"_DECODE_HEADS_FIRST": True, "_DECODE_NUM_WARPS": 8},
     "hf s3": {"_DECODE_HEADS_FIRST": True, "_DECODE_NUM_STAGES": 3},
     "hf s4": {"_DECODE_HEADS_FIRST": True, "_DECODE_NUM_STAGES": 4},
+    "hf v-early": {"_DECODE_HEADS_FIRST": True, "_DECODE_V_EARLY": True},  # session 24: V's tile loaded beside K's
+    "hf evict-first": {"_DECODE_HEADS_FIRST": True, "_DECODE_EVICT_FIRST": True},  # K/V loads evict-first in L2
+    "hf v-early evict-first": {"_DECODE_HEADS_FIRST": True, "_DECODE_V_EARLY": True, "_DECODE_EVICT_FIRST": True},
 }
 NANO_FP8_VARIANTS = ("as is", "seq-first", "hf p2048")
 

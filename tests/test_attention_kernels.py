@@ -351,6 +351,7 @@ triton_attention.PARTITION_SIZE = 128
 grow = [(16, 4096, 128), (2, 0, 128), (16, 4096, 64)]  # (64: the default since session 19)
 offsets_64 = [False, True, False]  # the 64-bit cache offsets (for caches of 2^31 elements or more) in one round
 heads_first = [False, True, True]  # the decode grid's order (_DECODE_HEADS_FIRST)
+loop_variants = [(False, False), (True, True), (False, False)]  # (_DECODE_V_EARLY, _DECODE_EVICT_FIRST)
 reduce_elements = [8192, 8192, 0]  # the reduce kernel: several heads a program (6 heads: 2 masked), one a head
 cases = [  # q_lens, seq_lens, heads, kv heads, head_dim, block size, dtype
     ([1] * 5, [1, 129, 300, 0, 64], 8, 2, 32, 16, torch.float32),
@@ -358,8 +359,9 @@ cases = [  # q_lens, seq_lens, heads, kv heads, head_dim, block size, dtype
     ([40, 1, 7, 1, 70], [40, 300, 100, 0, 75], 8, 1, 32, 16, torch.float32),
     ([33, 2], [50, 9], 6, 2, 80, 32, torch.float16),
 ]
-for (max_parts, grid, min_size), wide, first, elements, (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [
-        (g, w, f, e, c) for g, w, f, e in zip(grow, offsets_64, heads_first, reduce_elements) for c in cases]:
+for (max_parts, grid, min_size), wide, first, elements, loop, (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [
+        (g, w, f, e, v, c) for g, w, f, e, v in zip(grow, offsets_64, heads_first, reduce_elements, loop_variants) for c in cases]:
+    triton_attention._DECODE_V_EARLY, triton_attention._DECODE_EVICT_FIRST = loop
     triton_attention.MAX_DECODE_PARTITIONS, triton_attention.DECODE_GRID_PROGRAMS = max_parts, grid
     triton_attention.MIN_PARTITION_SIZE, triton_attention.OFFSETS_64_ALWAYS = min_size, wide
     triton_attention._DECODE_HEADS_FIRST, triton_attention._REDUCE_ELEMENTS = first, elements
@@ -376,6 +378,7 @@ for (max_parts, grid, min_size), wide, first, elements, (q_lens, seq_lens, heads
 # exactly, and some past its range (saturated): the interpreter's own float-to-fp8 rounding is wrong where
 # rounding carries into the exponent (31.7 -> 16), so rounding itself is checked on the GPU only.
 triton_attention.OFFSETS_64_ALWAYS = False
+triton_attention._DECODE_V_EARLY = triton_attention._DECODE_EVICT_FIRST = False
 for fp8, (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [
         (torch.float8_e4m3fn, cases[0]), (torch.float8_e5m2, cases[1]), (torch.float8_e4m3fn, cases[2])]:
     query, k_cache, v_cache, meta = make_paged_batch(q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype, "cpu")
