@@ -22,6 +22,7 @@
 #   nano-host (#3) nano (bf16), the timed generate under cProfile (perf/throughput.py --host-profile)
 #   qk-norm-ab (#3) ENGINE_QK_NORM_KERNEL=1 (Qwen3's q/k norm + rotation as one kernel): its GPU tests, nano off / on twice, profiled
 #   small-kernels-ab (#3) nano (bf16) as it is and with ENGINE_FUSED_NORM=1 ENGINE_QK_NORM_KERNEL=1 ENGINE_TOKEN_DIM=backed, twice, profiled
+#   blas-lt-ab (#3) nano (bf16), torch's default BLAS path against preferred_blas_library("cublaslt"), twice, profiled
 #   nano-backed-ab (#3) nano (bf16), the token dimension unbacked (default) and backed, alternating twice, timed only
 #   fusion-probe the Triton kernels inductor makes of add + RMSNorm + linear, token dimension unbacked / backed / static
 #   token-dim-ab nano and llama1 with the token dimension unbacked, then backed (ENGINE_TOKEN_DIM), profiled
@@ -327,6 +328,15 @@ for stage in "$@"; do
              ENGINE_FUSED_NORM=$fused ENGINE_QK_NORM_KERNEL=$qk ENGINE_TOKEN_DIM=$mark timeout "${STAGE_TIMEOUT:-300}" \
                python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano \
                --profile-steps 200 10 2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
+           done ;;
+    blas-lt-ab) # (#3) nano (bf16) with torch's default BLAS path (cuBLAS: nvjet kernels, 29 us a layer's four GEMMs at 256 rows,
+           # their bandwidth floor ~10) and with torch.backends.cuda.preferred_blas_library("cublaslt") (cuBLASLt's own
+           # heuristic pick), alternating, each timed then profiled at step 200
+           for spec in "nano_cublas;default" "nano_cublaslt;cublaslt" "nano_cublas2;default" "nano_cublaslt2;cublaslt"; do
+             IFS=";" read -r name lib <<< "$spec"
+             timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, torch; torch.backends.cuda.preferred_blas_library('$lib'); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+               perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano --profile-steps 200 10 \
+               2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
            done ;;
     nano-backed-ab) # (#3) nano (bf16) with the token dimension unbacked (default) and backed (ENGINE_TOKEN_DIM=backed: a fifth
            # fewer kernels a step, session 21), alternating twice, timed only (the first backed start compiles afresh)
