@@ -14,12 +14,23 @@ prompt; in the step that finishes the prompt they fork from it (sharing its bloc
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.sequence import Request, Sequence, SequenceStatus
+
+
+# ENGINE_DECODE_ORDER=longest-first: a step of decodes only lists its sequences longest context first, not in
+# admission order. The decode kernel's grid launches a sequence's programs in batch order, so the longest start
+# first and the short ones fill the tail (longest-processing-time-first scheduling). An experiment for A/B runs
+# (perf/kernel_bench.py --nano times it on the kernel alone); off by default.
+DECODE_ORDERS = ("arrival", "longest-first")
+DECODE_ORDER = os.environ.get("ENGINE_DECODE_ORDER", "").strip() or "arrival"
+if DECODE_ORDER not in DECODE_ORDERS:
+    raise ValueError(f"ENGINE_DECODE_ORDER={DECODE_ORDER!r}; choose one of {', '.join(DECODE_ORDERS)}")
 
 
 @dataclass
@@ -90,6 +101,9 @@ class Scheduler:
         if not out.preempted:  # memory is short: admit no one new this step
             self._admit_waiting(out, budget)
             self._fork_siblings(out)
+        if DECODE_ORDER == "longest-first" and all(s.num_new_tokens == 1 for s in out.scheduled):
+            # (only decodes: a fork must come after the sequence it samples from)
+            out.scheduled.sort(key=lambda s: s.seq.num_computed_tokens, reverse=True)
         out.block_copies = self.block_manager.take_block_copies()
         return out
 

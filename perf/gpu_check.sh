@@ -23,6 +23,7 @@
 #   qk-norm-ab (#3) ENGINE_QK_NORM_KERNEL=1 (Qwen3's q/k norm + rotation as one kernel): its GPU tests, nano off / on twice, profiled
 #   small-kernels-ab (#3) nano (bf16) as it is and with ENGINE_FUSED_NORM=1 ENGINE_QK_NORM_KERNEL=1 ENGINE_TOKEN_DIM=backed, twice, profiled
 #   blas-lt-ab (#3) nano (bf16), torch's default BLAS path against preferred_blas_library("cublaslt"), twice, profiled
+#   nano-order-ab (#3) nano (bf16), decode steps in admission order and longest context first (ENGINE_DECODE_ORDER), twice, profiled
 #   nano-backed-ab (#3) nano (bf16), the token dimension unbacked (default) and backed, alternating twice, timed only
 #   fusion-probe the Triton kernels inductor makes of add + RMSNorm + linear, token dimension unbacked / backed / static
 #   token-dim-ab nano and llama1 with the token dimension unbacked, then backed (ENGINE_TOKEN_DIM), profiled
@@ -338,6 +339,10 @@ for stage in "$@"; do
                perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano --profile-steps 200 10 \
                2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
            done ;;
+    nano-order-ab) # (#3) nano (bf16) with decode steps in admission order (default) and longest context first
+           # (ENGINE_DECODE_ORDER=longest-first: the decode kernel's longest programs launch first), alternating twice, profiled
+           profiled_ab ENGINE_DECODE_ORDER "nano_arrival;arrival;nano" "nano_longest;longest-first;nano" \
+             "nano_arrival2;arrival;nano" "nano_longest2;longest-first;nano" ;;
     nano-backed-ab) # (#3) nano (bf16) with the token dimension unbacked (default) and backed (ENGINE_TOKEN_DIM=backed: a fifth
            # fewer kernels a step, session 21), alternating twice, timed only (the first backed start compiles afresh)
            for spec in "nano_unbacked;unbacked" "nano_backed;backed" "nano_unbacked2;unbacked" "nano_backed2;backed"; do

@@ -148,15 +148,23 @@ NANO_VARIANTS = {
     "hf v-early evict-first": {"_DECODE_HEADS_FIRST": True, "_DECODE_V_EARLY": True, "_DECODE_EVICT_FIRST": True},
 }
 NANO_FP8_VARIANTS = ("as is", "seq-first", "hf p2048")
+# The same kernel (as is) on the same contexts in another order: "longest-first" puts the batch's sequences in
+# order of decreasing context (the grid launches a sequence's programs in batch order, so the longest start
+# first and the short ones fill the tail: longest-processing-time-first scheduling). The engine keeps them in
+# arrival order (session 24: an experiment, not in the engine).
+NANO_ORDERS = ("longest-first",)
 
 
-def nano_decode_inputs(step: int, cache_dtype: torch.dtype, block_size: int = 16):
-    """One layer's decode inputs at nano's decode step `step` (bucket-padded, as its graph replays them)."""
+def nano_decode_inputs(step: int, cache_dtype: torch.dtype, block_size: int = 16, longest_first: bool = False):
+    """One layer's decode inputs at nano's decode step `step` (bucket-padded, as its graph replays them),
+    its sequences in arrival order (as the engine runs them) or longest first."""
     from perf.throughput import nano_workload
 
     num_heads, num_kv_heads, head_dim = MODELS["qwen3-0.6b"]
     prompts, max_tokens = nano_workload()
     lens = [len(p) + step + 1 for p, m in zip(prompts, max_tokens) if m > step]
+    if longest_first:
+        lens.sort(reverse=True)
     batch = triton.next_power_of_2(len(lens)) if len(lens) <= 8 else -(-len(lens) // 8) * 8  # buckets 1, 2, 4, 8, 16, 24...
     lens += [0] * (batch - len(lens))
     blocks = [-(-n // block_size) for n in lens]
@@ -230,6 +238,16 @@ def nano_sweep() -> list[dict]:
                 rows.append(dict(variant=name, cache=str(cache_dtype), step=step, live=live, kv_bytes=kv_bytes,
                                  time_us=ms * 1e3, gb_per_s=kv_bytes / (ms * 1e-3) / 1e9))
                 line += f"  {name} {ms * 1e3:.1f} us {rows[-1]['gb_per_s']:.0f} GB/s;"
+            if cache_dtype == torch.bfloat16:
+                for order in NANO_ORDERS:
+                    del inputs
+                    inputs, kv_bytes, live = nano_decode_inputs(step, cache_dtype, longest_first=order == "longest-first")
+                    step_fn = decode_step("triton", *inputs, head_dim**-0.5)
+                    step_fn()
+                    ms = triton.testing.do_bench_cudagraph(step_fn, return_mode="median")
+                    rows.append(dict(variant=order, cache=str(cache_dtype), step=step, live=live, kv_bytes=kv_bytes,
+                                     time_us=ms * 1e3, gb_per_s=kv_bytes / (ms * 1e-3) / 1e9))
+                    line += f"  {order} {ms * 1e3:.1f} us {rows[-1]['gb_per_s']:.0f} GB/s;"
             print(line, flush=True)
             del inputs
             torch.cuda.empty_cache()

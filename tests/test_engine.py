@@ -584,3 +584,32 @@ def test_sampler_applies_each_rows_own_params_in_a_batch_sharing_params_objects(
     assert sample(logits, batch, max_logprobs=5).token_ids.tolist()[3] != 7  # blocked until 3 tokens
     batch.token_ids = [[1, 2, 3, 4, 5]] * 4  # 3 tokens generated: no longer blocked
     assert sample(logits, batch, max_logprobs=5).token_ids.tolist() == [7, 7, 5, 7]
+
+
+def test_decode_steps_list_the_longest_context_first_when_asked(llm, monkeypatch):
+    """ENGINE_DECODE_ORDER=longest-first (engine.scheduler.DECODE_ORDER): a step of decodes only lists its sequences
+    by decreasing context; a step with a prompt chunk keeps admission order; the greedy tokens are the same."""
+    import engine.scheduler as scheduler
+
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([3, 40, 9, 25, 17], seed=11)]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    engine = llm.llm_engine
+    steps = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        steps.append([(s.num_new_tokens, s.seq.num_computed_tokens) for s in out.scheduled])
+        return out
+
+    monkeypatch.setattr(scheduler, "DECODE_ORDER", "longest-first")
+    monkeypatch.setattr(engine.scheduler, "schedule", recording_schedule)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    assert got == want
+    decode_steps = [step for step in steps if step and all(n == 1 for n, _ in step)]
+    assert len(decode_steps) >= 20
+    for step in decode_steps:
+        contexts = [computed for _, computed in step]
+        assert contexts == sorted(contexts, reverse=True)
+    first = steps[0]  # the prompts' step: admission order
+    assert [computed for _, computed in first] == [0] * len(prompts) and [n for n, _ in first] == [3, 40, 9, 25, 17]
