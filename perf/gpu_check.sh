@@ -332,7 +332,9 @@ for stage in "$@"; do
            done ;;
     blas-lt-ab) # (#3) nano (bf16) with torch's default BLAS path (cuBLAS: nvjet kernels, 29 us a layer's four GEMMs at 256 rows,
            # their bandwidth floor ~10) and with torch.backends.cuda.preferred_blas_library("cublaslt") (cuBLASLt's own
-           # heuristic pick), alternating, each timed then profiled at step 200
+           # heuristic pick), alternating, each timed then profiled at step 200; first Qwen3-0.6B's four GEMMs alone through each
+           timeout 120 python3 perf/quant_bench.py --shapes qwen3-0.6b --kernels bf16 bf16-lt --batches 8 64 128 256 \
+             --out "$OUT/blas_lt_gemms.json" 2>&1 | tee "$OUT/blas_lt_gemms.log" | tail -20
            for spec in "nano_cublas;default" "nano_cublaslt;cublaslt" "nano_cublas2;default" "nano_cublaslt2;cublaslt"; do
              IFS=";" read -r name lib <<< "$spec"
              timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, torch; torch.backends.cuda.preferred_blas_library('$lib'); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \

@@ -26,6 +26,7 @@ tables that differ from the default only in its one-row planar entry (columns an
 pipeline stages, programs an SM, K ranges at most; `planar_sweep_tables`), named after those values.
 
 - bf16:          F.linear with a bf16 weight [N, K] (cuBLAS), the unquantized baseline
+- bf16-lt:       the same through cuBLASLt (torch.backends.cuda.preferred_blas_library("cublaslt") around the call)
 - awq-g128:      AWQ GEMM layout, group 128
 - awq-gptq-g128: the same weights repacked into GPTQ's layout (ops.quant_ref.awq_to_gptq), as the engine
                  runs AWQ checkpoints: the planar kernel at 1..2 rows
@@ -73,7 +74,7 @@ QWEN3_06B_SHAPES = [(1024, 4096), (2048, 1024), (1024, 6144), (3072, 1024)]
 SHAPES = {"8b": LLAMA_8B_SHAPES, "70b": LLAMA_70B_SHAPES, "qwen3-0.6b": QWEN3_06B_SHAPES}  # one rank's (K, N), unsharded
 BATCHES = (1, 2, 4, 16, 256)
 L2_DEFEAT_BYTES = 256 << 20
-KERNELS = ["bf16", "awq-g128", "awq-gptq-g128", "gluon-gptq-g128", "gluon-gptq-g128-s1", "gluon-swapab-gptq-g128", "gluon-swapab-gptq-g128-dp", "gluon-swapab-gptq-g128-s1", "swapab-op-g128", "gptq-g128", "gptq-act-g128", "gptq-act-sorted-g128", "int8", "bnb-int8"]
+KERNELS = ["bf16", "bf16-lt", "awq-g128", "awq-gptq-g128", "gluon-gptq-g128", "gluon-gptq-g128-s1", "gluon-swapab-gptq-g128", "gluon-swapab-gptq-g128-dp", "gluon-swapab-gptq-g128-s1", "swapab-op-g128", "gptq-g128", "gptq-act-g128", "gptq-act-sorted-g128", "int8", "bnb-int8"]
 VARIANT_OF = {"awq-g128": "awq-g128", "awq-gptq-g128": "awq-g128", "gluon-gptq-g128": "awq-g128", "gluon-gptq-g128-s1": "awq-g128", "gluon-swapab-gptq-g128": "awq-g128", "gluon-swapab-gptq-g128-dp": "awq-g128", "gluon-swapab-gptq-g128-s1": "awq-g128", "swapab-op-g128": "awq-g128", "gptq-g128": "gptq-v1-g128", "gptq-act-g128": "gptq-act-order-g128",
               "gptq-act-sorted-g128": "gptq-act-order-g128", "int8": "int8"}
 
@@ -90,7 +91,7 @@ def layer_copies(kernel: str, K: int, N: int) -> tuple[list[dict], torch.Tensor 
 
 
 def make_layer(kernel: str, K: int, N: int) -> tuple[dict, torch.Tensor | None]:
-    if kernel == "bf16":
+    if kernel in ("bf16", "bf16-lt"):
         return {"weight": torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02}, None
     if kernel == "bnb-int8":
         from engine.quantization.bnb import quantize_llm_int8
@@ -126,6 +127,16 @@ def tensor_bytes(layer: dict) -> int:
 def matmul_of(kernel: str) -> Callable[[torch.Tensor, dict], torch.Tensor]:
     if kernel == "bf16":
         return lambda x, layer: F.linear(x, layer["weight"])
+    if kernel == "bf16-lt":
+        def linear_lt(x, layer):
+            before = torch.backends.cuda.preferred_blas_library()
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            try:
+                return F.linear(x, layer["weight"])
+            finally:
+                torch.backends.cuda.preferred_blas_library(before)
+
+        return linear_lt
 
     if kernel == "bnb-int8":
         return lambda x, layer: torch.ops.engine.bnb_int8_matmul(x, layer["weight"], layer["SCB"], 6.0, None)
