@@ -152,12 +152,17 @@ NANO_FP8_VARIANTS = ("as is", "seq-first", "hf p2048")
 # order of decreasing context (the grid launches a sequence's programs in batch order, so the longest start
 # first and the short ones fill the tail: longest-processing-time-first scheduling). The engine keeps them in
 # arrival order (session 24: an experiment, not in the engine).
-NANO_ORDERS = ("longest-first",)
+# "hnd cache": the cache stored [blocks, kv heads, block size, head dim] (each block's positions of one head
+# contiguous, 4 KB at nano's shapes, not 16 rows of 256 B 2 KB apart) and handed to the kernel as the usual
+# [blocks, block size, kv heads, head dim] view: the kernels read the cache through its strides.
+NANO_ORDERS = ("longest-first", "hnd cache")
 
 
-def nano_decode_inputs(step: int, cache_dtype: torch.dtype, block_size: int = 16, longest_first: bool = False):
+def nano_decode_inputs(step: int, cache_dtype: torch.dtype, block_size: int = 16, longest_first: bool = False,
+                       hnd: bool = False):
     """One layer's decode inputs at nano's decode step `step` (bucket-padded, as its graph replays them),
-    its sequences in arrival order (as the engine runs them) or longest first."""
+    its sequences in arrival order (as the engine runs them) or longest first; the cache laid out as the
+    engine's (hnd False) or each block's heads apart (a strided view)."""
     from perf.throughput import nano_workload
 
     num_heads, num_kv_heads, head_dim = MODELS["qwen3-0.6b"]
@@ -168,8 +173,11 @@ def nano_decode_inputs(step: int, cache_dtype: torch.dtype, block_size: int = 16
     batch = triton.next_power_of_2(len(lens)) if len(lens) <= 8 else -(-len(lens) // 8) * 8  # buckets 1, 2, 4, 8, 16, 24...
     lens += [0] * (batch - len(lens))
     blocks = [-(-n // block_size) for n in lens]
-    k_cache = torch.randn(sum(blocks), block_size, num_kv_heads, head_dim, device="cuda").to(cache_dtype)
+    shape = (sum(blocks), num_kv_heads, block_size, head_dim) if hnd else (sum(blocks), block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, device="cuda").to(cache_dtype)
     v_cache = torch.randn_like(k_cache, dtype=torch.float32).to(cache_dtype)
+    if hnd:
+        k_cache, v_cache = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     order = torch.randperm(sum(blocks), dtype=torch.int32)
     block_tables = torch.zeros(batch, NANO_MAX_MODEL_LEN // block_size, dtype=torch.int32)
     start = 0
@@ -241,7 +249,8 @@ def nano_sweep() -> list[dict]:
             if cache_dtype == torch.bfloat16:
                 for order in NANO_ORDERS:
                     del inputs
-                    inputs, kv_bytes, live = nano_decode_inputs(step, cache_dtype, longest_first=order == "longest-first")
+                    inputs, kv_bytes, live = nano_decode_inputs(step, cache_dtype, longest_first=order == "longest-first",
+                                                                hnd=order == "hnd cache")
                     step_fn = decode_step("triton", *inputs, head_dim**-0.5)
                     step_fn()
                     ms = triton.testing.do_bench_cudagraph(step_fn, return_mode="median")
