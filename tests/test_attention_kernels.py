@@ -8,17 +8,13 @@ One CPU test runs the Triton kernels under the Triton interpreter on tiny cases.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from ops import torch_ref
 from ops.attention import get_backend
 from ops.forward_context import AttentionMetadata
+from tests.interpreter import run_under_the_interpreter
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -434,14 +430,7 @@ def check_fused_decode_write(seq_lens, heads, kv_heads, head_dim, block_size, dt
 
 
 def test_triton_kernels_match_reference_under_interpreter():
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    # TRITON_INTERPRET is read when a kernel is decorated, so the interpreter needs a fresh process.
-    result = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    run_under_the_interpreter(_INTERPRETER_SCRIPT, timeout=120)
 
 
 def test_decode_partitions_grow_instead_of_multiplying_past_the_cap():

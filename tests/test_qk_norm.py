@@ -5,14 +5,11 @@ and through the engine against eager."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from engine.models.qwen3 import qk_norm_rope_reference
+from tests.interpreter import run_under_the_interpreter
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -58,12 +55,7 @@ print("ok")
 
 
 def test_kernel_under_the_interpreter():
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-4000:]
+    run_under_the_interpreter(_INTERPRETER_SCRIPT)
 
 
 def test_the_op_on_the_cpu_is_the_reference():

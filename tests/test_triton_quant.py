@@ -11,16 +11,12 @@ NaN, so an element no program writes shows.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import ops.quant_matmul  # noqa: F401  (registers the torch.ops.engine quantized matmuls)
 from ops.quant_ref import dequantize_awq, dequantize_gptq
+from tests.interpreter import run_under_the_interpreter
 
 gpu = pytest.mark.gpu
 
@@ -191,31 +187,22 @@ print("ok")
 """
 
 
-def run_under_the_interpreter(script: str) -> None:
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=900)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
-
-
 def test_large_batches_dequantize_then_multiply_under_the_interpreter():
-    run_under_the_interpreter(_DEQUANT_GEMM_SCRIPT)
+    run_under_the_interpreter(_DEQUANT_GEMM_SCRIPT, timeout=900)
 
 
 def test_triton_quant_kernels_match_the_reference_under_the_interpreter():
-    run_under_the_interpreter(_DEFAULT_TILES_SCRIPT)
+    run_under_the_interpreter(_DEFAULT_TILES_SCRIPT, timeout=900)
 
 
 @pytest.mark.slow
 def test_every_candidate_tile_table_matches_the_reference_under_the_interpreter():
-    run_under_the_interpreter(_CANDIDATE_TILES_SCRIPT)
+    run_under_the_interpreter(_CANDIDATE_TILES_SCRIPT, timeout=900)
 
 
 @pytest.mark.parametrize("table", ["default", "session6", "planar-narrow"])
 def test_planar_kernel_matches_the_reference_under_the_interpreter(table):
-    run_under_the_interpreter(_PLANAR_SCRIPT.replace("TABLE", repr(table)))
+    run_under_the_interpreter(_PLANAR_SCRIPT.replace("TABLE", repr(table)), timeout=900)
 
 
 # ---------------------------------------------------------------------------------------------
