@@ -190,17 +190,18 @@ def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(h.dtype)
 
 
-# ENGINE_FUSED_NORM=1: without tensor parallelism, each decoder layer's residual add and RMSNorm on CUDA run as one
-# opaque kernel (`add_rms_norm`) instead of what inductor makes of them: two kernels a norm in every GPU profile
-# (a reduction, then a pointwise pass; perf/RESULTS.md, session 20). Off by default until timed on a GPU.
-FUSED_NORM = os.environ.get("ENGINE_FUSED_NORM") == "1"
+# Without tensor parallelism, each decoder layer's residual add and RMSNorm on CUDA run as one opaque kernel
+# (`add_rms_norm`) instead of what inductor makes of them: two kernels a norm (a reduction, then a pointwise pass;
+# perf/RESULTS.md, session 20). On by default since session 25: with the q/k norm kernel (engine/models/qwen3.py)
+# nano's full-batch step took 8.17 ms of GPU against 8.42, 316 kernels against 434 (H100). ENGINE_FUSED_NORM=0: off.
+FUSED_NORM = os.environ.get("ENGINE_FUSED_NORM", "1") != "0"
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(h) * weight, h) for h = x + residual (residual None: h = x), without tensor parallelism: on
     CUDA with FUSED_NORM one kernel (`engine::add_rms_norm`, ops.triton_allreduce's rounding), else torch."""
-    if FUSED_NORM and x.is_cuda:
+    if FUSED_NORM and x.is_cuda and x.shape[-1] <= fused_kernel().MAX_HIDDEN:
         return torch.ops.engine.add_rms_norm(x, residual, weight, eps)
     h = x if residual is None else x + residual
     return rms_norm(h, weight, eps), h
