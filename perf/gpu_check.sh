@@ -20,6 +20,10 @@
 #   window-nano nano with an fp8 cache profiled at step 200 (full batch) and step 900 (its tail)
 #   nano-large-parts (#3) 4,096-position decode partitions at 256 sequences (LARGE_GRID_PARTITION_SIZE): nano, fixed 8B, A/B
 #   nano-host (#3) nano (bf16), the timed generate under cProfile (perf/throughput.py --host-profile)
+#   nano-mixed8192 (#3) nano (bf16) with prefill / mixed-step graphs up to 8,192 tokens: profiled by phase, then timed without / with
+#   engine-tests the GPU-engine tests (greedy tokens against transformers and eager) with the q/k norm and fused-norm kernels
+#   nano-p4096-ab (#3) nano (bf16), 1,024- and 4,096-position decode partitions at full batch, alternating twice, profiled
+#   nano-run-profile (#3) nano (bf16) profiled over the whole run: GPU busy against wall, the 60 largest kernels
 #   qk-norm-ab (#3) ENGINE_QK_NORM_KERNEL=1 (Qwen3's q/k norm + rotation as one kernel): its GPU tests, nano off / on twice, profiled
 #   small-kernels-ab (#3) nano (bf16) as it is and with ENGINE_FUSED_NORM=1 ENGINE_QK_NORM_KERNEL=1 ENGINE_TOKEN_DIM=backed, twice, profiled
 #   blas-lt-ab (#3) nano (bf16), torch's default BLAS path against preferred_blas_library("cublaslt"), twice, profiled
@@ -312,6 +316,33 @@ for stage in "$@"; do
                perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" "${wl[@]}" 2>&1 | tee "$OUT/$name.log" \
                | grep -E "engine:|recompile|Error" | sed "s/^/[$name] /"
            done ;;
+    nano-p4096-ab) # (#3) nano (bf16) with 1,024-position decode partitions (as shipped) and 4,096 from 2,048 (sequence, KV head)
+           # programs on (LARGE_GRID_PARTITION_SIZE: one partition a sequence at max_model_len 4,096, so no reduce kernel at
+           # full batch; kernel_bench --nano: 221 against 226 us a layer at step 50), alternating twice, profiled at step 200
+           for spec in "nano_p1024;1024" "nano_p4096;4096" "nano_p1024b;1024" "nano_p4096b;4096"; do
+             IFS=";" read -r name size <<< "$spec"
+             timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, ops.triton_attention as t; t.LARGE_GRID_PARTITION_SIZE = $size; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+               perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano --profile-steps 200 10 \
+               2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
+           done ;;
+    nano-run-profile) # (#3) nano (bf16) profiled over its whole run (steps 1-1,100: prefill included): the GPU's busy time
+           # against the wall, and the 60 largest kernels (the profiler slows the host; the GPU's sums are what count)
+           STEP_PROFILE_TOP=60 timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/nano_run_profile.json" \
+             --model qwen3-0.6b --workload nano --profile-steps 1 1100 2>&1 | tee "$OUT/nano_run_profile.log" | grep -vE "^\{|Capturing" | tail -75 ;;
+    nano-mixed8192) # (#3) nano (bf16) with prefill / mixed-step CUDA graphs up to 8,192 tokens (default: 2,048), where nano's 18
+           # prefill steps of 8,192 tokens each ran kernel by kernel and left the GPU idle ~0.77 s of a profiled run (session 25):
+           # the whole run profiled with them (phases), then timed as shipped and with them
+           mixed=(--mixed-cuda-graph-sizes 16 32 64 128 256 512 1024 2048 4096 8192)
+           STEP_PROFILE_TOP=8 timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/nano_m8192_profile.json" \
+             --model qwen3-0.6b --workload nano --profile-steps 1 1100 "${mixed[@]}" 2>&1 | tee "$OUT/nano_m8192_profile.log" \
+             | grep -E "engine:|profiled steps|seqs:|waiting:|recompile|Error|captured"
+           for spec in "nano_m2048;" "nano_m8192;1"; do
+             IFS=";" read -r name on <<< "$spec"
+             timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b \
+               --workload nano ${on:+"${mixed[@]}"} 2>&1 | tee "$OUT/$name.log" | grep -E "engine:|recompile|Error" | sed "s/^/[$name] /"
+           done ;;
+    engine-tests) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_gpu_engine.py tests/test_qk_norm.py \
+           tests/test_triton_allreduce.py 2>&1 | tee "$OUT/engine_tests.log" | tail -5 ;;
     nano-host) # (#3) nano (bf16) with the timed generate under cProfile: where the host's ~6-8 ms a full-batch step go
            # ($OUT/nano_host.prof; the run's own throughput is slowed by the profiler)
            timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/nano_host.json" --model qwen3-0.6b \

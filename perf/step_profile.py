@@ -15,6 +15,7 @@ bad when the GPU idles meanwhile).
 
 from __future__ import annotations
 
+import bisect
 import collections
 import os
 import time
@@ -31,6 +32,7 @@ class StepWindow:
         self.calls = 0
         self.profiler: torch.profiler.profile | None = None
         self.wall_s = 0.0
+        self.step_labels: list[str] = []  # each profiled step's phase (see `_phase`), in order
 
     def __enter__(self) -> "StepWindow":
         step = self.engine.step
@@ -39,8 +41,12 @@ class StepWindow:
             self.calls += 1
             if self.calls == self.first:
                 self._start()
-            try:
+            if self.profiler is None or self.wall_s:
                 return step(*args, **kwargs)
+            self.step_labels.append(_phase(getattr(self.engine, "scheduler", None)))
+            try:
+                with torch.profiler.record_function(STEP_EVENT):
+                    return step(*args, **kwargs)
             finally:
                 if self.calls == self.first + self.count - 1:
                     self._stop()
@@ -76,7 +82,8 @@ class StepWindow:
             raise RuntimeError(f"the run had {self.calls} steps, fewer than the window's first ({self.first})")
         steps = min(self.count, self.calls - self.first + 1)
         events = self.profiler.events()
-        device = [e for e in events if e.device_type == DeviceType.CUDA]
+        # (the step's record_function shows on the device too, spanning its GPU work: not an op of its own)
+        device = [e for e in events if e.device_type == DeviceType.CUDA and e.name != STEP_EVENT]
         kernel_us: dict[str, list[float]] = collections.defaultdict(list)
         for e in device:
             kernel_us[e.name].append(e.time_range.end - e.time_range.start)
@@ -89,8 +96,11 @@ class StepWindow:
             rows = sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]
             return [{"name": name[:90], "calls": len(us), "ms_per_step": sum(us) / 1e3 / steps} for name, us in rows]
 
-        busy_ms = _union_us([(e.time_range.start, e.time_range.end) for e in device]) / 1e3
+        intervals = [(e.time_range.start, e.time_range.end) for e in device]
+        busy_ms = _union_us(intervals) / 1e3
         wall_ms = 1e3 * self.wall_s
+        step_ranges = sorted((e.time_range.start, e.time_range.end) for e in events
+                             if e.device_type == DeviceType.CPU and e.name == STEP_EVENT)
         return {
             "first_step": self.first,
             "steps": steps,
@@ -100,7 +110,52 @@ class StepWindow:
             "gpu_ops_per_step": len(device) / steps,
             "top_gpu_ops": table(kernel_us),
             "top_cuda_host_calls": table(host_us),
+            "phases": _phases(step_ranges, self.step_labels, intervals),
         }
+
+
+STEP_EVENT = "engine_step"
+PHASES = ("prompts waiting", "1-15 seqs", "16-63 seqs", "64-127 seqs", "128-191 seqs", "192+ seqs")
+
+
+def _phase(scheduler) -> str:
+    """A step's class, read before it runs: prompts still waiting to be admitted (prefill steps), else the
+    running batch's size; a tensor-parallel worker (no scheduler) has one class."""
+    if scheduler is None:
+        return "worker steps"
+    if scheduler.waiting:
+        return PHASES[0]
+    n = len(scheduler.running)
+    return next(label for label, low in zip(PHASES[:0:-1], (192, 128, 64, 16, 1)) if n >= low) if n else "0 seqs"
+
+
+def _phases(step_ranges: list[tuple[float, float]], labels: list[str],
+            intervals: list[tuple[float, float]]) -> list[dict]:
+    """Where the GPU sat idle: the window's time from one step's start to the next's, split by the step's
+    phase into GPU-busy and idle time (each device interval and each gap between them counted in the step
+    during whose host time it began; a profile covering the whole run says what its wall time is made of)."""
+    if not step_ranges or not intervals or len(step_ranges) != len(labels):
+        return []
+    starts = [start for start, _ in step_ranges]
+    ends = starts[1:] + [max(step_ranges[-1][1], max(stop for _, stop in intervals))]
+    rows = {label: {"phase": label, "steps": 0, "wall_ms": 0.0, "gpu_busy_ms": 0.0, "gpu_idle_ms": 0.0}
+            for label in dict.fromkeys(labels)}
+    for label, start, end in zip(labels, starts, ends):
+        rows[label]["steps"] += 1
+        rows[label]["wall_ms"] += (end - start) / 1e3
+    merged: list[list[float]] = []
+    for start, stop in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    for i, (start, stop) in enumerate(merged):
+        step = max(0, bisect.bisect_right(starts, start) - 1)
+        rows[labels[step]]["gpu_busy_ms"] += (stop - start) / 1e3
+        gap_end = merged[i + 1][0] if i + 1 < len(merged) else ends[-1]
+        if gap_end > stop and stop >= starts[0]:
+            rows[labels[max(0, bisect.bisect_right(starts, stop) - 1)]]["gpu_idle_ms"] += (gap_end - stop) / 1e3
+    return list(rows.values())
 
 
 def _union_us(intervals: list[tuple[float, float]]) -> float:
@@ -121,3 +176,9 @@ def print_summary(s: dict) -> None:
         print(f"  {title} (ms a step, calls in the window):")
         for row in s[key]:
             print(f"    {row['ms_per_step']:8.3f}  {row['calls']:6d}  {row['name']}")
+    if s.get("phases"):
+        print("  by phase (ms a step: wall from one step's start to the next, GPU busy, GPU idle; seconds idle in all):")
+        for row in s["phases"]:
+            n = row["steps"]
+            print(f"    {row['phase']:>16}: {n:5d} steps, {row['wall_ms'] / n:7.3f} wall, {row['gpu_busy_ms'] / n:7.3f} busy, "
+                  f"{row['gpu_idle_ms'] / n:7.3f} idle ({row['gpu_idle_ms'] / 1e3:.3f} s)")

@@ -196,3 +196,15 @@ def test_step_phases_group_every_timed_step_by_batch_size(tiny_model):
     assert sum(p["steps"] for p in phases) == run["step_timings"]["steps"]
     assert all(p["min_seqs"] in throughput.STEP_PHASE_BOUNDS for p in phases)
     assert sum(p["seconds"] for p in phases) <= run["elapsed_s"]
+
+
+def test_phases_split_the_window_into_busy_and_idle_time_by_the_step_it_began_in():
+    from perf.step_profile import _phases
+
+    # Two steps from t=0 and t=100 (us); the GPU busy 10-40 and 50-130 (one overlap inside), then idle to 150.
+    rows = _phases([(0, 20), (100, 150)], ["192+ seqs", "1-15 seqs"], [(10, 40), (50, 130), (60, 70)])
+    by = {r["phase"]: r for r in rows}
+    assert by["192+ seqs"] == {"phase": "192+ seqs", "steps": 1, "wall_ms": 0.1, "gpu_busy_ms": 0.11, "gpu_idle_ms": 0.01}
+    assert by["1-15 seqs"]["gpu_busy_ms"] == 0 and abs(by["1-15 seqs"]["gpu_idle_ms"] - 0.02) < 1e-12
+    assert abs(by["1-15 seqs"]["wall_ms"] - 0.05) < 1e-12
+    assert _phases([], [], [(0, 1)]) == []
