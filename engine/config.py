@@ -35,8 +35,11 @@ KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.f
 
 DEVICES = ("auto", "cuda", "cpu")
 
-# Token buckets of the prefill / mixed-step CUDA graphs (EngineArgs.mixed_cuda_graph_sizes).
-DEFAULT_MIXED_CUDA_GRAPH_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
+# Token buckets of the prefill / mixed-step CUDA graphs (EngineArgs.mixed_cuda_graph_sizes). Up to 8,192 (the default
+# max_num_batched_tokens) since session 25: nano's 18 prefill steps of 8,192 tokens, run kernel by kernel, left the
+# H100 idle ~43 ms of each ~67 ms step (profiled); replaying graphs they took 23.7 ms with 0.5 idle, and nano ran
+# 18,843 / 18,905 output tok/s against 17,563 (perf/RESULTS.md, session 25).
+DEFAULT_MIXED_CUDA_GRAPH_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 @dataclass
@@ -67,7 +70,7 @@ class EngineArgs:
     device: str = "auto"  # "auto" (cuda if available), "cuda" or "cpu"
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for
     cuda_graph_sizes: list[int] | None = None  # decode batch sizes to capture; default 1, 2, 4, 8, 16, ... 512
-    mixed_cuda_graph_sizes: list[int] | None = None  # token counts of prefill / mixed steps to capture CUDA graphs for (a short prefill replays one graph instead of launching kernel by kernel); default 16, 32, ..., 2048 up to max_num_batched_tokens with one GPU, none with tensor parallelism (not yet measured there); 0: none
+    mixed_cuda_graph_sizes: list[int] | None = None  # token counts of prefill / mixed steps to capture CUDA graphs for (a short prefill replays one graph instead of launching kernel by kernel); default 16, 32, ..., 8192 up to max_num_batched_tokens with one GPU, none with tensor parallelism (not yet measured there); 0: none
     max_waiting_requests: int | None = None  # reject new requests while this many wait (None = no limit)
     engine_process: bool | None = None  # server: the engine in its own process, so HTTP and the engine's host work do not share a GIL; None: on with a GPU, off on CPU
     stream_interval: int = 1  # server streams: send a request's first token at once, then every this many tokens (fewer chunks under load)

@@ -1,5 +1,5 @@
 """CUDA graphs for decode steps, one per batch-size bucket, and for prefill and mixed steps of up to
-2,048 tokens (by default), one per token-count bucket.
+8,192 tokens (by default), one per token-count bucket.
 
 A decode batch of n sequences is padded up to the nearest captured bucket and replayed. All inputs
 live in static buffers the graphs were captured with; padding rows get slot -1 (the KV write skips
@@ -15,7 +15,9 @@ Prefill and mixed steps (some query longer than one token) without graphs run th
 and with dynamic shapes its Python launches cost more than the GPU work of a short step (Qwen3-0.6B,
 a 1,024-token prefill: ~15 ms of host time for 3.8 ms of device time, H100; with graphs a 16-token
 Llama-3.1-8B prefill went from 19.3 to 8.4 ms and the median TTFT at concurrency 1 from 17.9 to
-12.4 ms, throughput unchanged). `mixed_sizes` captures
+12.4 ms, throughput unchanged). Up to 8,192 tokens since nano's full 8,192-token prefill steps, run
+without a graph, left the H100 idle ~43 of every ~67 ms (profiled; 23.7 ms a step with graphs,
+perf/RESULTS.md, session 25). `mixed_sizes` captures
 graphs for steps of up to that many tokens (`MixedStepInputs`): the tokens are padded to the bucket,
 the sequences to max_num_seqs + 1 (the last one holds the padding tokens, with context length 0:
 the attention kernels write it zeros, the KV write skips its slots), and the prefill kernel's grid

@@ -438,7 +438,8 @@ def test_device_cuda_without_cuda_fails_when_the_engine_is_built(checkpoint):
 
 def test_prefill_graph_buckets_by_default_on_one_gpu_none_with_tp_or_when_zero():
     from engine.serve import build_parser
-    assert EngineArgs(model="unused").resolve_mixed_cuda_graph_sizes() == [16, 32, 64, 128, 256, 512, 1024, 2048]
+    assert EngineArgs(model="unused").resolve_mixed_cuda_graph_sizes() == [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    assert EngineArgs(model="unused", max_num_batched_tokens=32768).resolve_mixed_cuda_graph_sizes()[-1] == 8192
     assert EngineArgs(model="unused", max_num_batched_tokens=600).resolve_mixed_cuda_graph_sizes() == [16, 32, 64, 128, 256, 512]
     assert EngineArgs(model="unused", tensor_parallel_size=2).resolve_mixed_cuda_graph_sizes() == []
     assert EngineArgs(model="unused", mixed_cuda_graph_sizes=[64, 8]).resolve_mixed_cuda_graph_sizes() == [64, 8]
