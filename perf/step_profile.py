@@ -111,6 +111,7 @@ class StepWindow:
             "top_gpu_ops": table(kernel_us),
             "top_cuda_host_calls": table(host_us),
             "phases": _phases(step_ranges, self.step_labels, intervals),
+            "idle_gaps": _idle_gaps(step_ranges, self.step_labels, device, self.first),
         }
 
 
@@ -158,6 +159,25 @@ def _phases(step_ranges: list[tuple[float, float]], labels: list[str],
     return list(rows.values())
 
 
+def _idle_gaps(step_ranges: list[tuple[float, float]], labels: list[str], device: list, first_step: int,
+               top: int = 15) -> list[dict]:
+    """The largest stretches with nothing on the GPU: in which step (number and phase) each began, how far into
+    that step's host time, and the device ops on either side (what the GPU finished, what it then waited for)."""
+    if not step_ranges or not device or len(step_ranges) != len(labels):
+        return []
+    starts = [start for start, _ in step_ranges]
+    ops = sorted(((e.time_range.start, e.time_range.end, e.name) for e in device), key=lambda op: op[0])
+    gaps, busy_until, last = [], ops[0][1], ops[0][2]
+    for start, stop, name in ops[1:]:
+        if start > busy_until and busy_until >= starts[0]:
+            step = bisect.bisect_right(starts, busy_until) - 1
+            gaps.append({"idle_ms": (start - busy_until) / 1e3, "step": first_step + step, "phase": labels[step],
+                         "into_step_ms": (busy_until - starts[step]) / 1e3, "after": last[:60], "before": name[:60]})
+        if stop > busy_until:
+            busy_until, last = stop, name
+    return sorted(gaps, key=lambda g: -g["idle_ms"])[:top]
+
+
 def _union_us(intervals: list[tuple[float, float]]) -> float:
     total, end = 0.0, float("-inf")
     for start, stop in sorted(intervals):
@@ -182,3 +202,8 @@ def print_summary(s: dict) -> None:
             n = row["steps"]
             print(f"    {row['phase']:>16}: {n:5d} steps, {row['wall_ms'] / n:7.3f} wall, {row['gpu_busy_ms'] / n:7.3f} busy, "
                   f"{row['gpu_idle_ms'] / n:7.3f} idle ({row['gpu_idle_ms'] / 1e3:.3f} s)")
+    if s.get("idle_gaps"):
+        print("  largest GPU idle gaps (ms; the step it began in, ms into that step's host time; the ops on either side):")
+        for g in s["idle_gaps"]:
+            print(f"    {g['idle_ms']:7.3f}  step {g['step']:5d} ({g['phase']}), {g['into_step_ms']:6.3f} in: "
+                  f"{g['after']} -> {g['before']}")

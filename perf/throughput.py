@@ -388,7 +388,9 @@ STEP_PHASE_BOUNDS = (0, 1, 16, 64, 128, 192)  # lower bounds of the batch-size c
 def step_phases(per_step: list[tuple[int, float, float]]) -> list[dict]:
     """The timed run's steps grouped by how many sequences each scheduled: per class, the steps, their
     seconds in all, and a step's mean host work and wait for the device in ms. A class whose wait is near
-    0 was host-bound; one that waits is device-bound (where the run's time goes, batch by batch)."""
+    0 was host-bound; one that waits is device-bound (where the run's time goes, batch by batch). The host
+    work's 90th percentile and maximum too: with one step in flight, a step whose host work outlasts the
+    device's step leaves the GPU idle even where the mean does not."""
     phases = []
     for i, low in enumerate(STEP_PHASE_BOUNDS):
         high = STEP_PHASE_BOUNDS[i + 1] if i + 1 < len(STEP_PHASE_BOUNDS) else None
@@ -397,7 +399,9 @@ def step_phases(per_step: list[tuple[int, float, float]]) -> list[dict]:
             phases.append({"min_seqs": low, "max_seqs": None if high is None else high - 1, "steps": len(rows),
                            "seconds": sum(h + w for h, w in rows),
                            "host_ms": 1e3 * sum(h for h, _ in rows) / len(rows),
-                           "wait_ms": 1e3 * sum(w for _, w in rows) / len(rows)})
+                           "wait_ms": 1e3 * sum(w for _, w in rows) / len(rows),
+                           "host_ms_p90": 1e3 * sorted(h for h, _ in rows)[int(0.9 * (len(rows) - 1))],
+                           "host_ms_max": 1e3 * max(h for h, _ in rows)})
     return phases
 
 
@@ -521,7 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
             for ph in r.get("step_phases") or []:
                 seqs = f"{ph['min_seqs']}+" if ph["max_seqs"] is None else f"{ph['min_seqs']}-{ph['max_seqs']}"
                 print(f"  {'':>14}    {seqs:>8} seqs: {ph['steps']:5d} steps, {ph['seconds']:6.2f} s; a step {ph['host_ms']:.3f} ms "
-                      f"host, {ph['wait_ms']:.3f} ms waiting")
+                      f"host (p90 {ph.get('host_ms_p90', 0):.3f}, max {ph.get('host_ms_max', 0):.3f}), {ph['wait_ms']:.3f} ms waiting")
             print(f"  {'':>14}  weights {r['weights_gib']:.2f} GiB ({r['quantization'] or 'unquantized'}), "
                   f"KV cache {r['kv_cache_gib']:.2f} GiB ({r['kv_blocks']} blocks, {r['kv_cache_dtype']})")
             g = r.get("gc")

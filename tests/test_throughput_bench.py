@@ -189,6 +189,7 @@ def test_step_phases_group_every_timed_step_by_batch_size(tiny_model):
     assert [(p["min_seqs"], p["max_seqs"], p["steps"]) for p in phases] == [(0, 0, 1), (1, 15, 1), (192, None, 2)]
     assert [(p["seconds"], p["host_ms"], p["wait_ms"]) for p in phases] == [
         pytest.approx((0.0005, 0.5, 0.0)), pytest.approx((0.002, 1.0, 1.0)), pytest.approx((0.012, 3.0, 3.0))]
+    assert (phases[2]["host_ms_p90"], phases[2]["host_ms_max"]) == pytest.approx((2.0, 4.0))  # p90 of two: the lower
     record = throughput.main(["--model", tiny_model, "--workload", "fixed", "--num-requests", "3", "--input-len", "8",
                               "--output-len", "5", "--max-model-len", "64", "--no-tqdm"])
     (run,) = record["results"]
@@ -208,3 +209,20 @@ def test_phases_split_the_window_into_busy_and_idle_time_by_the_step_it_began_in
     assert by["1-15 seqs"]["gpu_busy_ms"] == 0 and abs(by["1-15 seqs"]["gpu_idle_ms"] - 0.02) < 1e-12
     assert abs(by["1-15 seqs"]["wall_ms"] - 0.05) < 1e-12
     assert _phases([], [], [(0, 1)]) == []
+
+
+def test_idle_gaps_name_the_step_and_the_ops_on_either_side():
+    from types import SimpleNamespace
+
+    from perf.step_profile import _idle_gaps
+
+    def op(start, stop, name):
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=stop), name=name)
+
+    # Steps from t=0 and t=100 (us). The GPU: a 10-50 with b 20-30 inside it, then c from 80, d from 140.
+    device = [op(10, 50, "a"), op(20, 30, "b"), op(80, 120, "c"), op(140, 150, "d")]
+    gaps = _idle_gaps([(0, 5), (100, 110)], ["192+ seqs", "1-15 seqs"], device, first_step=7)
+    assert [(g["step"], g["phase"], g["after"], g["before"]) for g in gaps] == [
+        (7, "192+ seqs", "a", "c"), (8, "1-15 seqs", "c", "d")]
+    assert abs(gaps[0]["idle_ms"] - 0.03) < 1e-12 and abs(gaps[0]["into_step_ms"] - 0.05) < 1e-12
+    assert abs(gaps[1]["idle_ms"] - 0.02) < 1e-12 and abs(gaps[1]["into_step_ms"] - 0.02) < 1e-12
