@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Union
 
@@ -27,6 +29,18 @@ logger = logging.getLogger("engine")
 
 # A prompt: text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
 PromptType = Union[str, list[int], dict]
+
+
+def async_depth(tensor_parallel_size: int) -> int:
+    """ENGINE_ASYNC_DEPTH: how many launched steps async scheduling keeps in flight (default 1: step N+1 is
+    built and launched while the device runs step N). With 2, the host builds N+2 while N+1 and N run, so one
+    step whose host work outlasts the device's step no longer leaves the GPU idle: in a whole nano run on the
+    H100 the GPU sat idle 0.34 s of 7.0 between decode steps (perf/RESULTS.md, session 25). Off by default
+    until timed on a GPU; one rank only (tensor-parallel workers run one step ahead)."""
+    raw = os.environ.get("ENGINE_ASYNC_DEPTH", "").strip() or "1"
+    if raw not in ("1", "2"):
+        raise ValueError(f"ENGINE_ASYNC_DEPTH={raw!r}: 1 or 2")
+    return 1 if tensor_parallel_size > 1 else int(raw)
 
 
 def _reads_token_history(params: SamplingParams) -> bool:
@@ -131,7 +145,9 @@ class LLMEngine:
         self.timings = StepTimings()
         self.kv_slots_stored_sum = 0
         self.kv_slots_reserved_sum = 0
-        self._in_flight: LaunchedStep | None = None  # async scheduling: the step whose tokens come next
+        # async scheduling: launched steps whose tokens have not been read back, oldest first
+        self._in_flight: deque[LaunchedStep] = deque()
+        self._async_depth = async_depth(args.tensor_parallel_size)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -261,26 +277,27 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One scheduler step. With async scheduling the step launched here returns its tokens at
-        the next call, so the outputs returned are those of the previous step."""
+        a later call (the next one; the one after with ENGINE_ASYNC_DEPTH=2), so the outputs returned
+        are those of the oldest step in flight."""
         t0 = time.perf_counter()
         wait_before = self.timings.device_wait
-        in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None and self._needs_sync():
-            batch = None  # drain: launch nothing until the step in flight is read back
+        in_flight = self._in_flight
+        if in_flight and self._needs_sync():
+            batch = None  # drain: launch nothing until the steps in flight are read back
         else:
             batch = self.scheduler.schedule()
         t1 = time.perf_counter()
         if batch is None or batch.is_empty:
-            if in_flight is None:
+            if not in_flight:
                 return []
-            outputs = self._apply_tokens(in_flight.scheduled, self.runner.collect(in_flight.sampled))
+            outputs = self._collect_oldest()
         elif self.args.async_scheduling and not self._needs_sync():
-            previous = in_flight.sampled if in_flight is not None else None
+            previous = [step.sampled for step in reversed(in_flight) if step.sampled is not None]  # newest first
             sampled = self.runner.launch(batch.scheduled, self.model_config.eos_token_ids, previous, batch.block_copies)
-            self._in_flight = LaunchedStep(batch.scheduled, sampled)
+            in_flight.append(LaunchedStep(batch.scheduled, sampled))
             self._advance(batch.scheduled, {})
-            # The device runs the new step while the host reads back and books the previous one.
-            outputs = self._apply_tokens(in_flight.scheduled, self.runner.collect(in_flight.sampled)) if in_flight else []
+            # The device runs the new step while the host reads back and books the oldest one.
+            outputs = self._collect_oldest() if len(in_flight) > self._async_depth else []
         else:
             result = self.runner.execute(batch.scheduled, self.model_config.eos_token_ids, batch.block_copies)
             self._advance(batch.scheduled, result.prompt_logprobs)
@@ -305,6 +322,10 @@ class LLMEngine:
                 1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (timings.device_wait - wait_before),
             )
         return outputs
+
+    def _collect_oldest(self) -> list[RequestOutput]:
+        step = self._in_flight.popleft()
+        return self._apply_tokens(step.scheduled, self.runner.collect(step.sampled))
 
     def _needs_sync(self) -> bool:
         """Do some requests need each token before the next step is built (penalties and min_tokens

@@ -471,10 +471,12 @@ class ModelRunner:
         return host_to_device(block_copies, torch.long, self.device) if block_copies else None
 
     @torch.inference_mode()
-    def launch(self, scheduled: list[ScheduledSequence], eos_token_ids: set[int], previous: SampledRows | None,
+    def launch(self, scheduled: list[ScheduledSequence], eos_token_ids: set[int],
+               previous: SampledRows | list[SampledRows] | None,
                block_copies: list[tuple[int, int]] = ()) -> SampledRows | None:
-        """Queue a step's forward and sampling without waiting for them. A decode whose input is the
-        token `previous` (the step still in flight) is sampling takes it from the device directly.
+        """Queue a step's forward and sampling without waiting for them. A decode whose input is a
+        token that a step still in flight (`previous`, newest first) is sampling takes it from the device
+        directly, from the newest step that samples for it.
         Requests that need prompt logprobs or the token history run synchronously instead.
 
         With tensor parallelism the workers get the step as in `execute` (the filled-in input ids
@@ -482,9 +484,11 @@ class ModelRunner:
         rank waits for its device until `collect`."""
         batch = self._prepare(scheduled)
         if batch.pending_rows:
-            rows = host_to_device([row for row, _ in batch.pending_rows], torch.long, self.device)
-            sources = host_to_device([previous.row_of[seq_id] for _, seq_id in batch.pending_rows], torch.long, self.device)
-            batch.input_ids[rows] = previous.result.token_ids[sources]
+            steps = [previous] if isinstance(previous, SampledRows) else list(previous or ())
+            for step, rows, sources in _pending_sources(batch.pending_rows, steps):
+                rows = host_to_device(rows, torch.long, self.device)
+                sources = host_to_device(sources, torch.long, self.device)
+                batch.input_ids[rows] = step.result.token_ids[sources]
         inputs = (batch.input_ids, batch.positions, batch.metadata, batch.logits_rows, self._copies(block_copies))
         with self.workers.step(*inputs) if self.workers is not None else contextlib.nullcontext():
             logits = self.execute_model(*inputs)
@@ -536,6 +540,24 @@ class SampledRows:
         r = self.result
         logprobs = [] if r.sampled_logprobs is None else [r.sampled_logprobs, r.sampled_ranks, r.top_logprobs, r.top_token_ids]
         self.host = HostCopy([r.token_ids] + logprobs)
+
+
+def _pending_sources(pending_rows: list[tuple[int, int]], steps: list[SampledRows]):
+    """(step, input rows, its sampled rows) for each in-flight step (newest first) that samples the input
+    token of some of `pending_rows` ((row, seq id) pairs): a sequence's newest pending token is its input.
+    One step in flight (the default): one group."""
+    groups: dict[int, tuple[list[int], list[int]]] = {}
+    for row, seq_id in pending_rows:
+        for i, step in enumerate(steps):
+            source = step.row_of.get(seq_id)
+            if source is not None:
+                rows, sources = groups.setdefault(i, ([], []))
+                rows.append(row)
+                sources.append(source)
+                break
+        else:
+            raise RuntimeError(f"sequence {seq_id} awaits a token that no step in flight samples")
+    return [(steps[i], rows, sources) for i, (rows, sources) in groups.items()]
 
 
 def _collect_sampling(sampled: SampledRows, out: ModelRunnerOutput, workers: TensorParallelWorkers | None) -> None:

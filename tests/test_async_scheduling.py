@@ -1,5 +1,5 @@
-"""Async scheduling (step N+1 built and launched before step N's tokens are read back) must give
-exactly what synchronous steps give."""
+"""Async scheduling (step N+1 built and launched before step N's tokens are read back; with
+ENGINE_ASYNC_DEPTH=2 step N+2 too) must give exactly what synchronous steps give."""
 
 from __future__ import annotations
 
@@ -10,6 +10,13 @@ import pytest
 from engine import LLM, EngineArgs, LLMEngine, SamplingParams
 
 ENGINE = dict(block_size=4, max_model_len=256, seed=0)
+
+
+@pytest.fixture(params=["1", "2"], ids=["depth1", "depth2"], autouse=True)
+def depth(request, monkeypatch):
+    """Every test here with one launched step in flight (the default) and with two (ENGINE_ASYNC_DEPTH=2)."""
+    monkeypatch.setenv("ENGINE_ASYNC_DEPTH", request.param)
+    return int(request.param)
 
 
 def random_ids(n: int, seed: int) -> list[int]:
@@ -73,7 +80,7 @@ def test_requests_reading_their_token_history_run_in_sync_steps_and_match(llama_
     assert outputs_of(llama_checkpoint, prompts, params, async_scheduling=True) == want
 
 
-def test_abort_with_a_step_in_flight_frees_everything(llama_checkpoint):
+def test_abort_with_a_step_in_flight_frees_everything(llama_checkpoint, depth):
     engine = LLMEngine(EngineArgs(model=llama_checkpoint, async_scheduling=True, **ENGINE))
     total = engine.block_manager.num_free_blocks
     params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
@@ -81,7 +88,7 @@ def test_abort_with_a_step_in_flight_frees_everything(llama_checkpoint):
     engine.add_request("b", random_ids(20, seed=2), params)
     for _ in range(4):
         engine.step()
-    assert engine._in_flight is not None
+    assert len(engine._in_flight) == depth  # the steps launched and not yet read back
     engine.abort_request("a")
     finished = {}
     while engine.has_unfinished_requests():
@@ -89,7 +96,7 @@ def test_abort_with_a_step_in_flight_frees_everything(llama_checkpoint):
             finished[out.request_id] = out
     assert set(finished) == {"b"} and len(finished["b"].outputs[0].token_ids) == 50
     engine.step()  # collects nothing more
-    assert engine._in_flight is None
+    assert not engine._in_flight
     assert engine.block_manager.num_free_blocks == total
 
 
@@ -105,12 +112,24 @@ def test_steps_go_back_to_async_once_no_request_reads_its_token_history(llama_ch
     assert engine._needs_sync()
     for _ in range(6):
         engine.step()
-        assert engine._in_flight is None  # synchronous steps: nothing left in flight
+        assert not engine._in_flight  # synchronous steps: nothing left in flight
     assert "short" not in engine.requests and engine._needs_sync()  # "aborted" still reads its history
     engine.abort_request("aborted")
     assert not engine._needs_sync()
     engine.step()
-    assert engine._in_flight is not None  # async again
+    assert engine._in_flight  # async again
     while engine.has_unfinished_requests():
         engine.step()
     assert not engine._needs_sync() and engine._history_readers == 0
+
+
+def test_async_depth_reads_its_variable_and_keeps_tensor_parallel_ranks_at_one(monkeypatch):
+    from engine.llm_engine import async_depth
+
+    monkeypatch.setenv("ENGINE_ASYNC_DEPTH", "2")
+    assert (async_depth(1), async_depth(2)) == (2, 1)
+    monkeypatch.setenv("ENGINE_ASYNC_DEPTH", "3")
+    with pytest.raises(ValueError, match="1 or 2"):
+        async_depth(1)
+    monkeypatch.delenv("ENGINE_ASYNC_DEPTH")
+    assert async_depth(1) == 1

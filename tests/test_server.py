@@ -1120,6 +1120,7 @@ def test_a_step_run_ahead_that_fails_comes_after_the_outputs_of_the_steps_before
 
     count_file = tmp_path / "steps"
     monkeypatch.setenv(STEP_COUNT_FILE, str(count_file))
+    monkeypatch.setenv("ENGINE_ASYNC_DEPTH", "1")  # the token counts below are those of one step in flight
     engine = RemoteEngine(EngineArgs(model=llama_checkpoint, max_model_len=256, num_gpu_blocks_override=64),
                           on_start=_step_fails_on_its_fourth_call)
     try:

@@ -137,7 +137,7 @@ def test_async_scheduling_on_two_ranks_gives_the_tokens_of_sync_steps_on_one(che
     with tensor_parallel_llm(path, 2, async_scheduling=True) as llm:
         steps = llm.llm_engine.timings.steps
         got = llm.generate(prompts, params, use_tqdm=False)
-        assert llm.llm_engine.timings.steps > steps and llm.llm_engine._in_flight is None
+        assert llm.llm_engine.timings.steps > steps and not llm.llm_engine._in_flight
         assert llm.llm_engine.get_stats().num_used_blocks == 0
     assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
     for o, w in zip(got, want):
