@@ -21,6 +21,8 @@
 #   nano-large-parts (#3) 4,096-position decode partitions at 256 sequences (LARGE_GRID_PARTITION_SIZE): nano, fixed 8B, A/B
 #   nano-host (#3) nano (bf16), the timed generate under cProfile (perf/throughput.py --host-profile)
 #   nano-mixed8192 (#3) nano (bf16) with prefill / mixed-step graphs up to 8,192 tokens: profiled by phase, then timed without / with
+#   nano-depth-ab (#3) nano (bf16) with one and two launched steps in flight (ENGINE_ASYNC_DEPTH), alternating, then profiled
+#   depth-tests the GPU-engine tests with ENGINE_ASYNC_DEPTH=2
 #   engine-tests the GPU-engine tests (greedy tokens against transformers and eager) with the q/k norm and fused-norm kernels
 #   nano-p4096-ab (#3) nano (bf16), 1,024- and 4,096-position decode partitions at full batch, alternating twice, profiled
 #   nano-run-profile (#3) nano (bf16) profiled over the whole run: GPU busy against wall, the 60 largest kernels
@@ -213,6 +215,17 @@ profiled_ab() {
       "${wl[@]}" 2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
   done
 }
+# nano_setup_ab "PYTHON" "name;value"...: nano (bf16) run with PYTHON executed first (VALUE in it replaced by each spec's
+# value; e.g. a module constant set), timed then profiled at step 200
+nano_setup_ab() {
+  local code=$1 spec name value; shift
+  for spec in "$@"; do
+    IFS=";" read -r name value <<< "$spec"
+    timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys; ${code//VALUE/$value}; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+      perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano --profile-steps 200 10 \
+      2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
+  done
+}
 for stage in "$@"; do
   echo "=== $stage"
   case $stage in
@@ -319,12 +332,8 @@ for stage in "$@"; do
     nano-p4096-ab) # (#3) nano (bf16) with 1,024-position decode partitions (as shipped) and 4,096 from 2,048 (sequence, KV head)
            # programs on (LARGE_GRID_PARTITION_SIZE: one partition a sequence at max_model_len 4,096, so no reduce kernel at
            # full batch; kernel_bench --nano: 221 against 226 us a layer at step 50), alternating twice, profiled at step 200
-           for spec in "nano_p1024;1024" "nano_p4096;4096" "nano_p1024b;1024" "nano_p4096b;4096"; do
-             IFS=";" read -r name size <<< "$spec"
-             timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, ops.triton_attention as t; t.LARGE_GRID_PARTITION_SIZE = $size; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
-               perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano --profile-steps 200 10 \
-               2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
-           done ;;
+           nano_setup_ab "import ops.triton_attention as t; t.LARGE_GRID_PARTITION_SIZE = VALUE" \
+             "nano_p1024;1024" "nano_p4096;4096" "nano_p1024b;1024" "nano_p4096b;4096" ;;
     nano-run-profile) # (#3) nano (bf16) profiled over its whole run (steps 1-1,100: prefill included): the GPU's busy time
            # against the wall, and the 60 largest kernels (the profiler slows the host; the GPU's sums are what count)
            STEP_PROFILE_TOP=60 timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/nano_run_profile.json" \
@@ -341,6 +350,23 @@ for stage in "$@"; do
              timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b \
                --workload nano ${on:+"${mixed[@]}"} 2>&1 | tee "$OUT/$name.log" | grep -E "engine:|recompile|Error" | sed "s/^/[$name] /"
            done ;;
+    nano-depth-ab) # (#3) nano (bf16) with one launched step in flight (default) and two (ENGINE_ASYNC_DEPTH=2: the host builds
+           # step N+2 while N and N+1 run, so one slow host step no longer idles the GPU; 0.34 s of idle between decode
+           # steps in session 25's profile), alternating twice, timed; then each once more profiled over the whole run
+           for spec in "nano_depth1;1" "nano_depth2;2" "nano_depth1b;1" "nano_depth2b;2"; do
+             IFS=";" read -r name depth <<< "$spec"
+             ENGINE_ASYNC_DEPTH=$depth timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" \
+               --model qwen3-0.6b --workload nano 2>&1 | tee "$OUT/$name.log" | grep -E "engine:|recompile|Error" | sed "s/^/[$name] /"
+           done
+           for depth in 1 2; do
+             ENGINE_ASYNC_DEPTH=$depth STEP_PROFILE_TOP=8 timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm \
+               --json-out "$OUT/nano_depth${depth}_profile.json" --model qwen3-0.6b --workload nano --profile-steps 1 1100 2>&1 \
+               | tee "$OUT/nano_depth${depth}_profile.log" | grep -E "engine:|profiled steps|seqs:|waiting:|idle|  step |Error" \
+               | sed "s/^/[depth $depth] /"
+           done ;;
+    depth-tests) # ENGINE_ASYNC_DEPTH=2 under the GPU-engine tests (greedy tokens against transformers, async launches)
+           ENGINE_ASYNC_DEPTH=2 timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 \
+             | tee "$OUT/depth2_gpu_tests.log" | tail -5 ;;
     engine-tests) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_gpu_engine.py tests/test_qk_norm.py \
            tests/test_triton_allreduce.py 2>&1 | tee "$OUT/engine_tests.log" | tail -5 ;;
     nano-host) # (#3) nano (bf16) with the timed generate under cProfile: where the host's ~6-8 ms a full-batch step go
@@ -366,12 +392,8 @@ for stage in "$@"; do
            # heuristic pick), alternating, each timed then profiled at step 200; first Qwen3-0.6B's four GEMMs alone through each
            timeout 120 python3 perf/quant_bench.py --shapes qwen3-0.6b --kernels bf16 bf16-lt --batches 8 64 128 256 \
              --out "$OUT/blas_lt_gemms.json" 2>&1 | tee "$OUT/blas_lt_gemms.log" | tail -20
-           for spec in "nano_cublas;default" "nano_cublaslt;cublaslt" "nano_cublas2;default" "nano_cublaslt2;cublaslt"; do
-             IFS=";" read -r name lib <<< "$spec"
-             timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys, torch; torch.backends.cuda.preferred_blas_library('$lib'); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
-               perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano --profile-steps 200 10 \
-               2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
-           done ;;
+           nano_setup_ab "import torch; torch.backends.cuda.preferred_blas_library('VALUE')" \
+             "nano_cublas;default" "nano_cublaslt;cublaslt" "nano_cublas2;default" "nano_cublaslt2;cublaslt" ;;
     nano-order-ab) # (#3) nano (bf16) with decode steps in admission order (default) and longest context first
            # (ENGINE_DECODE_ORDER=longest-first: the decode kernel's longest programs launch first), alternating twice, profiled
            profiled_ab ENGINE_DECODE_ORDER "nano_arrival;arrival;nano" "nano_longest;longest-first;nano" \
