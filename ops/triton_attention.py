@@ -35,6 +35,8 @@ partitions cost a program launch each and nothing else. Padding rows (seq_len 0)
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -69,6 +71,11 @@ _DECODE_EVICT_FIRST = False
 # within one partition). 0: one a head. nano's decode steps (H100): decode + reduce 230.3 against 230.9 us at 256
 # sequences, 196.1 against 197.6 at 126, 85.6 against 85.4 at 37 (perf/RESULTS.md, session 23): within 1%.
 _REDUCE_ELEMENTS = 8192
+# The partitions of a (sequence, KV head) merged by the decode kernel's last program to finish one (it counts them
+# in a per-device int32 counter, `_merge_counters`, and resets it), not by the reduce kernel: 28 launches fewer a
+# nano decode step, each ~3.8 us of GPU time plus its gap (session 25's whole-run profile: 0.106 ms a step).
+# ENGINE_DECODE_MERGE=reduce-kernel keeps the separate kernel.
+_DECODE_MERGE_IN_KERNEL = os.environ.get("ENGINE_DECODE_MERGE", "in-kernel") != "reduce-kernel"
 _MASKED = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max, so empty rows never make NaN
 
 
@@ -163,7 +170,7 @@ def _attend_kv_range(
 # costs a compile there (~1 s with an empty cache). Only the block tables' width is such here.
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
-    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, merge_count_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     key_ptr, value_ptr, slot_mapping_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
@@ -174,7 +181,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, Q_FP16: tl.constexpr = False,
     OFFSETS_64: tl.constexpr = True, WRITE_KV: tl.constexpr = False, FP8_MAX: tl.constexpr = 0.0,
     IEEE: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False, V_EARLY: tl.constexpr = False,
-    EVICT_FIRST: tl.constexpr = False,
+    EVICT_FIRST: tl.constexpr = False, MERGE: tl.constexpr = False,
 ):
     if HEADS_FIRST:
         kv_head = tl.program_id(0)
@@ -253,6 +260,41 @@ def _decode_kernel(
         tl.store(part_max_ptr + part_idx, m_i, mask=live)
         tl.store(part_sum_ptr + part_idx, l_i, mask=live)
         tl.store(part_acc_ptr + part_idx[:, None] * D_PAD + dims[None, :], acc, mask=live[:, None])
+        if MERGE and kv_lo < seq_len:
+            # The last of the sequence's live partitions to get here merges them all (the threadfence-reduction
+            # pattern): every thread's partials are stored before the count (barrier, then a release at GPU
+            # scope); the last program's acquire makes the others' visible, read past L1 (".cg").
+            tl.debug_barrier()
+            counter = merge_count_ptr + seq * num_kv_heads + kv_head
+            num_live = tl.minimum(tl.cdiv(seq_len, partition_size), NUM_PARTITIONS)
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_live - 1:
+                tl.store(counter, 0)  # for the next layer's launch
+                _merge_partitions(out_ptr + token * stride_ot, part_acc_ptr, part_max_ptr, part_sum_ptr,
+                                  part_idx - part, heads, row_mask, io_mask, stride_oh, num_live, D_PAD)
+
+
+@triton.jit
+def _merge_partitions(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, first_idx, heads, row_mask, io_mask,
+                      stride_oh, num_live, D_PAD: tl.constexpr):
+    """Merge the fp32 (max, sum, acc) partials [first_idx, first_idx + num_live) of some heads into `out`."""
+    dims = tl.arange(0, D_PAD)
+    m = tl.full(first_idx.shape, _MASKED, dtype=tl.float32)
+    total = tl.zeros(first_idx.shape, dtype=tl.float32)
+    acc = tl.zeros([first_idx.shape[0], D_PAD], dtype=tl.float32)
+    for p in range(0, num_live):
+        idx = first_idx + p
+        m_p = tl.load(part_max_ptr + idx, mask=row_mask, other=_MASKED, cache_modifier=".cg")
+        s_p = tl.load(part_sum_ptr + idx, mask=row_mask, other=0.0, cache_modifier=".cg")
+        acc_p = tl.load(part_acc_ptr + idx[:, None] * D_PAD + dims[None, :], mask=row_mask[:, None], other=0.0,
+                        cache_modifier=".cg")
+        m_new = tl.maximum(m, m_p)
+        alpha = tl.exp2(m - m_new)
+        beta = tl.exp2(m_p - m_new)
+        total = total * alpha + s_p * beta
+        acc = acc * alpha[:, None] + acc_p * beta[:, None]
+        m = m_new
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + heads[:, None] * stride_oh + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
@@ -433,12 +475,14 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
         part_max = torch.empty((num_seqs, num_heads, num_partitions), dtype=torch.float32, device=query.device)
         part_sum = torch.empty_like(part_max)
         part_acc = torch.empty((num_seqs, num_heads, num_partitions, d_pad), dtype=torch.float32, device=query.device)
+    merge = _DECODE_MERGE_IN_KERNEL and num_partitions > 1
+    counters = _merge_counters(query.device, num_seqs * num_kv_heads) if merge else part_max
     write = key is not None
     key, value = (key, value) if write else (query, query)  # (unread without WRITE_KV)
     heads_first = _DECODE_HEADS_FIRST and num_seqs <= 65535  # (a grid's second dimension holds 65,535 at most)
     grid = (num_kv_heads, num_seqs, num_partitions) if heads_first else (num_seqs, num_kv_heads, num_partitions)
     _decode_kernel[grid](
-        out, part_acc, part_max, part_sum,
+        out, part_acc, part_max, part_sum, counters,
         query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         key, value, meta.slot_mapping,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
@@ -450,9 +494,9 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
         OFFSETS_64=_offsets_64(k_cache), WRITE_KV=write,
         FP8_MAX=torch.finfo(k_cache.dtype).max if write and k_cache.dtype.itemsize == 1 else 0.0,
         IEEE=query.dtype == torch.float32, HEADS_FIRST=heads_first, V_EARLY=_DECODE_V_EARLY,
-        EVICT_FIRST=_DECODE_EVICT_FIRST, num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
+        EVICT_FIRST=_DECODE_EVICT_FIRST, MERGE=merge, num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
     )
-    if num_partitions > 1:
+    if num_partitions > 1 and not merge:
         p_pad = triton.next_power_of_2(num_partitions)
         h_block = min(triton.next_power_of_2(num_heads), max(1, _REDUCE_ELEMENTS // (p_pad * d_pad)))
         _decode_reduce_kernel[(num_seqs, triton.cdiv(num_heads, h_block))](
@@ -461,6 +505,18 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
             NUM_PARTITIONS=num_partitions, P_PAD=p_pad, D_PAD=d_pad, H_BLOCK=h_block,
             PDL_SIGNAL=pdl.enabled(out.device), num_warps=4,
         )
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _merge_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The decode kernel's per-(sequence, KV head) partition counts: zeros between launches (each
+    merging program resets its own), one buffer a device, shared by every layer and CUDA graph."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        counters = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    return counters
 
 
 def decode_partitions(max_seq_len: int, num_programs: int) -> tuple[int, int]:

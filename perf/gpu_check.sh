@@ -21,6 +21,8 @@
 #   nano-large-parts (#3) 4,096-position decode partitions at 256 sequences (LARGE_GRID_PARTITION_SIZE): nano, fixed 8B, A/B
 #   nano-host (#3) nano (bf16), the timed generate under cProfile (perf/throughput.py --host-profile)
 #   nano-mixed8192 (#3) nano (bf16) with prefill / mixed-step graphs up to 8,192 tokens: profiled by phase, then timed without / with
+#   merge-ab (#3) decode partitions merged in the decode kernel (default) or by the reduce kernel: attention GPU tests,
+#           kernel_bench --nano both ways, nano alternating twice (profiled at step 200)
 #   nano-depth-ab (#3) nano (bf16) with one and two launched steps in flight (ENGINE_ASYNC_DEPTH), alternating, then profiled
 #   depth-tests the GPU-engine tests with ENGINE_ASYNC_DEPTH=2
 #   engine-tests the GPU-engine tests (greedy tokens against transformers and eager) with the q/k norm and fused-norm kernels
@@ -364,6 +366,15 @@ for stage in "$@"; do
                | tee "$OUT/nano_depth${depth}_profile.log" | grep -E "engine:|profiled steps|seqs:|waiting:|idle|  step |Error" \
                | sed "s/^/[depth $depth] /"
            done ;;
+    merge-ab) # (#3) a (sequence, KV head)'s decode partitions merged by the decode kernel's last program to finish one
+           # (ENGINE_DECODE_MERGE=in-kernel, the default since session 26) or by the reduce kernel (reduce-kernel): 28
+           # launches a nano decode step fewer. The attention kernels' GPU tests, the decode step alone both ways
+           # (kernel_bench --nano), then nano alternating twice, each profiled at step 200
+           timeout 240 python3 -m pytest -m gpu -q tests/test_attention_kernels.py 2>&1 | tee "$OUT/attention_tests.log" | tail -3
+           timeout 150 python3 perf/kernel_bench.py --nano --variants "as is,reduce kernel" --out "$OUT/merge_kernel_bench.json" \
+             2>&1 | tee "$OUT/merge_kernel_bench.log" | tail -6
+           profiled_ab ENGINE_DECODE_MERGE "nano_merge;in-kernel;nano" "nano_reduce;reduce-kernel;nano" \
+             "nano_mergeb;in-kernel;nano" "nano_reduceb;reduce-kernel;nano" ;;
     depth-tests) # ENGINE_ASYNC_DEPTH=2 under the GPU-engine tests (greedy tokens against transformers, async launches)
            ENGINE_ASYNC_DEPTH=2 timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 \
              | tee "$OUT/depth2_gpu_tests.log" | tail -5 ;;

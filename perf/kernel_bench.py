@@ -132,7 +132,8 @@ def sweep_triton_decode() -> list[dict]:
 NANO_STEPS = (50, 500, 900)  # decode steps after the prefill: 256, 126 and 37 live sequences
 NANO_MAX_MODEL_LEN = 4096
 NANO_VARIANTS = {
-    "as is": {},  # heads first (hf), the default since session 23
+    "as is": {},  # heads first (hf), the default since session 23; the partitions merged in the decode kernel (session 26)
+    "reduce kernel": {"_DECODE_MERGE_IN_KERNEL": False},  # the partitions merged by a second kernel (before session 26)
     "seq-first": {"_DECODE_HEADS_FIRST": False},  # the grid before session 23 ("as is" in that session's table)
     "reduce-a-head": {"_REDUCE_ELEMENTS": 0},
     "hf p512": {"_DECODE_HEADS_FIRST": True, "PARTITION_SIZE": 512},
@@ -218,14 +219,16 @@ def read_bandwidth(nbytes: int = 2 << 30) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
-def nano_sweep() -> list[dict]:
-    """Every variant at every step of NANO_STEPS (bf16 cache), some with an fp8 cache: decode + reduce, graph-timed."""
+def nano_sweep(only: list[str] | None = None) -> list[dict]:
+    """Every variant (or those in `only`) at every step of NANO_STEPS (bf16 cache), some with an fp8 cache: decode +
+    merge, graph-timed."""
     from ops import triton_attention as ta
 
     head_dim = MODELS["qwen3-0.6b"][2]
     print(f"\nstreaming read: {read_bandwidth():.0f} GB/s")
     rows = []
     for cache_dtype, variants in ((torch.bfloat16, list(NANO_VARIANTS)), (torch.float8_e4m3fn, NANO_FP8_VARIANTS)):
+        variants = [name for name in variants if only is None or name in only]
         for step in NANO_STEPS if cache_dtype == torch.bfloat16 else NANO_STEPS[:2]:
             inputs, kv_bytes, live = nano_decode_inputs(step, cache_dtype)
             line = f"{str(cache_dtype).removeprefix('torch.'):>14} step {step:>4} ({live:>3} live, {kv_bytes / 1e9:5.2f} GB):"
@@ -247,7 +250,7 @@ def nano_sweep() -> list[dict]:
                                  time_us=ms * 1e3, gb_per_s=kv_bytes / (ms * 1e-3) / 1e9))
                 line += f"  {name} {ms * 1e3:.1f} us {rows[-1]['gb_per_s']:.0f} GB/s;"
             if cache_dtype == torch.bfloat16:
-                for order in NANO_ORDERS:
+                for order in (o for o in NANO_ORDERS if only is None or o in only):
                     del inputs
                     inputs, kv_bytes, live = nano_decode_inputs(step, cache_dtype, longest_first=order == "longest-first",
                                                                 hnd=order == "hnd cache")
@@ -269,9 +272,14 @@ def main() -> None:
     parser.add_argument("--impls", default="triton,triton-graph,xformers,sdpa", help="comma-separated subset of the default")
     parser.add_argument("--sweep", action="store_true", help="also time Triton decode settings (SWEEP)")
     parser.add_argument("--nano", action="store_true", help="only nano's decode steps, NANO_VARIANTS (see nano_sweep)")
+    parser.add_argument("--variants", help="with --nano: a comma-separated subset of NANO_VARIANTS and NANO_ORDERS")
     args = parser.parse_args()
     if args.nano:
-        rows = nano_sweep()
+        only = args.variants.split(",") if args.variants else None
+        unknown = set(only or ()) - set(NANO_VARIANTS) - set(NANO_ORDERS)
+        if unknown:
+            parser.error(f"--variants: unknown {sorted(unknown)}; known: {list(NANO_VARIANTS) + list(NANO_ORDERS)}")
+        rows = nano_sweep(only)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), nano=rows), indent=2))
         return

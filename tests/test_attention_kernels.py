@@ -349,14 +349,18 @@ offsets_64 = [False, True, False]  # the 64-bit cache offsets (for caches of 2^3
 heads_first = [False, True, True]  # the decode grid's order (_DECODE_HEADS_FIRST)
 loop_variants = [(False, False), (True, True), (False, False)]  # (_DECODE_V_EARLY, _DECODE_EVICT_FIRST)
 reduce_elements = [8192, 8192, 0]  # the reduce kernel: several heads a program (6 heads: 2 masked), one a head
+merge_in_kernel = [True, False, False]  # partitions merged by the decode kernel's last program, or the reduce kernel
 cases = [  # q_lens, seq_lens, heads, kv heads, head_dim, block size, dtype
     ([1] * 5, [1, 129, 300, 0, 64], 8, 2, 32, 16, torch.float32),
     ([1] * 2, [520, 7], 6, 2, 24, 8, torch.float16),
     ([40, 1, 7, 1, 70], [40, 300, 100, 0, 75], 8, 1, 32, 16, torch.float32),
     ([33, 2], [50, 9], 6, 2, 80, 32, torch.float16),
 ]
-for (max_parts, grid, min_size), wide, first, elements, loop, (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [
-        (g, w, f, e, v, c) for g, w, f, e, v in zip(grow, offsets_64, heads_first, reduce_elements, loop_variants) for c in cases]:
+for (max_parts, grid, min_size), wide, first, elements, merge, loop, (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [
+        (g, w, f, e, m, v, c)
+        for g, w, f, e, m, v in zip(grow, offsets_64, heads_first, reduce_elements, merge_in_kernel, loop_variants)
+        for c in cases]:
+    triton_attention._DECODE_MERGE_IN_KERNEL = merge
     triton_attention._DECODE_V_EARLY, triton_attention._DECODE_EVICT_FIRST = loop
     triton_attention.MAX_DECODE_PARTITIONS, triton_attention.DECODE_GRID_PROGRAMS = max_parts, grid
     triton_attention.MIN_PARTITION_SIZE, triton_attention.OFFSETS_64_ALWAYS = min_size, wide
@@ -395,11 +399,14 @@ for fp8, (q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype) in [
 # Decode with the K/V write inside the decode kernel (write_kv_and_attend): the output and the cache
 # of writing first, then attending; over partitions of every size above, a bf16-like and an fp8 cache.
 from tests.test_attention_kernels import check_fused_decode_write
-for (max_parts, grid, min_size), first, case in [(g, f, c) for g, f in zip(grow, heads_first) for c in cases[:2]]:
+for (max_parts, grid, min_size), first, merge, case in [
+        (g, f, m, c) for g, f, m in zip(grow, heads_first, merge_in_kernel) for c in cases[:2]]:
+    triton_attention._DECODE_MERGE_IN_KERNEL = merge
     triton_attention.MAX_DECODE_PARTITIONS, triton_attention.DECODE_GRID_PROGRAMS = max_parts, grid
     triton_attention.MIN_PARTITION_SIZE, triton_attention._DECODE_HEADS_FIRST = min_size, first
     check_fused_decode_write(*case[1:], "cpu", cache_dtype=None)
     check_fused_decode_write(*case[1:], "cpu", cache_dtype=torch.float8_e4m3fn)
+assert int(triton_attention._COUNTERS[torch.device("cpu")].count_nonzero()) == 0  # each merge reset its count
 print("ok")
 """
 
