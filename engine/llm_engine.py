@@ -32,12 +32,12 @@ PromptType = Union[str, list[int], dict]
 
 
 def async_depth(tensor_parallel_size: int) -> int:
-    """ENGINE_ASYNC_DEPTH: how many launched steps async scheduling keeps in flight (default 1: step N+1 is
-    built and launched while the device runs step N). With 2, the host builds N+2 while N+1 and N run, so one
-    step whose host work outlasts the device's step no longer leaves the GPU idle: in a whole nano run on the
-    H100 the GPU sat idle 0.34 s of 7.0 between decode steps (perf/RESULTS.md, session 25). Off by default
-    until timed on a GPU; one rank only (tensor-parallel workers run one step ahead)."""
-    raw = os.environ.get("ENGINE_ASYNC_DEPTH", "").strip() or "1"
+    """ENGINE_ASYNC_DEPTH: how many launched steps async scheduling keeps in flight (default 2: the host
+    builds step N+2 while the device runs N and N+1, so one step whose host work outlasts the device's
+    step no longer leaves the GPU idle; 1: only N+1). nano on one H100 (perf/RESULTS.md, session 26):
+    18,684 / 18,511 output tok/s against 18,601 / 18,085 with 1, alternating; profiled, the GPU busy
+    94.6% of the run against 91.4%. One rank only: tensor-parallel workers run one step ahead."""
+    raw = os.environ.get("ENGINE_ASYNC_DEPTH", "").strip() or "2"
     if raw not in ("1", "2"):
         raise ValueError(f"ENGINE_ASYNC_DEPTH={raw!r}: 1 or 2")
     return 1 if tensor_parallel_size > 1 else int(raw)
@@ -277,7 +277,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One scheduler step. With async scheduling the step launched here returns its tokens at
-        a later call (the next one; the one after with ENGINE_ASYNC_DEPTH=2), so the outputs returned
+        a later call (the one after next with two steps in flight, the default on one GPU; the next one
+        with ENGINE_ASYNC_DEPTH=1 or tensor parallelism), so the outputs returned
         are those of the oldest step in flight."""
         t0 = time.perf_counter()
         wait_before = self.timings.device_wait

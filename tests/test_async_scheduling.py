@@ -14,7 +14,7 @@ ENGINE = dict(block_size=4, max_model_len=256, seed=0)
 
 @pytest.fixture(params=["1", "2"], ids=["depth1", "depth2"], autouse=True)
 def depth(request, monkeypatch):
-    """Every test here with one launched step in flight (the default) and with two (ENGINE_ASYNC_DEPTH=2)."""
+    """Every test here with one launched step in flight (ENGINE_ASYNC_DEPTH=1) and with two (the default)."""
     monkeypatch.setenv("ENGINE_ASYNC_DEPTH", request.param)
     return int(request.param)
 
@@ -132,4 +132,4 @@ def test_async_depth_reads_its_variable_and_keeps_tensor_parallel_ranks_at_one(m
     with pytest.raises(ValueError, match="1 or 2"):
         async_depth(1)
     monkeypatch.delenv("ENGINE_ASYNC_DEPTH")
-    assert async_depth(1) == 1
+    assert (async_depth(1), async_depth(2)) == (2, 1)  # the default: two in flight on one GPU
