@@ -23,6 +23,7 @@
 #   nano-mixed8192 (#3) nano (bf16) with prefill / mixed-step graphs up to 8,192 tokens: profiled by phase, then timed without / with
 #   merge-ab (#3) decode partitions merged in the decode kernel (default) or by the reduce kernel: attention GPU tests,
 #           kernel_bench --nano both ways, nano alternating twice (profiled at step 200)
+#   merge-parts (#3) kernel_bench --nano: the decode step (partitions merged in the kernel) at 512-4,096-position partitions
 #   nano-depth-ab (#3) nano (bf16) with one and two launched steps in flight (ENGINE_ASYNC_DEPTH), alternating, then profiled
 #   depth-tests the GPU-engine tests with ENGINE_ASYNC_DEPTH=2
 #   engine-tests the GPU-engine tests (greedy tokens against transformers and eager) with the q/k norm and fused-norm kernels
@@ -375,6 +376,9 @@ for stage in "$@"; do
              2>&1 | tee "$OUT/merge_kernel_bench.log" | tail -6
            profiled_ab ENGINE_DECODE_MERGE "nano_merge;in-kernel;nano" "nano_reduce;reduce-kernel;nano" \
              "nano_mergeb;in-kernel;nano" "nano_reduceb;reduce-kernel;nano" ;;
+    merge-parts) # (#3) with the partitions merged in the decode kernel (no second kernel), are other partition sizes better?
+           timeout 150 python3 perf/kernel_bench.py --nano --variants "as is,hf p512,hf p2048,hf p4096" \
+             --out "$OUT/merge_parts_bench.json" 2>&1 | tee "$OUT/merge_parts_bench.log" | tail -6 ;;
     depth-tests) # ENGINE_ASYNC_DEPTH=2 under the GPU-engine tests (greedy tokens against transformers, async launches)
            ENGINE_ASYNC_DEPTH=2 timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 \
              | tee "$OUT/depth2_gpu_tests.log" | tail -5 ;;
