@@ -9,9 +9,11 @@ gathered into a contiguous copy) and folds them into an fp32 online softmax:
 - `_decode_kernel` + `_decode_reduce_kernel` (every query length is 1, i.e. `meta.max_query_len ==
   1`): flash-decoding. Grid (kv_head, seq, partition): each program takes ALL query heads of one
   KV head (the GQA group, padded to >= 16 rows for the tensor cores), so each KV block is read
-  once per KV head, over one partition of `PARTITION_SIZE` context positions; a second kernel
-  merges the partitions' fp32 (max, sum, acc) triples. With a single partition, or for a sequence
-  whose context fits in one, the first kernel writes the output itself (the merge skips it).
+  once per KV head, over one partition of `PARTITION_SIZE` context positions, and stores the
+  partition's fp32 (max, sum, acc) triples; the last of a (sequence, KV head)'s programs to finish
+  merges them (`_merge_partitions`; with ENGINE_DECODE_MERGE=reduce-kernel a second kernel, the
+  reduce kernel, does). With a single partition, or for a sequence whose context fits in one, the
+  program writes the output itself.
 - `_prefill_kernel` (anything else: prefill, chunked prefill, prefix-cache hits, mixed
   prefill+decode batches): a tile packs BLOCK_Q query tokens x the GQA group's heads into the
   rows of one tl.dot, causal over the query tokens' positions at the tail of the context.
@@ -28,8 +30,8 @@ grid size and compile-time constant comes from tensor shapes and the host ints
 `meta.max_query_len` / `meta.max_seq_len`. A graph is captured once per batch size and replayed
 with other seq_lens, so at capture `meta.max_seq_len` must be an UPPER BOUND of every context the
 graph will see (e.g. max_model_len): it fixes the number of decode partitions. At replay, a
-partition that starts past its sequence's length does no work and writes nothing, and the reduce
-kernel reads only the partitions that cover `seq_lens[i]` (computed on the device), so unused
+partition that starts past its sequence's length does no work and writes nothing, and the merge
+reads only the partitions that cover `seq_lens[i]` (computed on the device), so unused
 partitions cost a program launch each and nothing else. Padding rows (seq_len 0) get zeros.
 """
 
@@ -73,7 +75,8 @@ _DECODE_EVICT_FIRST = False
 _REDUCE_ELEMENTS = 8192
 # The partitions of a (sequence, KV head) merged by the decode kernel's last program to finish one (it counts them
 # in a per-device int32 counter, `_merge_counters`, and resets it), not by the reduce kernel: 28 launches fewer a
-# nano decode step, each ~3.8 us of GPU time plus its gap (session 25's whole-run profile: 0.106 ms a step).
+# nano decode step (the reduce kernel's 0.106 ms a step). nano on an H100, alternating: 19,031 / 19,295 output tok/s
+# against 18,748 / 18,999, a full-batch step 8.07 against 8.16 ms of GPU (perf/RESULTS.md, session 26).
 # ENGINE_DECODE_MERGE=reduce-kernel keeps the separate kernel.
 _DECODE_MERGE_IN_KERNEL = os.environ.get("ENGINE_DECODE_MERGE", "in-kernel") != "reduce-kernel"
 _MASKED = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max, so empty rows never make NaN
