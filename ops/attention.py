@@ -62,24 +62,6 @@ def paged_attention(
     backend.paged_attention(query, k_cache, v_cache, meta, scale, out)
 
 
-def decode_with_qk_norm(query_key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, layer_idx: int, scale: float,
-                        norm) -> bool:
-    """`paged_attention` of query and key heads as projected, where the decode kernel can RMS-norm and rotate
-    them itself (`norm`, an ops.triton_attention.QKNorm): a decode step on the Triton backend. True when it
-    did; False otherwise, and the caller normalizes and rotates them, then calls `paged_attention`."""
-    ctx = get_forward_context()
-    meta = ctx.attn_metadata
-    if meta is None or ctx.backend != "triton":
-        return False
-    backend = get_backend("triton")
-    if not backend.can_norm_in_decode(meta, query_key.shape[-1]):
-        return False
-    query, key = query_key.split([out.shape[1], value.shape[1]], dim=1)
-    k_cache, v_cache = ctx.kv_caches[layer_idx]
-    backend.write_kv_and_attend(query, key, value, k_cache, v_cache, meta, scale, out, norm)
-    return True
-
-
 @paged_attention.register_fake
 def _(query_key, value, out, layer_idx, scale) -> None:
     if query_key.shape[1] != out.shape[1] + value.shape[1]:
@@ -88,4 +70,4 @@ def _(query_key, value, out, layer_idx, scale) -> None:
     return None
 
 
-__all__ = ["AttentionMetadata", "BACKEND_MODULES", "decode_with_qk_norm", "get_backend", "paged_attention"]
+__all__ = ["AttentionMetadata", "BACKEND_MODULES", "get_backend", "paged_attention"]

@@ -38,7 +38,6 @@ partitions cost a program launch each and nothing else. Padding rows (seq_len 0)
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 import torch
 import triton
@@ -46,19 +45,6 @@ import triton.language as tl
 
 from ops import pdl
 from ops.forward_context import AttentionMetadata
-
-
-class QKNorm(NamedTuple):
-    """Qwen3's per-head RMSNorm of the query and key heads (q_weight, k_weight [head_dim], eps), then the rotary
-    embedding (cos, sin [T, 1, head_dim], halves equal, as HF's), applied inside the decode kernel:
-    ENGINE_QK_NORM_IN_DECODE=1 (engine/models/qwen3.py)."""
-
-    q_weight: torch.Tensor
-    k_weight: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    eps: float
-
 
 PARTITION_SIZE = 1024  # context positions per decode program (flash-decoding split), at most...
 # ...or this many from LARGE_GRID_PROGRAMS (sequence, KV head) programs on, where there are programs enough without
@@ -189,8 +175,8 @@ def _attend_kv_range(
 def _decode_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, merge_count_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    key_ptr, value_ptr, slot_mapping_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_ct, norm_eps,
+    key_ptr, value_ptr, slot_mapping_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     stride_cb, stride_cs, stride_ch,
     stride_kt, stride_kh, stride_vt, stride_vh,
     head_dim, qk_scale, partition_size,
@@ -198,7 +184,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, Q_FP16: tl.constexpr = False,
     OFFSETS_64: tl.constexpr = True, WRITE_KV: tl.constexpr = False, FP8_MAX: tl.constexpr = 0.0,
     IEEE: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False, V_EARLY: tl.constexpr = False,
-    EVICT_FIRST: tl.constexpr = False, MERGE: tl.constexpr = False, NORM_ROPE: tl.constexpr = False,
+    EVICT_FIRST: tl.constexpr = False, MERGE: tl.constexpr = False,
 ):
     if HEADS_FIRST:
         kv_head = tl.program_id(0)
@@ -220,12 +206,7 @@ def _decode_kernel(
     dims = tl.arange(0, D_PAD)
     row_mask = rows < tl.where(has_query, GROUP, 0)
     io_mask = row_mask[:, None] & (dims < head_dim)[None, :]
-    q_rows = q_ptr + token * stride_qt + heads[:, None] * stride_qh
-    q = tl.load(q_rows + dims[None, :], mask=io_mask, other=0.0)
-    if NORM_ROPE:  # q arrives as projected: RMS-normed and rotated here (as ops/triton_qk_norm.py does)
-        partner = (dims + D_PAD // 2) % D_PAD
-        q = _norm_rope(q, tl.load(q_rows + partner[None, :], mask=io_mask, other=0.0), q_weight_ptr,
-                       cos_ptr + token * stride_ct, sin_ptr + token * stride_ct, norm_eps, D_PAD // 2)
+    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=io_mask, other=0.0)
     q = q.to(tl.float16) if Q_FP16 else q  # bf16 q over an fp8 cache: dots in fp16 (one conversion a K/V element)
 
     acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
@@ -247,14 +228,7 @@ def _decode_kernel(
     )
     if WRITE_KV:
         new_mask = dims < tl.where(writer, head_dim, 0)
-        k_row = key_ptr + token * stride_kt + kv_head * stride_kh
-        k_new = tl.load(k_row + dims, mask=new_mask, other=0.0)
-        if NORM_ROPE:  # the writer normalizes and rotates the new key (as q above), as a [1, D_PAD] row
-            partner = (dims + D_PAD // 2) % D_PAD
-            k_partner = tl.reshape(tl.load(k_row + partner, mask=new_mask, other=0.0), [1, D_PAD])
-            k_new = tl.reshape(_norm_rope(tl.reshape(k_new, [1, D_PAD]), k_partner, k_weight_ptr,
-                                          cos_ptr + token * stride_ct, sin_ptr + token * stride_ct, norm_eps,
-                                          D_PAD // 2), [D_PAD])
+        k_new = tl.load(key_ptr + token * stride_kt + kv_head * stride_kh + dims, mask=new_mask, other=0.0)
         v_new = tl.load(value_ptr + token * stride_vt + kv_head * stride_vh + dims, mask=new_mask, other=0.0)
         if FP8_MAX > 0:  # as _write_kv_kernel: saturate, round once from fp32
             k_new = tl.minimum(tl.maximum(k_new.to(tl.float32), -FP8_MAX), FP8_MAX)
@@ -300,24 +274,6 @@ def _decode_kernel(
                 tl.store(counter, 0)  # for the next layer's launch
                 _merge_partitions(out_ptr + token * stride_ot, part_acc_ptr, part_max_ptr, part_sum_ptr,
                                   part_idx - part, heads, row_mask, io_mask, stride_oh, num_live, D_PAD)
-
-
-@triton.jit
-def _norm_rope(x, x_partner, weight_ptr, cos_row_ptr, sin_row_ptr, eps, HALF: tl.constexpr):
-    """Rows x [R, 2 * HALF] RMS-normed (weight) and rotated by one position's cos / sin (rows of 2 * HALF with
-    equal halves, HF's layout); x_partner is x with its halves swapped. The arithmetic of
-    ops/triton_qk_norm.py (engine.communication.rms_norm, then HF's rotation), in x's dtype at the same points."""
-    dims = tl.arange(0, 2 * HALF)
-    partner = (dims + HALF) % (2 * HALF)
-    dtype = x.dtype
-    xf = x.to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=1) / (2 * HALF) + eps)[:, None]
-    n = (xf * inv_rms).to(dtype).to(tl.float32) * tl.load(weight_ptr + dims).to(tl.float32)[None, :]
-    n_partner = ((x_partner.to(tl.float32) * inv_rms).to(dtype).to(tl.float32)
-                 * tl.load(weight_ptr + partner).to(tl.float32)[None, :])
-    cos = tl.load(cos_row_ptr + dims).to(dtype).to(tl.float32)[None, :]
-    sin = tl.load(sin_row_ptr + dims).to(dtype).to(tl.float32)[None, :]
-    return (n * cos + tl.where(dims < HALF, -1.0, 1.0)[None, :] * n_partner * sin).to(dtype)
 
 
 @triton.jit
@@ -474,14 +430,9 @@ def write_kv_and_attend(
     meta: AttentionMetadata,
     scale: float,
     out: torch.Tensor,
-    norm: QKNorm | None = None,
 ) -> None:
     """`write_kv_cache` then `paged_attention`, as one kernel for a decode step (FUSE_DECODE_KV_WRITE):
-    the decode kernel stores each sequence's new K/V itself and attends to them from registers. With
-    `norm` (a decode step only: see `can_norm_in_decode`), query and key are as projected, and the
-    kernel normalizes and rotates them first."""
-    if norm is not None and not can_norm_in_decode(meta, query.shape[-1]):
-        raise ValueError("write_kv_and_attend with a q/k norm: decode steps only (see can_norm_in_decode)")
+    the decode kernel stores each sequence's new K/V itself and attends to them from registers."""
     if not (FUSE_DECODE_KV_WRITE and meta.max_query_len == 1 and meta.num_seqs > 0):
         write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
         paged_attention(query, k_cache, v_cache, meta, scale, out)
@@ -490,14 +441,7 @@ def write_kv_and_attend(
     if out.stride(-1) != 1:
         raise ValueError("out must be contiguous in its last dimension")
     _decode(_last_dim_contiguous(query), k_cache, v_cache, meta, scale, out,
-            _last_dim_contiguous(key), _last_dim_contiguous(value), norm)
-
-
-def can_norm_in_decode(meta: AttentionMetadata, head_dim: int) -> bool:
-    """Whether write_kv_and_attend can take a QKNorm for this step: a decode step (the K/V write fused in)
-    and a power-of-two head_dim of 16 or more."""
-    return (FUSE_DECODE_KV_WRITE and meta.max_query_len == 1 and meta.num_seqs > 0
-            and head_dim >= 16 and head_dim & (head_dim - 1) == 0)
+            _last_dim_contiguous(key), _last_dim_contiguous(value))
 
 
 def paged_attention(
@@ -521,10 +465,8 @@ def paged_attention(
         _prefill(query, k_cache, v_cache, meta, scale, out)
 
 
-def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out, key=None, value=None,
-            norm: QKNorm | None = None) -> None:
-    """Flash-decoding; with key / value, this step's K/V are written by the kernel too; with `norm`, the
-    query and key heads are RMS-normed and rotated first (see QKNorm)."""
+def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out, key=None, value=None) -> None:
+    """Flash-decoding; with key / value, this step's K/V are written by the kernel too."""
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     num_seqs, num_heads = meta.num_seqs, query.shape[1]
     group = num_heads // num_kv_heads
@@ -540,18 +482,13 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
     counters = _merge_counters(query.device, num_seqs * num_kv_heads) if merge else part_max
     write = key is not None
     key, value = (key, value) if write else (query, query)  # (unread without WRITE_KV)
-    if norm is not None and not (write and head_dim == d_pad and norm.cos.stride(-1) == 1):
-        raise ValueError("the q/k norm in the decode kernel needs the K/V write fused in, a power-of-two head_dim "
-                         "and cos / sin rows contiguous")
-    q_weight, k_weight, cos, sin, eps = (norm.q_weight, norm.k_weight, norm.cos, norm.sin, norm.eps) if norm else (
-        query, query, query, query, 0.0)  # (unread without NORM_ROPE)
     heads_first = _DECODE_HEADS_FIRST and num_seqs <= 65535  # (a grid's second dimension holds 65,535 at most)
     grid = (num_kv_heads, num_seqs, num_partitions) if heads_first else (num_seqs, num_kv_heads, num_partitions)
     _decode_kernel[grid](
         out, part_acc, part_max, part_sum, counters,
         query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        key, value, meta.slot_mapping, q_weight, k_weight, cos, sin,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0), cos.stride(0), eps,
+        key, value, meta.slot_mapping,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         head_dim, scale * _LOG2E, partition_size,
@@ -560,8 +497,7 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
         OFFSETS_64=_offsets_64(k_cache), WRITE_KV=write,
         FP8_MAX=torch.finfo(k_cache.dtype).max if write and k_cache.dtype.itemsize == 1 else 0.0,
         IEEE=query.dtype == torch.float32, HEADS_FIRST=heads_first, V_EARLY=_DECODE_V_EARLY,
-        EVICT_FIRST=_DECODE_EVICT_FIRST, MERGE=merge, NORM_ROPE=norm is not None,
-        num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
+        EVICT_FIRST=_DECODE_EVICT_FIRST, MERGE=merge, num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
     )
     if num_partitions > 1 and not merge:
         p_pad = triton.next_power_of_2(num_partitions)

@@ -24,7 +24,6 @@
 #   merge-ab (#3) decode partitions merged in the decode kernel (default) or by the reduce kernel: attention GPU tests,
 #           kernel_bench --nano both ways, nano alternating twice (profiled at step 200)
 #   merge-parts (#3) kernel_bench --nano: the decode step (partitions merged in the kernel) at 512-4,096-position partitions
-#   qk-decode-ab (#3) ENGINE_QK_NORM_IN_DECODE=1 (Qwen3's q/k norm + rotation in the decode kernel): its GPU tests, nano A/B
 #   nano-depth-ab (#3) nano (bf16) with one and two launched steps in flight (ENGINE_ASYNC_DEPTH), alternating, then profiled
 #   depth-tests the GPU-engine tests with ENGINE_ASYNC_DEPTH=2
 #   engine-tests the GPU-engine tests (greedy tokens against transformers and eager) with the q/k norm and fused-norm kernels
@@ -380,12 +379,6 @@ for stage in "$@"; do
     merge-parts) # (#3) with the partitions merged in the decode kernel (no second kernel), are other partition sizes better?
            timeout 150 python3 perf/kernel_bench.py --nano --variants "as is,hf p512,hf p2048,hf p4096" \
              --out "$OUT/merge_parts_bench.json" 2>&1 | tee "$OUT/merge_parts_bench.log" | tail -6 ;;
-    qk-decode-ab) # (#3) Qwen3's q/k RMSNorm + rotation inside the decode kernel on decode steps (ENGINE_QK_NORM_IN_DECODE=1,
-           # engine/models/qwen3.py; prefill and mixed steps keep the q/k kernel): one kernel a layer fewer (0.072 ms a
-           # nano decode step, session 26). Its GPU tests (kernel against the reference; the engine against eager), then
-           # nano without / with it, alternating twice, each profiled at step 200
-           timeout 240 python3 -m pytest -m gpu -q tests/test_qk_norm.py 2>&1 | tee "$OUT/qk_decode_tests.log" | tail -3
-           profiled_ab ENGINE_QK_NORM_IN_DECODE "nano_qkd0;0;nano" "nano_qkd1;1;nano" "nano_qkd0b;0;nano" "nano_qkd1b;1;nano" ;;
     depth-tests) # ENGINE_ASYNC_DEPTH=2 under the GPU-engine tests (greedy tokens against transformers, async launches)
            ENGINE_ASYNC_DEPTH=2 timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 \
              | tee "$OUT/depth2_gpu_tests.log" | tail -5 ;;

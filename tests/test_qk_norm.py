@@ -44,47 +44,12 @@ def check_kernel_matches_reference(device: str, num_tokens: int, q_heads: int, k
     torch.testing.assert_close(got, want, **tol)
 
 
-def check_norm_in_decode_matches_reference(device: str, seq_lens: list[int], q_heads: int, k_heads: int, head_dim: int,
-                                           block_size: int, dtype: torch.dtype) -> None:
-    """A decode step whose q / k arrive as projected (ENGINE_QK_NORM_IN_DECODE): the decode kernel's output and
-    cache against qk_norm_rope_reference, then the reference write and attention. The last row is padding."""
-    from ops import torch_ref, triton_attention
-    from tests.test_attention_kernels import assert_matches_reference, make_paged_batch, reference
-
-    n = len(seq_lens)
-    _, k_cache, v_cache, meta = make_paged_batch([1] * n, seq_lens, q_heads, k_heads, head_dim, block_size, dtype,
-                                                 device)
-    qk, q_weight, k_weight, cos, sin, _ = inputs(n, q_heads, k_heads, head_dim, dtype, device, seed=sum(seq_lens))
-    value = torch.randn(n, k_heads, head_dim, device=device).to(dtype)
-    meta.slot_mapping[-1] = -1
-    normed = qk_norm_rope_reference(qk, q_weight, k_weight, cos, sin, q_heads, eps=1e-6)
-    k_expected, v_expected = k_cache.clone(), v_cache.clone()
-    torch_ref.write_kv_cache(normed[:, q_heads:], value, k_expected, v_expected, meta.slot_mapping)
-    scale = head_dim**-0.5
-    out = torch.full((n, q_heads, head_dim), float("nan"), dtype=dtype, device=device)
-    norm = triton_attention.QKNorm(q_weight, k_weight, cos, sin, 1e-6)
-    assert triton_attention.can_norm_in_decode(meta, head_dim)
-    query, key = qk[:, :q_heads], qk[:, q_heads:]  # as projected (strided views)
-    triton_attention.write_kv_and_attend(query, key, value, k_cache, v_cache, meta, scale, out, norm)
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.0625, rtol=0.016)
-    torch.testing.assert_close(k_cache, k_expected, **tol)
-    assert torch.equal(v_cache, v_expected)
-    want = reference(normed[:, :q_heads].contiguous(), k_expected, v_expected, meta, scale)
-    assert_matches_reference(out[:-1], want[:-1])
-
-
 _INTERPRETER_SCRIPT = """
 import torch
 import tests.test_qk_norm as t
 t.check_kernel_matches_reference("cpu", 3, 4, 2, 64, torch.float32)   # 6 heads: the second block half masked
 t.check_kernel_matches_reference("cpu", 2, 8, 4, 128, torch.float32)
 t.check_kernel_matches_reference("cpu", 2, 4, 2, 64, torch.bfloat16)
-from ops import triton_attention
-triton_attention.PARTITION_SIZE = 128  # several partitions (merged in the kernel, then by the reduce kernel)
-for merge in (True, False):
-    triton_attention._DECODE_MERGE_IN_KERNEL = merge
-    t.check_norm_in_decode_matches_reference("cpu", [1, 129, 300, 17, 0], 8, 2, 32, 16, torch.float32)
-    t.check_norm_in_decode_matches_reference("cpu", [5, 260, 0], 4, 4, 64, 8, torch.float32)
 print("ok")
 """
 
@@ -101,39 +66,6 @@ def test_the_op_on_the_cpu_is_the_reference():
     torch.library.opcheck(torch.ops.engine.qk_norm_rope.default, (*args, 1e-6))
 
 
-def test_norm_in_decode_op_on_the_cpu_norms_then_attends(tmp_path, monkeypatch):
-    """engine::qk_norm_rope_attention off the Triton backend (here: torch, on the CPU): qk_norm_rope, then
-    engine::paged_attention; so a Qwen3 engine with ENGINE_QK_NORM_IN_DECODE gives the same greedy tokens."""
-    import engine.models.qwen3 as qwen3
-    from engine import LLM, SamplingParams
-    from engine.demo_model import build_tiny_checkpoint
-
-    path = build_tiny_checkpoint(str(tmp_path), "Qwen3ForCausalLM", seed=5, hidden_size=64, intermediate_size=128,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    prompts = [[3, 14, 15, 92, 65], [35, 89, 79], [32, 38, 46, 26, 43, 38, 32]]
-    want = [o.outputs[0].token_ids for o in LLM(path, dtype="float32", max_model_len=128).generate(
-        prompts, params, use_tqdm=False)]
-    monkeypatch.setattr(qwen3, "QK_NORM_IN_DECODE", True)
-    import ops.attention
-
-    calls, decode_with_qk_norm = [], ops.attention.decode_with_qk_norm  # the op asks it first; here it declines
-    monkeypatch.setattr(ops.attention, "decode_with_qk_norm", lambda *a: calls.append(1) or decode_with_qk_norm(*a))
-    got = [o.outputs[0].token_ids for o in LLM(path, dtype="float32", max_model_len=128).generate(
-        prompts, params, use_tqdm=False)]
-    assert calls, "the op did not run"
-    assert got == want
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("seq_lens", [[1, 2049, 700, 0], [37] * 15 + [0]])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_norm_in_decode_matches_reference_on_gpu(seq_lens, dtype):
-    check_norm_in_decode_matches_reference("cuda", seq_lens, 16, 8, 128, 16, dtype)  # Qwen3-0.6B's heads
-    check_norm_in_decode_matches_reference("cuda", seq_lens, 4, 2, 64, 32, dtype)
-
-
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -145,11 +77,9 @@ def test_kernel_matches_reference_on_gpu(num_tokens, dtype):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("switch", ["QK_NORM_KERNEL", "QK_NORM_IN_DECODE"])
-def test_engine_with_the_kernel_gives_eager_tokens(tmp_path, monkeypatch, switch):
-    """ENGINE_QK_NORM_KERNEL and ENGINE_QK_NORM_IN_DECODE (read as engine.models.qwen3's QK_NORM_KERNEL /
-    QK_NORM_IN_DECODE) through torch.compile and the CUDA graphs: float32 greedy tokens equal the eager engine's
-    (which takes neither) but for float32 ties."""
+def test_engine_with_the_kernel_gives_eager_tokens(tmp_path, monkeypatch):
+    """ENGINE_QK_NORM_KERNEL (read as engine.models.qwen3.QK_NORM_KERNEL) through torch.compile and the CUDA graphs:
+    float32 greedy tokens equal the eager engine's (which never takes the kernel) but for float32 ties."""
     import engine.models.qwen3 as qwen3
     from engine import LLM, SamplingParams
     from engine.demo_model import build_tiny_checkpoint
@@ -159,11 +89,9 @@ def test_engine_with_the_kernel_gives_eager_tokens(tmp_path, monkeypatch, switch
                                  num_attention_heads=8, num_key_value_heads=2, head_dim=64)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2)
     prompts = prompts_for(9, seed=4)
-    monkeypatch.setattr(qwen3, "QK_NORM_KERNEL", False)  # (the default is on)
-    monkeypatch.setattr(qwen3, "QK_NORM_IN_DECODE", False)
     eager = LLM(path, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=16)
     want = [o.outputs[0] for o in eager.generate(prompts, params, use_tqdm=False)]
-    monkeypatch.setattr(qwen3, switch, True)
+    monkeypatch.setattr(qwen3, "QK_NORM_KERNEL", True)
     torch._dynamo.reset()  # the forward's code object keeps graphs traced without the kernel otherwise
     fused = LLM(path, dtype="float32", max_model_len=512, max_num_seqs=16, cuda_graph_sizes=[1, 2, 4, 8, 16])
     got = [o.outputs[0] for o in fused.generate(prompts, params, use_tqdm=False)]

@@ -17,11 +17,6 @@ from engine.models.llama import LlamaAttention, LlamaForCausalLM, head_dim_of
 # below) instead of the three inductor makes of them: ~0.06 ms of nano's full-batch step against ~0.2 (H100, session
 # 25). ENGINE_QK_NORM_KERNEL=0: what inductor makes.
 QK_NORM_KERNEL = os.environ.get("ENGINE_QK_NORM_KERNEL", "1") != "0"
-# ENGINE_QK_NORM_IN_DECODE=1: the attention op takes q/k as projected, and on a decode step the Triton decode kernel
-# normalizes and rotates them itself (ops.triton_attention.QKNorm): one kernel a layer fewer (the q/k kernel's 0.072 ms
-# of a nano decode step, perf/RESULTS.md, session 26). Off until timed on a GPU; prefill and mixed steps, and the other
-# backends, run qk_norm_rope inside the op first.
-QK_NORM_IN_DECODE = os.environ.get("ENGINE_QK_NORM_IN_DECODE", "0") == "1"
 
 
 def qk_norm_rope_reference(qk: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
@@ -50,27 +45,6 @@ def _(qk, q_weight, k_weight, cos, sin, q_heads, eps):
     return qk.new_empty(qk.shape)
 
 
-@torch.library.custom_op("engine::qk_norm_rope_attention", mutates_args=("out",))
-def qk_norm_rope_attention(qk: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layer_idx: int, scale: float,
-                           q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                           eps: float) -> None:
-    """engine::paged_attention of the query and key heads as projected: RMS-normed and rotated inside the decode
-    kernel on a Triton decode step, by qk_norm_rope first otherwise."""
-    from ops.attention import decode_with_qk_norm, paged_attention
-    from ops.triton_attention import QKNorm
-
-    norm = QKNorm(q_weight, k_weight, cos.contiguous(), sin.contiguous(), eps)
-    if decode_with_qk_norm(qk, v, out, layer_idx, scale, norm):
-        return
-    normed = qk_norm_rope(qk, q_weight, k_weight, cos, sin, out.shape[1], eps)
-    paged_attention(normed, v, out, layer_idx, scale)
-
-
-@qk_norm_rope_attention.register_fake
-def _(qk, v, out, layer_idx, scale, q_weight, k_weight, cos, sin, eps) -> None:
-    return None
-
-
 class Qwen3Attention(LlamaAttention):
     def __init__(self, config: Any, layer_idx: int, tp_rank: int, tp_size: int, quant_config: Any, prefix: str):
         super().__init__(config, layer_idx, tp_rank, tp_size, quant_config, prefix)
@@ -87,18 +61,6 @@ class Qwen3Attention(LlamaAttention):
         args = (qk, self.q_norm.weight, self.k_norm.weight, cos, sin, q_size // self.head_dim, self.q_norm.eps)
         qk = torch.ops.engine.qk_norm_rope(*args) if QK_NORM_KERNEL and qk.is_cuda else qk_norm_rope_reference(*args)
         return qk, qkv[..., q_size + k_size :].unflatten(-1, (-1, self.head_dim))
-
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if not QK_NORM_IN_DECODE:
-            return super().forward(hidden, cos, sin)
-        qkv = self.qkv_proj(hidden)
-        q_size, k_size, _ = self.split_sizes
-        qk = qkv[..., : q_size + k_size].unflatten(-1, (-1, self.head_dim))
-        out = qk.new_empty(qk.shape[0], self.attn.num_heads, self.head_dim)
-        torch.ops.engine.qk_norm_rope_attention(
-            qk, qkv[..., q_size + k_size :].unflatten(-1, (-1, self.head_dim)), out, self.attn.layer_idx,
-            self.attn.scale, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps)
-        return self.o_proj(out.flatten(1))
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
