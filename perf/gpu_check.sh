@@ -25,6 +25,8 @@
 #           kernel_bench --nano both ways, nano alternating twice (profiled at step 200)
 #   merge-parts (#3) kernel_bench --nano: the decode step (partitions merged in the kernel) at 512-4,096-position partitions
 #   nano-depth-ab (#3) nano (bf16) with one and two launched steps in flight (ENGINE_ASYNC_DEPTH), alternating, then profiled
+#   decode-pipe (#3) kernel_bench --nano: the decode kernel's K/V double-buffered (5+ stages; 32 / 16 positions a loop step);
+#           the best one's decode GPU tests, then nano against the defaults, alternating twice (profiled at step 200)
 #   depth-tests the GPU-engine tests with ENGINE_ASYNC_DEPTH=2
 #   engine-tests the GPU-engine tests (greedy tokens against transformers and eager) with the q/k norm and fused-norm kernels
 #   nano-p4096-ab (#3) nano (bf16), 1,024- and 4,096-position decode partitions at full batch, alternating twice, profiled
@@ -379,6 +381,20 @@ for stage in "$@"; do
     merge-parts) # (#3) with the partitions merged in the decode kernel (no second kernel), are other partition sizes better?
            timeout 150 python3 perf/kernel_bench.py --nano --variants "as is,hf p512,hf p2048,hf p4096" \
              --out "$OUT/merge_parts_bench.json" 2>&1 | tee "$OUT/merge_parts_bench.log" | tail -6 ;;
+    decode-pipe) # (#3) the decode kernel's K/V loads double-buffered (perf/kernel_bench.py NANO_VARIANTS "hf s5"...:
+           # 5+ pipeline stages, where Triton 3.6 keeps two K/V buffers): kernel_bench --nano, then the variant with the
+           # least time over the three steps gets the decode-kernel GPU tests and nano against the defaults, alternating
+           timeout 200 python3 perf/kernel_bench.py --nano --variants "as is,hf s5,hf w8 s5,hf n32 s5,hf n32 s7,hf n16 s5" \
+             --out "$OUT/pipe_bench.json" 2>&1 | tee "$OUT/pipe_bench.log" | tail -8
+           best=$(python3 -c "import json, collections; t = collections.Counter()
+for r in json.load(open('$OUT/pipe_bench.json'))['nano']:
+    t[r['variant']] += r['time_us'] if r['cache'] == 'torch.bfloat16' and r['variant'] != 'as is' else 0
+print(min(t, key=t.get))")
+           echo "best variant: $best"
+           set_variant="import perf.kernel_bench as kb, ops.triton_attention as t; [setattr(t, k, v) for k, v in kb.NANO_VARIANTS['VALUE'].items()]"
+           timeout 200 python3 -c "${set_variant//VALUE/$best}; import pytest; pytest.main(['-m', 'gpu', '-q', '-k', 'decode', 'tests/test_attention_kernels.py'])" \
+             2>&1 | tee "$OUT/pipe_tests.log" | tail -3
+           nano_setup_ab "$set_variant" "nano_pipe_asis;as is" "nano_pipe_best;$best" "nano_pipe_asisb;as is" "nano_pipe_bestb;$best" ;;
     depth-tests) # ENGINE_ASYNC_DEPTH=2 under the GPU-engine tests (greedy tokens against transformers, async launches)
            ENGINE_ASYNC_DEPTH=2 timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 \
              | tee "$OUT/depth2_gpu_tests.log" | tail -5 ;;

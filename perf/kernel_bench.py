@@ -147,8 +147,19 @@ NANO_VARIANTS = {
     "hf v-early": {"_DECODE_HEADS_FIRST": True, "_DECODE_V_EARLY": True},  # session 24: V's tile loaded beside K's
     "hf evict-first": {"_DECODE_HEADS_FIRST": True, "_DECODE_EVICT_FIRST": True},  # K/V loads evict-first in L2
     "hf v-early evict-first": {"_DECODE_HEADS_FIRST": True, "_DECODE_V_EARLY": True, "_DECODE_EVICT_FIRST": True},
+    # Double-buffered K/V (session 28). At 2-4 stages Triton 3.6's pipeliner gives the loop one K and one V buffer: the
+    # next tile's cp.async is issued after this tile's last read of it and waited for at the top of the next
+    # iteration, so a program never has a load in flight while it computes. From 5 stages it keeps two (the next
+    # tile's loads fly during this tile's dots). Offline sm_90 compiles (registers, shared bytes; programs an SM):
+    # as is 96 / 38,912 (5); s5 128 / 72,192 (3); w8 s5 80 / 72,192 (3); n32 s5 96 / 38,144 (5); n32 s7 (three
+    # buffers) 112 / 54,656 (4); n16 s5 79 / 21,120 (6).
+    "hf s5": {"_DECODE_NUM_STAGES": 5},
+    "hf w8 s5": {"_DECODE_NUM_WARPS": 8, "_DECODE_NUM_STAGES": 5},
+    "hf n32 s5": {"_DECODE_BLOCK_N": 32, "_DECODE_NUM_STAGES": 5},
+    "hf n32 s7": {"_DECODE_BLOCK_N": 32, "_DECODE_NUM_STAGES": 7},
+    "hf n16 s5": {"_DECODE_BLOCK_N": 16, "_DECODE_NUM_STAGES": 5},
 }
-NANO_FP8_VARIANTS = ("as is", "seq-first", "hf p2048")
+NANO_FP8_VARIANTS = ("as is", "seq-first", "hf p2048", "hf s5", "hf n32 s5")
 # The same kernel (as is) on the same contexts in another order: "longest-first" puts the batch's sequences in
 # order of decreasing context (the grid launches a sequence's programs in batch order, so the longest start
 # first and the short ones fill the tail: longest-processing-time-first scheduling). The engine keeps them in
