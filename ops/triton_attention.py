@@ -59,6 +59,19 @@ SMALL_GRID_PROGRAMS = 512  # ...while the decode grid stays within this many pro
 _DECODE_BLOCK_N = 64  # context positions per inner-loop step in decode
 _DECODE_NUM_WARPS = 4
 _DECODE_NUM_STAGES = 2
+# Over an fp8 cache (each K/V element widened before its dot) the decode loop's K/V are double-buffered: from 5 stages
+# Triton 3.6's pipeliner keeps two K and two V buffers, so the next tile's loads fly while this one's dots run (at 2-4
+# it keeps one of each). nano's fp8 decode steps (perf/kernel_bench.py --nano, H100): 158.9 against 165.1 us a layer
+# at 256 sequences, 127.4 against 142.4 at 126; with a bf16 cache the same loses 2-9% (perf/RESULTS.md, session 28).
+# ENGINE_DECODE_FP8_STAGES sets it (2: as the bf16 cache).
+_DECODE_NUM_STAGES_FP8 = int(os.environ.get("ENGINE_DECODE_FP8_STAGES", "5"))
+# The prefill kernel's tiles (head_dim <= 128): query rows (tokens x the group's heads) and context positions a loop
+# step, warps (0: 8 from 64 rows, else 4) and pipeline stages (2-4 keep two K/V buffers here: its dots are wgmma).
+# perf/kernel_bench.py --nano-prefill times others.
+_PREFILL_MAX_ROWS = 128
+_PREFILL_BLOCK_N = 64
+_PREFILL_NUM_WARPS = 0
+_PREFILL_NUM_STAGES = 2
 # The decode grid in (kv_head, seq, partition) order, not (seq, kv_head, partition): the programs reading one sequence's
 # KV heads launch side by side, and a cache block keeps a position's heads in one contiguous row. nano's decode steps
 # (perf/kernel_bench.py --nano, H100): 225.9 against 230.3 us a layer at 256 sequences, 194.4 against 196.1 at 126,
@@ -497,7 +510,8 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
         OFFSETS_64=_offsets_64(k_cache), WRITE_KV=write,
         FP8_MAX=torch.finfo(k_cache.dtype).max if write and k_cache.dtype.itemsize == 1 else 0.0,
         IEEE=query.dtype == torch.float32, HEADS_FIRST=heads_first, V_EARLY=_DECODE_V_EARLY,
-        EVICT_FIRST=_DECODE_EVICT_FIRST, MERGE=merge, num_warps=_DECODE_NUM_WARPS, num_stages=_DECODE_NUM_STAGES,
+        EVICT_FIRST=_DECODE_EVICT_FIRST, MERGE=merge, num_warps=_DECODE_NUM_WARPS,
+        num_stages=_DECODE_NUM_STAGES_FP8 if k_cache.dtype.itemsize == 1 else _DECODE_NUM_STAGES,
     )
     if num_partitions > 1 and not merge:
         p_pad = triton.next_power_of_2(num_partitions)
@@ -568,11 +582,11 @@ def _prefill(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
     d_pad = max(16, triton.next_power_of_2(head_dim))
     # Rows per tile: enough for the longest query (short queries waste fewer rows), at least 16
     # for tl.dot, at most what the registers hold for this head_dim.
-    max_rows = 64 if d_pad > 128 else 128
+    max_rows = 64 if d_pad > 128 else _PREFILL_MAX_ROWS
     rows = min(max_rows, max(16, triton.next_power_of_2(meta.max_query_len * group_pad)))
     rows = max(rows, group_pad)
     block_q = rows // group_pad
-    block_n = 32 if d_pad > 128 else 64
+    block_n = 32 if d_pad > 128 else _PREFILL_BLOCK_N
     num_tiles = num_tokens // block_q + num_seqs  # upper bound of sum(cdiv(q_len, block_q))
     _prefill_kernel[(num_tiles, num_kv_heads)](
         out, query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
@@ -582,7 +596,7 @@ def _prefill(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, D_PAD=d_pad, Q_FP16=_q_fp16(query, k_cache),
         OFFSETS_64=_offsets_64(k_cache), IEEE=query.dtype == torch.float32,
-        num_warps=8 if rows >= 64 else 4, num_stages=2,
+        num_warps=_PREFILL_NUM_WARPS or (8 if rows >= 64 else 4), num_stages=_PREFILL_NUM_STAGES,
     )
 
 

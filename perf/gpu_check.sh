@@ -27,6 +27,7 @@
 #   nano-depth-ab (#3) nano (bf16) with one and two launched steps in flight (ENGINE_ASYNC_DEPTH), alternating, then profiled
 #   decode-pipe (#3) kernel_bench --nano: the decode kernel's K/V double-buffered (5+ stages; 32 / 16 positions a loop step);
 #           the best one's decode GPU tests, then nano against the defaults, alternating twice (profiled at step 200)
+#   fp8-stages (#3) fp8 GPU attention tests; kernel_bench --nano --write-kv and --nano-prefill; nano fp8 at 2 / 5 decode stages
 #   depth-tests the GPU-engine tests with ENGINE_ASYNC_DEPTH=2
 #   engine-tests the GPU-engine tests (greedy tokens against transformers and eager) with the q/k norm and fused-norm kernels
 #   nano-p4096-ab (#3) nano (bf16), 1,024- and 4,096-position decode partitions at full batch, alternating twice, profiled
@@ -395,6 +396,20 @@ print(min(t, key=t.get))")
            timeout 200 python3 -c "${set_variant//VALUE/$best}; import pytest; pytest.main(['-m', 'gpu', '-q', '-k', 'decode', 'tests/test_attention_kernels.py'])" \
              2>&1 | tee "$OUT/pipe_tests.log" | tail -3
            nano_setup_ab "$set_variant" "nano_pipe_asis;as is" "nano_pipe_best;$best" "nano_pipe_asisb;as is" "nano_pipe_bestb;$best" ;;
+    fp8-stages) # (#3) the decode loop double-buffered over an fp8 cache (ENGINE_DECODE_FP8_STAGES, default 5 since session 28):
+           # the attention kernels' fp8 GPU tests, kernel_bench --nano as the engine launches it (--write-kv), the prefill
+           # variants (--nano-prefill), then nano with an fp8 cache at 2 and 5 stages, alternating (profiled at step 200)
+           timeout 200 python3 -m pytest -m gpu -q -k fp8 tests/test_attention_kernels.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -3
+           timeout 150 python3 perf/kernel_bench.py --nano --write-kv --variants "as is,fp8 s2,hf s5,hf n32 s5,hf n32 s7" \
+             --out "$OUT/writekv_bench.json" 2>&1 | tee "$OUT/writekv_bench.log" | tail -6
+           timeout 100 python3 perf/kernel_bench.py --nano-prefill --out "$OUT/prefill_bench.json" 2>&1 \
+             | tee "$OUT/prefill_bench.log" | tail -3
+           for spec in "nano_fp8_s2;2" "nano_fp8_s5;5" "nano_fp8_s2b;2" "nano_fp8_s5b;5"; do
+             IFS=";" read -r name value <<< "$spec"
+             ENGINE_DECODE_FP8_STAGES=$value timeout "${STAGE_TIMEOUT:-300}" python3 perf/throughput.py --no-tqdm \
+               --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano --kv-cache-dtype fp8 --profile-steps 200 10 \
+               2>&1 | tee "$OUT/$name.log" | grep -E "^ +engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
+           done ;;
     depth-tests) # ENGINE_ASYNC_DEPTH=2 under the GPU-engine tests (greedy tokens against transformers, async launches)
            ENGINE_ASYNC_DEPTH=2 timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 \
              | tee "$OUT/depth2_gpu_tests.log" | tail -5 ;;

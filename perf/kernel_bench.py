@@ -25,6 +25,8 @@ H100 (DESIGN.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -153,13 +155,15 @@ NANO_VARIANTS = {
     # tile's loads fly during this tile's dots). Offline sm_90 compiles (registers, shared bytes; programs an SM):
     # as is 96 / 38,912 (5); s5 128 / 72,192 (3); w8 s5 80 / 72,192 (3); n32 s5 96 / 38,144 (5); n32 s7 (three
     # buffers) 112 / 54,656 (4); n16 s5 79 / 21,120 (6).
+    # Over an fp8 cache 5 stages is the default since session 28 (_DECODE_NUM_STAGES_FP8); "fp8 s2" is the loop before.
     "hf s5": {"_DECODE_NUM_STAGES": 5},
-    "hf w8 s5": {"_DECODE_NUM_WARPS": 8, "_DECODE_NUM_STAGES": 5},
-    "hf n32 s5": {"_DECODE_BLOCK_N": 32, "_DECODE_NUM_STAGES": 5},
-    "hf n32 s7": {"_DECODE_BLOCK_N": 32, "_DECODE_NUM_STAGES": 7},
-    "hf n16 s5": {"_DECODE_BLOCK_N": 16, "_DECODE_NUM_STAGES": 5},
+    "hf w8 s5": {"_DECODE_NUM_WARPS": 8, "_DECODE_NUM_STAGES": 5, "_DECODE_NUM_STAGES_FP8": 5},
+    "hf n32 s5": {"_DECODE_BLOCK_N": 32, "_DECODE_NUM_STAGES": 5, "_DECODE_NUM_STAGES_FP8": 5},
+    "hf n32 s7": {"_DECODE_BLOCK_N": 32, "_DECODE_NUM_STAGES": 7, "_DECODE_NUM_STAGES_FP8": 7},
+    "hf n16 s5": {"_DECODE_BLOCK_N": 16, "_DECODE_NUM_STAGES": 5, "_DECODE_NUM_STAGES_FP8": 5},
+    "fp8 s2": {"_DECODE_NUM_STAGES_FP8": 2},
 }
-NANO_FP8_VARIANTS = ("as is", "seq-first", "hf p2048", "hf s5", "hf n32 s5")
+NANO_FP8_VARIANTS = ("as is", "seq-first", "hf p2048", "fp8 s2", "hf n32 s5", "hf n32 s7")
 # The same kernel (as is) on the same contexts in another order: "longest-first" puts the batch's sequences in
 # order of decreasing context (the grid launches a sequence's programs in batch order, so the longest start
 # first and the short ones fill the tail: longest-processing-time-first scheduling). The engine keeps them in
@@ -208,6 +212,108 @@ def nano_decode_inputs(step: int, cache_dtype: torch.dtype, block_size: int = 16
     return (query, k_cache, v_cache, meta), kv_bytes, sum(n > 0 for n in lens)
 
 
+def nano_write_kv_step(query, k_cache, v_cache, meta, scale):
+    """The decode step as the engine runs it (`write_kv_and_attend`: the kernel also stores each live sequence's new
+    K/V at its last position, -1 slots for the padding rows) on nano_decode_inputs' inputs."""
+    from ops import triton_attention as ta
+
+    block_size = k_cache.shape[1]
+    last = (meta.seq_lens.long() - 1).clamp(min=0)
+    slots = meta.block_tables.long().gather(1, (last // block_size)[:, None])[:, 0] * block_size + last % block_size
+    meta = dataclasses.replace(meta, slot_mapping=torch.where(meta.seq_lens > 0, slots, -1))
+    key = torch.randn(query.shape[0], k_cache.shape[2], query.shape[2], device="cuda", dtype=query.dtype)
+    value = torch.randn_like(key)
+    out = torch.empty_like(query)
+    return lambda: ta.write_kv_and_attend(query, key, value, k_cache, v_cache, meta, scale, out)
+
+
+# --nano-prefill: the prefill attention of nano's first step (its first prompts, whole, up to 8,192 tokens; the last one
+# cut there, as the scheduler chunks it) and of a later one with a chunk's cached context. Variants set
+# ops.triton_attention's _PREFILL constants. Offline sm_90 compiles (registers, shared bytes): as is (128 rows, 64
+# positions, 8 warps, 2 stages) 176 / 98,304 (one program an SM); s5 (three K/V buffers) 174 / 131,584; rows64 w4
+# 188 / 81,920 (two an SM); n32 141 / 65,536.
+NANO_PREFILL_VARIANTS = {
+    "as is": {},
+    "s3": {"_PREFILL_NUM_STAGES": 3},
+    "s5": {"_PREFILL_NUM_STAGES": 5},
+    "n32": {"_PREFILL_BLOCK_N": 32},
+    "n32 s5": {"_PREFILL_BLOCK_N": 32, "_PREFILL_NUM_STAGES": 5},
+    "rows64 w4": {"_PREFILL_MAX_ROWS": 64, "_PREFILL_NUM_WARPS": 4},
+    "rows64 w4 s3": {"_PREFILL_MAX_ROWS": 64, "_PREFILL_NUM_WARPS": 4, "_PREFILL_NUM_STAGES": 3},
+}
+
+
+def nano_prefill_inputs(first_prompt: int, budget: int = 8192, chunk_done: int = 0, block_size: int = 16):
+    """One layer's prefill inputs: prompts from `first_prompt` on, the first of them `chunk_done` tokens in (cached),
+    as many as fit `budget` tokens (the last one cut). Returns (inputs, FLOPs of the causal attention)."""
+    from perf.throughput import nano_workload
+
+    num_heads, num_kv_heads, head_dim = MODELS["qwen3-0.6b"]
+    prompts, _ = nano_workload()
+    q_lens, ctx_lens, left = [], [], budget
+    for i, p in enumerate(prompts[first_prompt:]):
+        done = chunk_done if i == 0 else 0
+        n = min(len(p) - done, left)
+        q_lens.append(n)
+        ctx_lens.append(done)
+        left -= n
+        if left == 0:
+            break
+    seq_lens = [q + c for q, c in zip(q_lens, ctx_lens)]
+    blocks = [-(-n // block_size) for n in seq_lens]
+    k_cache = torch.randn(sum(blocks), block_size, num_kv_heads, head_dim, device="cuda").to(torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    order = torch.randperm(sum(blocks), dtype=torch.int32)
+    block_tables = torch.zeros(len(seq_lens), NANO_MAX_MODEL_LEN // block_size, dtype=torch.int32)
+    start = 0
+    for i, n in enumerate(blocks):
+        block_tables[i, :n] = order[start:start + n]
+        start += n
+    query_start_loc = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((sum(q_lens),), -1, dtype=torch.int64, device="cuda"),
+        query_start_loc=query_start_loc.cuda(), seq_lens=seq_lens_t.cuda(), block_tables=block_tables.cuda(),
+        max_query_len=max(q_lens), max_seq_len=max(seq_lens), query_start_loc_cpu=query_start_loc,
+        seq_lens_cpu=seq_lens_t,
+    )
+    query = torch.randn(sum(q_lens), num_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    flops = sum(4 * head_dim * num_heads * (q * c + q * (q + 1) // 2) for q, c in zip(q_lens, ctx_lens))
+    return (query, k_cache, v_cache, meta), flops, len(q_lens)
+
+
+def nano_prefill_sweep(only: list[str] | None = None) -> list[dict]:
+    """Each prefill variant (or those in `only`) on nano's first prefill step and a later one, graph-timed."""
+    from ops import triton_attention as ta
+
+    head_dim = MODELS["qwen3-0.6b"][2]
+    rows = []
+    for label, first, done in (("step 1", 0, 0), ("a later step", 120, 300)):
+        inputs, flops, seqs = nano_prefill_inputs(first, chunk_done=done)
+        line = f"prefill {label} ({seqs} sequences, {flops / 1e9:.1f} GFLOP):"
+        for name in (n for n in NANO_PREFILL_VARIANTS if only is None or n in only):
+            saved = {key: getattr(ta, key) for key in NANO_PREFILL_VARIANTS[name]}
+            for key, value in NANO_PREFILL_VARIANTS[name].items():
+                setattr(ta, key, value)
+            try:
+                step_fn = decode_step("triton", *inputs, head_dim**-0.5)
+                step_fn()
+                ms = triton.testing.do_bench_cudagraph(step_fn, return_mode="median")
+            except Exception as exc:
+                print(f"  {name}: FAILED {type(exc).__name__}: {exc}"[:300])
+                continue
+            finally:
+                for key, value in saved.items():
+                    setattr(ta, key, value)
+            rows.append(dict(variant=name, step=label, sequences=seqs, flops=flops, time_us=ms * 1e3,
+                             tflops=flops / (ms * 1e-3) / 1e12))
+            line += f"  {name} {ms * 1e3:.1f} us {rows[-1]['tflops']:.0f} TFLOPS;"
+        print(line, flush=True)
+        del inputs
+        torch.cuda.empty_cache()
+    return rows
+
+
 @triton.jit
 def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """Reads ITERS * BLOCK consecutive elements a program, writes their sum (so the loads are not dropped)."""
@@ -230,9 +336,9 @@ def read_bandwidth(nbytes: int = 2 << 30) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
-def nano_sweep(only: list[str] | None = None) -> list[dict]:
+def nano_sweep(only: list[str] | None = None, write_kv: bool = False) -> list[dict]:
     """Every variant (or those in `only`) at every step of NANO_STEPS (bf16 cache), some with an fp8 cache: decode +
-    merge, graph-timed."""
+    merge, graph-timed; with write_kv, as the engine launches it (nano_write_kv_step)."""
     from ops import triton_attention as ta
 
     head_dim = MODELS["qwen3-0.6b"][2]
@@ -248,7 +354,8 @@ def nano_sweep(only: list[str] | None = None) -> list[dict]:
                 for key, value in NANO_VARIANTS[name].items():
                     setattr(ta, key, value)
                 try:
-                    step_fn = decode_step("triton", *inputs, head_dim**-0.5)
+                    step_fn = (nano_write_kv_step if write_kv else functools.partial(decode_step, "triton"))(
+                        *inputs, head_dim**-0.5)
                     step_fn()
                     ms = triton.testing.do_bench_cudagraph(step_fn, return_mode="median")
                 except Exception as exc:  # one failing variant must not cost the others' numbers
@@ -258,7 +365,7 @@ def nano_sweep(only: list[str] | None = None) -> list[dict]:
                     for key, value in saved.items():
                         setattr(ta, key, value)
                 rows.append(dict(variant=name, cache=str(cache_dtype), step=step, live=live, kv_bytes=kv_bytes,
-                                 time_us=ms * 1e3, gb_per_s=kv_bytes / (ms * 1e-3) / 1e9))
+                                 time_us=ms * 1e3, gb_per_s=kv_bytes / (ms * 1e-3) / 1e9, write_kv=write_kv))
                 line += f"  {name} {ms * 1e3:.1f} us {rows[-1]['gb_per_s']:.0f} GB/s;"
             if cache_dtype == torch.bfloat16:
                 for order in (o for o in NANO_ORDERS if only is None or o in only):
@@ -284,13 +391,22 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time Triton decode settings (SWEEP)")
     parser.add_argument("--nano", action="store_true", help="only nano's decode steps, NANO_VARIANTS (see nano_sweep)")
     parser.add_argument("--variants", help="with --nano: a comma-separated subset of NANO_VARIANTS and NANO_ORDERS")
+    parser.add_argument("--write-kv", action="store_true",
+                        help="with --nano: time the engine's decode launch (the kernel also writes the step's K/V)")
+    parser.add_argument("--nano-prefill", action="store_true", help="only nano's prefill attention, NANO_PREFILL_VARIANTS")
     args = parser.parse_args()
+    if args.nano_prefill:
+        only = args.variants.split(",") if args.variants else None
+        rows = nano_prefill_sweep(only)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), nano_prefill=rows), indent=2))
+        return
     if args.nano:
         only = args.variants.split(",") if args.variants else None
         unknown = set(only or ()) - set(NANO_VARIANTS) - set(NANO_ORDERS)
         if unknown:
             parser.error(f"--variants: unknown {sorted(unknown)}; known: {list(NANO_VARIANTS) + list(NANO_ORDERS)}")
-        rows = nano_sweep(only)
+        rows = nano_sweep(only, args.write_kv)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), nano=rows), indent=2))
         return
