@@ -28,6 +28,7 @@
 #   decode-pipe (#3) kernel_bench --nano: the decode kernel's K/V double-buffered (5+ stages; 32 / 16 positions a loop step);
 #           the best one's decode GPU tests, then nano against the defaults, alternating twice (profiled at step 200)
 #   fp8-stages (#3) fp8 GPU attention tests; kernel_bench --nano --write-kv and --nano-prefill; nano fp8 at 2 / 5 decode stages
+#   prefill-tiles (#3) kernel_bench --nano-prefill; the best variant's prefill GPU tests; nano against it, profiled steps 1-18
 #   depth-tests the GPU-engine tests with ENGINE_ASYNC_DEPTH=2
 #   engine-tests the GPU-engine tests (greedy tokens against transformers and eager) with the q/k norm and fused-norm kernels
 #   nano-p4096-ab (#3) nano (bf16), 1,024- and 4,096-position decode partitions at full batch, alternating twice, profiled
@@ -222,14 +223,15 @@ profiled_ab() {
   done
 }
 # nano_setup_ab "PYTHON" "name;value"...: nano (bf16) run with PYTHON executed first (VALUE in it replaced by each spec's
-# value; e.g. a module constant set), timed then profiled at step 200
+# value; e.g. a module constant set), timed then profiled at step 200 (NANO_PROFILE_STEPS="FIRST COUNT" for others)
 nano_setup_ab() {
   local code=$1 spec name value; shift
   for spec in "$@"; do
     IFS=";" read -r name value <<< "$spec"
     timeout "${STAGE_TIMEOUT:-300}" python3 -c "import runpy, sys; ${code//VALUE/$value}; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
-      perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano --profile-steps 200 10 \
-      2>&1 | tee "$OUT/$name.log" | grep -E "engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
+      perf/throughput.py --no-tqdm --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano \
+      --profile-steps ${NANO_PROFILE_STEPS:-200 10} \
+      2>&1 | tee "$OUT/$name.log" | grep -E "^ +engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
   done
 }
 for stage in "$@"; do
@@ -410,6 +412,21 @@ print(min(t, key=t.get))")
                --json-out "$OUT/$name.json" --model qwen3-0.6b --workload nano --kv-cache-dtype fp8 --profile-steps 200 10 \
                2>&1 | tee "$OUT/$name.log" | grep -E "^ +engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
            done ;;
+    prefill-tiles) # (#3) the prefill kernel's tiles (kernel_bench --nano-prefill: nano's first and a later prefill step, the
+           # 8B's fixed 256-token prompts); the variant with the least time over the three gets the prefill GPU tests and
+           # nano (bf16) against the defaults, alternating, each profiled over its prefill steps (1-18)
+           timeout 150 python3 perf/kernel_bench.py --nano-prefill --out "$OUT/prefill_bench.json" 2>&1 \
+             | tee "$OUT/prefill_bench.log" | grep -v "^{" | tail -4
+           best=$(python3 -c "import json, collections; t = collections.Counter()
+for r in json.load(open('$OUT/prefill_bench.json'))['nano_prefill']:
+    t[r['variant']] += r['time_us'] if r['variant'] != 'as is' else 0
+print(min(t, key=t.get))")
+           echo "best prefill variant: $best"
+           set_variant="import perf.kernel_bench as kb, ops.triton_attention as t; [setattr(t, k, v) for k, v in kb.NANO_PREFILL_VARIANTS['VALUE'].items()]"
+           timeout 200 python3 -c "${set_variant//VALUE/$best}; import pytest; pytest.main(['-m', 'gpu', '-q', '-k', 'prefill or mixed', 'tests/test_attention_kernels.py'])" \
+             2>&1 | tee "$OUT/prefill_tests.log" | tail -2
+           NANO_PROFILE_STEPS="1 18" nano_setup_ab "$set_variant" "nano_pf_asis;as is" "nano_pf_best;$best" \
+             "nano_pf_asisb;as is" "nano_pf_bestb;$best" ;;
     depth-tests) # ENGINE_ASYNC_DEPTH=2 under the GPU-engine tests (greedy tokens against transformers, async launches)
            ENGINE_ASYNC_DEPTH=2 timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 \
              | tee "$OUT/depth2_gpu_tests.log" | tail -5 ;;

@@ -240,20 +240,27 @@ NANO_PREFILL_VARIANTS = {
     "n32 s5": {"_PREFILL_BLOCK_N": 32, "_PREFILL_NUM_STAGES": 5},
     "rows64 w4": {"_PREFILL_MAX_ROWS": 64, "_PREFILL_NUM_WARPS": 4},
     "rows64 w4 s3": {"_PREFILL_MAX_ROWS": 64, "_PREFILL_NUM_WARPS": 4, "_PREFILL_NUM_STAGES": 3},
+    "rows64 w4 n32": {"_PREFILL_MAX_ROWS": 64, "_PREFILL_NUM_WARPS": 4, "_PREFILL_BLOCK_N": 32},
+    "rows64 w4 n32 s5": {"_PREFILL_MAX_ROWS": 64, "_PREFILL_NUM_WARPS": 4, "_PREFILL_BLOCK_N": 32, "_PREFILL_NUM_STAGES": 5},
+    "w4": {"_PREFILL_NUM_WARPS": 4},  # 128 rows on 4 warps: 255 registers and a 232-byte stack (spills)
 }
 
 
-def nano_prefill_inputs(first_prompt: int, budget: int = 8192, chunk_done: int = 0, block_size: int = 16):
-    """One layer's prefill inputs: prompts from `first_prompt` on, the first of them `chunk_done` tokens in (cached),
-    as many as fit `budget` tokens (the last one cut). Returns (inputs, FLOPs of the causal attention)."""
+def nano_prefill_inputs(first_prompt: int, budget: int = 8192, chunk_done: int = 0, block_size: int = 16,
+                        model: str = "qwen3-0.6b", prompt_lens: list[int] | None = None):
+    """One layer's prefill inputs: prompts (nano's, or of `prompt_lens`) from `first_prompt` on, the first of them
+    `chunk_done` tokens in (cached), as many as fit `budget` tokens (the last one cut), `model`'s heads.
+    Returns (inputs, FLOPs of the causal attention, number of sequences)."""
     from perf.throughput import nano_workload
 
-    num_heads, num_kv_heads, head_dim = MODELS["qwen3-0.6b"]
-    prompts, _ = nano_workload()
+    num_heads, num_kv_heads, head_dim = MODELS[model]
+    prompt_lens = prompt_lens or [len(p) for p in nano_workload()[0]]
+    if chunk_done >= prompt_lens[first_prompt]:
+        raise ValueError(f"prompt {first_prompt} has {prompt_lens[first_prompt]} tokens, not more than {chunk_done}")
     q_lens, ctx_lens, left = [], [], budget
-    for i, p in enumerate(prompts[first_prompt:]):
+    for i, length in enumerate(prompt_lens[first_prompt:]):
         done = chunk_done if i == 0 else 0
-        n = min(len(p) - done, left)
+        n = min(length - done, left)
         q_lens.append(n)
         ctx_lens.append(done)
         left -= n
@@ -288,8 +295,10 @@ def nano_prefill_sweep(only: list[str] | None = None) -> list[dict]:
 
     head_dim = MODELS["qwen3-0.6b"][2]
     rows = []
-    for label, first, done in (("step 1", 0, 0), ("a later step", 120, 300)):
-        inputs, flops, seqs = nano_prefill_inputs(first, chunk_done=done)
+    cases = (("nano step 1", dict(first_prompt=0)), ("nano, a later step", dict(first_prompt=119, chunk_done=300)),
+             ("8B fixed (256-token prompts)", dict(first_prompt=0, model="llama-3.1-8b", prompt_lens=[256] * 64)))
+    for label, case in cases:
+        inputs, flops, seqs = nano_prefill_inputs(**case)
         line = f"prefill {label} ({seqs} sequences, {flops / 1e9:.1f} GFLOP):"
         for name in (n for n in NANO_PREFILL_VARIANTS if only is None or n in only):
             saved = {key: getattr(ta, key) for key in NANO_PREFILL_VARIANTS[name]}
