@@ -65,12 +65,14 @@ _DECODE_NUM_STAGES = 2
 # at 256 sequences, 127.4 against 142.4 at 126; with a bf16 cache the same loses 2-9% (perf/RESULTS.md, session 28).
 # ENGINE_DECODE_FP8_STAGES sets it (2: as the bf16 cache).
 _DECODE_NUM_STAGES_FP8 = int(os.environ.get("ENGINE_DECODE_FP8_STAGES", "5"))
-# The prefill kernel's tiles (head_dim <= 128): query rows (tokens x the group's heads) and context positions a loop
-# step, warps (0: 8 from 64 rows, else 4) and pipeline stages (2-4 keep two K/V buffers here: its dots are wgmma).
-# perf/kernel_bench.py --nano-prefill times others.
-_PREFILL_MAX_ROWS = 128
-_PREFILL_BLOCK_N = 64
-_PREFILL_NUM_WARPS = 0
+# The prefill kernel's tiles (head_dim <= 128): at most 64 query rows (tokens x the group's heads) a program, 32 context
+# positions a loop step, 4 warps, 2 pipeline stages (2-4 keep two K/V buffers here: its dots are wgmma). Two programs an
+# SM (188 registers, 64 KB of shared memory) where 128 rows x 64 positions on 8 warps fitted one: one layer's prefill
+# attention (perf/kernel_bench.py --nano-prefill, H100) 114.9 / 122.3 us against 140.6 / 143.1 on nano's first and a
+# later 8,192-token step, 107.6 against 144.9 on 32 of the 8B's 256-token prompts (perf/RESULTS.md, session 28).
+_PREFILL_MAX_ROWS = 64
+_PREFILL_BLOCK_N = 32
+_PREFILL_NUM_WARPS = 4
 _PREFILL_NUM_STAGES = 2
 # The decode grid in (kv_head, seq, partition) order, not (seq, kv_head, partition): the programs reading one sequence's
 # KV heads launch side by side, and a cache block keeps a position's heads in one contiguous row. nano's decode steps
@@ -587,6 +589,7 @@ def _prefill(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
     rows = max(rows, group_pad)
     block_q = rows // group_pad
     block_n = 32 if d_pad > 128 else _PREFILL_BLOCK_N
+    num_warps = (8 if rows >= 64 else 4) if d_pad > 128 else _PREFILL_NUM_WARPS
     num_tiles = num_tokens // block_q + num_seqs  # upper bound of sum(cdiv(q_len, block_q))
     _prefill_kernel[(num_tiles, num_kv_heads)](
         out, query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
@@ -596,7 +599,7 @@ def _prefill(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, D_PAD=d_pad, Q_FP16=_q_fp16(query, k_cache),
         OFFSETS_64=_offsets_64(k_cache), IEEE=query.dtype == torch.float32,
-        num_warps=_PREFILL_NUM_WARPS or (8 if rows >= 64 else 4), num_stages=_PREFILL_NUM_STAGES,
+        num_warps=num_warps, num_stages=_PREFILL_NUM_STAGES,
     )
 
 

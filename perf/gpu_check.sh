@@ -391,7 +391,8 @@ for stage in "$@"; do
              --out "$OUT/pipe_bench.json" 2>&1 | tee "$OUT/pipe_bench.log" | tail -8
            best=$(python3 -c "import json, collections; t = collections.Counter()
 for r in json.load(open('$OUT/pipe_bench.json'))['nano']:
-    t[r['variant']] += r['time_us'] if r['cache'] == 'torch.bfloat16' and r['variant'] != 'as is' else 0
+    if r['cache'] == 'torch.bfloat16' and r['variant'] != 'as is':
+        t[r['variant']] += r['time_us']
 print(min(t, key=t.get))")
            echo "best variant: $best"
            set_variant="import perf.kernel_bench as kb, ops.triton_attention as t; [setattr(t, k, v) for k, v in kb.NANO_VARIANTS['VALUE'].items()]"
@@ -419,7 +420,8 @@ print(min(t, key=t.get))")
              | tee "$OUT/prefill_bench.log" | grep -v "^{" | tail -4
            best=$(python3 -c "import json, collections; t = collections.Counter()
 for r in json.load(open('$OUT/prefill_bench.json'))['nano_prefill']:
-    t[r['variant']] += r['time_us'] if r['variant'] != 'as is' else 0
+    if r['variant'] not in ('as is', 'before'):
+        t[r['variant']] += r['time_us']
 print(min(t, key=t.get))")
            echo "best prefill variant: $best"
            set_variant="import perf.kernel_bench as kb, ops.triton_attention as t; [setattr(t, k, v) for k, v in kb.NANO_PREFILL_VARIANTS['VALUE'].items()]"

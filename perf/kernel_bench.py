@@ -229,20 +229,24 @@ def nano_write_kv_step(query, k_cache, v_cache, meta, scale):
 
 # --nano-prefill: the prefill attention of nano's first step (its first prompts, whole, up to 8,192 tokens; the last one
 # cut there, as the scheduler chunks it) and of a later one with a chunk's cached context. Variants set
-# ops.triton_attention's _PREFILL constants. Offline sm_90 compiles (registers, shared bytes): as is (128 rows, 64
-# positions, 8 warps, 2 stages) 176 / 98,304 (one program an SM); s5 (three K/V buffers) 174 / 131,584; rows64 w4
-# 188 / 81,920 (two an SM); n32 141 / 65,536.
+# ops.triton_attention's _PREFILL constants; the names below say what each changes from the tiles before session 28
+# (128 rows, 64 positions, 8 warps, 2 stages: "before"). Offline sm_90 compiles (registers, shared bytes): before
+# 176 / 98,304 (one program an SM); s5 (three K/V buffers) 174 / 131,584; rows64 w4 188 / 81,920 (two an SM); n32
+# 141 / 65,536.
+_PREFILL_BEFORE = {"_PREFILL_MAX_ROWS": 128, "_PREFILL_BLOCK_N": 64, "_PREFILL_NUM_WARPS": 8, "_PREFILL_NUM_STAGES": 2}
 NANO_PREFILL_VARIANTS = {
-    "as is": {},
-    "s3": {"_PREFILL_NUM_STAGES": 3},
-    "s5": {"_PREFILL_NUM_STAGES": 5},
-    "n32": {"_PREFILL_BLOCK_N": 32},
-    "n32 s5": {"_PREFILL_BLOCK_N": 32, "_PREFILL_NUM_STAGES": 5},
-    "rows64 w4": {"_PREFILL_MAX_ROWS": 64, "_PREFILL_NUM_WARPS": 4},
-    "rows64 w4 s3": {"_PREFILL_MAX_ROWS": 64, "_PREFILL_NUM_WARPS": 4, "_PREFILL_NUM_STAGES": 3},
-    "rows64 w4 n32": {"_PREFILL_MAX_ROWS": 64, "_PREFILL_NUM_WARPS": 4, "_PREFILL_BLOCK_N": 32},
-    "rows64 w4 n32 s5": {"_PREFILL_MAX_ROWS": 64, "_PREFILL_NUM_WARPS": 4, "_PREFILL_BLOCK_N": 32, "_PREFILL_NUM_STAGES": 5},
-    "w4": {"_PREFILL_NUM_WARPS": 4},  # 128 rows on 4 warps: 255 registers and a 232-byte stack (spills)
+    "as is": {},  # "rows64 w4 n32", the default since session 28
+    "before": _PREFILL_BEFORE,  # sessions 1-27
+    "s3": {**_PREFILL_BEFORE, "_PREFILL_NUM_STAGES": 3},
+    "s5": {**_PREFILL_BEFORE, "_PREFILL_NUM_STAGES": 5},
+    "n32": {**_PREFILL_BEFORE, "_PREFILL_BLOCK_N": 32},
+    "n32 s5": {**_PREFILL_BEFORE, "_PREFILL_BLOCK_N": 32, "_PREFILL_NUM_STAGES": 5},
+    "rows64 w4": {**_PREFILL_BEFORE, "_PREFILL_MAX_ROWS": 64, "_PREFILL_NUM_WARPS": 4},
+    "rows64 w4 s3": {**_PREFILL_BEFORE, "_PREFILL_MAX_ROWS": 64, "_PREFILL_NUM_WARPS": 4, "_PREFILL_NUM_STAGES": 3},
+    "rows64 w4 n32": {**_PREFILL_BEFORE, "_PREFILL_MAX_ROWS": 64, "_PREFILL_NUM_WARPS": 4, "_PREFILL_BLOCK_N": 32},
+    "rows64 w4 n32 s5": {**_PREFILL_BEFORE, "_PREFILL_MAX_ROWS": 64, "_PREFILL_NUM_WARPS": 4, "_PREFILL_BLOCK_N": 32,
+                         "_PREFILL_NUM_STAGES": 5},
+    "w4": {**_PREFILL_BEFORE, "_PREFILL_NUM_WARPS": 4},  # 128 rows on 4 warps: 255 registers and a 232-byte stack
 }
 
 
