@@ -167,8 +167,9 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
     gc_watch = GcWatch()
     llm.llm_engine.timings.per_step = []
     host_profile = cProfile.Profile() if args.host_profile else contextlib.nullcontext()
+    step_marks = StepMarks(llm.llm_engine)
     start = time.perf_counter()
-    with gc_watch, host_profile:
+    with gc_watch, host_profile, step_marks:
         outputs = llm.generate(inputs, params, use_tqdm=not args.no_tqdm)
     elapsed = time.perf_counter() - start
     if args.host_profile:
@@ -218,6 +219,9 @@ def run_engine(args, model_dir: str, load_format: str, prompts, max_tokens) -> d
         "compiled": runner.forward is not runner.model,
         "step_timings": {k: v - timings_before[k] for k, v in llm.llm_engine.timings.as_dict().items()},
         "step_phases": step_phases(per_step),
+        # The timed run's wall time that no engine.step call covers: before the first (add_request), between steps
+        # (LLM.generate's loop) and after the last.
+        "outside_steps": step_marks.outside(start, start + elapsed),
     }
     if args.greedy_check:
         # A fixed prompt set, greedy, after the timed run: its tokens land in the JSON, so two runs
@@ -280,6 +284,37 @@ def _profiling_worker(*args) -> None:
 
     ModelRunner.execute_model = execute_model
     tensor_parallel.run_worker(*args)
+
+
+class StepMarks:
+    """When each engine.step call of the `with` body began and ended (the engine's step wrapped for the while)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.marks: list[tuple[float, float]] = []
+
+    def __enter__(self):
+        step = self.engine.step
+
+        def marked_step():
+            began = time.perf_counter()
+            try:
+                return step()
+            finally:
+                self.marks.append((began, time.perf_counter()))
+
+        self.engine.step = marked_step
+        return self
+
+    def __exit__(self, *exc):
+        del self.engine.step  # the class's method again
+
+    def outside(self, start: float, end: float) -> dict:
+        """Seconds of [start, end) outside every step call: before the first, between calls, after the last."""
+        if not self.marks:
+            return {"before_first_s": end - start, "between_s": 0.0, "after_last_s": 0.0}
+        between = sum(b - a for (_, a), (b, _) in zip(self.marks, self.marks[1:]))
+        return {"before_first_s": self.marks[0][0] - start, "between_s": between, "after_last_s": end - self.marks[-1][1]}
 
 
 class GcWatch:
@@ -518,6 +553,10 @@ def main(argv: list[str] | None = None) -> dict:
         if "step_timings" in r:
             t = r["step_timings"]
             print(f"  {'':>14}  {t['steps']} steps: schedule {t['schedule_s']:.2f} s, execute {t['execute_s']:.2f} s, update {t['update_s']:.2f} s; startup {r['startup_s']:.1f} s")
+            if r.get("outside_steps"):
+                o = r["outside_steps"]
+                print(f"  {'':>14}  outside the steps: {o['before_first_s']:.3f} s before the first, {o['between_s']:.3f} s "
+                      f"between, {o['after_last_s']:.3f} s after the last")
             if t["steps"]:
                 busy = t["schedule_s"] + t["execute_s"] + t["update_s"] - t["device_wait_s"]
                 print(f"  {'':>14}  a step: {1e3 * busy / t['steps']:.3f} ms of host work, {1e3 * t['device_wait_s'] / t['steps']:.3f} ms "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 
 import pytest
 import torch
@@ -197,6 +198,34 @@ def test_step_phases_group_every_timed_step_by_batch_size(tiny_model):
     assert sum(p["steps"] for p in phases) == run["step_timings"]["steps"]
     assert all(p["min_seqs"] in throughput.STEP_PHASE_BOUNDS for p in phases)
     assert sum(p["seconds"] for p in phases) <= run["elapsed_s"]
+    outside = run["outside_steps"]
+    assert min(outside.values()) >= 0 and sum(outside.values()) < run["elapsed_s"]
+
+
+def test_step_marks_split_the_time_outside_the_steps_and_unwrap_the_engine():
+    """StepMarks: the wall time before the first step call, between calls and after the last."""
+
+    class Engine:
+        def step(self):
+            time.sleep(0.01)
+            return ["out"]
+
+    engine = Engine()
+    marks = throughput.StepMarks(engine)
+    start = time.perf_counter()
+    with marks:
+        time.sleep(0.02)
+        assert engine.step() == ["out"]
+        time.sleep(0.03)
+        engine.step()
+        time.sleep(0.04)
+    end = time.perf_counter()
+    assert "step" not in vars(engine) and engine.step() == ["out"]  # the class's method again
+    assert len(marks.marks) == 2 and all(b - a >= 0.01 for a, b in marks.marks)
+    outside = marks.outside(start, end)
+    assert outside["before_first_s"] >= 0.02 and outside["between_s"] >= 0.03 and outside["after_last_s"] >= 0.04
+    in_steps = sum(b - a for a, b in marks.marks)
+    assert sum(outside.values()) + in_steps == pytest.approx(end - start)
 
 
 def test_phases_split_the_window_into_busy_and_idle_time_by_the_step_it_began_in():
