@@ -234,6 +234,15 @@ nano_setup_ab() {
       2>&1 | tee "$OUT/$name.log" | grep -E "^ +engine:|profiled steps|recompile|Error" | sed "s/^/[$name] /"
   done
 }
+# best_variant FILE KEY: of a kernel_bench JSON's rows under KEY, the variant with the least time summed over them
+# ("as is" and "before" aside; bf16-cache rows only, where rows name a cache)
+best_variant() {
+  python3 -c "import collections, json, sys; t = collections.Counter()
+for r in json.load(open(sys.argv[1]))[sys.argv[2]]:
+    if r['variant'] not in ('as is', 'before') and r.get('cache', 'torch.bfloat16') == 'torch.bfloat16':
+        t[r['variant']] += r['time_us']
+print(min(t, key=t.get))" "$1" "$2"
+}
 for stage in "$@"; do
   echo "=== $stage"
   case $stage in
@@ -389,11 +398,7 @@ for stage in "$@"; do
            # least time over the three steps gets the decode-kernel GPU tests and nano against the defaults, alternating
            timeout 200 python3 perf/kernel_bench.py --nano --variants "as is,hf s5,hf w8 s5,hf n32 s5,hf n32 s7,hf n16 s5" \
              --out "$OUT/pipe_bench.json" 2>&1 | tee "$OUT/pipe_bench.log" | tail -8
-           best=$(python3 -c "import json, collections; t = collections.Counter()
-for r in json.load(open('$OUT/pipe_bench.json'))['nano']:
-    if r['cache'] == 'torch.bfloat16' and r['variant'] != 'as is':
-        t[r['variant']] += r['time_us']
-print(min(t, key=t.get))")
+           best=$(best_variant "$OUT/pipe_bench.json" nano)
            echo "best variant: $best"
            set_variant="import perf.kernel_bench as kb, ops.triton_attention as t; [setattr(t, k, v) for k, v in kb.NANO_VARIANTS['VALUE'].items()]"
            timeout 200 python3 -c "${set_variant//VALUE/$best}; import pytest; pytest.main(['-m', 'gpu', '-q', '-k', 'decode', 'tests/test_attention_kernels.py'])" \
@@ -418,11 +423,7 @@ print(min(t, key=t.get))")
            # nano (bf16) against the defaults, alternating, each profiled over its prefill steps (1-18)
            timeout 150 python3 perf/kernel_bench.py --nano-prefill --out "$OUT/prefill_bench.json" 2>&1 \
              | tee "$OUT/prefill_bench.log" | grep -v "^{" | tail -4
-           best=$(python3 -c "import json, collections; t = collections.Counter()
-for r in json.load(open('$OUT/prefill_bench.json'))['nano_prefill']:
-    if r['variant'] not in ('as is', 'before'):
-        t[r['variant']] += r['time_us']
-print(min(t, key=t.get))")
+           best=$(best_variant "$OUT/prefill_bench.json" nano_prefill)
            echo "best prefill variant: $best"
            set_variant="import perf.kernel_bench as kb, ops.triton_attention as t; [setattr(t, k, v) for k, v in kb.NANO_PREFILL_VARIANTS['VALUE'].items()]"
            timeout 200 python3 -c "${set_variant//VALUE/$best}; import pytest; pytest.main(['-m', 'gpu', '-q', '-k', 'prefill or mixed', 'tests/test_attention_kernels.py'])" \
