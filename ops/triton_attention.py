@@ -63,7 +63,8 @@ _DECODE_NUM_STAGES = 2
 # Triton 3.6's pipeliner keeps two K and two V buffers, so the next tile's loads fly while this one's dots run (at 2-4
 # it keeps one of each). nano's fp8 decode steps (perf/kernel_bench.py --nano, H100): 158.9 against 165.1 us a layer
 # at 256 sequences, 127.4 against 142.4 at 126; with a bf16 cache the same loses 2-9% (perf/RESULTS.md, session 28).
-# ENGINE_DECODE_FP8_STAGES sets it (2: as the bf16 cache).
+# ENGINE_DECODE_FP8_STAGES sets it (2: as the bf16 cache). Head dims up to 128 only: at 256 the 5-stage loop spills
+# (255 registers and a stack, offline sm_90 compile) where 2 stages take 214 and none.
 _DECODE_NUM_STAGES_FP8 = int(os.environ.get("ENGINE_DECODE_FP8_STAGES", "5"))
 # The prefill kernel's tiles (head_dim <= 128): at most 64 query rows (tokens x the group's heads) a program, 32 context
 # positions a loop step, 4 warps, 2 pipeline stages (2-4 keep two K/V buffers here: its dots are wgmma). Two programs an
@@ -513,7 +514,7 @@ def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
         FP8_MAX=torch.finfo(k_cache.dtype).max if write and k_cache.dtype.itemsize == 1 else 0.0,
         IEEE=query.dtype == torch.float32, HEADS_FIRST=heads_first, V_EARLY=_DECODE_V_EARLY,
         EVICT_FIRST=_DECODE_EVICT_FIRST, MERGE=merge, num_warps=_DECODE_NUM_WARPS,
-        num_stages=_DECODE_NUM_STAGES_FP8 if k_cache.dtype.itemsize == 1 else _DECODE_NUM_STAGES,
+        num_stages=_DECODE_NUM_STAGES_FP8 if k_cache.dtype.itemsize == 1 and d_pad <= 128 else _DECODE_NUM_STAGES,
     )
     if num_partitions > 1 and not merge:
         p_pad = triton.next_power_of_2(num_partitions)
