@@ -66,9 +66,10 @@ _DECODE_NUM_STAGES = 2
 # ENGINE_DECODE_FP8_STAGES sets it (2: as the bf16 cache). Head dims up to 128 only: at 256 the 5-stage loop spills
 # (255 registers and a stack, offline sm_90 compile) where 2 stages take 214 and none.
 _DECODE_NUM_STAGES_FP8 = int(os.environ.get("ENGINE_DECODE_FP8_STAGES", "5"))
-# The prefill kernel's tiles (head_dim <= 128): at most 64 query rows (tokens x the group's heads) a program, 32 context
-# positions a loop step, 4 warps, 2 pipeline stages (2-4 keep two K/V buffers here: its dots are wgmma). Two programs an
-# SM (188 registers, 64 KB of shared memory) where 128 rows x 64 positions on 8 warps fitted one: one layer's prefill
+# The prefill kernel's tiles where they were measured (head_dim <= 128, up to 4 query heads a KV head; the earlier ones
+# elsewhere): at most 64 query rows (tokens x the group's heads) a program, 32 context positions a loop step, 4 warps,
+# 2 pipeline stages (2-4 keep two K/V buffers here: its dots are wgmma). Two programs an SM (188 registers, 64 KB of
+# shared memory) where 128 rows x 64 positions on 8 warps fitted one: one layer's prefill
 # attention (perf/kernel_bench.py --nano-prefill, H100) 114.9 / 122.3 us against 140.6 / 143.1 on nano's first and a
 # later 8,192-token step, 107.6 against 144.9 on 32 of the 8B's 256-token prompts (perf/RESULTS.md, session 28).
 _PREFILL_MAX_ROWS = 64
@@ -584,13 +585,15 @@ def _prefill(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
     group_pad = triton.next_power_of_2(group)
     d_pad = max(16, triton.next_power_of_2(head_dim))
     # Rows per tile: enough for the longest query (short queries waste fewer rows), at least 16
-    # for tl.dot, at most what the registers hold for this head_dim.
-    max_rows = 64 if d_pad > 128 else _PREFILL_MAX_ROWS
+    # for tl.dot, at most what the registers hold for this head_dim; the _PREFILL tiles where they were
+    # measured (head_dim <= 128, groups of up to 4 query heads a KV head), the earlier ones elsewhere.
+    measured = d_pad <= 128 and group_pad <= 4
+    max_rows = _PREFILL_MAX_ROWS if measured else 64 if d_pad > 128 else 128
     rows = min(max_rows, max(16, triton.next_power_of_2(meta.max_query_len * group_pad)))
     rows = max(rows, group_pad)
     block_q = rows // group_pad
-    block_n = 32 if d_pad > 128 else _PREFILL_BLOCK_N
-    num_warps = (8 if rows >= 64 else 4) if d_pad > 128 else _PREFILL_NUM_WARPS
+    block_n = _PREFILL_BLOCK_N if measured else 32 if d_pad > 128 else 64
+    num_warps = _PREFILL_NUM_WARPS if measured else 8 if rows >= 64 else 4
     num_tiles = num_tokens // block_q + num_seqs  # upper bound of sum(cdiv(q_len, block_q))
     _prefill_kernel[(num_tiles, num_kv_heads)](
         out, query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
