@@ -5,6 +5,8 @@
 # bitsandbytes). Compile caches: SAVE_COMPILE_CACHE=1 sends them back, `bash perf/compile_cache.sh FILES_DIR` keeps
 # them here, and a call that carries ".compile_cache.tgz" starts warm (see COMPILE_CACHE below).
 # Usage (on the lent GPU, from the repo root): bash perf/gpu_check.sh STAGE...
+#   card    the card: nvidia-smi's name, memory, clocks, driver; a plain streaming read's GB/s (kernel_bench's), the
+#           ceiling nano's bandwidth floor is worked out from (perf/RESULTS.md, "Where the time goes on nano")
 #   tests   pytest -m gpu (attention kernels, the GPU engine, the fused sampler, the GEMV, the q/k norm kernel)
 #   nano    Qwen3-0.6B, nano workload (nano-sync: without async scheduling; nano-nc: graphs without torch.compile;
 #           nano-silu: with the SwiGLU activation left to torch.compile, then as it is;
@@ -246,6 +248,9 @@ print(min(t, key=t.get))" "$1" "$2"
 for stage in "$@"; do
   echo "=== $stage"
   case $stage in
+    card) nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/card.txt"
+          python3 -c "import sys; sys.path.insert(0, 'perf'); from kernel_bench import read_bandwidth
+print(f'streaming read: {read_bandwidth():.0f} GB/s')" 2>&1 | tee -a "$OUT/card.txt" ;;
     tests) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_attention_kernels.py tests/test_gpu_engine.py tests/test_triton_sampling.py tests/test_triton_gemv.py tests/test_qk_norm.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     quant) timeout "${STAGE_TIMEOUT:-300}" python3 -m pytest -m gpu -q tests/test_triton_quant.py 2>&1 | tee "$OUT/quant_tests.log" | tail -15
            timeout "${STAGE_TIMEOUT:-300}" python3 perf/quant_bench.py --out "$OUT/quant_bench.json" 2>&1 | tee "$OUT/quant_bench.log" | tail -80 ;;
